@@ -1,0 +1,21 @@
+"""natgrad: natural-gradient optimisation and Fisher-approximation analysis for PyTorch."""
+
+from natgrad import capture, datapoints, likelihoods, linalg
+from natgrad.linalg import NumericalWarning
+from natgrad.precond import EF, IEF, NGD, NonFiniteWarning, Preconditioner, TENGraD
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EF",
+    "IEF",
+    "NGD",
+    "NonFiniteWarning",
+    "NumericalWarning",
+    "Preconditioner",
+    "TENGraD",
+    "capture",
+    "datapoints",
+    "likelihoods",
+    "linalg",
+]

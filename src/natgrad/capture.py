@@ -1,0 +1,363 @@
+"""Capture of the neuron view: per-layer inputs ``A`` and output gradients ``E``.
+
+For a supported layer with weight matrix ``W`` (``d_out x d_in``, bias as an extra input column)
+the gradient of datapoint ``n`` is ``sum_t e_{n,t} a_{n,t}^T``: ``t`` runs over the positions
+that share the weight (the T tokens of a sequence, the output pixels of a convolution; ``T = 1``
+for a plain dense layer). Everything natgrad computes starts from these rows (seed 001 App. I;
+seed 004 eq. 33-34), never from per-sample gradients.
+
+Adapters turn a module's input and output gradient into rows:
+
+* ``nn.Linear``: input ``(N, *, d_in)`` becomes ``A`` of shape ``(N, T, d_in)`` with ``T`` the
+  product of the middle dimensions; the weight is shared over them.
+* ``nn.Conv2d`` (``groups=1``, zero padding, any stride, dilation and padding): the input is
+  unfolded into patches, ``A`` of shape ``(N, H' W', C_in k_h k_w)``, and the output gradient
+  ``(N, C_out, H', W')`` becomes ``(N, H' W', C_out)``.
+
+:class:`Capture` registers forward hooks that store each layer's input and output and a tensor
+hook on each output that stores its gradient when the loss is back-propagated. A forward hook
+on the model itself watches the model output (the logits) and reports its gradient to the
+preconditioner, at the moment the backward pass reaches it, while the graph below is intact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+UNSUPPORTED_POLICIES = ("error", "plain_gradient")
+
+
+class LayerAdapter:
+    """How one module type maps to the neuron view: rows of ``A`` and ``E``, weight matrix."""
+
+    def check(self, module: nn.Module) -> str | None:
+        """Return why ``module`` cannot be handled, or ``None`` if it can."""
+        return None
+
+    def input_rows(self, module: nn.Module, layer_input: Tensor) -> Tensor:
+        """``A`` of shape ``(N, T, d_in)`` (no bias column) from the module input."""
+        raise NotImplementedError
+
+    def output_rows(self, module: nn.Module, output_grad: Tensor, lead: int) -> Tensor:
+        """``E`` of shape ``(*lead_shape, N, T, d_out)`` from a gradient w.r.t. the output.
+
+        ``lead`` is the number of leading batch dimensions in front of the datapoint dimension
+        (0 for the loss gradient, 1 for a batch of back-propagated vectors).
+        """
+        raise NotImplementedError
+
+    @staticmethod
+    def has_bias(module: nn.Module) -> bool:
+        """Whether the layer's bias is trained (and so is a constant input column)."""
+        bias = getattr(module, "bias", None)
+        return bias is not None and bias.requires_grad
+
+    def read_grad(self, module: nn.Module) -> tuple[Tensor, Tensor | None]:
+        """The current ``.grad`` as ``(weight matrix (d_out, d_in), bias (d_out,) or None)``."""
+        weight = module.weight
+        if weight.grad is None:
+            raise RuntimeError(f"{type(module).__name__} has no gradient")
+        bias_grad = module.bias.grad if self.has_bias(module) else None
+        return weight.grad.reshape(weight.shape[0], -1), bias_grad
+
+    def write_grad(
+        self, module: nn.Module, weight_grad: Tensor, bias_grad: Tensor | None
+    ) -> None:
+        """Set ``.grad`` of weight (and bias) from a weight matrix and a bias vector."""
+        module.weight.grad = weight_grad.reshape(module.weight.shape).to(module.weight.dtype)
+        if bias_grad is not None:
+            module.bias.grad = bias_grad.to(module.bias.dtype)
+
+
+class LinearAdapter(LayerAdapter):
+    """``nn.Linear`` on inputs ``(N, d_in)`` or ``(N, *, d_in)`` (weight shared over ``*``)."""
+
+    def input_rows(self, module: nn.Module, layer_input: Tensor) -> Tensor:
+        if layer_input.dim() < 2:
+            raise ValueError(
+                f"natgrad needs a batch dimension: nn.Linear got an input of shape "
+                f"{tuple(layer_input.shape)}; pass inputs of shape (N, ..., {module.in_features})"
+            )
+        return layer_input.reshape(layer_input.shape[0], -1, layer_input.shape[-1])
+
+    def output_rows(self, module: nn.Module, output_grad: Tensor, lead: int) -> Tensor:
+        shape = output_grad.shape
+        return output_grad.reshape(*shape[: lead + 1], -1, shape[-1])
+
+
+class Conv2dAdapter(LayerAdapter):
+    """``nn.Conv2d`` with ``groups=1`` and zero padding; the weight is shared over positions."""
+
+    def check(self, module: nn.Module) -> str | None:
+        if module.groups != 1:
+            return f"groups={module.groups} (natgrad supports groups=1)"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} (natgrad supports 'zeros')"
+        if isinstance(module.padding, str):
+            return f"padding={module.padding!r} (give explicit integer padding)"
+        return None
+
+    def input_rows(self, module: nn.Module, layer_input: Tensor) -> Tensor:
+        if layer_input.dim() != 4:
+            raise ValueError(
+                f"natgrad needs batched images: nn.Conv2d got an input of shape "
+                f"{tuple(layer_input.shape)}; pass (N, C, H, W)"
+            )
+        patches = F.unfold(
+            layer_input,
+            kernel_size=module.kernel_size,
+            dilation=module.dilation,
+            padding=module.padding,
+            stride=module.stride,
+        )
+        return patches.transpose(1, 2)
+
+    def output_rows(self, module: nn.Module, output_grad: Tensor, lead: int) -> Tensor:
+        return output_grad.flatten(start_dim=-2).transpose(-1, -2)
+
+
+ADAPTERS: dict[type[nn.Module], LayerAdapter] = {
+    nn.Linear: LinearAdapter(),
+    nn.Conv2d: Conv2dAdapter(),
+}
+
+
+def adapter_for(module: nn.Module) -> LayerAdapter | None:
+    """The adapter of ``module``'s exact type, or ``None`` if natgrad has none."""
+    return ADAPTERS.get(type(module))
+
+
+@dataclass
+class LayerSelection:
+    """Which modules natgrad preconditions and which parameters keep the plain gradient."""
+
+    layers: dict[str, nn.Module]
+    plain: dict[str, nn.Parameter] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line per group, for ``Preconditioner.describe()``."""
+        kinds = ", ".join(f"{name} ({type(m).__name__})" for name, m in self.layers.items())
+        text = f"preconditioned: {kinds or 'none'}"
+        if self.plain:
+            text += f"; plain gradient: {', '.join(self.plain)}"
+        return text
+
+
+def select_layers(model: nn.Module, unsupported: str = "error") -> LayerSelection:
+    """Find the trainable layers of ``model`` that natgrad can precondition.
+
+    Parameters
+    ----------
+    model
+        Any ``nn.Module``.
+    unsupported
+        What to do with trainable parameters natgrad cannot precondition (modules without an
+        adapter, unsupported configurations such as grouped convolutions, a frozen weight with
+        a trainable bias): ``"error"`` (default) raises and lists them; ``"plain_gradient"``
+        leaves their ``.grad`` untouched, so the optimiser applies the plain gradient to them
+        and the curvature of the other layers ignores them (block-diagonal with respect to
+        them).
+    """
+    if unsupported not in UNSUPPORTED_POLICIES:
+        raise ValueError(
+            f"unknown unsupported={unsupported!r}: choose one of {UNSUPPORTED_POLICIES}"
+        )
+    layers: dict[str, nn.Module] = {}
+    plain: dict[str, nn.Parameter] = {}
+    problems: list[str] = []
+    for name, module in model.named_modules():
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        adapter = adapter_for(module)
+        reason = None if adapter is not None else "no natgrad adapter for this module type"
+        if reason is None:
+            reason = adapter.check(module)
+        if reason is None and not module.weight.requires_grad:
+            reason = "its weight is frozen but its bias is trainable"
+        if reason is None:
+            layers[name] = module
+            continue
+        for pname, param in own:
+            plain[f"{name}.{pname}" if name else pname] = param
+        problems.append(f"'{name or '<root>'}' ({type(module).__name__}): {reason}")
+    if problems and unsupported == "error":
+        raise ValueError(
+            "natgrad cannot precondition these trainable modules: "
+            + "; ".join(problems)
+            + ". Supported: nn.Linear and nn.Conv2d (groups=1, zero padding). Freeze their "
+            "parameters, or pass unsupported='plain_gradient' to leave them to the plain "
+            "gradient."
+        )
+    if not layers:
+        raise ValueError("the model has no trainable nn.Linear or nn.Conv2d layer to precondition")
+    return LayerSelection(layers=layers, plain=plain)
+
+
+@dataclass
+class LayerCall:
+    """One call of a captured layer during the forward pass."""
+
+    layer_input: Tensor
+    output: Tensor
+    output_grad: Tensor | None = None
+
+
+class Capture:
+    """Hooks that record, per layer call, the input, the output and the output's gradient.
+
+    Parameters
+    ----------
+    model
+        The model whose forward pass produces the logits.
+    layers
+        Modules to capture, by name.
+    on_output_grad
+        Called as ``on_output_grad(output, grad)`` when the backward pass reaches the model
+        output, before it continues into the layers. The preconditioner uses it to
+        back-propagate extra output vectors (sampled labels, Hessian square-root columns)
+        through the intact graph with :meth:`backprop_to_layers`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: dict[str, nn.Module],
+        on_output_grad: Callable[[Tensor, Tensor], None],
+    ) -> None:
+        self.layers = layers
+        self.calls: dict[str, list[LayerCall]] = {name: [] for name in layers}
+        self.output: Tensor | None = None
+        self.output_grad: Tensor | None = None
+        self._on_output_grad = on_output_grad
+        self._in_forward = False
+        self._nested = False
+        self._handles = [
+            model.register_forward_pre_hook(self._start_forward),
+            model.register_forward_hook(self._end_forward),
+        ]
+        for name, module in layers.items():
+            self._handles.append(module.register_forward_hook(self._layer_hook(name)))
+
+    def remove(self) -> None:
+        """Remove every hook; the model is left as it was."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget the recorded tensors (frees the activations they hold)."""
+        for calls in self.calls.values():
+            calls.clear()
+        self.output = None
+        self.output_grad = None
+
+    def _start_forward(self, module: nn.Module, args: tuple) -> None:
+        self.clear()
+        self._in_forward = True
+
+    def _end_forward(self, module: nn.Module, args: tuple, output: object) -> None:
+        self._in_forward = False
+        if not (isinstance(output, Tensor) and output.requires_grad):
+            return
+        self.output = output
+
+        def output_hook(grad: Tensor) -> None:
+            if self._nested or output is not self.output:
+                return
+            self.output_grad = grad.detach()
+            self._on_output_grad(output, grad.detach())
+
+        output.register_hook(output_hook)
+
+    def _layer_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if not (self._in_forward and torch.is_grad_enabled() and output.requires_grad):
+                return
+            call = LayerCall(layer_input=args[0].detach(), output=output)
+            self.calls[name].append(call)
+
+            def grad_hook(grad: Tensor) -> None:
+                if not self._nested:
+                    call.output_grad = grad.detach()
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+    def layer_outputs(self) -> Iterator[Tensor]:
+        """Every captured layer call's output, in layer order then call order."""
+        for calls in self.calls.values():
+            for call in calls:
+                yield call.output
+
+    def backprop_to_layers(self, vectors: Tensor) -> dict[str, list[Tensor | None]]:
+        """Back-propagate a batch of output vectors to every captured layer output.
+
+        Parameters
+        ----------
+        vectors
+            Shape ``(K, *output.shape)``: ``K`` gradients w.r.t. the model output.
+
+        Returns
+        -------
+        For each layer, one tensor per call of shape ``(K, *call_output.shape)`` (``None``
+        where the layer does not influence the output). The graph is retained, so the
+        surrounding backward pass continues unharmed.
+        """
+        if self.output is None:
+            raise RuntimeError("no model output was captured: run a forward pass first")
+        outputs = list(self.layer_outputs())
+        self._nested = True
+        try:
+            try:
+                grads = torch.autograd.grad(
+                    self.output,
+                    outputs,
+                    grad_outputs=vectors,
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+            except RuntimeError:
+                # some operations have no batching rule: one backward pass per vector
+                per_vector = [
+                    torch.autograd.grad(
+                        self.output, outputs, grad_outputs=v, retain_graph=True, allow_unused=True
+                    )
+                    for v in vectors
+                ]
+                grads = tuple(
+                    None if per_vector[0][i] is None else torch.stack([g[i] for g in per_vector])
+                    for i in range(len(outputs))
+                )
+        finally:
+            self._nested = False
+        result: dict[str, list[Tensor | None]] = {}
+        position = 0
+        for name, calls in self.calls.items():
+            result[name] = [
+                None if g is None else g.detach() for g in grads[position : position + len(calls)]
+            ]
+            position += len(calls)
+        return result
+
+
+__all__ = [
+    "ADAPTERS",
+    "UNSUPPORTED_POLICIES",
+    "Capture",
+    "Conv2dAdapter",
+    "LayerAdapter",
+    "LayerCall",
+    "LayerSelection",
+    "LinearAdapter",
+    "adapter_for",
+    "select_layers",
+]

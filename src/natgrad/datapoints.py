@@ -1,0 +1,88 @@
+"""Datapoints of each Fisher type: which output gradients define the curvature rows.
+
+Every Fisher type of natgrad is a sum of outer products of datapoint gradients
+``g = sum_t e_t a_t^T``; the types differ only in the output-side vectors back-propagated for
+each input ``x_n`` (DESIGN.md, "the neuron view"):
+
+=============  ================================================================  ===========
+fisher         output gradient(s) per input ``x_n``                               row weight
+=============  ================================================================  ===========
+``empirical``  ``d l / d z_n`` at the true label (seed 000 eq. 17)                1
+``ief``        as ``empirical``; the right-hand side is scaled by
+               ``s_n = ||d l_n / d z_n||^2`` (seed 000 eq. 6, 19)                 1
+``mc``         ``d l / d z_n`` at ``M`` labels ``y ~ p(y | x_n)`` (000 eq. 22-24)  ``1 / M``
+``exact``      the columns of ``S_n``, ``S_n S_n^T = d^2 l / d z_n^2``            1
+               (the GGN form of the Fisher, seed 002 eq. 26-35; 001 eq. 19-20)
+=============  ================================================================  ===========
+
+The true-label rows come from the user's own backward pass; the ``mc`` and ``exact`` rows
+from one extra, batched backward pass from the model output (see
+:meth:`natgrad.capture.Capture.backprop_to_layers`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from natgrad.likelihoods import Likelihood
+
+FISHER_TYPES = ("exact", "mc", "empirical", "ief")
+
+
+def check_fisher(fisher: str) -> str:
+    """Return ``fisher`` if it names a Fisher type, else raise a ValueError."""
+    if fisher not in FISHER_TYPES:
+        raise ValueError(f"unknown fisher={fisher!r}: choose one of {FISHER_TYPES}")
+    return fisher
+
+
+def needs_extra_backprop(fisher: str) -> bool:
+    """Whether the type's rows differ from the true-label gradients of the loss."""
+    return fisher in ("mc", "exact")
+
+
+def output_vectors(
+    fisher: str,
+    likelihood: Likelihood,
+    logits: Tensor,
+    mc_samples: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Output gradients to back-propagate for ``mc`` or ``exact``, shape ``(K, N, C)``.
+
+    They are gradients of the per-datapoint loss ``l_n`` (no reduction factor).
+    """
+    if fisher == "mc":
+        return likelihood.sampled_output_grads(logits, mc_samples, generator)
+    if fisher == "exact":
+        return likelihood.hessian_sqrt(logits)
+    raise ValueError(f"fisher={fisher!r} uses the true-label gradients, not extra vectors")
+
+
+def row_weight(fisher: str, mc_samples: int) -> float:
+    """Weight of each datapoint's outer product in the curvature matrix."""
+    return 1.0 / mc_samples if fisher == "mc" else 1.0
+
+
+def target_coefficients(fisher: str, per_sample_output_grad: Tensor) -> Tensor:
+    """``b`` of the right-hand side ``J^T b`` for ``empirical`` (ones) and ``ief`` (``s``).
+
+    ``J^T 1`` is the gradient of the summed loss (seed 000 eq. 17); ``J^T s_iEF`` is the iEF
+    right-hand side (seed 000 eq. 19), with ``s_n = ||d l_n / d z_n||^2`` (eq. 6).
+    """
+    if fisher == "empirical":
+        return torch.ones_like(per_sample_output_grad[:, 0])
+    if fisher == "ief":
+        return Likelihood.logits_grad_norms_sq(per_sample_output_grad)
+    raise ValueError(f"fisher={fisher!r} has no right-hand side in the span of its rows")
+
+
+__all__ = [
+    "FISHER_TYPES",
+    "check_fisher",
+    "needs_extra_backprop",
+    "output_vectors",
+    "row_weight",
+    "target_coefficients",
+]

@@ -1,0 +1,253 @@
+"""Likelihoods: the link between a model's outputs ("logits") and its loss.
+
+A likelihood fixes the per-datapoint loss ``l_n(z_n, y_n)`` as a function of the model output
+``z_n`` and supplies what the Fisher types of natgrad need from the output side:
+
+* the reduction factor ``c`` of the batch loss ``L = c * sum_n l_n`` (``c = 1`` for a sum,
+  ``1 / N`` or ``1 / (N D)`` for torch's mean, exactly as the matching ``torch.nn.functional``
+  loss computes it);
+* output gradients ``d l / d z`` at labels sampled from the model ``p(y | z)`` (the Monte-Carlo
+  Fisher ``F(M)``, seed 000 eq. 22);
+* a square root ``S_n`` of the output Hessian, ``S_n S_n^T = d^2 l_n / d z_n^2`` (the exact
+  Fisher as a generalised Gauss-Newton matrix, seed 002 App. A.2 eq. 26-35), returned column by
+  column as output gradients;
+* the squared logits-gradient norms ``s_n = ||d l_n / d z_n||^2`` of the iEF scaling vector
+  (seed 000 eq. 6).
+
+Outputs are two-dimensional, ``(N, C)``: one row per datapoint.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("mean", "sum")
+
+
+def check_reduction(reduction: str) -> str:
+    """Return ``reduction`` if natgrad knows it, else raise a ValueError naming the choices."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(
+            f"unknown loss reduction {reduction!r}: natgrad supports 'mean' (torch's default) "
+            "and 'sum'; pass the reduction your loss function uses"
+        )
+    return reduction
+
+
+def check_logits(logits: Tensor) -> None:
+    """Raise unless ``logits`` is a floating-point tensor of shape ``(N, C)``."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(
+            f"logits must have shape (N, C) with one row per datapoint, got shape "
+            f"{tuple(logits.shape)}; flatten or reshape the model output to (N, C)"
+        )
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be floating point, got dtype {logits.dtype}")
+
+
+class Likelihood(ABC):
+    """A per-datapoint negative log-likelihood ``l_n(z_n, y_n)`` of a model output ``z_n``."""
+
+    name: str
+
+    @abstractmethod
+    def reduction_factor(self, logits: Tensor, reduction: str) -> float:
+        """Return ``c`` such that the batch loss is ``c * sum_n l_n``."""
+
+    @abstractmethod
+    def sampled_output_grads(
+        self, logits: Tensor, num_samples: int, generator: torch.Generator | None
+    ) -> Tensor:
+        """Output gradients ``d l(z_n, y) / d z_n`` at ``y ~ p(y | z_n)``, shape ``(M, N, C)``."""
+
+    @abstractmethod
+    def hessian_sqrt(self, logits: Tensor) -> Tensor:
+        """Columns of ``S_n`` with ``S_n S_n^T = d^2 l_n / d z_n^2``, shape ``(K, N, C)``.
+
+        Slice ``k`` holds column ``k`` of every ``S_n``; back-propagating the slices gives the
+        exact Fisher's ``N K`` datapoints.
+        """
+
+    def check_output_grad(self, logits: Tensor, output_grad: Tensor, reduction: str) -> None:
+        """Raise if ``output_grad`` cannot be ``c * d l / d z`` of this likelihood.
+
+        The default accepts anything; likelihoods whose gradients have a recognisable form
+        (categorical) override it to catch a wrong reduction or a different loss.
+        """
+
+    @staticmethod
+    def logits_grad_norms_sq(per_sample_output_grad: Tensor) -> Tensor:
+        """``s_n = ||d l_n / d z_n||^2`` for each row (seed 000 eq. 6), shape ``(N,)``."""
+        return per_sample_output_grad.pow(2).sum(dim=1)
+
+
+class Categorical(Likelihood):
+    """Softmax cross-entropy: ``l_n = -log softmax(z_n)[y_n]`` (``F.cross_entropy``).
+
+    Output Hessian ``diag(pi) - pi pi^T`` with ``pi = softmax(z)``; its square root used here is
+    ``S = diag(sqrt(pi)) - pi sqrt(pi)^T``, whose column ``c`` is ``sqrt(pi_c) (e_c - pi)``:
+    the exact Fisher is the expectation over labels written as ``C`` weighted datapoints.
+    """
+
+    name = "categorical"
+
+    def reduction_factor(self, logits: Tensor, reduction: str) -> float:
+        check_reduction(reduction)
+        return 1.0 / logits.shape[0] if reduction == "mean" else 1.0
+
+    def sampled_output_grads(
+        self, logits: Tensor, num_samples: int, generator: torch.Generator | None
+    ) -> Tensor:
+        probs = torch.softmax(logits.detach(), dim=1)
+        labels = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+        onehot = torch.nn.functional.one_hot(labels.T, probs.shape[1]).to(probs.dtype)
+        return probs.unsqueeze(0) - onehot
+
+    def hessian_sqrt(self, logits: Tensor) -> Tensor:
+        probs = torch.softmax(logits.detach(), dim=1)
+        eye = torch.eye(probs.shape[1], dtype=probs.dtype, device=probs.device)
+        # column c of S_n: sqrt(pi_c) (e_c - pi), laid out as (c, n, :)
+        return probs.sqrt().T.unsqueeze(-1) * (eye.unsqueeze(1) - probs.unsqueeze(0))
+
+    def check_output_grad(self, logits: Tensor, output_grad: Tensor, reduction: str) -> None:
+        """Check that ``output_grad = c (softmax(z) - e_y)`` with the declared reduction.
+
+        A cross-entropy gradient row sums to zero, and its positive entries are ``c * pi_k``;
+        their ratio recovers ``c``, which must match the reduction the user declared.
+        """
+        grad = output_grad.detach()
+        scale = grad.abs().amax().clamp_min(torch.finfo(grad.dtype).tiny)
+        row_sums = grad.sum(dim=1).abs() / scale
+        if row_sums.max() > 1e-3:
+            raise ValueError(
+                "the gradient w.r.t. the logits is not that of a softmax cross-entropy loss "
+                "(its rows do not sum to zero): use likelihood='categorical' only with "
+                "F.cross_entropy on these logits, without label smoothing or extra terms"
+            )
+        probs = torch.softmax(logits.detach(), dim=1)
+        positive = grad.clamp_min(0)
+        active = positive.sum(dim=1) > 1e-6 * scale
+        if not bool(active.any()):
+            return
+        inferred = positive.sum(dim=1)[active] / (probs * (grad > 0)).sum(dim=1)[active]
+        expected = self.reduction_factor(logits, reduction)
+        if not torch.allclose(inferred, torch.full_like(inferred, expected), rtol=1e-2):
+            other = "sum" if reduction == "mean" else "mean"
+            if torch.allclose(
+                inferred,
+                torch.full_like(inferred, self.reduction_factor(logits, other)),
+                rtol=1e-2,
+            ):
+                raise ValueError(
+                    f"the loss looks {other}-reduced but the preconditioner was built with "
+                    f"reduction={reduction!r}: pass reduction={other!r}"
+                )
+            raise ValueError(
+                "the gradient w.r.t. the logits does not match F.cross_entropy with "
+                f"reduction={reduction!r} (inferred scale {inferred.mean().item():.3g}, "
+                f"expected {expected:.3g}): the loss must be exactly the cross-entropy of "
+                "these logits"
+            )
+
+
+class Gaussian(Likelihood):
+    """Gaussian with fixed variance: ``l_n = ||z_n - y_n||^2 / (2 variance)``.
+
+    The default ``variance = 0.5`` gives ``||z_n - y_n||^2``, i.e. ``F.mse_loss`` (whose mean
+    divides by ``N * D``). ``variance = 1`` gives the least-squares loss ``½ (z - y)^2`` of
+    seed 000 sec. 2. Output Hessian ``I / variance``.
+    """
+
+    name = "gaussian"
+
+    def __init__(self, variance: float = 0.5) -> None:
+        if not variance > 0:
+            raise ValueError(f"variance must be positive, got {variance}")
+        self.variance = float(variance)
+
+    def reduction_factor(self, logits: Tensor, reduction: str) -> float:
+        check_reduction(reduction)
+        return 1.0 / logits.numel() if reduction == "mean" else 1.0
+
+    def sampled_output_grads(
+        self, logits: Tensor, num_samples: int, generator: torch.Generator | None
+    ) -> Tensor:
+        # y = z + sqrt(variance) eps, so d l / d z = (z - y) / variance = -eps / sqrt(variance)
+        noise = torch.randn(
+            (num_samples, *logits.shape),
+            generator=generator,
+            dtype=logits.dtype,
+            device=logits.device,
+        )
+        return -noise / math.sqrt(self.variance)
+
+    def hessian_sqrt(self, logits: Tensor) -> Tensor:
+        num, dim = logits.shape
+        eye = torch.eye(dim, dtype=logits.dtype, device=logits.device) / math.sqrt(self.variance)
+        return eye.unsqueeze(1).expand(dim, num, dim).clone()
+
+
+class Bernoulli(Likelihood):
+    """Independent Bernoulli outputs: ``F.binary_cross_entropy_with_logits``.
+
+    Output Hessian ``diag(sigma(z)(1 - sigma(z)))``; mean reduction divides by ``N * D``.
+    """
+
+    name = "bernoulli"
+
+    def reduction_factor(self, logits: Tensor, reduction: str) -> float:
+        check_reduction(reduction)
+        return 1.0 / logits.numel() if reduction == "mean" else 1.0
+
+    def sampled_output_grads(
+        self, logits: Tensor, num_samples: int, generator: torch.Generator | None
+    ) -> Tensor:
+        probs = torch.sigmoid(logits.detach())
+        expanded = probs.unsqueeze(0).expand(num_samples, *probs.shape)
+        labels = torch.bernoulli(expanded, generator=generator)
+        return probs.unsqueeze(0) - labels
+
+    def hessian_sqrt(self, logits: Tensor) -> Tensor:
+        probs = torch.sigmoid(logits.detach())
+        num, dim = probs.shape
+        std = (probs * (1 - probs)).sqrt()
+        eye = torch.eye(dim, dtype=probs.dtype, device=probs.device)
+        return eye.unsqueeze(1) * std.unsqueeze(0)
+
+
+LIKELIHOODS: dict[str, type[Likelihood]] = {
+    "categorical": Categorical,
+    "gaussian": Gaussian,
+    "bernoulli": Bernoulli,
+}
+
+
+def get_likelihood(likelihood: str | Likelihood) -> Likelihood:
+    """Return a :class:`Likelihood` from its name or pass an instance through."""
+    if isinstance(likelihood, Likelihood):
+        return likelihood
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(
+            f"unknown likelihood {likelihood!r}: choose one of {sorted(LIKELIHOODS)} "
+            "or pass a natgrad.likelihoods.Likelihood instance"
+        )
+    return LIKELIHOODS[likelihood]()
+
+
+__all__ = [
+    "LIKELIHOODS",
+    "REDUCTIONS",
+    "Bernoulli",
+    "Categorical",
+    "Gaussian",
+    "Likelihood",
+    "check_logits",
+    "check_reduction",
+    "get_likelihood",
+]

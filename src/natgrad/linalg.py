@@ -1,0 +1,220 @@
+"""Linear algebra of the neuron view: Gram matrices, ``J v``, ``J^T u`` and damped solves.
+
+One layer is described by its inputs ``A`` of shape ``(N, T, d_in)`` and ``K`` sets of output
+gradients ``E`` of shape ``(K, N, T, d_out)``; datapoint ``(k, n)`` has the gradient
+``g_{kn} = sum_t e_{knt} a_{nt}^T`` (plus ``sum_t e_{knt}`` for the bias). Rows of ``J`` are
+ordered ``k``-major: row ``k N + n``.
+
+For a dense layer (``T = 1``) the Gram matrix is ``(A A^T) ⊙ (E E^T)`` (seed 004 eq. 41; seed 001
+App. I eq. 21), ``J v`` is the row sum of ``(A V^T) ⊙ E`` (seed 004 eq. 42) and ``J^T u`` is
+``E^T diag(u) A`` (seed 004 eq. 43): nothing of size ``N x P`` is formed.
+
+For weight-shared layers (``T > 1``: sequences, convolutions) two forms exist and
+:func:`gram` picks the cheaper per call:
+
+* pairwise: ``G[kn, jm] = sum_{t,s} (a_{nt}·a_{ms}) (e_{knt}·e_{jms})``, costing about
+  ``N^2 T^2 (d_in + K_b d_out) + K_a K_b N^2 T d_out`` flops;
+* materialised: form the ``(K_a + K_b) N`` per-datapoint gradients (``d_out x d_in`` each) and
+  multiply them, about ``(K_a + K_b) N T d_in d_out + K_a K_b N^2 d_in d_out`` flops.
+
+Pairwise wins when ``T^2`` is small next to ``d_in d_out``; a long sequence through a narrow
+layer favours materialising.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class NumericalWarning(RuntimeWarning):
+    """A damped solve needed a fallback (eigendecomposition or extra damping)."""
+
+
+def input_gram(inputs: Tensor, has_bias: bool) -> Tensor:
+    """Inner products of input rows: ``(N, N)`` if ``T = 1``, else ``(N, N, T, T)``.
+
+    The bias, a constant input column of ones, adds one to every inner product.
+    """
+    if inputs.shape[1] == 1:
+        flat = inputs[:, 0]
+        products = flat @ flat.T
+    else:
+        products = torch.einsum("nti,msi->nmts", inputs, inputs)
+    return products + 1 if has_bias else products
+
+
+def _pairwise_cost(n: int, t: int, d_in: int, d_out: int, k_a: int, k_b: int) -> int:
+    return n * n * t * t * (d_in + k_b * d_out) + k_a * k_b * n * n * t * d_out
+
+
+def _materialised_cost(n: int, t: int, d_in: int, d_out: int, k_a: int, k_b: int) -> int:
+    d_in = d_in + 1
+    return (k_a + k_b) * n * t * d_in * d_out + k_a * k_b * n * n * d_in * d_out
+
+
+def per_datapoint_grads(inputs: Tensor, output_grads: Tensor, has_bias: bool) -> Tensor:
+    """Materialise ``g_{kn}`` as rows of shape ``(K N, d_out d_in [+ d_out])``.
+
+    Each row is the flattened weight gradient followed by the bias gradient, the order of the
+    layer's ``parameters()``.
+    """
+    k, n = output_grads.shape[:2]
+    rows = torch.einsum("knto,nti->knoi", output_grads, inputs).reshape(k * n, -1)
+    if has_bias:
+        rows = torch.cat([rows, output_grads.sum(dim=2).reshape(k * n, -1)], dim=1)
+    return rows
+
+
+def gram(
+    inputs: Tensor,
+    output_grads: Tensor,
+    other_output_grads: Tensor | None = None,
+    has_bias: bool = False,
+    inputs_gram: Tensor | None = None,
+) -> Tensor:
+    """Gram matrix ``J_a J_b^T`` of one layer's datapoint gradients.
+
+    Parameters
+    ----------
+    inputs
+        ``A``, shape ``(N, T, d_in)``, shared by both sets of datapoints.
+    output_grads
+        ``E_a``, shape ``(K_a, N, T, d_out)``.
+    other_output_grads
+        ``E_b``, shape ``(K_b, N, T, d_out)``; defaults to ``E_a`` (the symmetric Gram).
+    has_bias
+        Whether the layer has a trained bias (a constant input column).
+    inputs_gram
+        ``input_gram(inputs, has_bias)`` if already computed (it is shared across calls).
+
+    Returns
+    -------
+    Tensor of shape ``(K_a N, K_b N)``.
+    """
+    grads_b = output_grads if other_output_grads is None else other_output_grads
+    k_a, n, t, d_out = output_grads.shape
+    k_b = grads_b.shape[0]
+    d_in = inputs.shape[-1]
+    if t == 1:
+        products = input_gram(inputs, has_bias) if inputs_gram is None else inputs_gram
+        flat_a = output_grads.reshape(k_a * n, d_out)
+        flat_b = flat_a if other_output_grads is None else grads_b.reshape(k_b * n, d_out)
+        return (flat_a @ flat_b.T) * products.repeat(k_a, k_b)
+    if _pairwise_cost(n, t, d_in, d_out, k_a, k_b) <= _materialised_cost(
+        n, t, d_in, d_out, k_a, k_b
+    ):
+        products = input_gram(inputs, has_bias) if inputs_gram is None else inputs_gram
+        weighted_b = torch.einsum("nmts,jmso->njmto", products, grads_b)
+        result = torch.einsum("knto,njmto->knjm", output_grads, weighted_b)
+        return result.reshape(k_a * n, k_b * n)
+    rows_a = per_datapoint_grads(inputs, output_grads, has_bias)
+    rows_b = rows_a if other_output_grads is None else per_datapoint_grads(inputs, grads_b, has_bias)
+    return rows_a @ rows_b.T
+
+
+def jvp(
+    inputs: Tensor, output_grads: Tensor, weight: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    """``J v`` for a layer-shaped vector ``v = (weight (d_out, d_in), bias (d_out,))``.
+
+    ``(J v)_{kn} = sum_t e_{knt}^T (W a_{nt} + b)`` (seed 004 eq. 42); shape ``(K, N)``.
+    """
+    mapped = inputs @ weight.T
+    if bias is not None:
+        mapped = mapped + bias
+    return torch.einsum("knto,nto->kn", output_grads, mapped)
+
+
+def jtu(
+    inputs: Tensor, output_grads: Tensor, coefficients: Tensor, has_bias: bool
+) -> tuple[Tensor, Tensor | None]:
+    """``J^T u = sum_{k,n} u_{kn} g_{kn}`` as ``(weight (d_out, d_in), bias or None)``.
+
+    Computed as ``E_u^T A`` with ``E_u = sum_k u_k ⊙ E_k`` (seed 004 eq. 43): one GEMM the size
+    of autograd's own weight gradient.
+    """
+    combined = torch.einsum("kn,knto->nto", coefficients, output_grads)
+    flat_grads = combined.reshape(-1, combined.shape[-1])
+    weight = flat_grads.T @ inputs.reshape(-1, inputs.shape[-1])
+    bias = flat_grads.sum(dim=0) if has_bias else None
+    return weight, bias
+
+
+@dataclass(frozen=True)
+class SolveReport:
+    """How a damped solve went: ``method`` is "cholesky", "eigh" or "eigh+damping"."""
+
+    method: str
+    damping: float
+
+
+def damped_solve(
+    matrix: Tensor, rhs: Tensor, damping: float, max_damping_increases: int = 8
+) -> tuple[Tensor, SolveReport]:
+    """Solve ``(M + damping I) x = rhs`` for a symmetric positive semi-definite ``M``.
+
+    The solve runs in float64 (an ``N x N`` system is cheap) and falls back in steps, each
+    reported with a :class:`NumericalWarning`:
+
+    1. Cholesky factorisation of ``M + damping I``;
+    2. if that fails (``M`` indefinite through round-off), an eigendecomposition of ``M`` with
+       negative eigenvalues clamped to zero;
+    3. if the result is still not finite, the damping is multiplied by 10, up to
+       ``max_damping_increases`` times.
+
+    Returns the solution in ``rhs``'s dtype and a :class:`SolveReport`.
+    """
+    if not damping > 0:
+        raise ValueError(f"damping must be positive, got {damping}")
+    if not (torch.isfinite(matrix).all() and torch.isfinite(rhs).all()):
+        raise FloatingPointError("the curvature system contains NaN or Inf")
+    work = matrix.to(torch.float64)
+    work = (work + work.T) / 2
+    target = rhs.to(torch.float64)
+    vector = target.dim() == 1
+    if vector:
+        target = target.unsqueeze(1)
+    eye = torch.eye(work.shape[0], dtype=work.dtype, device=work.device)
+    factor, info = torch.linalg.cholesky_ex(work + damping * eye)
+    solution = torch.cholesky_solve(target, factor) if int(info) == 0 else None
+    report = SolveReport("cholesky", damping)
+    if solution is None or not torch.isfinite(solution).all():
+        eigenvalues, eigenvectors = torch.linalg.eigh(work)
+        eigenvalues = eigenvalues.clamp_min(0)
+        projected = eigenvectors.T @ target
+        level = damping
+        for attempt in range(max_damping_increases + 1):
+            solution = eigenvectors @ (projected / (eigenvalues + level).unsqueeze(1))
+            if torch.isfinite(solution).all():
+                break
+            level *= 10
+        else:
+            raise FloatingPointError(
+                f"the damped solve stays non-finite up to damping {level / 10:g}"
+            )
+        report = SolveReport("eigh" if attempt == 0 else "eigh+damping", level)
+        warnings.warn(
+            f"Cholesky failed on the damped curvature system; solved by eigendecomposition "
+            f"with clamped eigenvalues ({report.method}, damping {level:g})",
+            NumericalWarning,
+            stacklevel=2,
+        )
+    if vector:
+        solution = solution.squeeze(1)
+    return solution.to(rhs.dtype), report
+
+
+__all__ = [
+    "NumericalWarning",
+    "SolveReport",
+    "damped_solve",
+    "gram",
+    "input_gram",
+    "jtu",
+    "jvp",
+    "per_datapoint_grads",
+]

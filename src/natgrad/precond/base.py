@@ -1,0 +1,305 @@
+"""Shared machinery of natgrad's preconditioners: capture, checks, fused backward, state.
+
+A preconditioner is used between the backward pass and any ``torch.optim`` step::
+
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()           # or pre.backward(loss): the fused, cheaper path
+    pre.step(logits)          # rewrites p.grad with the preconditioned direction
+    opt.step()
+
+``step`` writes ``p.grad = (C + λI)^{-1} ∇L``-like directions with the sign of a gradient, so a
+plain SGD step with learning rate η applies the seed equations' ``θ ← θ - η Δ``.
+
+Conventions
+-----------
+* The logits are the tensor the model's forward returns, of shape ``(N, C)``; natgrad reads its
+  gradient during the backward pass, so the same tensor must be passed to ``step``.
+* The loss is ``c * sum_n l_n`` with ``l_n`` the likelihood's per-datapoint loss and ``c`` the
+  reduction factor (``reduction="mean"`` as torch's default, or ``"sum"``). The curvature is
+  that of this loss, ``C = c * sum(datapoint outer products)``, so with a mean-reduced loss the
+  damping acts on the curvature of the mean loss (the seeds' sum-loss equations with damping
+  ``λ / c``).
+* One forward pass and one backward pass per step: a new forward pass forgets the previous one.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from natgrad.capture import Capture, LayerAdapter, adapter_for, select_layers
+from natgrad.likelihoods import Likelihood, check_logits, check_reduction, get_likelihood
+from natgrad.linalg import SolveReport
+
+Damping = float | Callable[[int], float]
+
+
+class NonFiniteWarning(RuntimeWarning):
+    """A step was skipped because the loss gradient or the captured rows were not finite."""
+
+
+def check_damping(damping: float, name: str = "damping") -> float:
+    """Return ``damping`` as a float if it is finite and positive, else raise."""
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)):
+        raise TypeError(f"{name} must be a positive float, got {type(damping).__name__}")
+    if not (math.isfinite(damping) and damping > 0):
+        raise ValueError(f"{name} must be positive and finite, got {damping}")
+    return float(damping)
+
+
+@dataclass
+class LayerBatch:
+    """One layer's neuron view for the current batch.
+
+    ``loss_grads`` are the true-label output gradients of the per-datapoint losses (the
+    reduction factor removed), shape ``(1, N, T, d_out)``; ``extra_grads`` the ``K`` extra
+    datapoint sets of ``mc`` / ``exact``, shape ``(K, N, T, d_out)``, or ``None``.
+    """
+
+    name: str
+    module: nn.Module
+    adapter: LayerAdapter
+    inputs: Tensor
+    loss_grads: Tensor
+    extra_grads: Tensor | None
+    has_bias: bool
+
+    def write_grad(self, weight_grad: Tensor, bias_grad: Tensor | None) -> None:
+        """Store a layer-shaped direction in the parameters' ``.grad``."""
+        self.adapter.write_grad(self.module, weight_grad, bias_grad)
+
+
+class Preconditioner:
+    """Base class: hooks, input checks, the fused backward path and ``state_dict``.
+
+    Subclasses implement :meth:`_precondition` and, if their datapoints need extra
+    back-propagated output vectors, :meth:`_extra_output_vectors`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        likelihood: str | Likelihood = "categorical",
+        reduction: str = "mean",
+        damping: Damping = 1e-3,
+        unsupported: str = "error",
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.likelihood = get_likelihood(likelihood)
+        self.reduction = check_reduction(reduction)
+        self.damping = damping if callable(damping) else check_damping(damping)
+        self.selection = select_layers(model, unsupported)
+        self.adapters = {name: adapter_for(m) for name, m in self.selection.layers.items()}
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.steps = 0
+        self.skipped_steps = 0
+        self.last_solve: SolveReport | None = None
+        self._extra_grads: dict[str, list[Tensor | None]] | None = None
+        self.capture = Capture(model, self.selection.layers, self._on_output_grad)
+
+    # ------------------------------------------------------------------ hooks
+    def _extra_output_vectors(self, logits: Tensor) -> Tensor | None:
+        """Output vectors ``(K, N, C)`` to back-propagate this step, or ``None``."""
+        return None
+
+    def _on_output_grad(self, output: Tensor, grad: Tensor) -> None:
+        self._extra_grads = None
+        vectors = self._extra_output_vectors(output.detach())
+        if vectors is not None:
+            self._extra_grads = self.capture.backprop_to_layers(vectors)
+
+    # ------------------------------------------------------------------ public API
+    def current_damping(self) -> float:
+        """The damping of the current step (a callable damping is evaluated at ``steps``)."""
+        if callable(self.damping):
+            return check_damping(self.damping(self.steps), "damping(step)")
+        return self.damping
+
+    def backward(self, loss: Tensor) -> None:
+        """Back-propagate ``loss`` only as far as the captured layers' outputs (fused path).
+
+        Replaces ``loss.backward()``: autograd computes the layer-output gradients and the
+        plain gradients of parameters natgrad does not precondition, but not the weight
+        gradients of captured layers, which :meth:`step` then writes directly as one product
+        ``E^T diag(u) A`` per layer. This saves one weight-sized matrix product per layer.
+        """
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise ValueError("backward() needs the scalar loss tensor")
+        outputs = list(self.capture.layer_outputs())
+        if not outputs:
+            raise RuntimeError(
+                "backward() found no captured forward pass: call model(x) with gradients "
+                "enabled before computing the loss"
+            )
+        plain = list(self.selection.plain.values())
+        grads = torch.autograd.grad(loss, outputs + plain, allow_unused=True)
+        calls = [call for calls in self.capture.calls.values() for call in calls]
+        for call, grad in zip(calls, grads[: len(outputs)], strict=True):
+            call.output_grad = None if grad is None else grad.detach()
+        for param, grad in zip(plain, grads[len(outputs) :], strict=True):
+            if grad is None:
+                continue
+            param.grad = grad.detach() if param.grad is None else param.grad + grad
+
+    def step(self, logits: Tensor) -> None:
+        """Replace the captured layers' ``.grad`` with the preconditioned direction.
+
+        Parameters
+        ----------
+        logits
+            The tensor the model's forward pass returned, after ``loss.backward()`` (or
+            :meth:`backward`) on a loss computed from it.
+        """
+        output_grad = self._checked_output_grad(logits)
+        factor = self.likelihood.reduction_factor(logits, self.reduction)
+        batches = self._layer_batches(logits.shape[0], factor)
+        try:
+            if not self._all_finite(output_grad, batches):
+                self._skip_step("the loss gradient or the captured layer rows contain NaN/Inf")
+                return
+            self.likelihood.check_output_grad(logits, output_grad, self.reduction)
+            per_sample_output_grad = output_grad / factor
+            self._precondition(batches, factor, per_sample_output_grad.detach())
+            self.steps += 1
+        except FloatingPointError as error:
+            self._skip_step(str(error))
+        finally:
+            self.capture.clear()
+            self._extra_grads = None
+
+    def describe(self) -> str:
+        """A one-line summary: method, settings and which modules are preconditioned."""
+        return f"{type(self).__name__}({self._settings()}): {self.selection.describe()}"
+
+    def remove(self) -> None:
+        """Remove natgrad's hooks from the model."""
+        self.capture.remove()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step counters, the sampling RNG state and (non-callable) hyper-parameters."""
+        state: dict[str, Any] = {
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "generator": self.generator.get_state(),
+        }
+        if not callable(self.damping):
+            state["damping"] = self.damping
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved; the next step continues identically."""
+        self.steps = int(state["steps"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.generator.set_state(state["generator"])
+        if "damping" in state:
+            self.damping = check_damping(state["damping"])
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _precondition(
+        self, batches: list[LayerBatch], factor: float, per_sample_output_grad: Tensor
+    ) -> None:
+        raise NotImplementedError
+
+    def _settings(self) -> str:
+        return f"likelihood={self.likelihood.name}, damping={self.damping}"
+
+    # ------------------------------------------------------------------ internals
+    def _checked_output_grad(self, logits: Tensor) -> Tensor:
+        check_logits(logits)
+        if self.capture.output is None:
+            raise RuntimeError(
+                "step() found no captured forward pass: call logits = model(x) with gradients "
+                "enabled, then loss.backward(), then pre.step(logits)"
+            )
+        if logits is not self.capture.output:
+            raise ValueError(
+                "the logits passed to step() are not the tensor returned by the model's last "
+                "forward pass: natgrad reads the gradient of that tensor, so pass it unchanged "
+                "and compute the loss from it"
+            )
+        if self.capture.output_grad is None:
+            raise RuntimeError(
+                "step() was called before a backward pass reached these logits: call "
+                "loss.backward() (or pre.backward(loss)) on a loss computed from these logits"
+            )
+        return self.capture.output_grad
+
+    def _layer_batches(self, num_datapoints: int, factor: float) -> list[LayerBatch]:
+        batches = []
+        for name, module in self.selection.layers.items():
+            calls = self.capture.calls[name]
+            if not calls or any(call.output_grad is None for call in calls):
+                continue  # the layer did not take part in this loss: its .grad stays as is
+            adapter = self.adapters[name]
+            inputs = torch.cat([adapter.input_rows(module, c.layer_input) for c in calls], dim=1)
+            loss_grads = torch.cat(
+                [adapter.output_rows(module, c.output_grad, lead=0) for c in calls], dim=1
+            )
+            if inputs.shape[0] != num_datapoints or loss_grads.shape[0] != num_datapoints:
+                raise ValueError(
+                    f"layer '{name}' saw a batch of {inputs.shape[0]} rows but the logits have "
+                    f"{num_datapoints}: natgrad needs the batch dimension first and unchanged "
+                    "through the model"
+                )
+            extra = None
+            if self._extra_grads is not None:
+                parts = self._extra_grads[name]
+                if any(part is None for part in parts):
+                    continue
+                extra = torch.cat([adapter.output_rows(module, p, lead=1) for p in parts], dim=2)
+            batches.append(
+                LayerBatch(
+                    name=name,
+                    module=module,
+                    adapter=adapter,
+                    inputs=inputs,
+                    loss_grads=(loss_grads / factor).unsqueeze(0),
+                    extra_grads=extra,
+                    has_bias=adapter.has_bias(module),
+                )
+            )
+        if not batches:
+            raise RuntimeError(
+                "no captured layer received a gradient: call loss.backward() on a loss that "
+                "depends on the model's layers before step()"
+            )
+        return batches
+
+    @staticmethod
+    def _all_finite(output_grad: Tensor, batches: list[LayerBatch]) -> bool:
+        tensors = [output_grad]
+        for batch in batches:
+            tensors += [batch.inputs, batch.loss_grads]
+            if batch.extra_grads is not None:
+                tensors.append(batch.extra_grads)
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+    def _skip_step(self, reason: str) -> None:
+        """Zero every trainable gradient of the model so no NaN reaches the weights."""
+        for param in self.model.parameters():
+            if param.requires_grad and param.grad is not None:
+                param.grad = torch.zeros_like(param)
+        for name, module in self.selection.layers.items():
+            for param in module.parameters(recurse=False):
+                if param.requires_grad and param.grad is None:
+                    param.grad = torch.zeros_like(param)
+        self.skipped_steps += 1
+        warnings.warn(
+            f"natgrad skipped step {self.steps}: {reason}; the gradients were set to zero",
+            NonFiniteWarning,
+            stacklevel=3,
+        )
+
+
+__all__ = ["Damping", "LayerBatch", "NonFiniteWarning", "Preconditioner", "check_damping"]

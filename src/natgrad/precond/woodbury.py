@@ -1,0 +1,187 @@
+"""Exact mini-batch natural gradients by the Woodbury identity: NGD, EF, iEF, F(M), TENGraD.
+
+With the damped curvature of the batch loss ``C = J̃^T J̃`` (``J̃``: datapoint gradients scaled
+by ``sqrt(c w)``, ``c`` the reduction factor, ``w`` the row weight of the Fisher type), the
+update direction is computed in the ``K N``-dimensional datapoint space, never in parameter
+space:
+
+* right-hand side in the span of the rows (``empirical``, ``ief``; seed 000 eq. 17 and 19)::
+
+      Δ = (J̃^T J̃ + λI)^{-1} J̃^T b = J̃^T (J̃ J̃^T + λI)^{-1} b,
+
+  with ``b = sqrt(c) 1`` (EF: ``J̃^T b = ∇L``) or ``b = sqrt(c) s_iEF``;
+* right-hand side the loss gradient (``mc``, ``exact``; seed 000 eq. 24, seed 001 eq. 19-23,
+  seed 004 eq. 40)::
+
+      Δ = (J̃^T J̃ + λI)^{-1} ∇L = λ^{-1} [∇L - J̃^T (J̃ J̃^T + λI)^{-1} J̃ ∇L],
+
+  where ``J̃ ∇L`` is a cross-Gram of the curvature rows with the true-label rows, so ``∇L`` is
+  never formed either.
+
+``structure="full"`` solves one system over all layers (``J̃ J̃^T`` summed over layers);
+``structure="layer"`` solves one per layer (block-diagonal NGD; TENGraD, seed 004 eq. 39-43).
+Each layer's direction is then a single product ``E_u^T A`` (see :func:`natgrad.linalg.jtu`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from natgrad.datapoints import (
+    check_fisher,
+    needs_extra_backprop,
+    output_vectors,
+    row_weight,
+    target_coefficients,
+)
+from natgrad.likelihoods import Likelihood
+from natgrad.linalg import damped_solve, gram, input_gram, jtu
+from natgrad.precond.base import Damping, LayerBatch, Preconditioner
+
+STRUCTURES = ("full", "layer")
+
+
+class NGD(Preconditioner):
+    """Damped mini-batch natural gradient of any Fisher type, solved by Woodbury.
+
+    Parameters
+    ----------
+    model
+        The model; its forward pass must return the logits ``(N, C)``.
+    likelihood
+        ``"categorical"`` (``F.cross_entropy``), ``"gaussian"`` (``F.mse_loss``),
+        ``"bernoulli"`` (``F.binary_cross_entropy_with_logits``) or a
+        :class:`natgrad.likelihoods.Likelihood`.
+    fisher
+        ``"empirical"`` (EF), ``"ief"`` (improved EF), ``"mc"`` (``F(M)`` with ``mc_samples``
+        sampled labels per datapoint) or ``"exact"`` (the exact Fisher / GGN of the batch).
+    structure
+        ``"full"`` (one solve over all preconditioned layers) or ``"layer"`` (block-diagonal).
+    damping
+        ``λ > 0``, or a callable ``step -> λ``.
+    mc_samples
+        ``M >= 1``, the labels sampled per datapoint for ``fisher="mc"``.
+    reduction
+        ``"mean"`` or ``"sum"``: the reduction of the loss (see
+        :mod:`natgrad.precond.base` for how it scales the curvature).
+    unsupported
+        ``"error"`` or ``"plain_gradient"`` for trainable modules natgrad has no adapter for.
+    seed
+        Seed of the generator that samples labels (saved in :meth:`state_dict`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str | Likelihood = "categorical",
+        fisher: str = "empirical",
+        structure: str = "full",
+        damping: Damping = 1e-3,
+        mc_samples: int = 1,
+        *,
+        reduction: str = "mean",
+        unsupported: str = "error",
+        seed: int = 0,
+    ) -> None:
+        self.fisher = check_fisher(fisher)
+        if structure not in STRUCTURES:
+            raise ValueError(f"unknown structure={structure!r}: choose one of {STRUCTURES}")
+        self.structure = structure
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}")
+        self.mc_samples = mc_samples
+        super().__init__(
+            model,
+            likelihood=likelihood,
+            reduction=reduction,
+            damping=damping,
+            unsupported=unsupported,
+            seed=seed,
+        )
+
+    def _settings(self) -> str:
+        settings = f"fisher={self.fisher}, structure={self.structure}, " + super()._settings()
+        if self.fisher == "mc":
+            settings += f", mc_samples={self.mc_samples}"
+        return settings
+
+    def _extra_output_vectors(self, logits: Tensor) -> Tensor | None:
+        if not needs_extra_backprop(self.fisher):
+            return None
+        return output_vectors(
+            self.fisher, self.likelihood, logits, self.mc_samples, self.generator
+        )
+
+    def _precondition(
+        self, batches: list[LayerBatch], factor: float, per_sample_output_grad: Tensor
+    ) -> None:
+        groups = [batches] if self.structure == "full" else [[batch] for batch in batches]
+        for group in groups:
+            self._solve_group(group, factor, per_sample_output_grad)
+
+    def _solve_group(
+        self, group: list[LayerBatch], factor: float, per_sample_output_grad: Tensor
+    ) -> None:
+        damping = self.current_damping()
+        row_scale = math.sqrt(factor * row_weight(self.fisher, self.mc_samples))
+        input_grams = [input_gram(b.inputs, b.has_bias) for b in group]
+        rows = [b.loss_grads if b.extra_grads is None else b.extra_grads for b in group]
+        curvature = sum(
+            gram(b.inputs, e, has_bias=b.has_bias, inputs_gram=g)
+            for b, e, g in zip(group, rows, input_grams, strict=True)
+        ) * (row_scale**2)
+        if not needs_extra_backprop(self.fisher):
+            target = target_coefficients(self.fisher, per_sample_output_grad)
+            solution, self.last_solve = damped_solve(
+                curvature, math.sqrt(factor) * target, damping
+            )
+            coefficients = (row_scale * solution).unsqueeze(0)
+            for batch in group:
+                batch.write_grad(*jtu(batch.inputs, batch.loss_grads, coefficients, batch.has_bias))
+            return
+        ones = torch.ones(group[0].inputs.shape[0], dtype=curvature.dtype)
+        projected_grad = sum(
+            gram(b.inputs, e, b.loss_grads, has_bias=b.has_bias, inputs_gram=g) @ ones
+            for b, e, g in zip(group, rows, input_grams, strict=True)
+        ) * (row_scale * factor)
+        solution, self.last_solve = damped_solve(curvature, projected_grad, damping)
+        extra_coefficients = (-row_scale / damping) * solution.reshape(-1, ones.shape[0])
+        coefficients = torch.cat([(factor / damping) * ones.unsqueeze(0), extra_coefficients])
+        for batch, extra in zip(group, rows, strict=True):
+            stacked = torch.cat([batch.loss_grads, extra])
+            batch.write_grad(*jtu(batch.inputs, stacked, coefficients, batch.has_bias))
+
+
+class EF(NGD):
+    """Empirical-Fisher natural gradient (seed 000 eq. 17): ``NGD(fisher="empirical")``."""
+
+    def __init__(self, model: nn.Module, likelihood: str | Likelihood = "categorical",
+                 structure: str = "full", damping: Damping = 1e-3, **kwargs) -> None:
+        super().__init__(model, likelihood, "empirical", structure, damping, **kwargs)
+
+
+class IEF(NGD):
+    """Improved empirical Fisher (seed 000 eq. 19): ``NGD(fisher="ief")``."""
+
+    def __init__(self, model: nn.Module, likelihood: str | Likelihood = "categorical",
+                 structure: str = "full", damping: Damping = 1e-3, **kwargs) -> None:
+        super().__init__(model, likelihood, "ief", structure, damping, **kwargs)
+
+
+class TENGraD(NGD):
+    """Exact per-layer (block-diagonal) natural gradient, seed 004 App. A.5 eq. 39-43.
+
+    ``NGD(structure="layer")``; the seed uses the empirical Fisher (eq. 37), the default here,
+    and any other ``fisher`` gives block-diagonal NGD of that type.
+    """
+
+    def __init__(self, model: nn.Module, likelihood: str | Likelihood = "categorical",
+                 fisher: str = "empirical", damping: Damping = 1e-3, mc_samples: int = 1,
+                 **kwargs) -> None:
+        super().__init__(model, likelihood, fisher, "layer", damping, mc_samples, **kwargs)
+
+
+__all__ = ["EF", "IEF", "NGD", "STRUCTURES", "TENGraD"]
