@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 UNSUPPORTED_POLICIES = ("error", "plain_gradient")
@@ -65,9 +65,7 @@ class LayerAdapter:
         bias_grad = module.bias.grad if self.has_bias(module) else None
         return weight.grad.reshape(weight.shape[0], -1), bias_grad
 
-    def write_grad(
-        self, module: nn.Module, weight_grad: Tensor, bias_grad: Tensor | None
-    ) -> None:
+    def write_grad(self, module: nn.Module, weight_grad: Tensor, bias_grad: Tensor | None) -> None:
         """Set ``.grad`` of weight (and bias) from a weight matrix and a bias vector."""
         module.weight.grad = weight_grad.reshape(module.weight.shape).to(module.weight.dtype)
         if bias_grad is not None:

@@ -80,6 +80,7 @@ class Likelihood(ABC):
         The default accepts anything; likelihoods whose gradients have a recognisable form
         (categorical) override it to catch a wrong reduction or a different loss.
         """
+        return None
 
     @staticmethod
     def logits_grad_norms_sq(per_sample_output_grad: Tensor) -> Tensor:
@@ -215,7 +216,7 @@ class Bernoulli(Likelihood):
 
     def hessian_sqrt(self, logits: Tensor) -> Tensor:
         probs = torch.sigmoid(logits.detach())
-        num, dim = probs.shape
+        dim = probs.shape[1]
         std = (probs * (1 - probs)).sqrt()
         eye = torch.eye(dim, dtype=probs.dtype, device=probs.device)
         return eye.unsqueeze(1) * std.unsqueeze(0)

@@ -112,13 +112,13 @@ def gram(
         result = torch.einsum("knto,njmto->knjm", output_grads, weighted_b)
         return result.reshape(k_a * n, k_b * n)
     rows_a = per_datapoint_grads(inputs, output_grads, has_bias)
-    rows_b = rows_a if other_output_grads is None else per_datapoint_grads(inputs, grads_b, has_bias)
+    if other_output_grads is None:
+        return rows_a @ rows_a.T
+    rows_b = per_datapoint_grads(inputs, grads_b, has_bias)
     return rows_a @ rows_b.T
 
 
-def jvp(
-    inputs: Tensor, output_grads: Tensor, weight: Tensor, bias: Tensor | None = None
-) -> Tensor:
+def jvp(inputs: Tensor, output_grads: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``J v`` for a layer-shaped vector ``v = (weight (d_out, d_in), bias (d_out,))``.
 
     ``(J v)_{kn} = sum_t e_{knt}^T (W a_{nt} + b)`` (seed 004 eq. 42); shape ``(K, N)``.
@@ -187,7 +187,7 @@ def damped_solve(
         eigenvalues = eigenvalues.clamp_min(0)
         projected = eigenvectors.T @ target
         level = damping
-        for attempt in range(max_damping_increases + 1):
+        for _ in range(max_damping_increases + 1):
             solution = eigenvectors @ (projected / (eigenvalues + level).unsqueeze(1))
             if torch.isfinite(solution).all():
                 break
@@ -196,7 +196,7 @@ def damped_solve(
             raise FloatingPointError(
                 f"the damped solve stays non-finite up to damping {level / 10:g}"
             )
-        report = SolveReport("eigh" if attempt == 0 else "eigh+damping", level)
+        report = SolveReport("eigh" if level == damping else "eigh+damping", level)
         warnings.warn(
             f"Cholesky failed on the damped curvature system; solved by eigendecomposition "
             f"with clamped eigenvalues ({report.method}, damping {level:g})",

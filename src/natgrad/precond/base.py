@@ -290,7 +290,7 @@ class Preconditioner:
         for param in self.model.parameters():
             if param.requires_grad and param.grad is not None:
                 param.grad = torch.zeros_like(param)
-        for name, module in self.selection.layers.items():
+        for module in self.selection.layers.values():
             for param in module.parameters(recurse=False):
                 if param.requires_grad and param.grad is None:
                     param.grad = torch.zeros_like(param)

@@ -111,9 +111,7 @@ class NGD(Preconditioner):
     def _extra_output_vectors(self, logits: Tensor) -> Tensor | None:
         if not needs_extra_backprop(self.fisher):
             return None
-        return output_vectors(
-            self.fisher, self.likelihood, logits, self.mc_samples, self.generator
-        )
+        return output_vectors(self.fisher, self.likelihood, logits, self.mc_samples, self.generator)
 
     def _precondition(
         self, batches: list[LayerBatch], factor: float, per_sample_output_grad: Tensor
@@ -135,9 +133,7 @@ class NGD(Preconditioner):
         ) * (row_scale**2)
         if not needs_extra_backprop(self.fisher):
             target = target_coefficients(self.fisher, per_sample_output_grad)
-            solution, self.last_solve = damped_solve(
-                curvature, math.sqrt(factor) * target, damping
-            )
+            solution, self.last_solve = damped_solve(curvature, math.sqrt(factor) * target, damping)
             coefficients = (row_scale * solution).unsqueeze(0)
             for batch in group:
                 batch.write_grad(*jtu(batch.inputs, batch.loss_grads, coefficients, batch.has_bias))
@@ -158,16 +154,28 @@ class NGD(Preconditioner):
 class EF(NGD):
     """Empirical-Fisher natural gradient (seed 000 eq. 17): ``NGD(fisher="empirical")``."""
 
-    def __init__(self, model: nn.Module, likelihood: str | Likelihood = "categorical",
-                 structure: str = "full", damping: Damping = 1e-3, **kwargs) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str | Likelihood = "categorical",
+        structure: str = "full",
+        damping: Damping = 1e-3,
+        **kwargs,
+    ) -> None:
         super().__init__(model, likelihood, "empirical", structure, damping, **kwargs)
 
 
 class IEF(NGD):
     """Improved empirical Fisher (seed 000 eq. 19): ``NGD(fisher="ief")``."""
 
-    def __init__(self, model: nn.Module, likelihood: str | Likelihood = "categorical",
-                 structure: str = "full", damping: Damping = 1e-3, **kwargs) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str | Likelihood = "categorical",
+        structure: str = "full",
+        damping: Damping = 1e-3,
+        **kwargs,
+    ) -> None:
         super().__init__(model, likelihood, "ief", structure, damping, **kwargs)
 
 
@@ -178,9 +186,15 @@ class TENGraD(NGD):
     and any other ``fisher`` gives block-diagonal NGD of that type.
     """
 
-    def __init__(self, model: nn.Module, likelihood: str | Likelihood = "categorical",
-                 fisher: str = "empirical", damping: Damping = 1e-3, mc_samples: int = 1,
-                 **kwargs) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str | Likelihood = "categorical",
+        fisher: str = "empirical",
+        damping: Damping = 1e-3,
+        mc_samples: int = 1,
+        **kwargs,
+    ) -> None:
         super().__init__(model, likelihood, fisher, "layer", damping, mc_samples, **kwargs)
 
 
