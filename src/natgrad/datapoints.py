@@ -10,10 +10,19 @@ fisher         output gradient(s) per input ``x_n``                             
 ``empirical``  ``d l / d z_n`` at the true label (seed 000 eq. 17)                1
 ``ief``        as ``empirical``; the right-hand side is scaled by
                ``s_n = ||d l_n / d z_n||^2`` (seed 000 eq. 6, 19)                 1
+``ief_matrix`` as ``empirical``, each row divided by ``sqrt(s_n)``: the iEF        1
+               matrix ``J^T diag(s)^{-1} J`` (seed 000 eq. 5, 20)
 ``mc``         ``d l / d z_n`` at ``M`` labels ``y ~ p(y | x_n)`` (000 eq. 22-24)  ``1 / M``
 ``exact``      the columns of ``S_n``, ``S_n S_n^T = d^2 l / d z_n^2``            1
                (the GGN form of the Fisher, seed 002 eq. 26-35; 001 eq. 19-20)
 =============  ================================================================  ===========
+
+``ief`` is the iEF update of seed 000 eq. 19, ``J^T (J J^T + λI)^{-1} s``: the minimum-norm
+step that lowers each datapoint's loss in proportion to ``s_n``. ``ief_matrix`` preconditions
+the gradient with the damped iEF matrix, ``(J^T diag(s)^{-1} J + λI)^{-1} ∇L``. The two agree as
+``λ → 0`` when ``N <= P``; for least squares the iEF matrix is the Fisher (seed 000 sec. 2.2),
+so ``ief_matrix`` then equals exact NGD at any damping, also when ``N > P``. ``ief_matrix``
+rows are what Kronecker methods "with iEF" use (seed 000 sec. 5).
 
 The true-label rows come from the user's own backward pass; the ``mc`` and ``exact`` rows
 from one extra, batched backward pass from the model output (see
@@ -27,7 +36,7 @@ from torch import Tensor
 
 from natgrad.likelihoods import Likelihood
 
-FISHER_TYPES = ("exact", "mc", "empirical", "ief")
+FISHER_TYPES = ("exact", "mc", "empirical", "ief", "ief_matrix")
 
 
 def check_fisher(fisher: str) -> str:
@@ -66,16 +75,31 @@ def row_weight(fisher: str, mc_samples: int) -> float:
 
 
 def target_coefficients(fisher: str, per_sample_output_grad: Tensor) -> Tensor:
-    """``b`` of the right-hand side ``J^T b`` for ``empirical`` (ones) and ``ief`` (``s``).
+    """``b`` of the right-hand side ``J^T b`` (true-label rows, before any row scaling).
 
-    ``J^T 1`` is the gradient of the summed loss (seed 000 eq. 17); ``J^T s_iEF`` is the iEF
-    right-hand side (seed 000 eq. 19), with ``s_n = ||d l_n / d z_n||^2`` (eq. 6).
+    ``J^T 1`` is the gradient of the summed loss (``empirical``, seed 000 eq. 17);
+    ``J^T s_iEF`` is the iEF right-hand side (``ief``, seed 000 eq. 19) with
+    ``s_n = ||d l_n / d z_n||^2`` (eq. 6). For ``ief_matrix`` the rows are divided by
+    ``sqrt(s_n)``, so ``b = sqrt(s)`` gives back ``J^T 1``.
     """
     if fisher == "empirical":
         return torch.ones_like(per_sample_output_grad[:, 0])
     if fisher == "ief":
         return Likelihood.logits_grad_norms_sq(per_sample_output_grad)
+    if fisher == "ief_matrix":
+        return Likelihood.logits_grad_norms_sq(per_sample_output_grad).sqrt()
     raise ValueError(f"fisher={fisher!r} has no right-hand side in the span of its rows")
+
+
+def row_multipliers(fisher: str, per_sample_output_grad: Tensor) -> Tensor | None:
+    """Per-datapoint factors of the true-label rows: ``1 / sqrt(s_n)`` for ``ief_matrix``.
+
+    A datapoint with ``s_n = 0`` has a zero gradient row; its factor is set to zero.
+    """
+    if fisher != "ief_matrix":
+        return None
+    norms = Likelihood.logits_grad_norms_sq(per_sample_output_grad).sqrt()
+    return torch.where(norms > 0, 1 / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
 
 
 __all__ = [
@@ -83,6 +107,7 @@ __all__ = [
     "check_fisher",
     "needs_extra_backprop",
     "output_vectors",
+    "row_multipliers",
     "row_weight",
     "target_coefficients",
 ]

@@ -5,11 +5,13 @@ by ``sqrt(c w)``, ``c`` the reduction factor, ``w`` the row weight of the Fisher
 update direction is computed in the ``K N``-dimensional datapoint space, never in parameter
 space:
 
-* right-hand side in the span of the rows (``empirical``, ``ief``; seed 000 eq. 17 and 19)::
+* right-hand side in the span of the rows (``empirical``, ``ief``, ``ief_matrix``; seed 000
+  eq. 17, 19 and 5)::
 
       Δ = (J̃^T J̃ + λI)^{-1} J̃^T b = J̃^T (J̃ J̃^T + λI)^{-1} b,
 
-  with ``b = sqrt(c) 1`` (EF: ``J̃^T b = ∇L``) or ``b = sqrt(c) s_iEF``;
+  with ``b = sqrt(c) 1`` (EF: ``J̃^T b = ∇L``), ``b = sqrt(c) s_iEF`` (iEF), or rows divided
+  by ``sqrt(s_n)`` and ``b = sqrt(c s_iEF)`` (iEF matrix: ``J̃^T b = ∇L`` again);
 * right-hand side the loss gradient (``mc``, ``exact``; seed 000 eq. 24, seed 001 eq. 19-23,
   seed 004 eq. 40)::
 
@@ -34,6 +36,7 @@ from natgrad.datapoints import (
     check_fisher,
     needs_extra_backprop,
     output_vectors,
+    row_multipliers,
     row_weight,
     target_coefficients,
 )
@@ -56,8 +59,10 @@ class NGD(Preconditioner):
         ``"bernoulli"`` (``F.binary_cross_entropy_with_logits``) or a
         :class:`natgrad.likelihoods.Likelihood`.
     fisher
-        ``"empirical"`` (EF), ``"ief"`` (improved EF), ``"mc"`` (``F(M)`` with ``mc_samples``
-        sampled labels per datapoint) or ``"exact"`` (the exact Fisher / GGN of the batch).
+        ``"empirical"`` (EF), ``"ief"`` (the iEF update, seed 000 eq. 19), ``"ief_matrix"``
+        (the gradient preconditioned by the damped iEF matrix), ``"mc"`` (``F(M)`` with
+        ``mc_samples`` sampled labels per datapoint) or ``"exact"`` (the exact Fisher / GGN of
+        the batch). See :mod:`natgrad.datapoints`.
     structure
         ``"full"`` (one solve over all preconditioned layers) or ``"layer"`` (block-diagonal).
     damping
@@ -126,7 +131,10 @@ class NGD(Preconditioner):
         damping = self.current_damping()
         row_scale = math.sqrt(factor * row_weight(self.fisher, self.mc_samples))
         input_grams = [input_gram(b.inputs, b.has_bias) for b in group]
-        rows = [b.loss_grads if b.extra_grads is None else b.extra_grads for b in group]
+        multipliers = row_multipliers(self.fisher, per_sample_output_grad)
+        if multipliers is not None:
+            multipliers = multipliers.reshape(1, -1, 1, 1)
+        rows = [_curvature_rows(b, multipliers) for b in group]
         curvature = sum(
             gram(b.inputs, e, has_bias=b.has_bias, inputs_gram=g)
             for b, e, g in zip(group, rows, input_grams, strict=True)
@@ -135,8 +143,8 @@ class NGD(Preconditioner):
             target = target_coefficients(self.fisher, per_sample_output_grad)
             solution, self.last_solve = damped_solve(curvature, math.sqrt(factor) * target, damping)
             coefficients = (row_scale * solution).unsqueeze(0)
-            for batch in group:
-                batch.write_grad(*jtu(batch.inputs, batch.loss_grads, coefficients, batch.has_bias))
+            for batch, curvature_rows in zip(group, rows, strict=True):
+                batch.write_grad(*jtu(batch.inputs, curvature_rows, coefficients, batch.has_bias))
             return
         ones = torch.ones(group[0].inputs.shape[0], dtype=curvature.dtype)
         projected_grad = sum(
@@ -149,6 +157,13 @@ class NGD(Preconditioner):
         for batch, extra in zip(group, rows, strict=True):
             stacked = torch.cat([batch.loss_grads, extra])
             batch.write_grad(*jtu(batch.inputs, stacked, coefficients, batch.has_bias))
+
+
+def _curvature_rows(batch: LayerBatch, multipliers: Tensor | None) -> Tensor:
+    """The output-gradient rows of the curvature: extra datapoints, or scaled true labels."""
+    if batch.extra_grads is not None:
+        return batch.extra_grads
+    return batch.loss_grads if multipliers is None else batch.loss_grads * multipliers
 
 
 class EF(NGD):
