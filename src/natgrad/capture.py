@@ -235,12 +235,11 @@ class Capture:
         self._on_output_grad = on_output_grad
         self._in_forward = False
         self._nested = False
-        self._handles = [
-            model.register_forward_pre_hook(self._start_forward),
-            model.register_forward_hook(self._end_forward),
-        ]
+        self._handles = [model.register_forward_pre_hook(self._start_forward)]
         for name, module in layers.items():
             self._handles.append(module.register_forward_hook(self._layer_hook(name)))
+        # registered last so that it runs after the layer hooks when the model is itself a layer
+        self._handles.append(model.register_forward_hook(self._end_forward))
 
     def remove(self) -> None:
         """Remove every hook; the model is left as it was."""

@@ -1,0 +1,260 @@
+"""Every (fisher, structure) update of the Woodbury family against dense float64 oracles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import natgrad
+from natgrad.likelihoods import get_likelihood
+from oracle import damped_direction, dense_batch, flat_grad
+
+FISHERS = ["empirical", "ief", "ief_matrix", "mc", "exact"]
+STRUCTURES = ["full", "layer"]
+LIKELIHOODS = ["categorical", "gaussian", "bernoulli"]
+REDUCTIONS = ["mean", "sum"]
+TOLERANCE = 1e-8
+
+
+class MeanOverTokens(nn.Module):
+    def forward(self, x):
+        return x.mean(dim=1)
+
+
+def make_mlp(outputs: int) -> tuple[nn.Module, torch.Tensor]:
+    model = nn.Sequential(
+        nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4, bias=False), nn.Tanh(), nn.Linear(4, outputs)
+    )
+    return model, torch.randn(7, 5)
+
+
+def make_cnn(outputs: int) -> tuple[nn.Module, torch.Tensor]:
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, kernel_size=3, stride=2, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(3, 2, kernel_size=2, dilation=2, bias=False),
+        nn.Flatten(),
+        nn.Linear(2, outputs),
+    )
+    return model, torch.randn(5, 2, 6, 6)
+
+
+def make_sequence(outputs: int) -> tuple[nn.Module, torch.Tensor]:
+    model = nn.Sequential(
+        nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), MeanOverTokens(), nn.Linear(3, outputs)
+    )
+    return model, torch.randn(6, 3, 4)
+
+
+MODELS = {"mlp": make_mlp, "cnn": make_cnn, "sequence": make_sequence}
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def make_targets(likelihood: str, num: int, outputs: int) -> torch.Tensor:
+    if likelihood == "categorical":
+        return torch.randint(0, outputs, (num,))
+    if likelihood == "gaussian":
+        return torch.randn(num, outputs)
+    return torch.bernoulli(torch.full((num, outputs), 0.5))
+
+
+def torch_loss(likelihood: str, logits, targets, reduction: str):
+    if likelihood == "categorical":
+        return F.cross_entropy(logits, targets, reduction=reduction)
+    if likelihood == "gaussian":
+        return F.mse_loss(logits, targets, reduction=reduction)
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction=reduction)
+
+
+def expected_update(batch, fisher, structure, damping, blocks, vectors=None):
+    if fisher == "empirical":
+        curvature, rhs = batch.empirical_fisher(), batch.gradient
+    elif fisher == "ief":
+        curvature = batch.empirical_fisher()
+        rhs = batch.factor * batch.loss_grads.T @ batch.ief_scaling()
+    elif fisher == "ief_matrix":
+        curvature, rhs = batch.ief_matrix(), batch.gradient
+    elif fisher == "mc":
+        curvature, rhs = batch.sampled_fisher(vectors), batch.gradient
+    else:
+        curvature, rhs = batch.exact_fisher(), batch.gradient
+    if structure == "layer":
+        curvature = curvature * batch.block_mask(blocks)
+    return damped_direction(curvature, rhs, damping)
+
+
+def run_natgrad(model, inputs, targets, likelihood, reduction, fused=False, **kwargs):
+    pre = natgrad.NGD(model, likelihood=likelihood, reduction=reduction, **kwargs)
+    model.zero_grad()
+    logits = model(inputs)
+    loss = torch_loss(likelihood, logits, targets, reduction)
+    if fused:
+        pre.backward(loss)
+    else:
+        loss.backward()
+    pre.step(logits)
+    pre.remove()
+    return flat_grad([p for p in model.parameters() if p.requires_grad]), logits.detach()
+
+
+def relative_error(actual, expected):
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("fisher", FISHERS)
+def test_update_matches_dense_oracle(fisher, structure, model_name, likelihood, reduction):
+    torch.manual_seed(0)
+    outputs = 3
+    model, inputs = MODELS[model_name](outputs)
+    targets = make_targets(likelihood, inputs.shape[0], outputs)
+    damping, samples, seed = 1e-2, 3, 7
+    actual, logits = run_natgrad(
+        model,
+        inputs,
+        targets,
+        likelihood,
+        reduction,
+        fisher=fisher,
+        structure=structure,
+        damping=damping,
+        mc_samples=samples,
+        seed=seed,
+    )
+    vectors = None
+    if fisher == "mc":
+        generator = torch.Generator().manual_seed(seed)
+        vectors = get_likelihood(likelihood).sampled_output_grads(logits, samples, generator)
+    batch = dense_batch(model, inputs, targets, likelihood, reduction)
+    blocks = [list(m.parameters()) for m in model if len(list(m.parameters())) > 0]
+    expected = expected_update(batch, fisher, structure, damping, blocks, vectors)
+    assert relative_error(actual, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("fisher", FISHERS)
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_fused_backward_equals_standard_path(fisher, model_name):
+    torch.manual_seed(1)
+    model, inputs = MODELS[model_name](3)
+    targets = make_targets("categorical", inputs.shape[0], 3)
+    results = []
+    for fused in (False, True):
+        grads, _ = run_natgrad(
+            model, inputs, targets, "categorical", "mean", fused=fused, fisher=fisher, seed=3
+        )
+        results.append(grads)
+    assert relative_error(results[1], results[0]) <= 1e-12
+
+
+@pytest.mark.parametrize("damping", [1e-6, 1e-1, 10.0])
+def test_least_squares_ief_matrix_equals_exact_ngd(damping):
+    """Seed 000 sec. 2.2: for ½(z - y)^2 the iEF matrix is the Fisher, at any damping."""
+    torch.manual_seed(2)
+    model = nn.Linear(1, 1)
+    inputs = torch.distributions.LogNormal(0.0, 0.75).sample((40, 1))
+    targets = 2 + 2 * inputs + torch.randn(40, 1)
+    likelihood = natgrad.likelihoods.Gaussian(variance=1.0)
+    updates = {}
+    for fisher in ("ief_matrix", "exact"):
+        pre = natgrad.NGD(model, likelihood, fisher=fisher, damping=damping, reduction="sum")
+        model.zero_grad()
+        logits = model(inputs)
+        (0.5 * (logits - targets).pow(2).sum()).backward()
+        pre.step(logits)
+        pre.remove()
+        updates[fisher] = flat_grad(list(model.parameters()))
+    assert relative_error(updates["ief_matrix"], updates["exact"]) <= TOLERANCE
+
+
+def test_least_squares_ief_update_approaches_ngd_when_n_below_p():
+    """Seed 000 sec. 2.2 / eq. 19: with N <= P the iEF update tends to NGD as damping -> 0."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    inputs, targets = torch.randn(5, 3), torch.randn(5, 1)
+    likelihood = natgrad.likelihoods.Gaussian(variance=1.0)
+    updates = {}
+    for fisher in ("ief", "exact"):
+        pre = natgrad.NGD(model, likelihood, fisher=fisher, damping=1e-9, reduction="sum")
+        model.zero_grad()
+        logits = model(inputs)
+        (0.5 * (logits - targets).pow(2).sum()).backward()
+        pre.step(logits)
+        pre.remove()
+        updates[fisher] = flat_grad(list(model.parameters()))
+    assert relative_error(updates["ief"], updates["exact"]) <= 1e-5
+
+
+def test_aliases_match_ngd_configurations():
+    torch.manual_seed(4)
+    model, inputs = make_mlp(3)
+    targets = make_targets("categorical", inputs.shape[0], 3)
+    configurations = {
+        natgrad.EF: {"fisher": "empirical", "structure": "full"},
+        natgrad.IEF: {"fisher": "ief", "structure": "full"},
+        natgrad.TENGraD: {"fisher": "empirical", "structure": "layer"},
+    }
+    for alias, settings in configurations.items():
+        grads = []
+        for make in (lambda a=alias: a(model), lambda s=settings: natgrad.NGD(model, **s)):
+            pre = make()
+            model.zero_grad()
+            logits = model(inputs)
+            F.cross_entropy(logits, targets).backward()
+            pre.step(logits)
+            pre.remove()
+            grads.append(flat_grad(list(model.parameters())))
+        assert torch.equal(grads[0], grads[1]), alias.__name__
+
+
+def test_state_dict_resumes_sampling_identically():
+    torch.manual_seed(5)
+    model, inputs = make_mlp(3)
+    targets = make_targets("categorical", inputs.shape[0], 3)
+
+    def one_step(pre):
+        model.zero_grad()
+        logits = model(inputs)
+        F.cross_entropy(logits, targets).backward()
+        pre.step(logits)
+        return flat_grad(list(model.parameters()))
+
+    pre = natgrad.NGD(model, fisher="mc", seed=11)
+    one_step(pre)
+    saved = pre.state_dict()
+    expected = one_step(pre)
+    pre.remove()
+    resumed = natgrad.NGD(model, fisher="mc", seed=999)
+    resumed.load_state_dict(saved)
+    assert resumed.steps == 1
+    assert torch.equal(one_step(resumed), expected)
+
+
+def test_callable_damping_is_evaluated_per_step():
+    torch.manual_seed(6)
+    model, inputs = make_mlp(3)
+    targets = make_targets("categorical", inputs.shape[0], 3)
+    schedule = [1e-1, 1e-3]
+    pre = natgrad.EF(model, damping=lambda step: schedule[step])
+    fixed = [natgrad.EF(model, damping=value) for value in schedule]
+    for step, value in enumerate(schedule):
+        assert pre.current_damping() == value
+        results = []
+        for preconditioner in (pre, fixed[step]):
+            model.zero_grad()
+            logits = model(inputs)
+            F.cross_entropy(logits, targets).backward()
+            preconditioner.step(logits)
+            results.append(flat_grad(list(model.parameters())))
+        assert torch.allclose(results[0], results[1], rtol=1e-12, atol=0), value
