@@ -10,6 +10,7 @@ from torch import nn
 import natgrad
 from natgrad.likelihoods import get_likelihood
 from oracle import damped_direction, dense_batch, flat_grad
+from problems import MODELS, make_mlp, make_targets, relative_error, run_natgrad
 
 FISHERS = ["empirical", "ief", "ief_matrix", "mc", "exact"]
 STRUCTURES = ["full", "layer"]
@@ -18,61 +19,12 @@ REDUCTIONS = ["mean", "sum"]
 TOLERANCE = 1e-8
 
 
-class MeanOverTokens(nn.Module):
-    def forward(self, x):
-        return x.mean(dim=1)
-
-
-def make_mlp(outputs: int) -> tuple[nn.Module, torch.Tensor]:
-    model = nn.Sequential(
-        nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4, bias=False), nn.Tanh(), nn.Linear(4, outputs)
-    )
-    return model, torch.randn(7, 5)
-
-
-def make_cnn(outputs: int) -> tuple[nn.Module, torch.Tensor]:
-    model = nn.Sequential(
-        nn.Conv2d(2, 3, kernel_size=3, stride=2, padding=1),
-        nn.Tanh(),
-        nn.Conv2d(3, 2, kernel_size=2, dilation=2, bias=False),
-        nn.Flatten(),
-        nn.Linear(2, outputs),
-    )
-    return model, torch.randn(5, 2, 6, 6)
-
-
-def make_sequence(outputs: int) -> tuple[nn.Module, torch.Tensor]:
-    model = nn.Sequential(
-        nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), MeanOverTokens(), nn.Linear(3, outputs)
-    )
-    return model, torch.randn(6, 3, 4)
-
-
-MODELS = {"mlp": make_mlp, "cnn": make_cnn, "sequence": make_sequence}
-
-
 @pytest.fixture(autouse=True)
 def float64():
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
-
-
-def make_targets(likelihood: str, num: int, outputs: int) -> torch.Tensor:
-    if likelihood == "categorical":
-        return torch.randint(0, outputs, (num,))
-    if likelihood == "gaussian":
-        return torch.randn(num, outputs)
-    return torch.bernoulli(torch.full((num, outputs), 0.5))
-
-
-def torch_loss(likelihood: str, logits, targets, reduction: str):
-    if likelihood == "categorical":
-        return F.cross_entropy(logits, targets, reduction=reduction)
-    if likelihood == "gaussian":
-        return F.mse_loss(logits, targets, reduction=reduction)
-    return F.binary_cross_entropy_with_logits(logits, targets, reduction=reduction)
 
 
 def expected_update(batch, fisher, structure, damping, blocks, vectors=None):
@@ -90,24 +42,6 @@ def expected_update(batch, fisher, structure, damping, blocks, vectors=None):
     if structure == "layer":
         curvature = curvature * batch.block_mask(blocks)
     return damped_direction(curvature, rhs, damping)
-
-
-def run_natgrad(model, inputs, targets, likelihood, reduction, fused=False, **kwargs):
-    pre = natgrad.NGD(model, likelihood=likelihood, reduction=reduction, **kwargs)
-    model.zero_grad()
-    logits = model(inputs)
-    loss = torch_loss(likelihood, logits, targets, reduction)
-    if fused:
-        pre.backward(loss)
-    else:
-        loss.backward()
-    pre.step(logits)
-    pre.remove()
-    return flat_grad([p for p in model.parameters() if p.requires_grad]), logits.detach()
-
-
-def relative_error(actual, expected):
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
