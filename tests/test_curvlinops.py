@@ -17,12 +17,7 @@ LOSSES = {
 OPERATORS = {"exact": GGNLinearOperator, "empirical": EFLinearOperator}
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def dense_operator(operator, model, loss_function, params, inputs, targets):

@@ -19,12 +19,7 @@ REDUCTIONS = ["mean", "sum"]
 TOLERANCE = 1e-8
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def expected_update(batch, fisher, structure, damping, blocks, vectors=None):
