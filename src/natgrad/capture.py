@@ -311,29 +311,35 @@ class Capture:
         if self.output is None:
             raise RuntimeError("no model output was captured: run a forward pass first")
         outputs = list(self.layer_outputs())
+
+        def one_by_one() -> tuple[Tensor | None, ...]:
+            per_vector = [
+                torch.autograd.grad(
+                    self.output, outputs, grad_outputs=v, retain_graph=True, allow_unused=True
+                )
+                for v in vectors
+            ]
+            return tuple(
+                None if per_vector[0][i] is None else torch.stack([g[i] for g in per_vector])
+                for i in range(len(outputs))
+            )
+
         self._nested = True
         try:
-            try:
-                grads = torch.autograd.grad(
-                    self.output,
-                    outputs,
-                    grad_outputs=vectors,
-                    retain_graph=True,
-                    allow_unused=True,
-                    is_grads_batched=True,
-                )
-            except RuntimeError:
-                # some operations have no batching rule: one backward pass per vector
-                per_vector = [
-                    torch.autograd.grad(
-                        self.output, outputs, grad_outputs=v, retain_graph=True, allow_unused=True
+            if vectors.shape[0] == 1:
+                grads = one_by_one()
+            else:
+                try:
+                    grads = torch.autograd.grad(
+                        self.output,
+                        outputs,
+                        grad_outputs=vectors,
+                        retain_graph=True,
+                        allow_unused=True,
+                        is_grads_batched=True,
                     )
-                    for v in vectors
-                ]
-                grads = tuple(
-                    None if per_vector[0][i] is None else torch.stack([g[i] for g in per_vector])
-                    for i in range(len(outputs))
-                )
+                except RuntimeError:
+                    grads = one_by_one()  # some operation has no batching rule
         finally:
             self._nested = False
         result: dict[str, list[Tensor | None]] = {}
