@@ -2,13 +2,24 @@
 
 from natgrad import capture, datapoints, likelihoods, linalg
 from natgrad.linalg import NumericalWarning
-from natgrad.precond import EF, IEF, NGD, NonFiniteWarning, Preconditioner, TENGraD
+from natgrad.precond import (
+    EF,
+    FOOF,
+    IEF,
+    KFAC,
+    NGD,
+    NonFiniteWarning,
+    Preconditioner,
+    TENGraD,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EF",
+    "FOOF",
     "IEF",
+    "KFAC",
     "NGD",
     "NonFiniteWarning",
     "NumericalWarning",

@@ -1,6 +1,17 @@
 """Preconditioners: one class per curvature structure, sharing :class:`Preconditioner`."""
 
 from natgrad.precond.base import NonFiniteWarning, Preconditioner
+from natgrad.precond.kronecker import FOOF, KFAC
 from natgrad.precond.woodbury import EF, IEF, NGD, STRUCTURES, TENGraD
 
-__all__ = ["EF", "IEF", "NGD", "STRUCTURES", "NonFiniteWarning", "Preconditioner", "TENGraD"]
+__all__ = [
+    "EF",
+    "FOOF",
+    "IEF",
+    "KFAC",
+    "NGD",
+    "STRUCTURES",
+    "NonFiniteWarning",
+    "Preconditioner",
+    "TENGraD",
+]

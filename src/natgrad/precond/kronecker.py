@@ -1,0 +1,483 @@
+"""Kronecker-factored preconditioners: KFAC (seed 001 eq. 2-4, App. D-E) and FOOF (eq. 5-6).
+
+Per layer with weight matrix ``W`` (``d_out x d_in``, bias as an extra input column), the
+curvature block is approximated by ``Σ_A ⊗ Σ_G`` with
+
+* ``Σ_A = 1/(N T) sum_{n,t} a_{nt} a_{nt}^T`` (input covariance, bias column included),
+* ``Σ_G = c w sum_{k,n,t} e_{knt} e_{knt}^T`` (output-gradient covariance of the datapoints of
+  the chosen Fisher type, ``c`` the reduction factor, ``w`` the row weight; the "expand"
+  convention for weight sharing),
+
+so that ``Σ_A ⊗ Σ_G`` approximates ``c w sum_{k,n} g_{kn} g_{kn}^T``, as curvlinops' KFAC does.
+Both are exponential moving averages with decay ``m``, normalised (seed 001 App. D.1:
+``x̂ ← m x̂ + (1 - m) x``, divided by ``1 - m^t``, i.e. ``x̂_1 = x_1``); ``m = 0`` is
+subsampled KFAC.
+
+Updates, with ``∇W`` the loss gradient of the layer (``G = Σ_G``, ``A = Σ_A``):
+
+* KFAC, heuristic damping (eq. 2, 4): ``ΔW = (G + λ_E I)^{-1} ∇W (A + λ_A I)^{-1}`` with
+  ``λ_A λ_E = λ`` and ``λ_A / λ_E = (d_out tr A) / (d_in tr G)``;
+* KFAC, correct damping (eq. 3): ``vec ΔW = (A ⊗ G + λ I)^{-1} vec ∇W``, solved in the
+  eigenbases of ``A`` and ``G``;
+* KFAC, no damping: ``ΔW = G^+ ∇W A^+`` (eigenvalues below ``rtol * max`` are treated as zero,
+  so rank-deficient factors give a pseudo-inverse, never Inf);
+* FOOF (eq. 6): ``ΔW = ∇W (A + λ I)^{-1}``; with ``kfac_damping=True`` (App. D.8, Fig. 3) the
+  damping is KFAC's ``λ_A`` and the update is multiplied by ``λ_E^{-1}``.
+
+Amortisation (Algorithm 1 and App. K): inverses (or eigenbases) are recomputed every ``T`` steps
+(``inv_period``); the factors are updated every ``k`` steps (``factor_period``) and, if
+``pre_inversion_steps = S`` is given, only in the ``S`` steps before each inversion
+(``(t + S) mod T < S``). Within a step natgrad first folds the current batch into the factors
+(if scheduled), then inverts (if scheduled), then applies the inverse, so ``T = 1, m = 0`` is
+subsampled KFAC on the current batch; Algorithm 1 lists the update first, which delays the
+curvature by one batch. The first step always initialises the factors and their inverses.
+
+The gradient ``∇W = Ē^T Ā`` has rank at most ``N T``; when that is below the layer widths the
+inverses are applied to ``Ē`` and ``Ā`` (cost ``~N T d^2``) instead of to the ``d_out x d_in``
+matrix (cost ``~d^3``), chosen per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from natgrad.datapoints import check_fisher, output_vectors, row_multipliers, row_weight
+from natgrad.likelihoods import Likelihood
+from natgrad.linalg import damped_solve
+from natgrad.precond.base import Damping, LayerBatch, Preconditioner
+
+DAMPING_MODES = ("heuristic", "correct", "none")
+KFAC_FISHERS = ("mc", "empirical", "ief", "exact")
+PSEUDO_INVERSE_RTOL = 1e-10
+
+
+def augmented_inputs(inputs: Tensor, has_bias: bool) -> Tensor:
+    """``Ā``: layer inputs ``(N, T, d_in)`` as ``(N T, d_in [+1])`` rows, bias column of ones."""
+    rows = inputs.reshape(-1, inputs.shape[-1])
+    if has_bias:
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+    return rows
+
+
+def _check_schedule(
+    ema_decay: float, factor_period: int, inv_period: int, pre_inversion_steps: int | None
+) -> None:
+    if not 0 <= ema_decay < 1:
+        raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
+    for name, value in (("factor_period", factor_period), ("inv_period", inv_period)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if pre_inversion_steps is not None:
+        if isinstance(pre_inversion_steps, bool) or not isinstance(pre_inversion_steps, int):
+            raise ValueError(f"pre_inversion_steps must be an integer, got {pre_inversion_steps!r}")
+        if not 1 <= pre_inversion_steps <= inv_period:
+            raise ValueError(
+                f"pre_inversion_steps S={pre_inversion_steps} must satisfy 1 <= S <= T = "
+                f"inv_period={inv_period} (Algorithm 1 of seed 001)"
+            )
+
+
+class KroneckerPreconditioner(Preconditioner):
+    """Shared machinery of KFAC and FOOF: factor EMAs, schedules, low-rank application."""
+
+    uses_grad_factor: bool = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        likelihood: str | Likelihood,
+        fisher: str,
+        damping: Damping,
+        ema_decay: float,
+        factor_period: int,
+        inv_period: int,
+        pre_inversion_steps: int | None,
+        mc_samples: int,
+        reduction: str,
+        unsupported: str,
+        seed: int,
+    ) -> None:
+        if fisher not in KFAC_FISHERS:
+            check_fisher(fisher)
+            raise ValueError(f"Kronecker methods take fisher in {KFAC_FISHERS}, got {fisher!r}")
+        _check_schedule(ema_decay, factor_period, inv_period, pre_inversion_steps)
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}")
+        self.fisher = fisher
+        self.ema_decay = float(ema_decay)
+        self.factor_period = factor_period
+        self.inv_period = inv_period
+        self.pre_inversion_steps = pre_inversion_steps
+        self.mc_samples = mc_samples
+        super().__init__(
+            model,
+            likelihood=likelihood,
+            reduction=reduction,
+            damping=damping,
+            unsupported=unsupported,
+            seed=seed,
+        )
+        # per layer: running (unnormalised) sums and the EMA normaliser 1 - m^t
+        self.input_factors: dict[str, Tensor] = {}
+        self.grad_factors: dict[str, Tensor] = {}
+        self.ema_weights: dict[str, float] = {}
+        self.inverses: dict[str, dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ schedule
+    def updates_factors(self, step: int) -> bool:
+        """Whether the factors take in the batch of ``step`` (Algorithm 1, lines 10-11)."""
+        if step % self.factor_period != 0:
+            return False
+        if self.pre_inversion_steps is None:
+            return True
+        return (step + self.pre_inversion_steps) % self.inv_period < self.pre_inversion_steps
+
+    def inverts(self, step: int) -> bool:
+        """Whether the inverses are recomputed at ``step`` (Algorithm 1, lines 7-8)."""
+        return step % self.inv_period == 0
+
+    def _needs_factor_update(self, name: str) -> bool:
+        return self.updates_factors(self.steps) or name not in self.ema_weights
+
+    def _extra_output_vectors(self, logits: Tensor) -> Tensor | None:
+        if not self.uses_grad_factor or self.fisher not in ("mc", "exact"):
+            return None
+        if not any(self._needs_factor_update(name) for name in self.selection.layers):
+            return None
+        return output_vectors(self.fisher, self.likelihood, logits, self.mc_samples, self.generator)
+
+    # ------------------------------------------------------------------ factors
+    def normalised_factors(self, name: str) -> tuple[Tensor, Tensor | None]:
+        """The normalised EMAs ``(Σ_A, Σ_G)`` of a layer (``Σ_G`` is None for FOOF)."""
+        weight = self.ema_weights[name]
+        grad_factor = self.grad_factors.get(name)
+        return (
+            self.input_factors[name] / weight,
+            None if grad_factor is None else grad_factor / weight,
+        )
+
+    def _fold_in(self, name: str, input_cov: Tensor, grad_cov: Tensor | None) -> None:
+        decay = self.ema_decay
+        if name not in self.ema_weights:
+            self.input_factors[name] = (1 - decay) * input_cov
+            if grad_cov is not None:
+                self.grad_factors[name] = (1 - decay) * grad_cov
+            self.ema_weights[name] = 1 - decay
+            return
+        self.input_factors[name] = decay * self.input_factors[name] + (1 - decay) * input_cov
+        if grad_cov is not None:
+            self.grad_factors[name] = decay * self.grad_factors[name] + (1 - decay) * grad_cov
+        self.ema_weights[name] = decay * self.ema_weights[name] + (1 - decay)
+
+    def _batch_grad_cov(
+        self, batch: LayerBatch, factor: float, per_sample_output_grad: Tensor
+    ) -> Tensor:
+        if batch.extra_grads is not None:
+            rows = batch.extra_grads
+        else:
+            multipliers = row_multipliers(
+                "ief_matrix" if self.fisher == "ief" else self.fisher, per_sample_output_grad
+            )
+            rows = batch.loss_grads
+            if multipliers is not None:
+                rows = rows * multipliers.reshape(1, -1, 1, 1)
+        flat = rows.reshape(-1, rows.shape[-1])
+        return (factor * row_weight(self.fisher, self.mc_samples)) * (flat.T @ flat)
+
+    # ------------------------------------------------------------------ main loop
+    def _precondition(
+        self, batches: list[LayerBatch], factor: float, per_sample_output_grad: Tensor
+    ) -> None:
+        for batch in batches:
+            inputs = augmented_inputs(batch.inputs, batch.has_bias)
+            if self._needs_factor_update(batch.name):
+                input_cov = inputs.T @ inputs / inputs.shape[0]
+                grad_cov = None
+                if self.uses_grad_factor:
+                    if self.fisher in ("mc", "exact") and batch.extra_grads is None:
+                        raise RuntimeError(
+                            f"layer '{batch.name}' received no sampled datapoints this step"
+                        )
+                    grad_cov = self._batch_grad_cov(batch, factor, per_sample_output_grad)
+                self._fold_in(batch.name, input_cov, grad_cov)
+            if self.inverts(self.steps) or batch.name not in self.inverses:
+                self.inverses[batch.name] = self._invert(*self.normalised_factors(batch.name))
+            grad_rows = factor * batch.loss_grads[0].reshape(-1, batch.loss_grads.shape[-1])
+            update = self._apply(self.inverses[batch.name], grad_rows, inputs)
+            if batch.has_bias:
+                batch.write_grad(update[:, :-1], update[:, -1])
+            else:
+                batch.write_grad(update, None)
+
+    def invert_all(self) -> None:
+        """Recompute every layer's inverse from its current factors (e.g. to time it)."""
+        for name in self.input_factors:
+            self.inverses[name] = self._invert(*self.normalised_factors(name))
+
+    def _invert(self, input_cov: Tensor, grad_cov: Tensor | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _apply(self, inverse: dict[str, Any], grad_rows: Tensor, inputs: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            input_factors={k: v.clone() for k, v in self.input_factors.items()},
+            grad_factors={k: v.clone() for k, v in self.grad_factors.items()},
+            ema_weights=dict(self.ema_weights),
+            inverses={
+                name: {k: v.clone() if isinstance(v, Tensor) else v for k, v in inv.items()}
+                for name, inv in self.inverses.items()
+            },
+        )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.input_factors = {k: v.clone() for k, v in state["input_factors"].items()}
+        self.grad_factors = {k: v.clone() for k, v in state["grad_factors"].items()}
+        self.ema_weights = dict(state["ema_weights"])
+        self.inverses = {
+            name: {k: v.clone() if isinstance(v, Tensor) else v for k, v in inv.items()}
+            for name, inv in state["inverses"].items()
+        }
+
+    def _settings(self) -> str:
+        return (
+            f"fisher={self.fisher}, ema_decay={self.ema_decay}, inv_period={self.inv_period}, "
+            f"pre_inversion_steps={self.pre_inversion_steps}, " + super()._settings()
+        )
+
+
+def _heuristic_split(input_cov: Tensor, grad_cov: Tensor, damping: float) -> tuple[float, float]:
+    """``(λ_A, λ_E)`` with ``λ_A λ_E = λ`` and ``λ_A/λ_E = (d_out tr A)/(d_in tr G)`` (eq. 2)."""
+    mean_input = input_cov.diagonal().sum().item() / input_cov.shape[0]
+    mean_grad = grad_cov.diagonal().sum().item() / grad_cov.shape[0]
+    ratio = math.sqrt(mean_input / mean_grad) if mean_input > 0 and mean_grad > 0 else 1.0
+    root = math.sqrt(damping)
+    return root * ratio, root / ratio
+
+
+def _damped_inverse(matrix: Tensor, damping: float) -> Tensor:
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    return damped_solve(matrix, eye, damping)[0]
+
+
+def _eigen(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    values, vectors = torch.linalg.eigh(matrix.to(torch.float64))
+    return values.clamp_min(0).to(matrix.dtype), vectors.to(matrix.dtype)
+
+
+def _sandwich(left: Tensor | None, grad_rows: Tensor, inputs: Tensor, right: Tensor) -> Tensor:
+    """``left^T (Ē^T Ā) right``, as ``(Ē left)^T (Ā right)`` when the rank ``N T`` is small."""
+    rank, d_out, d_in = inputs.shape[0], grad_rows.shape[1], inputs.shape[1]
+    left_cost = 0 if left is None else d_out * d_out
+    low_rank = rank * (left_cost + d_in * d_in + d_out * d_in)
+    dense = rank * d_out * d_in + d_out * d_in * d_in + (0 if left is None else d_out**2 * d_in)
+    if low_rank <= dense:
+        mapped_grads = grad_rows if left is None else grad_rows @ left
+        return mapped_grads.T @ (inputs @ right)
+    gradient = grad_rows.T @ inputs
+    if left is not None:
+        gradient = left.T @ gradient
+    return gradient @ right
+
+
+class KFAC(KroneckerPreconditioner):
+    """Kronecker-factored approximate curvature (seed 001 eq. 2-4, App. D-E).
+
+    Parameters
+    ----------
+    model, likelihood, reduction, unsupported, seed
+        As for :class:`natgrad.NGD`.
+    fisher
+        Datapoints of the second factor: ``"mc"`` (``mc_samples`` sampled labels, default),
+        ``"empirical"``, ``"ief"`` (rows rescaled by ``1/||d l_n / d z_n||``, the iEF matrix;
+        seed 000 sec. 5) or ``"exact"`` (Hessian square-root columns).
+    damping
+        ``λ > 0`` (or a callable of the step): split into ``λ_A, λ_E`` (heuristic) or added to
+        the Kronecker product (correct); ignored for ``damping_mode="none"``.
+    damping_mode
+        ``"heuristic"`` (default), ``"correct"`` or ``"none"``.
+    ema_decay, factor_period, inv_period, pre_inversion_steps
+        ``m``, ``k``, ``T`` and ``S`` of the schedule (module docstring).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str | Likelihood = "categorical",
+        fisher: str = "mc",
+        damping: Damping = 1e-3,
+        damping_mode: str = "heuristic",
+        ema_decay: float = 0.95,
+        factor_period: int = 1,
+        inv_period: int = 1,
+        pre_inversion_steps: int | None = None,
+        mc_samples: int = 1,
+        *,
+        reduction: str = "mean",
+        unsupported: str = "error",
+        seed: int = 0,
+    ) -> None:
+        if damping_mode not in DAMPING_MODES:
+            raise ValueError(
+                f"unknown damping_mode={damping_mode!r}: choose one of {DAMPING_MODES}"
+            )
+        self.damping_mode = damping_mode
+        super().__init__(
+            model,
+            likelihood=likelihood,
+            fisher=fisher,
+            damping=damping,
+            ema_decay=ema_decay,
+            factor_period=factor_period,
+            inv_period=inv_period,
+            pre_inversion_steps=pre_inversion_steps,
+            mc_samples=mc_samples,
+            reduction=reduction,
+            unsupported=unsupported,
+            seed=seed,
+        )
+
+    def _settings(self) -> str:
+        return f"damping_mode={self.damping_mode}, " + super()._settings()
+
+    def _invert(self, input_cov: Tensor, grad_cov: Tensor | None) -> dict[str, Any]:
+        if self.damping_mode == "heuristic":
+            input_damping, grad_damping = _heuristic_split(
+                input_cov, grad_cov, self.current_damping()
+            )
+            return {
+                "input": _damped_inverse(input_cov, input_damping),
+                "grad": _damped_inverse(grad_cov, grad_damping),
+                "input_damping": input_damping,
+                "grad_damping": grad_damping,
+            }
+        input_values, input_vectors = _eigen(input_cov)
+        grad_values, grad_vectors = _eigen(grad_cov)
+        return {
+            "input_values": input_values,
+            "input_vectors": input_vectors,
+            "grad_values": grad_values,
+            "grad_vectors": grad_vectors,
+            "damping": self.current_damping() if self.damping_mode == "correct" else 0.0,
+        }
+
+    def _apply(self, inverse: dict[str, Any], grad_rows: Tensor, inputs: Tensor) -> Tensor:
+        if self.damping_mode == "heuristic":
+            return _sandwich(inverse["grad"], grad_rows, inputs, inverse["input"])
+        input_vectors, grad_vectors = inverse["input_vectors"], inverse["grad_vectors"]
+        rotated = _sandwich(grad_vectors, grad_rows, inputs, input_vectors)
+        eigenvalues = torch.outer(inverse["grad_values"], inverse["input_values"])
+        if self.damping_mode == "correct":
+            scaled = rotated / (eigenvalues + inverse["damping"])
+        else:
+            floor = PSEUDO_INVERSE_RTOL * eigenvalues.max().clamp_min(
+                torch.finfo(rotated.dtype).tiny
+            )
+            scaled = torch.where(eigenvalues > floor, rotated / eigenvalues.clamp_min(floor), 0.0)
+        return grad_vectors @ scaled @ input_vectors.T
+
+
+class FOOF(KroneckerPreconditioner):
+    """First-order optimisation on neurons, FOOF (seed 001 eq. 5-6, Algorithm 1, App. K).
+
+    ``ΔW = ∇W (Σ_A + λ I)^{-1}`` per layer, ``Σ_A`` the normalised EMA of the input covariance.
+    With ``kfac_damping=True`` it is the variant of App. D.8 used in Fig. 3: ``Σ_G`` and the
+    heuristic ``λ_A, λ_E`` are computed as in :class:`KFAC` (with ``fisher`` and
+    ``mc_samples``), and the update is ``∇W (Σ_A + λ_A I)^{-1} / λ_E``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        damping: Damping = 1.0,
+        ema_decay: float = 0.95,
+        inv_period: int = 1,
+        pre_inversion_steps: int | None = None,
+        factor_period: int = 1,
+        *,
+        kfac_damping: bool = False,
+        likelihood: str | Likelihood = "categorical",
+        fisher: str = "mc",
+        mc_samples: int = 1,
+        reduction: str = "mean",
+        unsupported: str = "error",
+        seed: int = 0,
+    ) -> None:
+        self.kfac_damping = bool(kfac_damping)
+        self.uses_grad_factor = self.kfac_damping
+        super().__init__(
+            model,
+            likelihood=likelihood,
+            fisher=fisher,
+            damping=damping,
+            ema_decay=ema_decay,
+            factor_period=factor_period,
+            inv_period=inv_period,
+            pre_inversion_steps=pre_inversion_steps,
+            mc_samples=mc_samples,
+            reduction=reduction,
+            unsupported=unsupported,
+            seed=seed,
+        )
+
+    def _settings(self) -> str:
+        return f"kfac_damping={self.kfac_damping}, " + super()._settings()
+
+    def warm_start(self, inputs: Iterable[Tensor]) -> None:
+        """Fold the input covariances of a few batches into the EMA before training (App. K).
+
+        Runs the model forward (without gradients) on each batch, then computes the inverses.
+        Only the input factor needs no labels, so this is available for plain FOOF.
+        """
+        if self.kfac_damping:
+            raise ValueError(
+                "warm_start() needs labels for the second factor: use kfac_damping=False"
+            )
+        handles = []
+        for name, module in self.selection.layers.items():
+            adapter = self.adapters[name]
+
+            def record(module: nn.Module, args: tuple, name: str = name, adapter=adapter) -> None:
+                rows = adapter.input_rows(module, args[0].detach())
+                augmented = augmented_inputs(rows, adapter.has_bias(module))
+                self._fold_in(name, augmented.T @ augmented / augmented.shape[0], None)
+
+            handles.append(module.register_forward_pre_hook(record))
+        try:
+            with torch.no_grad():
+                for batch_inputs in inputs:
+                    self.model(batch_inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.capture.clear()
+        self.invert_all()
+
+    def _invert(self, input_cov: Tensor, grad_cov: Tensor | None) -> dict[str, Any]:
+        damping = self.current_damping()
+        if not self.kfac_damping:
+            return {"input": _damped_inverse(input_cov, damping), "scale": 1.0}
+        input_damping, grad_damping = _heuristic_split(input_cov, grad_cov, damping)
+        return {
+            "input": _damped_inverse(input_cov, input_damping),
+            "scale": 1.0 / grad_damping,
+            "input_damping": input_damping,
+            "grad_damping": grad_damping,
+        }
+
+    def _apply(self, inverse: dict[str, Any], grad_rows: Tensor, inputs: Tensor) -> Tensor:
+        return inverse["scale"] * _sandwich(None, grad_rows, inputs, inverse["input"])
+
+
+__all__ = ["DAMPING_MODES", "FOOF", "KFAC", "KFAC_FISHERS", "KroneckerPreconditioner"]
