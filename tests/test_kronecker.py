@@ -1,0 +1,341 @@
+"""KFAC and FOOF against explicit Kronecker matrices built from an explicit forward pass."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import natgrad
+from natgrad.likelihoods import get_likelihood
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+TOLERANCE = 1e-8
+
+
+def make_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def linear_io(model: nn.Module, inputs: torch.Tensor):
+    """Inputs and outputs of every Linear, and the logits, by an explicit forward pass."""
+    layer_inputs, layer_outputs, hidden = [], [], inputs
+    for module in model:
+        if isinstance(module, nn.Linear):
+            layer_inputs.append(hidden)
+            hidden = module(hidden)
+            layer_outputs.append(hidden)
+        else:
+            hidden = module(hidden)
+    return layer_inputs, layer_outputs, hidden
+
+
+def explicit_factors(model, inputs, targets, fisher, reduction, vectors=None):
+    """Σ_A and Σ_G of every Linear, one autograd call per datapoint and output coordinate."""
+    num = inputs.shape[0]
+    factor = 1.0 / num if reduction == "mean" else 1.0
+    layer_inputs, _, _ = linear_io(model, inputs)
+    input_covs = []
+    for layer_input in layer_inputs:
+        augmented = torch.cat([layer_input.detach(), torch.ones(num, 1)], dim=1)
+        input_covs.append(augmented.T @ augmented / num)
+    grad_covs = [torch.zeros(m.out_features, m.out_features) for m in model[::2]]
+    for n in range(num):
+        _, outputs, logits = linear_io(model, inputs[n : n + 1])
+        loss = F.cross_entropy(logits, targets[n : n + 1], reduction="sum")
+        if fisher in ("empirical", "ief"):
+            rows = [torch.autograd.grad(loss, outputs, retain_graph=True)]
+            weights = [1.0]
+            if fisher == "ief":
+                logit_grad = torch.autograd.grad(loss, logits, retain_graph=True)[0]
+                weights = [1.0 / logit_grad.pow(2).sum().item()]
+        elif fisher == "mc":
+            rows = [
+                torch.autograd.grad(logits, outputs, grad_outputs=v[n : n + 1], retain_graph=True)
+                for v in vectors
+            ]
+            weights = [1.0 / len(vectors)] * len(vectors)
+        else:
+            probs = torch.softmax(logits.detach()[0], dim=0)
+            hessian = torch.diag(probs) - torch.outer(probs, probs)
+            jacobians = [
+                torch.stack(
+                    [
+                        torch.autograd.grad(logits[0, c], out, retain_graph=True)[0][0]
+                        for c in range(logits.shape[1])
+                    ]
+                )
+                for out in outputs
+            ]
+            for index, jac in enumerate(jacobians):
+                grad_covs[index] += factor * jac.T @ hessian @ jac
+            continue
+        for row, weight in zip(rows, weights, strict=True):
+            for index, e in enumerate(row):
+                grad_covs[index] += factor * weight * torch.outer(e[0], e[0])
+    return input_covs, grad_covs
+
+
+def weight_matrix_grads(model):
+    """``[W, b]`` gradient of every Linear."""
+    return [torch.cat([m.weight.grad, m.bias.grad.unsqueeze(1)], dim=1) for m in model[::2]]
+
+
+def kron_solve(grad_cov, input_cov, gradient, damping_mode, damping):
+    """Dense solve with the Kronecker curvature (row-major vec: G ⊗ A)."""
+    if damping_mode == "heuristic":
+        ratio = math.sqrt(
+            (input_cov.trace() / input_cov.shape[0]) / (grad_cov.trace() / grad_cov.shape[0])
+        )
+        input_damping, grad_damping = math.sqrt(damping) * ratio, math.sqrt(damping) / ratio
+        curvature = torch.kron(
+            grad_cov + grad_damping * torch.eye(grad_cov.shape[0]),
+            input_cov + input_damping * torch.eye(input_cov.shape[0]),
+        )
+        solution = torch.linalg.solve(curvature, gradient.reshape(-1))
+    elif damping_mode == "correct":
+        curvature = torch.kron(grad_cov, input_cov)
+        solution = torch.linalg.solve(
+            curvature + damping * torch.eye(curvature.shape[0]), gradient.reshape(-1)
+        )
+    else:
+        curvature = torch.kron(grad_cov, input_cov)
+        solution = torch.linalg.pinv(curvature, rtol=1e-10, hermitian=True) @ gradient.reshape(-1)
+    return solution.reshape(gradient.shape)
+
+
+def one_step(model, pre, inputs, targets, reduction="mean"):
+    model.zero_grad()
+    logits = model(inputs)
+    loss = F.cross_entropy(logits, targets, reduction=reduction)
+    loss.backward()
+    plain = weight_matrix_grads(model)
+    pre.step(logits)
+    return plain, weight_matrix_grads(model), logits.detach()
+
+
+def relative_error(actual, expected):
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("fisher", ["mc", "empirical", "ief", "exact"])
+@pytest.mark.parametrize("damping_mode", ["heuristic", "correct", "none"])
+def test_kfac_matches_dense_kronecker_solve(damping_mode, fisher, reduction):
+    torch.manual_seed(0)
+    model = make_model()
+    inputs, targets = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    damping, samples, seed = 1e-2, 4, 5
+    pre = natgrad.KFAC(
+        model,
+        fisher=fisher,
+        damping=damping,
+        damping_mode=damping_mode,
+        ema_decay=0.0,
+        mc_samples=samples,
+        reduction=reduction,
+        seed=seed,
+    )
+    plain, actual, logits = one_step(model, pre, inputs, targets, reduction)
+    vectors = None
+    if fisher == "mc":
+        generator = torch.Generator().manual_seed(seed)
+        vectors = get_likelihood("categorical").sampled_output_grads(logits, samples, generator)
+    input_covs, grad_covs = explicit_factors(model, inputs, targets, fisher, reduction, vectors)
+    for layer, (a_cov, g_cov, gradient) in enumerate(
+        zip(input_covs, grad_covs, plain, strict=True)
+    ):
+        natgrad_a, natgrad_g = pre.normalised_factors(str(2 * layer))
+        assert relative_error(natgrad_a, a_cov) <= TOLERANCE
+        assert relative_error(natgrad_g, g_cov) <= TOLERANCE
+        expected = kron_solve(g_cov, a_cov, gradient, damping_mode, damping)
+        assert relative_error(actual[layer], expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("kfac_damping", [False, True])
+def test_foof_matches_equation_6(kfac_damping):
+    torch.manual_seed(1)
+    model = make_model()
+    inputs, targets = torch.randn(9, 4), torch.randint(0, 3, (9,))
+    damping = 0.3
+    pre = natgrad.FOOF(
+        model, damping=damping, ema_decay=0.0, kfac_damping=kfac_damping, fisher="empirical"
+    )
+    plain, actual, _ = one_step(model, pre, inputs, targets)
+    input_covs, grad_covs = explicit_factors(model, inputs, targets, "empirical", "mean")
+    for layer, (a_cov, g_cov, gradient) in enumerate(
+        zip(input_covs, grad_covs, plain, strict=True)
+    ):
+        if kfac_damping:
+            ratio = math.sqrt((a_cov.trace() / a_cov.shape[0]) / (g_cov.trace() / g_cov.shape[0]))
+            input_damping = math.sqrt(damping) * ratio
+            scale = 1 / (math.sqrt(damping) / ratio)
+        else:
+            input_damping, scale = damping, 1.0
+        expected = (
+            scale * gradient @ torch.linalg.inv(a_cov + input_damping * torch.eye(a_cov.shape[0]))
+        )
+        assert relative_error(actual[layer], expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("method", ["foof", "kfac"])
+def test_ema_and_schedule_follow_algorithm_1(method):
+    """Step by step: factors in the S steps before each inversion, inverses every T steps."""
+    torch.manual_seed(2)
+    model = make_model()
+    decay, period, window, damping = 0.9, 3, 2, 0.1
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(8)]
+    if method == "foof":
+        pre = natgrad.FOOF(
+            model, damping=damping, ema_decay=decay, inv_period=period, pre_inversion_steps=window
+        )
+    else:
+        pre = natgrad.KFAC(
+            model,
+            fisher="empirical",
+            damping=damping,
+            ema_decay=decay,
+            inv_period=period,
+            pre_inversion_steps=window,
+        )
+    sums, weight, inverses = None, 0.0, None
+    for step, (inputs, targets) in enumerate(batches):
+        in_window = (step + window) % period < window
+        assert pre.updates_factors(step) == in_window
+        input_covs, grad_covs = explicit_factors(model, inputs, targets, "empirical", "mean")
+        if in_window or sums is None:
+            batch = list(zip(input_covs, grad_covs, strict=True))
+            if sums is None:
+                sums = [((1 - decay) * a, (1 - decay) * g) for a, g in batch]
+                weight = 1 - decay
+            else:
+                sums = [
+                    (decay * sa + (1 - decay) * a, decay * sg + (1 - decay) * g)
+                    for (sa, sg), (a, g) in zip(sums, batch, strict=True)
+                ]
+                weight = decay * weight + (1 - decay)
+        if step % period == 0:
+            inverses = [(sa / weight, sg / weight) for sa, sg in sums]
+        plain, actual, _ = one_step(model, pre, inputs, targets)
+        for layer, ((a_cov, g_cov), gradient) in enumerate(zip(inverses, plain, strict=True)):
+            if method == "foof":
+                expected = gradient @ torch.linalg.inv(a_cov + damping * torch.eye(a_cov.shape[0]))
+            else:
+                expected = kron_solve(g_cov, a_cov, gradient, "heuristic", damping)
+            assert relative_error(actual[layer], expected) <= TOLERANCE, (step, layer)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("fisher", ["empirical", "exact"])
+def test_kfac_factors_agree_with_curvlinops(fisher, reduction):
+    from curvlinops import KFACLinearOperator
+
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, kernel_size=3, stride=2, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(27, 4),
+    )
+    inputs, targets = torch.randn(6, 2, 6, 6), torch.randint(0, 4, (6,))
+    pre = natgrad.KFAC(model, fisher=fisher, ema_decay=0.0, reduction=reduction)
+    one_step_logits = model(inputs)
+    F.cross_entropy(one_step_logits, targets, reduction=reduction).backward()
+    pre.step(one_step_logits)
+    pre.remove()  # natgrad's extra backward passes would also feed curvlinops' hooks
+    operator = KFACLinearOperator(
+        model,
+        nn.CrossEntropyLoss(reduction=reduction),
+        list(model.parameters()),
+        [(inputs, targets)],
+        fisher_type={"empirical": "empirical", "exact": "type-2"}[fisher],
+        separate_weight_and_bias=False,
+        check_deterministic=False,
+    )
+    operator.compute_kronecker_factors()
+    for name in ("0", "3"):
+        input_cov, grad_cov = pre.normalised_factors(name)
+        assert relative_error(input_cov, operator._input_covariances[name]) <= TOLERANCE
+        assert relative_error(grad_cov, operator._gradient_covariances[name]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("method", ["kfac", "foof"])
+def test_state_dict_resumes_bit_identically(method):
+    torch.manual_seed(4)
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(5)]
+
+    def make(model):
+        if method == "kfac":
+            return natgrad.KFAC(model, fisher="mc", inv_period=2, ema_decay=0.5, seed=1)
+        return natgrad.FOOF(model, inv_period=2, ema_decay=0.5)
+
+    model = make_model()
+    pre = make(model)
+    for inputs, targets in batches[:3]:
+        one_step(model, pre, inputs, targets)
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = pre.state_dict()
+    continued = [one_step(model, pre, x, y)[1] for x, y in batches[3:]]
+
+    resumed_model = make_model()
+    resumed_model.load_state_dict(saved_model)
+    resumed = make(resumed_model)
+    resumed.load_state_dict(saved)
+    for (inputs, targets), expected in zip(batches[3:], continued, strict=True):
+        actual = one_step(resumed_model, resumed, inputs, targets)[1]
+        assert all(torch.equal(a, e) for a, e in zip(actual, expected, strict=True))
+
+
+@pytest.mark.parametrize("damping_mode", ["heuristic", "correct", "none"])
+def test_rank_deficient_factors_never_give_nan(damping_mode):
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(30, 40), nn.ReLU(), nn.Linear(40, 3))
+    with torch.no_grad():
+        model[0].bias[:20] = -100.0  # dead units: zero rows and columns in the factors
+    inputs, targets = torch.randn(2, 30), torch.randint(0, 3, (2,))
+    pre = natgrad.KFAC(
+        model, fisher="empirical", damping=1e-12, damping_mode=damping_mode, ema_decay=0.0
+    )
+    _, actual, _ = one_step(model, pre, inputs, targets)
+    assert all(torch.isfinite(update).all() for update in actual)
+
+
+def test_foof_warm_start_averages_inputs():
+    torch.manual_seed(6)
+    model = make_model()
+    warm = [torch.randn(5, 4) for _ in range(3)]
+    pre = natgrad.FOOF(model, ema_decay=0.5)
+    pre.warm_start(warm)
+    augmented = [torch.cat([x, torch.ones(5, 1)], dim=1) for x in warm]
+    covs = [a.T @ a / 5 for a in augmented]
+    weights = [0.5**2 * 0.5, 0.5 * 0.5, 0.5]  # (1 - m) m^(t - i), before normalising
+    expected = sum(w * c for w, c in zip(weights, covs, strict=True)) / sum(weights)
+    assert relative_error(pre.normalised_factors("0")[0], expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"inv_period": 0}, "inv_period must be an integer >= 1"),
+        ({"factor_period": 0}, "factor_period must be an integer >= 1"),
+        ({"inv_period": 2, "pre_inversion_steps": 3}, "must satisfy 1 <= S <= T"),
+        ({"ema_decay": 1.0}, r"ema_decay must lie in \[0, 1\)"),
+        ({"ema_decay": -0.1}, r"ema_decay must lie in \[0, 1\)"),
+        ({"damping_mode": "both"}, "unknown damping_mode"),
+        ({"fisher": "ief_matrix"}, "Kronecker methods take fisher in"),
+        ({"damping": 0.0}, "damping must be positive"),
+    ],
+)
+def test_bad_kfac_settings_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        natgrad.KFAC(make_model(), **kwargs)
+
+
+def test_kfac_unsupported_layer_raises():
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    with pytest.raises(ValueError, match="unsupported='plain_gradient'"):
+        natgrad.KFAC(model)
