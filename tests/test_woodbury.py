@@ -187,3 +187,24 @@ def test_callable_damping_is_evaluated_per_step():
             preconditioner.step(logits)
             results.append(flat_grad(list(model.parameters())))
         assert torch.allclose(results[0], results[1], rtol=1e-12, atol=0), value
+
+
+@pytest.mark.parametrize("fisher", ["ief", "exact"])
+def test_two_backward_passes_add_up_like_grad(fisher):
+    torch.manual_seed(7)
+    model, inputs = make_mlp(3)
+    targets = make_targets("categorical", inputs.shape[0], 3)
+    results = []
+    for split in (False, True):
+        pre = natgrad.NGD(model, fisher=fisher, seed=2)
+        model.zero_grad()
+        logits = model(inputs)
+        if split:
+            (0.25 * F.cross_entropy(logits, targets)).backward(retain_graph=True)
+            (0.75 * F.cross_entropy(logits, targets)).backward()
+        else:
+            F.cross_entropy(logits, targets).backward()
+        pre.step(logits)
+        pre.remove()
+        results.append(flat_grad(list(model.parameters())))
+    assert relative_error(results[1], results[0]) <= 1e-12

@@ -18,6 +18,12 @@ Adapters turn a module's input and output gradient into rows:
 hook on each output that stores its gradient when the loss is back-propagated. A forward hook
 on the model itself watches the model output (the logits) and reports its gradient to the
 preconditioner, at the moment the backward pass reaches it, while the graph below is intact.
+
+Several backward passes through one forward pass add up, as ``.grad`` does; extra datapoints
+(sampled labels, Hessian columns) are back-propagated once, on the first. Those extra passes
+also reach tensor hooks that other libraries placed on the model's activations: remove
+natgrad's hooks (``pre.remove()``) before running another hook-based curvature tool on the
+same model.
 """
 
 from __future__ import annotations
@@ -268,6 +274,9 @@ class Capture:
         def output_hook(grad: Tensor) -> None:
             if self._nested or output is not self.output:
                 return
+            if self.output_grad is not None:  # a further backward pass: gradients add up
+                self.output_grad = self.output_grad + grad.detach()
+                return
             self.output_grad = grad.detach()
             self._on_output_grad(output, grad.detach())
 
@@ -281,8 +290,10 @@ class Capture:
             self.calls[name].append(call)
 
             def grad_hook(grad: Tensor) -> None:
-                if not self._nested:
-                    call.output_grad = grad.detach()
+                if self._nested:
+                    return
+                previous = call.output_grad
+                call.output_grad = grad.detach() if previous is None else previous + grad.detach()
 
             output.register_hook(grad_hook)
 
