@@ -29,6 +29,7 @@ same model.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -238,9 +239,11 @@ class Capture:
         self.calls: dict[str, list[LayerCall]] = {name: [] for name in layers}
         self.output: Tensor | None = None
         self.output_grad: Tensor | None = None
+        self.model_args: tuple = ()
         self._on_output_grad = on_output_grad
         self._in_forward = False
         self._nested = False
+        self._paused = False
         self._handles = [model.register_forward_pre_hook(self._start_forward)]
         for name, module in layers.items():
             self._handles.append(module.register_forward_hook(self._layer_hook(name)))
@@ -260,12 +263,27 @@ class Capture:
             calls.clear()
         self.output = None
         self.output_grad = None
+        self.model_args = ()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Ignore forward passes inside the block (natgrad's own extra passes)."""
+        previous, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = previous
 
     def _start_forward(self, module: nn.Module, args: tuple) -> None:
+        if self._paused:
+            return
         self.clear()
+        self.model_args = args
         self._in_forward = True
 
     def _end_forward(self, module: nn.Module, args: tuple, output: object) -> None:
+        if self._paused:
+            return
         self._in_forward = False
         if not (isinstance(output, Tensor) and output.requires_grad):
             return
@@ -284,7 +302,9 @@ class Capture:
 
     def _layer_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if not (self._in_forward and torch.is_grad_enabled() and output.requires_grad):
+            if self._paused or not (
+                self._in_forward and torch.is_grad_enabled() and output.requires_grad
+            ):
                 return
             call = LayerCall(layer_input=args[0].detach(), output=output)
             self.calls[name].append(call)

@@ -74,6 +74,11 @@ class Likelihood(ABC):
         exact Fisher's ``N K`` datapoints.
         """
 
+    def hessian_vector_product(self, logits: Tensor, vectors: Tensor) -> Tensor:
+        """``H_n v_n`` for every row, ``H_n = d^2 l_n / d z_n^2``, as ``S_n (S_n^T v_n)``."""
+        columns = self.hessian_sqrt(logits)
+        return torch.einsum("knc,kn->nc", columns, torch.einsum("knc,nc->kn", columns, vectors))
+
     def check_output_grad(self, logits: Tensor, output_grad: Tensor, reduction: str) -> None:
         """Raise if ``output_grad`` cannot be ``c * d l / d z`` of this likelihood.
 
