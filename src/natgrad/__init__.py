@@ -1,6 +1,6 @@
 """natgrad: natural-gradient optimisation and Fisher-approximation analysis for PyTorch."""
 
-from natgrad import capture, datapoints, likelihoods, linalg
+from natgrad import capture, datapoints, fisher_vector, likelihoods, linalg
 from natgrad.linalg import NumericalWarning
 from natgrad.precond import (
     EF,
@@ -8,6 +8,7 @@ from natgrad.precond import (
     IEF,
     KFAC,
     NGD,
+    FishLeg,
     NonFiniteWarning,
     Preconditioner,
     TENGraD,
@@ -21,12 +22,14 @@ __all__ = [
     "IEF",
     "KFAC",
     "NGD",
+    "FishLeg",
     "NonFiniteWarning",
     "NumericalWarning",
     "Preconditioner",
     "TENGraD",
     "capture",
     "datapoints",
+    "fisher_vector",
     "likelihoods",
     "linalg",
 ]

@@ -1,6 +1,7 @@
 """Preconditioners: one class per curvature structure, sharing :class:`Preconditioner`."""
 
 from natgrad.precond.base import NonFiniteWarning, Preconditioner
+from natgrad.precond.fishleg import FishLeg
 from natgrad.precond.kronecker import FOOF, KFAC
 from natgrad.precond.woodbury import EF, IEF, NGD, STRUCTURES, TENGraD
 
@@ -11,6 +12,7 @@ __all__ = [
     "KFAC",
     "NGD",
     "STRUCTURES",
+    "FishLeg",
     "NonFiniteWarning",
     "Preconditioner",
     "TENGraD",

@@ -1,0 +1,320 @@
+"""FishLeg: a learned inverse Fisher (seed 003, sec. 4, Algorithm 1, App. A.5-A.7).
+
+FishLeg keeps auxiliary parameters ``λ`` of a positive semi-definite block-diagonal matrix
+``Q(λ)`` and learns them online so that ``Q(λ) ≈ (F + γI)^{-1}`` on the directions the
+gradient explores. Per preconditioned layer with weight matrix ``W`` (``d_out x d_in``, bias as
+an extra input column, Conv2d kernels flattened):
+
+* ``q_structure="kron"`` (App. A.5, eq. 53): ``Q_l = (R_l R_l^T) ⊗ (L_l L_l^T)`` with
+  lower-triangular ``R_l`` (input side) and ``L_l`` (output side), applied as
+  ``ΔW = L L^T G R R^T`` without forming ``Q``;
+* ``q_structure="diag"`` (App. A.6): ``Q_l = diag(q ⊙ q)``, one entry per weight.
+
+Each step (DESIGN.md gives the statement in clean notation):
+
+1. ``ḡ ← β ḡ + (1 - β) g`` (momentum on the gradient; ``ḡ = g`` at the first step), or, with
+   ``momentum_on="update"`` (sec. 4.4, used for the seed's wall-clock results), momentum on
+   ``Q g``, which keeps the low-rank structure of each layer's ``g``;
+2. every ``aux_period`` steps the auxiliary step: ``u = ḡ / ||ḡ||``, ``v = Q(λ) u``,
+   ``h = (F + γI) v`` with ``v`` detached, the surrogate ``v · (h - u)`` with ``h - u``
+   detached, back-propagated into ``λ`` and an Adam step (learning rate ``α``). Its gradient is
+   that of ``A(λ) = ½ vᵀ(F + γI)v - uᵀv`` (eq. 20-21), minimal at ``Q = (F + γI)^{-1}`` on the
+   explored directions. ``F v`` is the exact Fisher-vector product of the batch
+   (:mod:`natgrad.fisher_vector`): the expectation over model-sampled labels of the
+   Hessian-vector product that Algorithm 1 estimates with one sample;
+3. ``p.grad ← Q(λ) ḡ``, so an SGD step with learning rate ``η`` applies ``θ ← θ - η Q ḡ``
+   (eq. 17). Use SGD without momentum: FishLeg applies its own.
+
+``Q`` starts at ``init_scale · I`` with ``init_scale = η_SGDm / η`` (sec. 4.4), so FishLeg starts
+as SGD with momentum at learning rate ``η_SGDm``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from natgrad.fisher_vector import fisher_vector_product
+from natgrad.likelihoods import Likelihood
+from natgrad.precond.base import LayerBatch, NonFiniteWarning, Preconditioner, check_damping
+from natgrad.precond.kronecker import augmented_inputs
+
+Q_STRUCTURES = ("kron", "diag")
+MOMENTUM_TARGETS = ("gradient", "update")
+
+
+class FishLeg(Preconditioner):
+    """FishLeg preconditioner (seed 003).
+
+    Parameters
+    ----------
+    model, likelihood, reduction, unsupported, seed
+        As for :class:`natgrad.NGD`.
+    damping
+        ``γ > 0`` of ``(F + γI)^{-1}``.
+    aux_lr
+        ``α > 0``, the Adam learning rate of the auxiliary parameters.
+    aux_period
+        ``k >= 1``: an auxiliary step every ``k`` steps.
+    momentum
+        ``β`` in ``[0, 1)``.
+    init_scale
+        ``η_SGDm / η``: ``Q`` starts at ``init_scale · I``.
+    q_structure
+        ``"kron"`` (default) or ``"diag"``.
+    momentum_on
+        ``"gradient"`` (Algorithm 1, line 16; default) or ``"update"`` (momentum on ``Q g``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str | Likelihood = "categorical",
+        damping: float = 1e-3,
+        aux_lr: float = 1e-3,
+        aux_period: int = 10,
+        momentum: float = 0.9,
+        init_scale: float = 1.0,
+        q_structure: str = "kron",
+        *,
+        momentum_on: str = "gradient",
+        reduction: str = "mean",
+        unsupported: str = "error",
+        seed: int = 0,
+    ) -> None:
+        if callable(damping):
+            raise TypeError("FishLeg's damping γ must be a positive float")
+        self.aux_lr = check_damping(aux_lr, "aux_lr")
+        if isinstance(aux_period, bool) or not isinstance(aux_period, int) or aux_period < 1:
+            raise ValueError(f"aux_period must be an integer >= 1, got {aux_period!r}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
+        self.init_scale = check_damping(init_scale, "init_scale")
+        if q_structure not in Q_STRUCTURES:
+            raise ValueError(f"unknown q_structure={q_structure!r}: choose one of {Q_STRUCTURES}")
+        if momentum_on not in MOMENTUM_TARGETS:
+            raise ValueError(
+                f"unknown momentum_on={momentum_on!r}: choose one of {MOMENTUM_TARGETS}"
+            )
+        self.aux_period = aux_period
+        self.momentum = float(momentum)
+        self.q_structure = q_structure
+        self.momentum_on = momentum_on
+        super().__init__(
+            model,
+            likelihood=likelihood,
+            reduction=reduction,
+            damping=damping,
+            unsupported=unsupported,
+            seed=seed,
+        )
+        self.aux_params = self._init_aux_params()
+        self.aux_optimizer = torch.optim.Adam(
+            [p for pair in self.aux_params.values() for p in pair], lr=self.aux_lr
+        )
+        self.momentum_buffers: dict[str, Tensor] = {}
+        self.aux_losses: list[float] = []
+        self._aux_args: tuple | None = None
+
+    # ------------------------------------------------------------------ Q(λ)
+    def _has_bias(self, name: str) -> bool:
+        return self.adapters[name].has_bias(self.selection.layers[name])
+
+    def _init_aux_params(self) -> dict[str, tuple[nn.Parameter, ...]]:
+        params: dict[str, tuple[nn.Parameter, ...]] = {}
+        for name, module in self.selection.layers.items():
+            d_out, d_in = module.weight.shape[0], module.weight[0].numel() + self._has_bias(name)
+            options = {"dtype": module.weight.dtype, "device": module.weight.device}
+            if self.q_structure == "kron":
+                root = self.init_scale**0.25
+                params[name] = (
+                    nn.Parameter(root * torch.eye(d_out, **options)),
+                    nn.Parameter(root * torch.eye(d_in, **options)),
+                )
+            else:
+                params[name] = (
+                    nn.Parameter(math.sqrt(self.init_scale) * torch.ones(d_out, d_in, **options)),
+                )
+        return params
+
+    def apply_q(self, name: str, matrix: Tensor) -> Tensor:
+        """``Q_l`` applied to a layer-shaped ``(d_out, d_in [+1])`` matrix (differentiable in λ)."""
+        if self.q_structure == "diag":
+            (scale,) = self.aux_params[name]
+            return scale * scale * matrix
+        left, right = (torch.tril(p) for p in self.aux_params[name])
+        return left @ ((left.T @ matrix @ right) @ right.T)
+
+    def _apply_q_low_rank(self, name: str, grad_rows: Tensor, inputs: Tensor) -> Tensor:
+        """``Q_l (Ē^T Ā)`` as ``(Ē L L^T)^T (Ā R R^T)``: cost ``~N T d^2`` instead of ``d^3``."""
+        if self.q_structure == "diag":
+            return self.apply_q(name, grad_rows.T @ inputs)
+        left, right = (torch.tril(p.detach()) for p in self.aux_params[name])
+        return ((grad_rows @ left) @ left.T).T @ ((inputs @ right) @ right.T)
+
+    def dense_q(self, name: str) -> Tensor:
+        """The dense block ``Q_l`` for the row-major flattening of the ``(d_out, d_in)`` matrix."""
+        with torch.no_grad():
+            if self.q_structure == "diag":
+                (scale,) = self.aux_params[name]
+                return torch.diag((scale * scale).reshape(-1))
+            left, right = (torch.tril(p) for p in self.aux_params[name])
+            return torch.kron(left @ left.T, right @ right.T)
+
+    # ------------------------------------------------------------------ steps
+    def step(self, logits: Tensor, aux_args: tuple | None = None) -> None:
+        """As :meth:`Preconditioner.step`; ``aux_args`` are model inputs for the auxiliary
+        Fisher-vector product (default: the inputs of the current forward pass)."""
+        self._aux_args = aux_args
+        try:
+            super().step(logits)
+        finally:
+            self._aux_args = None
+
+    def _precondition(
+        self, batches: list[LayerBatch], factor: float, per_sample_output_grad: Tensor
+    ) -> None:
+        gradients, rows = {}, {}
+        for batch in batches:
+            grad_rows = factor * batch.loss_grads[0].reshape(-1, batch.loss_grads.shape[-1])
+            inputs = augmented_inputs(batch.inputs, batch.has_bias)
+            rows[batch.name] = (grad_rows, inputs)
+            gradients[batch.name] = grad_rows.T @ inputs
+        if self.momentum_on == "gradient":
+            for name, gradient in gradients.items():
+                previous = self.momentum_buffers.get(name)
+                self.momentum_buffers[name] = (
+                    gradient.clone()
+                    if previous is None
+                    else self.momentum * previous + (1 - self.momentum) * gradient
+                )
+            probe = {name: self.momentum_buffers[name] for name in gradients}
+        else:
+            probe = gradients
+        if self.steps % self.aux_period == 0:
+            self._auxiliary_step(probe, batches)
+        for batch in batches:
+            with torch.no_grad():
+                if self.momentum_on == "gradient":
+                    update = self.apply_q(batch.name, self.momentum_buffers[batch.name])
+                else:
+                    fresh = self._apply_q_low_rank(batch.name, *rows[batch.name])
+                    previous = self.momentum_buffers.get(batch.name)
+                    update = (
+                        fresh
+                        if previous is None
+                        else self.momentum * previous + (1 - self.momentum) * fresh
+                    )
+                    self.momentum_buffers[batch.name] = update
+            if batch.has_bias:
+                batch.write_grad(update[:, :-1], update[:, -1])
+            else:
+                batch.write_grad(update, None)
+
+    def auxiliary_loss(
+        self, probe: dict[str, Tensor], model_args: tuple
+    ) -> tuple[Tensor, float] | None:
+        """The surrogate ``v · (h - u)`` (differentiable in λ) and the value of ``A(λ)``.
+
+        ``probe`` holds one layer-shaped matrix per layer (the direction ``ḡ``); ``None`` is
+        returned if the direction is zero or the Fisher-vector product is not finite.
+        """
+        norm = torch.sqrt(sum(p.pow(2).sum() for p in probe.values()))
+        if not norm > 0:
+            return None
+        directions = {name: p / norm for name, p in probe.items()}
+        products = {name: self.apply_q(name, u) for name, u in directions.items()}
+        params, blocks = {}, []
+        for name, product in products.items():
+            module = self.selection.layers[name]
+            prefix = f"{name}." if name else ""
+            d_weight = module.weight[0].numel()
+            params[prefix + "weight"] = module.weight
+            blocks.append(product[:, :d_weight].detach().reshape(module.weight.shape))
+            if self._has_bias(name):
+                params[prefix + "bias"] = module.bias
+                blocks.append(product[:, d_weight].detach())
+        with self.capture.paused():
+            fisher_blocks = fisher_vector_product(
+                self.model, model_args, params, blocks, self.likelihood, self.reduction
+            )
+        fisher_products, position = {}, 0
+        for name, product in products.items():
+            weight_part = fisher_blocks[position].reshape(product.shape[0], -1)
+            position += 1
+            if self._has_bias(name):
+                weight_part = torch.cat([weight_part, fisher_blocks[position].unsqueeze(1)], 1)
+                position += 1
+            fisher_products[name] = weight_part + self.damping * product.detach()
+        if not all(bool(torch.isfinite(h).all()) for h in fisher_products.values()):
+            return None
+        surrogate = sum(
+            (products[n] * (fisher_products[n] - directions[n]).detach()).sum() for n in products
+        )
+        value = sum(
+            (0.5 * products[n].detach() * fisher_products[n]).sum()
+            - (directions[n] * products[n].detach()).sum()
+            for n in products
+        )
+        return surrogate, float(value)
+
+    def _auxiliary_step(self, probe: dict[str, Tensor], batches: list[LayerBatch]) -> None:
+        model_args = self._aux_args if self._aux_args is not None else self.capture.model_args
+        result = self.auxiliary_loss(probe, model_args)
+        if result is None:
+            warnings.warn(
+                "FishLeg skipped an auxiliary step: the gradient is zero or the Fisher-vector "
+                "product is not finite; the auxiliary parameters are unchanged",
+                NonFiniteWarning,
+                stacklevel=4,
+            )
+            return
+        surrogate, value = result
+        self.aux_optimizer.zero_grad()
+        surrogate.backward()
+        grads = [p.grad for pair in self.aux_params.values() for p in pair]
+        if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+            warnings.warn(
+                "FishLeg skipped an auxiliary step with non-finite gradients",
+                NonFiniteWarning,
+                stacklevel=4,
+            )
+            return
+        self.aux_optimizer.step()
+        self.aux_losses.append(value)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            aux_params={
+                name: [p.detach().clone() for p in pair] for name, pair in self.aux_params.items()
+            },
+            aux_optimizer=copy.deepcopy(self.aux_optimizer.state_dict()),
+            momentum_buffers={k: v.clone() for k, v in self.momentum_buffers.items()},
+        )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        with torch.no_grad():
+            for name, pair in self.aux_params.items():
+                for param, saved in zip(pair, state["aux_params"][name], strict=True):
+                    param.copy_(saved)
+        self.aux_optimizer.load_state_dict(state["aux_optimizer"])
+        self.momentum_buffers = {k: v.clone() for k, v in state["momentum_buffers"].items()}
+
+    def _settings(self) -> str:
+        return (
+            f"q_structure={self.q_structure}, aux_period={self.aux_period}, "
+            f"aux_lr={self.aux_lr}, momentum={self.momentum} on {self.momentum_on}, "
+            + super()._settings()
+        )
+
+
+__all__ = ["MOMENTUM_TARGETS", "Q_STRUCTURES", "FishLeg"]

@@ -1,0 +1,221 @@
+"""FishLeg (seed 003) against dense float64 computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import natgrad
+from natgrad.precond import fishleg
+from oracle import dense_batch
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+def make_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+
+def randomise(pre: natgrad.FishLeg) -> None:
+    with torch.no_grad():
+        for pair in pre.aux_params.values():
+            for param in pair:
+                param.copy_(torch.randn_like(param) + 2 * torch.eye(*param.shape))
+
+
+def matrix_order(model: nn.Module) -> torch.Tensor:
+    """Indices that reorder the flat parameter vector into row-major ``[W | b]`` blocks."""
+    order, offset = [], 0
+    for module in model:
+        if not isinstance(module, nn.Linear):
+            continue
+        d_out, d_in = module.weight.shape
+        for row in range(d_out):
+            order += [offset + row * d_in + i for i in range(d_in)]
+            order.append(offset + d_out * d_in + row)
+        offset += d_out * (d_in + 1)
+    return torch.tensor(order)
+
+
+def forward_backward(model, pre, inputs, targets):
+    model.zero_grad()
+    logits = model(inputs)
+    F.cross_entropy(logits, targets).backward()
+    pre.step(logits)
+
+
+@pytest.mark.parametrize("q_structure", ["kron", "diag"])
+def test_q_product_equals_dense_q(q_structure):
+    torch.manual_seed(0)
+    pre = natgrad.FishLeg(make_model(), q_structure=q_structure)
+    randomise(pre)
+    for name in pre.aux_params:
+        d_out = pre.selection.layers[name].weight.shape[0]
+        d_in = pre.selection.layers[name].weight.shape[1] + 1
+        matrix = torch.randn(d_out, d_in)
+        expected = pre.dense_q(name) @ matrix.reshape(-1)
+        assert torch.allclose(pre.apply_q(name, matrix).reshape(-1), expected, rtol=1e-12)
+        rows, inputs = torch.randn(5, d_out), torch.randn(5, d_in)
+        low_rank = pre._apply_q_low_rank(name, rows, inputs)
+        assert torch.allclose(low_rank, pre.apply_q(name, rows.T @ inputs), rtol=1e-12)
+
+
+@pytest.mark.parametrize("q_structure", ["kron", "diag"])
+def test_q_stays_positive_definite(q_structure):
+    torch.manual_seed(1)
+    model = make_model()
+    pre = natgrad.FishLeg(model, q_structure=q_structure, aux_period=1, aux_lr=0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(30):
+        opt.zero_grad()
+        forward_backward(model, pre, torch.randn(8, 3), torch.randint(0, 2, (8,)))
+        opt.step()
+    for name in pre.aux_params:
+        assert torch.linalg.eigvalsh(pre.dense_q(name)).min() > 0
+
+
+@pytest.mark.parametrize("q_structure", ["kron", "diag"])
+def test_surrogate_gradient_equals_dense_auxiliary_gradient(q_structure):
+    torch.manual_seed(2)
+    model = make_model()
+    inputs, targets = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    damping = 0.1
+    pre = natgrad.FishLeg(model, damping=damping, q_structure=q_structure)
+    randomise(pre)
+    probe = {
+        name: torch.randn(m.weight.shape[0], m.weight.shape[1] + 1)
+        for name, m in pre.selection.layers.items()
+    }
+    surrogate, value = pre.auxiliary_loss(probe, (inputs,))
+    surrogate.backward()
+    actual = [p.grad.clone() for pair in pre.aux_params.values() for p in pair]
+
+    order = matrix_order(model)
+    fisher = dense_batch(model, inputs, targets, "categorical", "mean").exact_fisher()
+    fisher = fisher[order][:, order]
+    direction = torch.cat([p.reshape(-1) for p in probe.values()])
+    direction = direction / direction.norm()
+    leaves = [
+        p.detach().clone().requires_grad_(True) for pair in pre.aux_params.values() for p in pair
+    ]
+    blocks = []
+    for index in range(len(pre.aux_params)):
+        if q_structure == "kron":
+            left, right = torch.tril(leaves[2 * index]), torch.tril(leaves[2 * index + 1])
+            blocks.append(torch.kron(left @ left.T, right @ right.T))
+        else:
+            blocks.append(torch.diag((leaves[index] ** 2).reshape(-1)))
+    v = torch.block_diag(*blocks) @ direction
+    objective = 0.5 * v @ (fisher + damping * torch.eye(len(v))) @ v - direction @ v
+    expected = torch.autograd.grad(objective, leaves)
+    for a, e in zip(actual, expected, strict=True):
+        assert torch.allclose(a, e, rtol=1e-9, atol=1e-12)
+    assert value == pytest.approx(objective.item(), rel=1e-10)
+
+
+def test_auxiliary_steps_learn_the_inverse_fisher_of_linear_gaussian_regression():
+    """Fixed θ: repeated auxiliary steps drive Q u to (F + γI)^{-1} u (seed 003 App. A.9)."""
+    torch.manual_seed(3)
+    model = nn.Linear(3, 2)
+    inputs = torch.randn(50, 3)
+    targets = inputs @ torch.randn(3, 2) + 0.5 * torch.randn(50, 2)
+    likelihood = natgrad.likelihoods.Gaussian(variance=1.0)
+    damping = 0.1
+    pre = natgrad.FishLeg(
+        model,
+        likelihood,
+        damping=damping,
+        aux_lr=0.02,
+        aux_period=1,
+        momentum=0.0,
+        reduction="sum",
+    )
+    for _ in range(1500):
+        model.zero_grad()
+        logits = model(inputs)
+        (0.5 * (logits - targets).pow(2).sum()).backward()
+        pre.step(logits)
+    gradient = torch.cat([model.weight.grad, model.bias.grad.unsqueeze(1)], dim=1).reshape(-1)
+
+    model.zero_grad()
+    (0.5 * (model(inputs) - targets).pow(2).sum()).backward()
+    plain = torch.cat([model.weight.grad, model.bias.grad.unsqueeze(1)], dim=1).reshape(-1)
+    order = matrix_order(nn.Sequential(model))
+    fisher = dense_batch(
+        nn.Sequential(model), inputs, targets, "gaussian", "sum", variance=1.0
+    ).exact_fisher()[order][:, order]
+    expected = torch.linalg.solve(fisher + damping * torch.eye(len(plain)), plain)
+    assert ((gradient - expected).norm() / expected.norm()).item() < 0.05
+    losses = torch.tensor(pre.aux_losses)
+    assert losses[-100:].mean() < losses[:100].mean()
+    assert (losses[1:] <= losses[:-1] + 1e-9).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("momentum_on", ["gradient", "update"])
+def test_state_dict_resumes_bit_identically(momentum_on):
+    torch.manual_seed(4)
+    batches = [(torch.randn(8, 3), torch.randint(0, 2, (8,))) for _ in range(5)]
+
+    def run(model, pre, batch_list):
+        updates = []
+        for inputs, targets in batch_list:
+            forward_backward(model, pre, inputs, targets)
+            updates.append([p.grad.clone() for p in model.parameters()])
+        return updates
+
+    model = make_model()
+    pre = natgrad.FishLeg(model, aux_period=2, aux_lr=0.01, momentum_on=momentum_on)
+    run(model, pre, batches[:3])
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = pre.state_dict()
+    expected = run(model, pre, batches[3:])
+    resumed_model = make_model()
+    resumed_model.load_state_dict(saved_model)
+    resumed = natgrad.FishLeg(resumed_model, aux_period=2, aux_lr=0.01, momentum_on=momentum_on)
+    resumed.load_state_dict(saved)
+    actual = run(resumed_model, resumed, batches[3:])
+    for step_a, step_e in zip(actual, expected, strict=True):
+        assert all(torch.equal(a, e) for a, e in zip(step_a, step_e, strict=True))
+
+
+def test_non_finite_fisher_product_skips_auxiliary_step(monkeypatch):
+    torch.manual_seed(5)
+    model = make_model()
+    pre = natgrad.FishLeg(model, aux_period=1)
+    before = [p.detach().clone() for pair in pre.aux_params.values() for p in pair]
+
+    def broken(*args, **kwargs):
+        return [torch.full_like(p, float("nan")) for p in args[2].values()]
+
+    monkeypatch.setattr(fishleg, "fisher_vector_product", broken)
+    with pytest.warns(natgrad.NonFiniteWarning, match="skipped an auxiliary step"):
+        forward_backward(model, pre, torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    after = [p.detach() for pair in pre.aux_params.values() for p in pair]
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"aux_period": 0}, "aux_period must be an integer >= 1"),
+        ({"damping": 0.0}, "damping must be positive"),
+        ({"damping": -1.0}, "damping must be positive"),
+        ({"aux_lr": 0.0}, "aux_lr must be positive"),
+        ({"momentum": 1.0}, r"momentum must lie in \[0, 1\)"),
+        ({"q_structure": "full"}, "unknown q_structure"),
+        ({"momentum_on": "both"}, "unknown momentum_on"),
+        ({"init_scale": 0.0}, "init_scale must be positive"),
+    ],
+)
+def test_bad_fishleg_settings_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        natgrad.FishLeg(make_model(), **kwargs)
+
+
+def test_fishleg_unsupported_layer_raises():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="BatchNorm1d"):
+        natgrad.FishLeg(model)
