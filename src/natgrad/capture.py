@@ -72,6 +72,18 @@ class LayerAdapter:
         bias_grad = module.bias.grad if self.has_bias(module) else None
         return weight.grad.reshape(weight.shape[0], -1), bias_grad
 
+    def grad_buffer(self, module: nn.Module) -> Tensor | None:
+        """The existing weight ``.grad`` as a ``(d_out, d_in)`` view to overwrite in place.
+
+        Writing into the gradient autograd just allocated saves a fresh allocation (and its
+        page faults) per step; ``None`` when there is no usable gradient tensor.
+        """
+        weight = module.weight
+        grad = weight.grad
+        if grad is None or grad.dtype != weight.dtype or not grad.is_contiguous():
+            return None
+        return grad.view(weight.shape[0], -1)
+
     def write_grad(self, module: nn.Module, weight_grad: Tensor, bias_grad: Tensor | None) -> None:
         """Set ``.grad`` of weight (and bias) from a weight matrix and a bias vector."""
         module.weight.grad = weight_grad.reshape(module.weight.shape).to(module.weight.dtype)

@@ -130,16 +130,20 @@ def jvp(inputs: Tensor, output_grads: Tensor, weight: Tensor, bias: Tensor | Non
 
 
 def jtu(
-    inputs: Tensor, output_grads: Tensor, coefficients: Tensor, has_bias: bool
+    inputs: Tensor,
+    output_grads: Tensor,
+    coefficients: Tensor,
+    has_bias: bool,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``J^T u = sum_{k,n} u_{kn} g_{kn}`` as ``(weight (d_out, d_in), bias or None)``.
 
     Computed as ``E_u^T A`` with ``E_u = sum_k u_k ⊙ E_k`` (seed 004 eq. 43): one GEMM the size
-    of autograd's own weight gradient.
+    of autograd's own weight gradient, written into ``out`` if given.
     """
     combined = torch.einsum("kn,knto->nto", coefficients, output_grads)
     flat_grads = combined.reshape(-1, combined.shape[-1])
-    weight = flat_grads.T @ inputs.reshape(-1, inputs.shape[-1])
+    weight = torch.mm(flat_grads.T, inputs.reshape(-1, inputs.shape[-1]), out=out)
     bias = flat_grads.sum(dim=0) if has_bias else None
     return weight, bias
 
@@ -172,14 +176,14 @@ def damped_solve(
         raise ValueError(f"damping must be positive, got {damping}")
     if not (torch.isfinite(matrix).all() and torch.isfinite(rhs).all()):
         raise FloatingPointError("the curvature system contains NaN or Inf")
-    work = matrix.to(torch.float64)
-    work = (work + work.T) / 2
+    work = matrix.to(torch.float64)  # symmetric: both factorisations read one triangle
     target = rhs.to(torch.float64)
     vector = target.dim() == 1
     if vector:
         target = target.unsqueeze(1)
-    eye = torch.eye(work.shape[0], dtype=work.dtype, device=work.device)
-    factor, info = torch.linalg.cholesky_ex(work + damping * eye)
+    factor, info = torch.linalg.cholesky_ex(
+        work + torch.diag(work.new_full((work.shape[0],), damping))
+    )
     solution = torch.cholesky_solve(target, factor) if int(info) == 0 else None
     report = SolveReport("cholesky", damping)
     if solution is None or not torch.isfinite(solution).all():

@@ -71,6 +71,10 @@ class LayerBatch:
     extra_grads: Tensor | None
     has_bias: bool
 
+    def grad_buffer(self) -> Tensor | None:
+        """The weight's existing ``.grad`` as a matrix view, to be overwritten in place."""
+        return self.adapter.grad_buffer(self.module)
+
     def write_grad(self, weight_grad: Tensor, bias_grad: Tensor | None) -> None:
         """Store a layer-shaped direction in the parameters' ``.grad``."""
         self.adapter.write_grad(self.module, weight_grad, bias_grad)
@@ -106,6 +110,7 @@ class Preconditioner:
         self.skipped_steps = 0
         self.last_solve: SolveReport | None = None
         self._extra_grads: dict[str, list[Tensor | None]] | None = None
+        self._grad_buffers: dict[str, Tensor] = {}
         self.capture = Capture(model, self.selection.layers, self._on_output_grad)
 
     # ------------------------------------------------------------------ hooks
@@ -144,6 +149,13 @@ class Preconditioner:
             )
         plain = list(self.selection.plain.values())
         grads = torch.autograd.grad(loss, outputs + plain, allow_unused=True)
+        for name, module in self.selection.layers.items():
+            if module.weight.grad is None:
+                # step() writes the direction into this buffer, reused from step to step
+                buffer = self._grad_buffers.get(name)
+                if buffer is None or buffer.shape != module.weight.shape:
+                    buffer = self._grad_buffers[name] = torch.empty_like(module.weight)
+                module.weight.grad = buffer
         calls = [call for calls in self.capture.calls.values() for call in calls]
         for call, grad in zip(calls, grads[: len(outputs)], strict=True):
             call.output_grad = None if grad is None else grad.detach()
@@ -242,8 +254,8 @@ class Preconditioner:
             if not calls or any(call.output_grad is None for call in calls):
                 continue  # the layer did not take part in this loss: its .grad stays as is
             adapter = self.adapters[name]
-            inputs = torch.cat([adapter.input_rows(module, c.layer_input) for c in calls], dim=1)
-            loss_grads = torch.cat(
+            inputs = _concat([adapter.input_rows(module, c.layer_input) for c in calls], dim=1)
+            loss_grads = _concat(
                 [adapter.output_rows(module, c.output_grad, lead=0) for c in calls], dim=1
             )
             if inputs.shape[0] != num_datapoints or loss_grads.shape[0] != num_datapoints:
@@ -257,7 +269,7 @@ class Preconditioner:
                 parts = self._extra_grads[name]
                 if any(part is None for part in parts):
                     continue
-                extra = torch.cat([adapter.output_rows(module, p, lead=1) for p in parts], dim=2)
+                extra = _concat([adapter.output_rows(module, p, lead=1) for p in parts], dim=2)
             batches.append(
                 LayerBatch(
                     name=name,
@@ -278,12 +290,14 @@ class Preconditioner:
 
     @staticmethod
     def _all_finite(output_grad: Tensor, batches: list[LayerBatch]) -> bool:
+        """Whether every captured value is finite, by one sum per tensor (NaN and Inf
+        propagate into a sum; a sum overflowing float range also counts as non-finite)."""
         tensors = [output_grad]
         for batch in batches:
             tensors += [batch.inputs, batch.loss_grads]
             if batch.extra_grads is not None:
                 tensors.append(batch.extra_grads)
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
+        return bool(torch.isfinite(torch.stack([t.sum() for t in tensors])).all())
 
     def _skip_step(self, reason: str) -> None:
         """Zero every trainable gradient of the model so no NaN reaches the weights."""
@@ -300,6 +314,11 @@ class Preconditioner:
             NonFiniteWarning,
             stacklevel=3,
         )
+
+
+def _concat(tensors: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat`` without the copy when there is a single tensor (one call of the layer)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
 __all__ = ["Damping", "LayerBatch", "NonFiniteWarning", "Preconditioner", "check_damping"]

@@ -144,7 +144,15 @@ class NGD(Preconditioner):
             solution, self.last_solve = damped_solve(curvature, math.sqrt(factor) * target, damping)
             coefficients = (row_scale * solution).unsqueeze(0)
             for batch, curvature_rows in zip(group, rows, strict=True):
-                batch.write_grad(*jtu(batch.inputs, curvature_rows, coefficients, batch.has_bias))
+                batch.write_grad(
+                    *jtu(
+                        batch.inputs,
+                        curvature_rows,
+                        coefficients,
+                        batch.has_bias,
+                        out=batch.grad_buffer(),
+                    )
+                )
             return
         ones = torch.ones(group[0].inputs.shape[0], dtype=curvature.dtype)
         projected_grad = sum(
@@ -156,7 +164,9 @@ class NGD(Preconditioner):
         coefficients = torch.cat([(factor / damping) * ones.unsqueeze(0), extra_coefficients])
         for batch, extra in zip(group, rows, strict=True):
             stacked = torch.cat([batch.loss_grads, extra])
-            batch.write_grad(*jtu(batch.inputs, stacked, coefficients, batch.has_bias))
+            batch.write_grad(
+                *jtu(batch.inputs, stacked, coefficients, batch.has_bias, out=batch.grad_buffer())
+            )
 
 
 def _curvature_rows(batch: LayerBatch, multipliers: Tensor | None) -> Tensor:
