@@ -58,7 +58,7 @@ def test_q_product_equals_dense_q(q_structure):
         expected = pre.dense_q(name) @ matrix.reshape(-1)
         assert torch.allclose(pre.apply_q(name, matrix).reshape(-1), expected, rtol=1e-12)
         rows, inputs = torch.randn(5, d_out), torch.randn(5, d_in)
-        low_rank = pre._apply_q_low_rank(name, rows, inputs)
+        low_rank = pre.apply_q_low_rank(name, rows, inputs)
         assert torch.allclose(low_rank, pre.apply_q(name, rows.T @ inputs), rtol=1e-12)
 
 
@@ -219,3 +219,25 @@ def test_fishleg_unsupported_layer_raises():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="BatchNorm1d"):
         natgrad.FishLeg(model)
+
+
+@pytest.mark.parametrize("q_structure", ["kron", "diag"])
+def test_low_rank_probe_gives_the_dense_auxiliary_loss(q_structure):
+    torch.manual_seed(6)
+    model = make_model()
+    inputs = torch.randn(5, 3)
+    pre = natgrad.FishLeg(model, q_structure=q_structure)
+    randomise(pre)
+    rows = {
+        name: (torch.randn(5, m.weight.shape[0]), torch.randn(5, m.weight.shape[1] + 1))
+        for name, m in pre.selection.layers.items()
+    }
+    results = []
+    for probe in (rows, {name: e.T @ a for name, (e, a) in rows.items()}):
+        pre.aux_optimizer.zero_grad()
+        surrogate, value = pre.auxiliary_loss(probe, (inputs,))
+        surrogate.backward()
+        results.append((value, [p.grad.clone() for pair in pre.aux_params.values() for p in pair]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
+    for low_rank, dense in zip(results[0][1], results[1][1], strict=True):
+        assert torch.allclose(low_rank, dense, rtol=1e-10, atol=1e-13)

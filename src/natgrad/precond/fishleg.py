@@ -115,7 +115,7 @@ class FishLeg(Preconditioner):
         )
         self.aux_params = self._init_aux_params()
         self.aux_optimizer = torch.optim.Adam(
-            [p for pair in self.aux_params.values() for p in pair], lr=self.aux_lr
+            [p for pair in self.aux_params.values() for p in pair], lr=self.aux_lr, fused=True
         )
         self.momentum_buffers: dict[str, Tensor] = {}
         self.aux_losses: list[float] = []
@@ -147,14 +147,23 @@ class FishLeg(Preconditioner):
         if self.q_structure == "diag":
             (scale,) = self.aux_params[name]
             return scale * scale * matrix
-        left, right = (torch.tril(p) for p in self.aux_params[name])
+        left, right = self._triangular_factors(name)
         return left @ ((left.T @ matrix @ right) @ right.T)
 
-    def _apply_q_low_rank(self, name: str, grad_rows: Tensor, inputs: Tensor) -> Tensor:
-        """``Q_l (Ē^T Ā)`` as ``(Ē L L^T)^T (Ā R R^T)``: cost ``~N T d^2`` instead of ``d^3``."""
+    def _triangular_factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(L_l, R_l)``. Under autograd the upper triangles are masked out, so their
+        gradients are zero and Adam leaves them at their initial zeros; without autograd the
+        parameters are therefore used as they are, saving two copies per layer and step."""
+        if torch.is_grad_enabled():
+            return tuple(torch.tril(p) for p in self.aux_params[name])
+        return tuple(p.detach() for p in self.aux_params[name])
+
+    def apply_q_low_rank(self, name: str, grad_rows: Tensor, inputs: Tensor) -> Tensor:
+        """``Q_l (Ē^T Ā)`` as ``(Ē L L^T)^T (Ā R R^T)``: cost ``~N T d^2`` instead of ``d^3``
+        (seed 003 App. A.7); differentiable in λ."""
         if self.q_structure == "diag":
             return self.apply_q(name, grad_rows.T @ inputs)
-        left, right = (torch.tril(p.detach()) for p in self.aux_params[name])
+        left, right = self._triangular_factors(name)
         return ((grad_rows @ left) @ left.T).T @ ((inputs @ right) @ right.T)
 
     def dense_q(self, name: str) -> Tensor:
@@ -179,31 +188,29 @@ class FishLeg(Preconditioner):
     def _precondition(
         self, batches: list[LayerBatch], factor: float, per_sample_output_grad: Tensor
     ) -> None:
-        gradients, rows = {}, {}
+        rows = {}
         for batch in batches:
             grad_rows = factor * batch.loss_grads[0].reshape(-1, batch.loss_grads.shape[-1])
-            inputs = augmented_inputs(batch.inputs, batch.has_bias)
-            rows[batch.name] = (grad_rows, inputs)
-            gradients[batch.name] = grad_rows.T @ inputs
+            rows[batch.name] = (grad_rows, augmented_inputs(batch.inputs, batch.has_bias))
+        probe: dict[str, Tensor | tuple[Tensor, Tensor]] = dict(rows)
         if self.momentum_on == "gradient":
-            for name, gradient in gradients.items():
+            for name, (grad_rows, inputs) in rows.items():
+                gradient = grad_rows.T @ inputs
                 previous = self.momentum_buffers.get(name)
                 self.momentum_buffers[name] = (
-                    gradient.clone()
+                    gradient
                     if previous is None
                     else self.momentum * previous + (1 - self.momentum) * gradient
                 )
-            probe = {name: self.momentum_buffers[name] for name in gradients}
-        else:
-            probe = gradients
+            probe = {name: self.momentum_buffers[name] for name in rows}
         if self.steps % self.aux_period == 0:
-            self._auxiliary_step(probe, batches)
+            self._auxiliary_step(probe)
         for batch in batches:
             with torch.no_grad():
                 if self.momentum_on == "gradient":
                     update = self.apply_q(batch.name, self.momentum_buffers[batch.name])
                 else:
-                    fresh = self._apply_q_low_rank(batch.name, *rows[batch.name])
+                    fresh = self.apply_q_low_rank(batch.name, *rows[batch.name])
                     previous = self.momentum_buffers.get(batch.name)
                     update = (
                         fresh
@@ -217,18 +224,30 @@ class FishLeg(Preconditioner):
                 batch.write_grad(update, None)
 
     def auxiliary_loss(
-        self, probe: dict[str, Tensor], model_args: tuple
+        self, probe: dict[str, Tensor | tuple[Tensor, Tensor]], model_args: tuple
     ) -> tuple[Tensor, float] | None:
         """The surrogate ``v · (h - u)`` (differentiable in λ) and the value of ``A(λ)``.
 
-        ``probe`` holds one layer-shaped matrix per layer (the direction ``ḡ``); ``None`` is
-        returned if the direction is zero or the Fisher-vector product is not finite.
+        ``probe`` holds, per layer, the direction ``ḡ`` as a layer-shaped matrix, or as its
+        low-rank rows ``(Ē, Ā)`` with ``ḡ = Ē^T Ā`` (then ``Q u`` costs ``~N d^2``, not
+        ``d^3``). ``None`` is returned if the direction is zero or the Fisher-vector product is
+        not finite.
         """
-        norm = torch.sqrt(sum(p.pow(2).sum() for p in probe.values()))
+        squared_norms = [
+            p.pow(2).sum() if isinstance(p, Tensor) else ((p[0] @ p[0].T) * (p[1] @ p[1].T)).sum()
+            for p in probe.values()
+        ]
+        norm = torch.sqrt(sum(squared_norms))
         if not norm > 0:
             return None
-        directions = {name: p / norm for name, p in probe.items()}
-        products = {name: self.apply_q(name, u) for name, u in directions.items()}
+        directions, products = {}, {}
+        for name, p in probe.items():
+            if isinstance(p, Tensor):
+                directions[name] = p / norm
+                products[name] = self.apply_q(name, directions[name])
+            else:
+                directions[name] = (p[0].T @ p[1]) / norm
+                products[name] = self.apply_q_low_rank(name, p[0] / norm, p[1])
         params, blocks = {}, []
         for name, product in products.items():
             module = self.selection.layers[name]
@@ -251,7 +270,7 @@ class FishLeg(Preconditioner):
                 weight_part = torch.cat([weight_part, fisher_blocks[position].unsqueeze(1)], 1)
                 position += 1
             fisher_products[name] = weight_part + self.damping * product.detach()
-        if not all(bool(torch.isfinite(h).all()) for h in fisher_products.values()):
+        if not bool(torch.isfinite(torch.stack([h.sum() for h in fisher_products.values()])).all()):
             return None
         surrogate = sum(
             (products[n] * (fisher_products[n] - directions[n]).detach()).sum() for n in products
@@ -263,7 +282,7 @@ class FishLeg(Preconditioner):
         )
         return surrogate, float(value)
 
-    def _auxiliary_step(self, probe: dict[str, Tensor], batches: list[LayerBatch]) -> None:
+    def _auxiliary_step(self, probe: dict[str, Tensor | tuple[Tensor, Tensor]]) -> None:
         model_args = self._aux_args if self._aux_args is not None else self.capture.model_args
         result = self.auxiliary_loss(probe, model_args)
         if result is None:
@@ -277,8 +296,10 @@ class FishLeg(Preconditioner):
         surrogate, value = result
         self.aux_optimizer.zero_grad()
         surrogate.backward()
-        grads = [p.grad for pair in self.aux_params.values() for p in pair]
-        if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+        sums = [
+            p.grad.sum() for pair in self.aux_params.values() for p in pair if p.grad is not None
+        ]
+        if not bool(torch.isfinite(torch.stack(sums)).all()):
             warnings.warn(
                 "FishLeg skipped an auxiliary step with non-finite gradients",
                 NonFiniteWarning,
@@ -305,7 +326,7 @@ class FishLeg(Preconditioner):
         with torch.no_grad():
             for name, pair in self.aux_params.items():
                 for param, saved in zip(pair, state["aux_params"][name], strict=True):
-                    param.copy_(saved)
+                    param.copy_(saved if self.q_structure == "diag" else torch.tril(saved))
         self.aux_optimizer.load_state_dict(state["aux_optimizer"])
         self.momentum_buffers = {k: v.clone() for k, v in state["momentum_buffers"].items()}
 
