@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from natgrad.datapoints import check_fisher, output_vectors, row_multipliers, row_weight
 from natgrad.likelihoods import Likelihood
-from natgrad.linalg import damped_solve
+from natgrad.linalg import damped_inverse
 from natgrad.precond.base import Damping, LayerBatch, Preconditioner
 
 DAMPING_MODES = ("heuristic", "correct", "none")
@@ -266,11 +266,6 @@ def _heuristic_split(input_cov: Tensor, grad_cov: Tensor, damping: float) -> tup
     return root * ratio, root / ratio
 
 
-def _damped_inverse(matrix: Tensor, damping: float) -> Tensor:
-    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    return damped_solve(matrix, eye, damping)[0]
-
-
 def _eigen(matrix: Tensor) -> tuple[Tensor, Tensor]:
     values, vectors = torch.linalg.eigh(matrix.to(torch.float64))
     return values.clamp_min(0).to(matrix.dtype), vectors.to(matrix.dtype)
@@ -357,8 +352,8 @@ class KFAC(KroneckerPreconditioner):
                 input_cov, grad_cov, self.current_damping()
             )
             return {
-                "input": _damped_inverse(input_cov, input_damping),
-                "grad": _damped_inverse(grad_cov, grad_damping),
+                "input": damped_inverse(input_cov, input_damping)[0],
+                "grad": damped_inverse(grad_cov, grad_damping)[0],
                 "input_damping": input_damping,
                 "grad_damping": grad_damping,
             }
@@ -467,10 +462,10 @@ class FOOF(KroneckerPreconditioner):
     def _invert(self, input_cov: Tensor, grad_cov: Tensor | None) -> dict[str, Any]:
         damping = self.current_damping()
         if not self.kfac_damping:
-            return {"input": _damped_inverse(input_cov, damping), "scale": 1.0}
+            return {"input": damped_inverse(input_cov, damping)[0], "scale": 1.0}
         input_damping, grad_damping = _heuristic_split(input_cov, grad_cov, damping)
         return {
-            "input": _damped_inverse(input_cov, input_damping),
+            "input": damped_inverse(input_cov, input_damping)[0],
             "scale": 1.0 / grad_damping,
             "input_damping": input_damping,
             "grad_damping": grad_damping,
