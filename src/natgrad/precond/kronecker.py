@@ -209,11 +209,15 @@ class KroneckerPreconditioner(Preconditioner):
             if self.inverts(self.steps) or batch.name not in self.inverses:
                 self.inverses[batch.name] = self._invert(*self.normalised_factors(batch.name))
             grad_rows = factor * batch.loss_grads[0].reshape(-1, batch.loss_grads.shape[-1])
-            update = self._apply(self.inverses[batch.name], grad_rows, inputs)
-            if batch.has_bias:
-                batch.write_grad(update[:, :-1], update[:, -1])
-            else:
-                batch.write_grad(update, None)
+            batch.write_grad(
+                *self._apply(
+                    self.inverses[batch.name],
+                    grad_rows,
+                    inputs,
+                    batch.has_bias,
+                    batch.grad_buffer(),
+                )
+            )
 
     def invert_all(self) -> None:
         """Recompute every layer's inverse from its current factors (e.g. to time it)."""
@@ -223,7 +227,15 @@ class KroneckerPreconditioner(Preconditioner):
     def _invert(self, input_cov: Tensor, grad_cov: Tensor | None) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _apply(self, inverse: dict[str, Any], grad_rows: Tensor, inputs: Tensor) -> Tensor:
+    def _apply(
+        self,
+        inverse: dict[str, Any],
+        grad_rows: Tensor,
+        inputs: Tensor,
+        has_bias: bool,
+        out: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The update as ``(weight (d_out, d_in), bias or None)``, the weight into ``out``."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ state
@@ -274,16 +286,44 @@ def _eigen(matrix: Tensor) -> tuple[Tensor, Tensor]:
 def _sandwich(left: Tensor | None, grad_rows: Tensor, inputs: Tensor, right: Tensor) -> Tensor:
     """``left^T (Ē^T Ā) right``, as ``(Ē left)^T (Ā right)`` when the rank ``N T`` is small."""
     rank, d_out, d_in = inputs.shape[0], grad_rows.shape[1], inputs.shape[1]
-    left_cost = 0 if left is None else d_out * d_out
-    low_rank = rank * (left_cost + d_in * d_in + d_out * d_in)
-    dense = rank * d_out * d_in + d_out * d_in * d_in + (0 if left is None else d_out**2 * d_in)
-    if low_rank <= dense:
+    if _low_rank_is_cheaper(rank, d_out, d_in, left is not None):
         mapped_grads = grad_rows if left is None else grad_rows @ left
         return mapped_grads.T @ (inputs @ right)
     gradient = grad_rows.T @ inputs
     if left is not None:
         gradient = left.T @ gradient
     return gradient @ right
+
+
+def _low_rank_is_cheaper(rank: int, d_out: int, d_in: int, two_sided: bool) -> bool:
+    left_cost = d_out * d_out if two_sided else 0
+    low_rank = rank * (left_cost + d_in * d_in + d_out * d_in)
+    dense = rank * d_out * d_in + d_out * d_in * d_in + (d_out**2 * d_in if two_sided else 0)
+    return low_rank <= dense
+
+
+def _split_sandwich(
+    left: Tensor | None,
+    grad_rows: Tensor,
+    inputs: Tensor,
+    right: Tensor,
+    has_bias: bool,
+    out: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`_sandwich` split into weight and bias parts, the weight written into ``out``.
+
+    In the low-rank form the two parts are separate products, so the weight lands in the
+    existing ``.grad`` without an intermediate ``d_out x d_in`` copy.
+    """
+    rank, d_out, d_in = inputs.shape[0], grad_rows.shape[1], inputs.shape[1]
+    d_weight = d_in - int(has_bias)
+    if _low_rank_is_cheaper(rank, d_out, d_in, left is not None):
+        mapped_grads = (grad_rows if left is None else grad_rows @ left).T
+        mapped_inputs = inputs @ right
+        weight = torch.mm(mapped_grads, mapped_inputs[:, :d_weight], out=out)
+        return weight, (mapped_grads @ mapped_inputs[:, d_weight]) if has_bias else None
+    full = _sandwich(left, grad_rows, inputs, right)
+    return full[:, :d_weight], (full[:, d_weight] if has_bias else None)
 
 
 class KFAC(KroneckerPreconditioner):
@@ -367,9 +407,18 @@ class KFAC(KroneckerPreconditioner):
             "damping": self.current_damping() if self.damping_mode == "correct" else 0.0,
         }
 
-    def _apply(self, inverse: dict[str, Any], grad_rows: Tensor, inputs: Tensor) -> Tensor:
+    def _apply(
+        self,
+        inverse: dict[str, Any],
+        grad_rows: Tensor,
+        inputs: Tensor,
+        has_bias: bool,
+        out: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None]:
         if self.damping_mode == "heuristic":
-            return _sandwich(inverse["grad"], grad_rows, inputs, inverse["input"])
+            return _split_sandwich(
+                inverse["grad"], grad_rows, inputs, inverse["input"], has_bias, out
+            )
         input_vectors, grad_vectors = inverse["input_vectors"], inverse["grad_vectors"]
         rotated = _sandwich(grad_vectors, grad_rows, inputs, input_vectors)
         eigenvalues = torch.outer(inverse["grad_values"], inverse["input_values"])
@@ -380,7 +429,9 @@ class KFAC(KroneckerPreconditioner):
                 torch.finfo(rotated.dtype).tiny
             )
             scaled = torch.where(eigenvalues > floor, rotated / eigenvalues.clamp_min(floor), 0.0)
-        return grad_vectors @ scaled @ input_vectors.T
+        update = grad_vectors @ scaled @ input_vectors.T
+        d_weight = update.shape[1] - int(has_bias)
+        return update[:, :d_weight], (update[:, d_weight] if has_bias else None)
 
 
 class FOOF(KroneckerPreconditioner):
@@ -471,8 +522,16 @@ class FOOF(KroneckerPreconditioner):
             "grad_damping": grad_damping,
         }
 
-    def _apply(self, inverse: dict[str, Any], grad_rows: Tensor, inputs: Tensor) -> Tensor:
-        return inverse["scale"] * _sandwich(None, grad_rows, inputs, inverse["input"])
+    def _apply(
+        self,
+        inverse: dict[str, Any],
+        grad_rows: Tensor,
+        inputs: Tensor,
+        has_bias: bool,
+        out: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        scaled_rows = grad_rows if inverse["scale"] == 1.0 else inverse["scale"] * grad_rows
+        return _split_sandwich(None, scaled_rows, inputs, inverse["input"], has_bias, out)
 
 
 __all__ = ["DAMPING_MODES", "FOOF", "KFAC", "KFAC_FISHERS", "KroneckerPreconditioner"]
