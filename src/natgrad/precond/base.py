@@ -120,6 +120,8 @@ class Preconditioner:
 
     def _on_output_grad(self, output: Tensor, grad: Tensor) -> None:
         self._extra_grads = None
+        if not bool(torch.isfinite(output.detach().sum())):
+            return  # step() skips this batch; no labels can be sampled from NaN logits
         vectors = self._extra_output_vectors(output.detach())
         if vectors is not None:
             self._extra_grads = self.capture.backprop_to_layers(vectors)
