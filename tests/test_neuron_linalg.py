@@ -1,0 +1,90 @@
+"""natgrad.linalg against explicit per-datapoint gradients built by loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from natgrad.linalg import (
+    _materialised_cost,
+    _pairwise_cost,
+    gram,
+    jtu,
+    jvp,
+    per_datapoint_grads,
+)
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+def explicit_grads(inputs, output_grads, has_bias):
+    """g_kn = sum_t outer(e_knt, a_nt), bias sum_t e_knt, flattened, one row per (k, n)."""
+    rows = []
+    for k in range(output_grads.shape[0]):
+        for n in range(inputs.shape[0]):
+            weight = sum(
+                torch.outer(output_grads[k, n, t], inputs[n, t]) for t in range(inputs.shape[1])
+            )
+            row = [weight.reshape(-1)]
+            if has_bias:
+                row.append(output_grads[k, n].sum(dim=0))
+            rows.append(torch.cat(row))
+    return torch.stack(rows)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    num=st.integers(1, 4),
+    positions=st.integers(1, 5),
+    d_in=st.integers(1, 6),
+    d_out=st.integers(1, 6),
+    k_a=st.integers(1, 3),
+    k_b=st.integers(1, 3),
+    has_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_gram_jvp_jtu_match_explicit_gradients(
+    num, positions, d_in, d_out, k_a, k_b, has_bias, seed
+):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(num, positions, d_in, generator=generator)
+    grads_a = torch.randn(k_a, num, positions, d_out, generator=generator)
+    grads_b = torch.randn(k_b, num, positions, d_out, generator=generator)
+    rows_a = explicit_grads(inputs, grads_a, has_bias)
+    rows_b = explicit_grads(inputs, grads_b, has_bias)
+    assert torch.allclose(per_datapoint_grads(inputs, grads_a, has_bias), rows_a, rtol=1e-12)
+    assert torch.allclose(gram(inputs, grads_a, has_bias=has_bias), rows_a @ rows_a.T, rtol=1e-10)
+    cross = gram(inputs, grads_a, grads_b, has_bias=has_bias)
+    assert torch.allclose(cross, rows_a @ rows_b.T, rtol=1e-10, atol=1e-12)
+
+    weight = torch.randn(d_out, d_in, generator=generator)
+    bias = torch.randn(d_out, generator=generator) if has_bias else None
+    vector = torch.cat([weight.reshape(-1)] + ([bias] if has_bias else []))
+    products = jvp(inputs, grads_a, weight, bias).reshape(-1)
+    assert torch.allclose(products, rows_a @ vector, rtol=1e-10, atol=1e-12)
+
+    coefficients = torch.randn(k_a, num, generator=generator)
+    weight_part, bias_part = jtu(inputs, grads_a, coefficients, has_bias)
+    expected = rows_a.T @ coefficients.reshape(-1)
+    assert torch.allclose(weight_part.reshape(-1), expected[: d_out * d_in], rtol=1e-10, atol=1e-12)
+    if has_bias:
+        assert torch.allclose(bias_part, expected[d_out * d_in :], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("positions", "d_in", "d_out", "branch"),
+    [(2, 30, 30, "pairwise"), (40, 2, 2, "materialised")],
+)
+def test_both_weight_sharing_gram_branches(positions, d_in, d_out, branch):
+    num, k_a, k_b = 3, 2, 1
+    pairwise = _pairwise_cost(num, positions, d_in, d_out, k_a, k_b)
+    materialised = _materialised_cost(num, positions, d_in, d_out, k_a, k_b)
+    assert (pairwise <= materialised) == (branch == "pairwise")
+    torch.manual_seed(0)
+    inputs = torch.randn(num, positions, d_in)
+    grads_a = torch.randn(k_a, num, positions, d_out)
+    grads_b = torch.randn(k_b, num, positions, d_out)
+    expected = explicit_grads(inputs, grads_a, True) @ explicit_grads(inputs, grads_b, True).T
+    assert torch.allclose(gram(inputs, grads_a, grads_b, has_bias=True), expected, rtol=1e-10)
