@@ -1,6 +1,6 @@
 """natgrad: natural-gradient optimisation and Fisher-approximation analysis for PyTorch."""
 
-from natgrad import capture, datapoints, fisher_vector, likelihoods, linalg
+from natgrad import analysis, capture, datapoints, fisher_vector, likelihoods, linalg
 from natgrad.linalg import NumericalWarning
 from natgrad.precond import (
     EF,
@@ -27,6 +27,7 @@ __all__ = [
     "NumericalWarning",
     "Preconditioner",
     "TENGraD",
+    "analysis",
     "capture",
     "datapoints",
     "fisher_vector",

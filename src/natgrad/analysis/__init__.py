@@ -1,0 +1,23 @@
+"""Measurements of Fisher approximations: γ indicator, cosines, imbalance, 2-D vector fields."""
+
+from natgrad.analysis.compare import MethodFactory, compare_updates, method_update
+from natgrad.analysis.quality import (
+    BatchFisher,
+    cosine_similarity,
+    gamma,
+    gradient_norm_imbalance,
+    natural_gradient_cg,
+    per_sample_gradient_norms,
+)
+
+__all__ = [
+    "BatchFisher",
+    "MethodFactory",
+    "compare_updates",
+    "cosine_similarity",
+    "gamma",
+    "gradient_norm_imbalance",
+    "method_update",
+    "natural_gradient_cg",
+    "per_sample_gradient_norms",
+]
