@@ -8,6 +8,7 @@ from natgrad.analysis.quality import (
     gradient_norm_imbalance,
     natural_gradient_cg,
     per_sample_gradient_norms,
+    per_sample_gradients,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "method_update",
     "natural_gradient_cg",
     "per_sample_gradient_norms",
+    "per_sample_gradients",
 ]

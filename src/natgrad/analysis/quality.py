@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from natgrad.fisher_vector import fisher_vector_product, flatten
 from natgrad.likelihoods import Likelihood, check_reduction, get_likelihood
-from natgrad.linalg import gram
+from natgrad.linalg import gram, per_datapoint_grads
 from natgrad.precond.base import LayerBatch, Preconditioner
 
 
@@ -157,9 +157,46 @@ class _GradientRecorder(Preconditioner):
     def _precondition(
         self, batches: list[LayerBatch], factor: float, per_sample_output_grad: Tensor
     ) -> None:
+        self.batches = batches
         self.norms_sq = sum(
             gram(b.inputs, b.loss_grads, has_bias=b.has_bias).diagonal() for b in batches
         )
+
+
+def _record(
+    model: nn.Module,
+    inputs: Tensor,
+    loss_fn: Callable[[Tensor], Tensor],
+    likelihood: str | Likelihood,
+    reduction: str,
+) -> _GradientRecorder:
+    recorder = _GradientRecorder(model, likelihood=likelihood, reduction=reduction)
+    try:
+        logits = model(inputs)
+        loss_fn(logits).backward()
+        recorder.step(logits)
+    finally:
+        recorder.remove()
+    return recorder
+
+
+def per_sample_gradients(
+    model: nn.Module,
+    inputs: Tensor,
+    loss_fn: Callable[[Tensor], Tensor],
+    likelihood: str | Likelihood = "categorical",
+    reduction: str = "mean",
+) -> Tensor:
+    """The ``(N, P)`` matrix of per-datapoint gradients ``∇l_n`` (no reduction factor).
+
+    Materialised from the neuron view, in the order of ``model.parameters()``; for small
+    models and analyses (the preconditioners never form it).
+    """
+    recorder = _record(model, inputs, loss_fn, likelihood, reduction)
+    return torch.cat(
+        [per_datapoint_grads(b.inputs, b.loss_grads, b.has_bias) for b in recorder.batches],
+        dim=1,
+    )
 
 
 def per_sample_gradient_norms(
@@ -175,13 +212,7 @@ def per_sample_gradient_norms(
     gradients. ``loss_fn(logits)`` computes the batch loss. The model's ``.grad`` is left as
     ``loss.backward()`` leaves it.
     """
-    recorder = _GradientRecorder(model, likelihood=likelihood, reduction=reduction)
-    try:
-        logits = model(inputs)
-        loss_fn(logits).backward()
-        recorder.step(logits)
-    finally:
-        recorder.remove()
+    recorder = _record(model, inputs, loss_fn, likelihood, reduction)
     return recorder.norms_sq.clamp_min(0).sqrt()
 
 
@@ -200,4 +231,5 @@ __all__ = [
     "gradient_norm_imbalance",
     "natural_gradient_cg",
     "per_sample_gradient_norms",
+    "per_sample_gradients",
 ]

@@ -20,6 +20,11 @@ space:
   where ``J̃ ∇L`` is a cross-Gram of the curvature rows with the true-label rows, so ``∇L`` is
   never formed either.
 
+When the datapoints outnumber the parameters of a solve (``K N > P``, small models such as
+the two-parameter problems of seed 002) the same damped system is solved in parameter space
+instead, with the ``P x P`` matrix built from the materialised datapoint gradients: cheaper,
+and better conditioned at tiny damping.
+
 ``structure="full"`` solves one system over all layers (``J̃ J̃^T`` summed over layers);
 ``structure="layer"`` solves one per layer (block-diagonal NGD; TENGraD, seed 004 eq. 39-43).
 Each layer's direction is then a single product ``E_u^T A`` (see :func:`natgrad.linalg.jtu`).
@@ -41,7 +46,7 @@ from natgrad.datapoints import (
     target_coefficients,
 )
 from natgrad.likelihoods import Likelihood
-from natgrad.linalg import damped_solve, gram, input_gram, jtu
+from natgrad.linalg import damped_solve, gram, input_gram, jtu, per_datapoint_grads
 from natgrad.precond.base import Damping, LayerBatch, Preconditioner
 
 STRUCTURES = ("full", "layer")
@@ -135,6 +140,9 @@ class NGD(Preconditioner):
         if multipliers is not None:
             multipliers = multipliers.reshape(1, -1, 1, 1)
         rows = [_curvature_rows(b, multipliers) for b in group]
+        if rows[0].shape[0] * rows[0].shape[1] > sum(_num_params(b) for b in group):
+            self._solve_in_parameter_space(group, rows, row_scale, factor, per_sample_output_grad)
+            return
         curvature = sum(
             gram(b.inputs, e, has_bias=b.has_bias, inputs_gram=g)
             for b, e, g in zip(group, rows, input_grams, strict=True)
@@ -167,6 +175,54 @@ class NGD(Preconditioner):
             batch.write_grad(
                 *jtu(batch.inputs, stacked, coefficients, batch.has_bias, out=batch.grad_buffer())
             )
+
+    def _solve_in_parameter_space(
+        self,
+        group: list[LayerBatch],
+        rows: list[Tensor],
+        row_scale: float,
+        factor: float,
+        per_sample_output_grad: Tensor,
+    ) -> None:
+        """The same damped system with the ``P x P`` curvature, when ``K N > P``.
+
+        Small models (few parameters, many datapoints) are cheaper and better conditioned this
+        way: the Woodbury form divides by ``λ`` after a subtraction that loses digits when the
+        ``K N`` datapoints span far fewer than ``K N`` directions.
+        """
+        jacobian = row_scale * torch.cat(
+            [
+                per_datapoint_grads(b.inputs, e, b.has_bias)
+                for b, e in zip(group, rows, strict=True)
+            ],
+            dim=1,
+        )
+        if needs_extra_backprop(self.fisher):
+            true_rows = torch.cat(
+                [per_datapoint_grads(b.inputs, b.loss_grads, b.has_bias) for b in group], dim=1
+            )
+            rhs = factor * true_rows.sum(dim=0)
+        else:
+            target = target_coefficients(self.fisher, per_sample_output_grad)
+            rhs = jacobian.T @ (math.sqrt(factor) * target)
+        direction, self.last_solve = damped_solve(
+            jacobian.T @ jacobian, rhs, self.current_damping()
+        )
+        offset = 0
+        for batch in group:
+            d_out, d_in = batch.loss_grads.shape[-1], batch.inputs.shape[-1]
+            weight = direction[offset : offset + d_out * d_in].reshape(d_out, d_in)
+            offset += d_out * d_in
+            bias = None
+            if batch.has_bias:
+                bias = direction[offset : offset + d_out]
+                offset += d_out
+            batch.write_grad(weight, bias)
+
+
+def _num_params(batch: LayerBatch) -> int:
+    d_out, d_in = batch.loss_grads.shape[-1], batch.inputs.shape[-1]
+    return d_out * (d_in + int(batch.has_bias))
 
 
 def _curvature_rows(batch: LayerBatch, multipliers: Tensor | None) -> Tensor:
