@@ -1,26 +1,56 @@
 """Step time and peak memory of every natgrad method, as ratios to a plain SGD step.
 
-Workload: the MLP 784-1000-1000-1000-10 (ReLU, float32) on random data, batch sizes 32 and 100,
-cross-entropy with mean reduction, ``torch.set_num_threads(2)``.
+Purpose
+-------
+Check natgrad's cost goals on one fixed workload: the MLP 784-1000-1000-1000-10 (ReLU,
+float32) on random data (``x ~ randn``, labels uniform in 0..9), cross-entropy with mean
+reduction, ``torch.set_num_threads(2)``, batch sizes 32 and 100.
 
-Each method runs in its own process (so the memory figures do not mix), and in that process
-the method's step and a ``torch.optim.SGD`` (momentum 0.9) step on an identical model are timed
-alternately, so the ratio compares two measurements taken under the same conditions. A step
-is ``zero_grad``, forward, loss, backward (or ``pre.backward`` for the ``-fused`` variants),
-``pre.step`` and ``opt.step``; the figure is the median wall-clock time (``perf_counter``).
+Run ``python benchmarks/step_time.py`` (about 10-15 minutes on 2 cores). Options:
+``--methods`` (default: all), ``--batch-sizes`` (default ``32 100``), ``--steps`` (timed steps,
+default 30), ``--warmup`` (default 5) and ``--json PATH`` to write the rows. The script is a
+benchmark, not a test: it prints the table and checks nothing.
 
-Peak memory: before any step the process records ``ru_maxrss`` (the high-water mark of its
-resident memory); it then runs the method alone for a few steps and reports the increase of
-that high-water mark. The ``sgd`` process does the same for SGD, and the memory ratio divides
-the two increases. For KFAC and FOOF the time of one inversion of all factors is also
-reported (``inversion ms``), separately from the step time.
+Methods
+-------
+``sgd`` (plain SGD, the reference); ``ef``, ``ief``, ``mc`` (``F(1)``, one sampled label per
+datapoint) and ``exact`` (exact Fisher), all ``natgrad.NGD`` with ``structure="full"``;
+``tengrad`` (block-diagonal EF); ``kfac-T*`` / ``foof-T*`` (inversion period T) and
+``fishleg-k*`` (auxiliary period k). A ``-fused`` suffix uses ``pre.backward(loss)`` (autograd
+stops at the layer outputs) instead of ``loss.backward()``.
 
-Run ``python benchmarks/step_time.py`` (about 10 minutes on 2 cores), or choose with
-``--methods``, ``--batch-sizes`` and ``--steps``; ``--json PATH`` writes the rows.
+Time
+----
+Each method runs in its own subprocess (this script with a hidden ``--worker`` flag), so that
+neither the timings nor the memory figures of one method leak into another's. A step is
+``zero_grad``, forward, loss, backward (or ``pre.backward``), ``pre.step`` and ``opt.step``
+with ``torch.optim.SGD(lr=1e-4, momentum=0.9)`` (FishLeg applies its own momentum, so its
+optimiser has none). In the worker, after the memory phase below, the method's step and a plain
+SGD step on an identical copy of the model are timed alternately (SGD, method, SGD, ...), so
+the ratio compares two measurements taken under the same conditions (the same process, the
+same load from whatever else runs on the machine). The figures are medians of wall-clock
+``time.perf_counter`` per step, in ms. Run it on an otherwise idle machine: with two OpenMP
+threads, another busy process can make any step several times slower (a thread waits at a
+barrier for one that is descheduled), which the alternation does not fully cancel; the header
+prints the load average before and after the run.
 
-Goals (issues 2-4): EF, iEF and F(1) (full) <= 1.3x SGD; TENGraD <= 1.3x; exact Fisher
-<= 6x; KFAC T=100 <= 1.8x; FOOF T=100 <= 1.4x and cheaper than KFAC at every T; FishLeg with
-auxiliary period 10 <= 2x; peak memory of every method <= 1.5x SGD's.
+Peak memory
+-----------
+``ru_maxrss`` (``resource.getrusage``) is the high-water mark of the process's resident memory:
+it never decreases. The worker records it after building the model, preconditioner and data but
+before any step, then runs the method alone for its warm-up and timed number of steps (before
+the SGD copy exists) and reports the increase of the high-water mark, in MiB: the most memory
+the method's steps needed at any moment beyond what was resident before (gradients, optimiser
+state, activations, the preconditioner's buffers; memory the allocator reused from before
+the baseline is not counted). The ``sgd`` worker does the same for plain SGD, and the memory
+ratio divides the method's increase by SGD's at the same batch size.
+
+Goals (issues 2-4)
+------------------
+Time: EF, iEF and F(1) (full) <= 1.3x SGD; TENGraD <= 1.3x; exact Fisher <= 6x; KFAC T=100
+<= 1.8x; FOOF T=100 <= 1.4x (and cheaper than KFAC at every T); FishLeg with auxiliary period
+10 <= 2x. Memory: the peak-memory increase of every method <= 1.5x SGD's. The ``goal`` column
+shows the time goal of a method (its fused variant shares it) and whether this run met it.
 """
 
 from __future__ import annotations
@@ -28,24 +58,42 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 import natgrad
+from natgrad.precond.kronecker import KroneckerPreconditioner
 
 WIDTHS = (784, 1000, 1000, 1000, 10)
+LEARNING_RATE = 1e-4
+MEMORY_GOAL = 1.5
+
+Row = dict[str, Any]
 
 
 def make_model(seed: int = 0) -> nn.Module:
-    """The benchmark MLP."""
+    """Build the benchmark MLP 784-1000-1000-1000-10 with ReLU activations.
+
+    Parameters
+    ----------
+    seed
+        Seed of the initialisation; the same seed gives an identical model.
+
+    Returns
+    -------
+    nn.Module
+        The float32 model.
+    """
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
     for index, (fan_in, fan_out) in enumerate(itertools.pairwise(WIDTHS)):
@@ -56,7 +104,44 @@ def make_model(seed: int = 0) -> nn.Module:
 
 
 def woodbury(fisher: str, structure: str = "full") -> Callable[[nn.Module], natgrad.NGD]:
-    return lambda model: natgrad.NGD(model, fisher=fisher, structure=structure, damping=1e-3)
+    """A factory of ``natgrad.NGD`` preconditioners of one Fisher type and structure.
+
+    Parameters
+    ----------
+    fisher
+        The Fisher type (``"empirical"``, ``"ief"``, ``"mc"`` or ``"exact"``).
+    structure
+        ``"full"`` or ``"layer"``.
+
+    Returns
+    -------
+    Callable[[nn.Module], natgrad.NGD]
+        A function building the preconditioner of a model.
+    """
+
+    def build(model: nn.Module) -> natgrad.NGD:
+        return natgrad.NGD(model, fisher=fisher, structure=structure, damping=1e-3, mc_samples=1)
+
+    return build
+
+
+def kfac(period: int) -> Callable[[nn.Module], natgrad.KFAC]:
+    """A factory of KFAC preconditioners with inversion period ``period``."""
+    return lambda model: natgrad.KFAC(
+        model, damping=1e-3, inv_period=period, pre_inversion_steps=min(period, 10)
+    )
+
+
+def foof(period: int) -> Callable[[nn.Module], natgrad.FOOF]:
+    """A factory of FOOF preconditioners with inversion period ``period``."""
+    return lambda model: natgrad.FOOF(
+        model, damping=1.0, inv_period=period, pre_inversion_steps=min(period, 10)
+    )
+
+
+def fishleg(period: int, momentum_on: str) -> Callable[[nn.Module], natgrad.FishLeg]:
+    """A factory of FishLeg preconditioners with auxiliary period ``period``."""
+    return lambda model: natgrad.FishLeg(model, aux_period=period, momentum_on=momentum_on)
 
 
 PRECONDITIONERS: dict[str, Callable[[nn.Module], natgrad.Preconditioner]] = {
@@ -65,56 +150,84 @@ PRECONDITIONERS: dict[str, Callable[[nn.Module], natgrad.Preconditioner]] = {
     "mc": woodbury("mc"),
     "exact": woodbury("exact"),
     "tengrad": woodbury("empirical", "layer"),
+    **{f"kfac-T{period}": kfac(period) for period in (1, 10, 100)},
+    **{f"foof-T{period}": foof(period) for period in (1, 10, 100)},
     **{
-        f"kfac-T{period}": (
-            lambda model, period=period: natgrad.KFAC(
-                model, damping=1e-3, inv_period=period, pre_inversion_steps=min(period, 10)
-            )
-        )
-        for period in (1, 10, 100)
-    },
-    **{
-        f"foof-T{period}": (
-            lambda model, period=period: natgrad.FOOF(
-                model, damping=1.0, inv_period=period, pre_inversion_steps=min(period, 10)
-            )
-        )
-        for period in (1, 10, 100)
-    },
-    **{
-        f"fishleg-k{period}{suffix}": (
-            lambda model, period=period, target=target: natgrad.FishLeg(
-                model, aux_period=period, momentum_on=target
-            )
-        )
+        f"fishleg-k{period}{suffix}": fishleg(period, target)
         for period in (1, 10)
         for suffix, target in (("", "update"), ("-gradmom", "gradient"))
     },
 }
 FUSED = ("ef", "ief", "mc", "exact", "tengrad", "kfac-T100", "foof-T100", "fishleg-k10")
 METHODS = ["sgd", *PRECONDITIONERS, *(f"{name}-fused" for name in FUSED)]
+TIME_GOALS = {
+    "ef": 1.3,
+    "ief": 1.3,
+    "mc": 1.3,
+    "tengrad": 1.3,
+    "exact": 6.0,
+    "kfac-T100": 1.8,
+    "foof-T100": 1.4,
+    "fishleg-k10": 2.0,
+}
 
 
 def make_step(
     method: str, model: nn.Module
 ) -> tuple[torch.optim.Optimizer, natgrad.Preconditioner | None, bool]:
-    """The optimiser, the preconditioner (None for SGD) and whether to use the fused path."""
+    """Set up one method on ``model``.
+
+    Parameters
+    ----------
+    method
+        A name of :data:`METHODS`.
+    model
+        The model the method trains (the preconditioner hooks into it).
+
+    Returns
+    -------
+    tuple
+        The optimiser, the preconditioner (``None`` for SGD) and whether to use the fused path.
+    """
     base = method.removesuffix("-fused")
     pre = None if base == "sgd" else PRECONDITIONERS[base](model)
     momentum = 0.0 if base.startswith("fishleg") else 0.9  # FishLeg applies its own
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=momentum)
+    opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=momentum)
     return opt, pre, method.endswith("-fused")
 
 
-def run_steps(model, opt, pre, fused, inputs, targets, count: int) -> list[float]:
-    """Run ``count`` training steps; return their wall-clock times in seconds."""
+def run_steps(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    pre: natgrad.Preconditioner | None,
+    fused: bool,
+    inputs: Tensor,
+    targets: Tensor,
+    count: int,
+) -> list[float]:
+    """Run ``count`` training steps.
+
+    Parameters
+    ----------
+    model, opt, pre, fused
+        The method, as returned by :func:`make_step` (``pre=None``: plain SGD).
+    inputs, targets
+        The batch.
+    count
+        The number of steps.
+
+    Returns
+    -------
+    list[float]
+        The wall-clock time of each step in seconds (``time.perf_counter``).
+    """
     times = []
     for _ in range(count):
         start = time.perf_counter()
         opt.zero_grad()
         logits = model(inputs)
         loss = F.cross_entropy(logits, targets)
-        if fused:
+        if fused and pre is not None:
             pre.backward(loss)
         else:
             loss.backward()
@@ -125,34 +238,67 @@ def run_steps(model, opt, pre, fused, inputs, targets, count: int) -> list[float
     return times
 
 
-def worker(method: str, batch_size: int, steps: int) -> dict:
-    """Measure one method in this process; return one row."""
+def max_rss_mib() -> float:
+    """The process's resident-memory high-water mark ``ru_maxrss`` in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024**2 if sys.platform == "darwin" else peak / 1024  # bytes / KiB
+
+
+def worker(method: str, batch_size: int, steps: int, warmup: int) -> Row:
+    """Measure one method in this process.
+
+    Parameters
+    ----------
+    method
+        A name of :data:`METHODS`.
+    batch_size
+        The number of datapoints per batch.
+    steps
+        The number of timed steps (of the method and of SGD each).
+    warmup
+        The number of untimed steps before the timed ones.
+
+    Returns
+    -------
+    Row
+        ``batch``, ``method``, ``ms`` and ``sgd_ms`` (medians of the interleaved timing),
+        ``ratio``, ``alone_ms`` (median of the memory phase's last ``steps`` steps, the method
+        running alone), ``peak_mib`` (increase of ``ru_maxrss`` over the memory phase) and,
+        for Kronecker methods, ``inversion_ms`` (one inversion of all factors).
+    """
     torch.set_num_threads(2)
     torch.manual_seed(1)
     inputs = torch.randn(batch_size, WIDTHS[0])
     targets = torch.randint(0, WIDTHS[-1], (batch_size,))
     model = make_model()
     opt, pre, fused = make_step(method, model)
-    baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    run_steps(model, opt, pre, fused, inputs, targets, 5)
-    peak_increase_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_kib) / 1024
 
+    # memory phase: the method alone (its warm-up and timed number of steps)
+    baseline_mib = max_rss_mib()
+    alone = run_steps(model, opt, pre, fused, inputs, targets, warmup + steps)
+    peak_increase_mib = max_rss_mib() - baseline_mib
+
+    # timing phase: the method (already warm) and SGD on an identical model, alternately
     reference = make_model()
-    sgd_opt = torch.optim.SGD(reference.parameters(), lr=1e-4, momentum=0.9)
-    run_steps(reference, sgd_opt, None, False, inputs, targets, 3)
-    method_times, sgd_times = [], []
+    sgd_opt = torch.optim.SGD(reference.parameters(), lr=LEARNING_RATE, momentum=0.9)
+    run_steps(reference, sgd_opt, None, False, inputs, targets, warmup)
+    method_times: list[float] = []
+    sgd_times: list[float] = []
     for _ in range(steps):
         sgd_times += run_steps(reference, sgd_opt, None, False, inputs, targets, 1)
         method_times += run_steps(model, opt, pre, fused, inputs, targets, 1)
-    row = {
+    row: Row = {
         "batch": batch_size,
         "method": method,
         "ms": 1e3 * statistics.median(method_times),
         "sgd_ms": 1e3 * statistics.median(sgd_times),
+        "alone_ms": 1e3 * statistics.median(alone[warmup:] or alone),
         "peak_mib": peak_increase_mib,
+        "clock": "perf_counter",
+        "threads": torch.get_num_threads(),
     }
     row["ratio"] = row["ms"] / row["sgd_ms"]
-    if isinstance(pre, natgrad.precond.kronecker.KroneckerPreconditioner):
+    if isinstance(pre, KroneckerPreconditioner):
         inversions = []
         for _ in range(3):
             start = time.perf_counter()
@@ -162,41 +308,100 @@ def worker(method: str, batch_size: int, steps: int) -> dict:
     return row
 
 
+def run_worker(method: str, batch_size: int, steps: int, warmup: int) -> Row:
+    """Run :func:`worker` in a fresh Python process and return its row.
+
+    A failing worker gives a row with an ``error`` entry instead of stopping the benchmark.
+    """
+    command = [
+        sys.executable, __file__, "--worker", method, "--batch-sizes", str(batch_size),
+        "--steps", str(steps), "--warmup", str(warmup),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        print(result.stderr, file=sys.stderr)
+        return {"batch": batch_size, "method": method, "error": result.stderr.strip()[-2000:]}
+    return json.loads(lines[-1])
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """Add the memory ratio to SGD's and the time-goal verdict to every row, in place."""
+    sgd_peak = {
+        r["batch"]: r["peak_mib"] for r in rows if r["method"] == "sgd" and "error" not in r
+    }
+    for row in rows:
+        if "error" in row:
+            continue
+        reference = sgd_peak.get(row["batch"])
+        row["memory_ratio"] = None if not reference else row["peak_mib"] / reference
+        goal = TIME_GOALS.get(row["method"].removesuffix("-fused"))
+        row["time_goal"] = goal
+        row["time_goal_met"] = None if goal is None else row["ratio"] <= goal
+
+
+def format_table(rows: list[Row]) -> str:
+    """The rows as a markdown table."""
+    lines = [
+        "| batch | method | ms/step | SGD ms/step (same run) | ratio | goal "
+        "| peak RSS increase MiB | memory ratio vs SGD | inversion ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "error" in row:
+            last = row["error"].splitlines()[-1] if row["error"] else "failed"
+            lines.append(f"| {row['batch']} | {row['method']} | failed: {last} | | | | | | |")
+            continue
+        goal = row["time_goal"]
+        verdict = (
+            "" if goal is None else f"<= {goal:g} {'ok' if row['time_goal_met'] else 'MISSED'}"
+        )
+        memory = row["memory_ratio"]
+        memory_text = "" if memory is None else f"{memory:.2f}"
+        if memory is not None and memory > MEMORY_GOAL:
+            memory_text += " (> 1.5)"
+        inversion = f"{row['inversion_ms']:.0f}" if "inversion_ms" in row else ""
+        lines.append(
+            f"| {row['batch']} | {row['method']} | {row['ms']:.1f} | {row['sgd_ms']:.1f} "
+            f"| {row['ratio']:.2f} | {verdict} | {row['peak_mib']:.0f} | {memory_text} "
+            f"| {inversion} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
+    """Parse the command line; run the workers (or, with ``--worker``, be one)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 100])
     parser.add_argument("--steps", type=int, default=30, help="timed steps per method")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
     parser.add_argument("--json", help="write the rows to this file")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
     if args.worker:
-        print(json.dumps(worker(args.worker, args.batch_sizes[0], args.steps)))
+        row = worker(args.worker, args.batch_sizes[0], args.steps, args.warmup)
+        print(json.dumps(row))
         return
-    methods = ["sgd", *(m for m in args.methods if m != "sgd")]
+    methods = ["sgd", *(m for m in dict.fromkeys(args.methods) if m != "sgd")]
+    load_before = os.getloadavg()[0]
     rows = []
     for batch_size in args.batch_sizes:
         for method in methods:
-            command = [
-                sys.executable, __file__, "--worker", method,
-                "--batch-sizes", str(batch_size), "--steps", str(args.steps),
-            ]  # fmt: skip
-            output = subprocess.run(command, check=True, capture_output=True, text=True)
-            rows.append(json.loads(output.stdout.strip().splitlines()[-1]))
-            print(f"measured {method} at batch {batch_size}", file=sys.stderr)
-    sgd_peak = {r["batch"]: r["peak_mib"] for r in rows if r["method"] == "sgd"}
+            rows.append(run_worker(method, batch_size, args.steps, args.warmup))
+            status = "FAILED" if "error" in rows[-1] else "done"
+            print(f"{method} at batch {batch_size}: {status}", file=sys.stderr, flush=True)
+    add_ratios(rows)
+    load = (load_before, os.getloadavg()[0])
     print(
-        "| batch | method | ms/step | SGD ms/step (same run) | ratio | peak MiB increase "
-        "| memory ratio | inversion ms |"
+        f"Median wall-clock ms/step (time.perf_counter), torch threads = 2, {args.steps} timed "
+        f"steps after {args.warmup} warm-up steps; SGD timed alternately in the same process. "
+        f"1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end "
+        f"({os.cpu_count()} CPUs).\n"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        memory_ratio = row["peak_mib"] / max(sgd_peak[row["batch"]], 1e-9)
-        inversion = f"{row['inversion_ms']:.0f}" if "inversion_ms" in row else ""
-        print(
-            f"| {row['batch']} | {row['method']} | {row['ms']:.1f} | {row['sgd_ms']:.1f} "
-            f"| {row['ratio']:.2f} | {row['peak_mib']:.0f} | {memory_ratio:.2f} | {inversion} |"
-        )
+    print(format_table(rows))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=1)
