@@ -86,9 +86,11 @@ class LayerAdapter:
 
     def write_grad(self, module: nn.Module, weight_grad: Tensor, bias_grad: Tensor | None) -> None:
         """Set ``.grad`` of weight (and bias) from a weight matrix and a bias vector."""
-        module.weight.grad = weight_grad.reshape(module.weight.shape).to(module.weight.dtype)
+        # contiguous, as autograd lays out gradients (it accumulates into them in place)
+        weight = weight_grad.reshape(module.weight.shape).to(module.weight.dtype).contiguous()
+        module.weight.grad = weight
         if bias_grad is not None:
-            module.bias.grad = bias_grad.to(module.bias.dtype)
+            module.bias.grad = bias_grad.to(module.bias.dtype).contiguous()
 
 
 class LinearAdapter(LayerAdapter):

@@ -1,5 +1,6 @@
 """Measurements of Fisher approximations: γ indicator, cosines, imbalance, 2-D vector fields."""
 
+from natgrad.analysis import fields, study
 from natgrad.analysis.compare import MethodFactory, compare_updates, method_update
 from natgrad.analysis.quality import (
     BatchFisher,
@@ -16,10 +17,12 @@ __all__ = [
     "MethodFactory",
     "compare_updates",
     "cosine_similarity",
+    "fields",
     "gamma",
     "gradient_norm_imbalance",
     "method_update",
     "natural_gradient_cg",
     "per_sample_gradient_norms",
     "per_sample_gradients",
+    "study",
 ]
