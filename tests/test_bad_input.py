@@ -269,3 +269,19 @@ def test_non_finite_gradients_are_skipped_by_every_family(make):
     with pytest.warns(natgrad.NonFiniteWarning):
         pre.step(logits)
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_confident_float32_predictions_pass_the_cross_entropy_check(reduction):
+    """float32 rounds 1 - pi_y to 0 for confident rows; that must not look like another loss."""
+    model = nn.Linear(4, 3).float()
+    with torch.no_grad():
+        model.weight.mul_(40.0)
+    pre = natgrad.EF(model, reduction=reduction)
+    inputs = torch.randn(64, 4, dtype=torch.float32)
+    logits = model(inputs)
+    targets = logits.argmax(dim=1)
+    targets[:8] = (targets[:8] + 1) % 3  # some confidently wrong rows too
+    F.cross_entropy(logits, targets, reduction=reduction).backward()
+    pre.step(logits)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
