@@ -274,7 +274,9 @@ def test_non_finite_gradients_are_skipped_by_every_family(make):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_confident_float32_predictions_pass_the_cross_entropy_check(reduction):
     """float32 rounds pi_y to 1 in confident rows, so a row sums to its tiny other entries."""
-    logits = torch.tensor([[30.0, 0.0, 0.5], [0.0, 28.0, 1.0]], requires_grad=True)
+    logits = torch.tensor(
+        [[30.0, 0.0, 0.5], [0.0, 28.0, 1.0]], dtype=torch.float32, requires_grad=True
+    )
     targets = torch.tensor([0, 1])
     F.cross_entropy(logits, targets, reduction=reduction).backward()
     row_sums = logits.grad.sum(dim=1).abs()
