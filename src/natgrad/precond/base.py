@@ -54,6 +54,13 @@ def check_damping(damping: float, name: str = "damping") -> float:
     return float(damping)
 
 
+def check_count(value: int, name: str) -> int:
+    """Return ``value`` if it is an integer >= 1 (not a bool), else raise a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
 @dataclass
 class LayerBatch:
     """One layer's neuron view for the current batch.
@@ -323,4 +330,11 @@ def _concat(tensors: list[Tensor], dim: int) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
-__all__ = ["Damping", "LayerBatch", "NonFiniteWarning", "Preconditioner", "check_damping"]
+__all__ = [
+    "Damping",
+    "LayerBatch",
+    "NonFiniteWarning",
+    "Preconditioner",
+    "check_count",
+    "check_damping",
+]

@@ -41,7 +41,13 @@ from torch import Tensor, nn
 
 from natgrad.fisher_vector import fisher_vector_product
 from natgrad.likelihoods import Likelihood
-from natgrad.precond.base import LayerBatch, NonFiniteWarning, Preconditioner, check_damping
+from natgrad.precond.base import (
+    LayerBatch,
+    NonFiniteWarning,
+    Preconditioner,
+    check_count,
+    check_damping,
+)
 from natgrad.precond.kronecker import augmented_inputs
 
 Q_STRUCTURES = ("kron", "diag")
@@ -90,8 +96,7 @@ class FishLeg(Preconditioner):
         if callable(damping):
             raise TypeError("FishLeg's damping γ must be a positive float")
         self.aux_lr = check_damping(aux_lr, "aux_lr")
-        if isinstance(aux_period, bool) or not isinstance(aux_period, int) or aux_period < 1:
-            raise ValueError(f"aux_period must be an integer >= 1, got {aux_period!r}")
+        check_count(aux_period, "aux_period")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
         self.init_scale = check_damping(init_scale, "init_scale")

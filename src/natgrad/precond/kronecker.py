@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from natgrad.datapoints import check_fisher, output_vectors, row_multipliers, row_weight
 from natgrad.likelihoods import Likelihood
 from natgrad.linalg import damped_inverse
-from natgrad.precond.base import Damping, LayerBatch, Preconditioner
+from natgrad.precond.base import Damping, LayerBatch, Preconditioner, check_count
 
 DAMPING_MODES = ("heuristic", "correct", "none")
 KFAC_FISHERS = ("mc", "empirical", "ief", "exact")
@@ -69,9 +69,8 @@ def _check_schedule(
 ) -> None:
     if not 0 <= ema_decay < 1:
         raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
-    for name, value in (("factor_period", factor_period), ("inv_period", inv_period)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    check_count(factor_period, "factor_period")
+    check_count(inv_period, "inv_period")
     if pre_inversion_steps is not None:
         if isinstance(pre_inversion_steps, bool) or not isinstance(pre_inversion_steps, int):
             raise ValueError(f"pre_inversion_steps must be an integer, got {pre_inversion_steps!r}")
@@ -107,8 +106,7 @@ class KroneckerPreconditioner(Preconditioner):
             check_fisher(fisher)
             raise ValueError(f"Kronecker methods take fisher in {KFAC_FISHERS}, got {fisher!r}")
         _check_schedule(ema_decay, factor_period, inv_period, pre_inversion_steps)
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}")
+        check_count(mc_samples, "mc_samples")
         self.fisher = fisher
         self.ema_decay = float(ema_decay)
         self.factor_period = factor_period

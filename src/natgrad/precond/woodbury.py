@@ -47,7 +47,7 @@ from natgrad.datapoints import (
 )
 from natgrad.likelihoods import Likelihood
 from natgrad.linalg import damped_solve, gram, input_gram, jtu, per_datapoint_grads
-from natgrad.precond.base import Damping, LayerBatch, Preconditioner
+from natgrad.precond.base import Damping, LayerBatch, Preconditioner, check_count
 
 STRUCTURES = ("full", "layer")
 
@@ -100,9 +100,7 @@ class NGD(Preconditioner):
         if structure not in STRUCTURES:
             raise ValueError(f"unknown structure={structure!r}: choose one of {STRUCTURES}")
         self.structure = structure
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}")
-        self.mc_samples = mc_samples
+        self.mc_samples = check_count(mc_samples, "mc_samples")
         super().__init__(
             model,
             likelihood=likelihood,
