@@ -3,8 +3,9 @@
 Purpose
 -------
 Check natgrad's cost goals on one fixed workload: the MLP 784-1000-1000-1000-10 (ReLU,
-float32) on random data (``x ~ randn``, labels uniform in 0..9), cross-entropy with mean
-reduction, ``torch.set_num_threads(2)``, batch sizes 32 and 100.
+float32) on random data (``x ~ randn``, labels uniform in 0..9, a fresh batch every step,
+drawn outside the timed region), cross-entropy with mean reduction,
+``torch.set_num_threads(2)``, batch sizes 32 and 100.
 
 Run ``python benchmarks/step_time.py`` (about 10-15 minutes on 2 cores). Options:
 ``--methods`` (default: all), ``--batch-sizes`` (default ``32 100``), ``--steps`` (timed steps,
@@ -37,13 +38,16 @@ prints the load average before and after the run.
 Peak memory
 -----------
 ``ru_maxrss`` (``resource.getrusage``) is the high-water mark of the process's resident memory:
-it never decreases. The worker records it after building the model, preconditioner and data but
+it never decreases. The worker records it after building the model and the preconditioner but
 before any step, then runs the method alone for its warm-up and timed number of steps (before
 the SGD copy exists) and reports the increase of the high-water mark, in MiB: the most memory
 the method's steps needed at any moment beyond what was resident before (gradients, optimiser
-state, activations, the preconditioner's buffers; memory the allocator reused from before
-the baseline is not counted). The ``sgd`` worker does the same for plain SGD, and the memory
-ratio divides the method's increase by SGD's at the same batch size.
+state, activations, the preconditioner's buffers, but also one-off costs such as the pages of
+library code and thread pools first touched by a step, about 10-15 MiB here; memory the
+allocator reused from before the baseline is not counted). Memory that a method leaks grows
+with the number of steps, so it shows up as an increase that depends on ``--steps``. The
+``sgd`` worker does the same for plain SGD, and the memory ratio divides the method's increase
+by SGD's at the same batch size.
 
 Goals (issues 2-4)
 ------------------
@@ -79,6 +83,7 @@ LEARNING_RATE = 1e-4
 MEMORY_GOAL = 1.5
 
 Row = dict[str, Any]
+Batch = tuple[Tensor, Tensor]
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -101,6 +106,34 @@ def make_model(seed: int = 0) -> nn.Module:
         if index < len(WIDTHS) - 2:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
+
+
+def random_batches(batch_size: int, seed: int = 1) -> Callable[[], Batch]:
+    """A source of fresh random batches: ``x ~ randn``, labels uniform in ``0..9``.
+
+    Every step draws a new batch, so no method can fit its data and drive the loss to zero
+    (with a single fixed batch, KFAC fits its 32 random labels within 60 steps).
+
+    Parameters
+    ----------
+    batch_size
+        The number of datapoints per batch.
+    seed
+        Seed of the generator; the same seed gives the same sequence of batches.
+
+    Returns
+    -------
+    Callable[[], Batch]
+        A function returning the next ``(inputs, targets)``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw() -> Batch:
+        inputs = torch.randn(batch_size, WIDTHS[0], generator=generator)
+        targets = torch.randint(0, WIDTHS[-1], (batch_size,), generator=generator)
+        return inputs, targets
+
+    return draw
 
 
 def woodbury(fisher: str, structure: str = "full") -> Callable[[nn.Module], natgrad.NGD]:
@@ -201,8 +234,7 @@ def run_steps(
     opt: torch.optim.Optimizer,
     pre: natgrad.Preconditioner | None,
     fused: bool,
-    inputs: Tensor,
-    targets: Tensor,
+    draw: Callable[[], Batch],
     count: int,
 ) -> list[float]:
     """Run ``count`` training steps.
@@ -211,8 +243,8 @@ def run_steps(
     ----------
     model, opt, pre, fused
         The method, as returned by :func:`make_step` (``pre=None``: plain SGD).
-    inputs, targets
-        The batch.
+    draw
+        Returns the next batch; called before each step's timer starts.
     count
         The number of steps.
 
@@ -223,6 +255,7 @@ def run_steps(
     """
     times = []
     for _ in range(count):
+        inputs, targets = draw()
         start = time.perf_counter()
         opt.zero_grad()
         logits = model(inputs)
@@ -268,25 +301,29 @@ def worker(method: str, batch_size: int, steps: int, warmup: int) -> Row:
     """
     torch.set_num_threads(2)
     torch.manual_seed(1)
-    inputs = torch.randn(batch_size, WIDTHS[0])
-    targets = torch.randint(0, WIDTHS[-1], (batch_size,))
+    draw = random_batches(batch_size)
     model = make_model()
     opt, pre, fused = make_step(method, model)
 
     # memory phase: the method alone (its warm-up and timed number of steps)
     baseline_mib = max_rss_mib()
-    alone = run_steps(model, opt, pre, fused, inputs, targets, warmup + steps)
+    alone = run_steps(model, opt, pre, fused, draw, warmup + steps)
     peak_increase_mib = max_rss_mib() - baseline_mib
 
     # timing phase: the method (already warm) and SGD on an identical model, alternately
     reference = make_model()
     sgd_opt = torch.optim.SGD(reference.parameters(), lr=LEARNING_RATE, momentum=0.9)
-    run_steps(reference, sgd_opt, None, False, inputs, targets, warmup)
+    run_steps(reference, sgd_opt, None, False, draw, warmup)
     method_times: list[float] = []
     sgd_times: list[float] = []
     for _ in range(steps):
-        sgd_times += run_steps(reference, sgd_opt, None, False, inputs, targets, 1)
-        method_times += run_steps(model, opt, pre, fused, inputs, targets, 1)
+        batch = draw()  # the same batch for both
+
+        def same(batch: Batch = batch) -> Batch:
+            return batch
+
+        sgd_times += run_steps(reference, sgd_opt, None, False, same, 1)
+        method_times += run_steps(model, opt, pre, fused, same, 1)
     row: Row = {
         "batch": batch_size,
         "method": method,
