@@ -87,3 +87,23 @@ def test_remove_leaves_no_hooks_and_no_grad_forward_records_nothing():
     pre.remove()
     for module in model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "exact"])
+def test_recorded_tensors_are_freed_after_each_step(fisher):
+    """No reference cycle through autograd hooks: a step's activations die with the step."""
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    pre = natgrad.NGD(model, fisher=fisher)
+    outputs = []
+    model[0].register_forward_hook(lambda m, a, out: outputs.append(weakref.ref(out)))
+    for _ in range(3):
+        logits = model(torch.randn(6, 4))
+        F.cross_entropy(logits, torch.randint(0, 3, (6,))).backward()
+        pre.step(logits)
+        outputs.append(weakref.ref(logits))
+        del logits
+    gc.collect()
+    assert all(ref() is None for ref in outputs)

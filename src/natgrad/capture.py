@@ -28,6 +28,7 @@ same model.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -302,15 +303,19 @@ class Capture:
         if not (isinstance(output, Tensor) and output.requires_grad):
             return
         self.output = output
+        # The hook lives on the tensor; a strong reference back to the tensor would make a
+        # cycle through autograd that Python's garbage collector cannot see (a leak per step).
+        output_ref = weakref.ref(output)
 
         def output_hook(grad: Tensor) -> None:
-            if self._nested or output is not self.output:
+            watched = output_ref()
+            if self._nested or watched is None or watched is not self.output:
                 return
             if self.output_grad is not None:  # a further backward pass: gradients add up
                 self.output_grad = self.output_grad + grad.detach()
                 return
             self.output_grad = grad.detach()
-            self._on_output_grad(output, grad.detach())
+            self._on_output_grad(watched, grad.detach())
 
         output.register_hook(output_hook)
 
@@ -322,12 +327,16 @@ class Capture:
                 return
             call = LayerCall(layer_input=args[0].detach(), output=output)
             self.calls[name].append(call)
+            call_ref = weakref.ref(call)  # no cycle tensor -> hook -> call -> tensor
 
             def grad_hook(grad: Tensor) -> None:
-                if self._nested:
+                recorded = call_ref()
+                if self._nested or recorded is None:
                     return
-                previous = call.output_grad
-                call.output_grad = grad.detach() if previous is None else previous + grad.detach()
+                previous = recorded.output_grad
+                recorded.output_grad = (
+                    grad.detach() if previous is None else previous + grad.detach()
+                )
 
             output.register_hook(grad_hook)
 
