@@ -65,14 +65,6 @@ class LayerAdapter:
         bias = getattr(module, "bias", None)
         return bias is not None and bias.requires_grad
 
-    def read_grad(self, module: nn.Module) -> tuple[Tensor, Tensor | None]:
-        """The current ``.grad`` as ``(weight matrix (d_out, d_in), bias (d_out,) or None)``."""
-        weight = module.weight
-        if weight.grad is None:
-            raise RuntimeError(f"{type(module).__name__} has no gradient")
-        bias_grad = module.bias.grad if self.has_bias(module) else None
-        return weight.grad.reshape(weight.shape[0], -1), bias_grad
-
     def grad_buffer(self, module: nn.Module) -> Tensor | None:
         """The existing weight ``.grad`` as a ``(d_out, d_in)`` view to overwrite in place.
 
