@@ -86,7 +86,8 @@ class BatchFisher:
 
     def dense(self) -> Tensor:
         """The ``P x P`` matrix, column by column (for small models and tests)."""
-        eye = torch.eye(self.size, dtype=next(iter(self.params.values())).dtype)
+        param = next(iter(self.params.values()))
+        eye = torch.eye(self.size, dtype=param.dtype, device=param.device)
         return torch.stack([self.matvec(column) for column in eye], dim=1)
 
 

@@ -160,7 +160,7 @@ class NGD(Preconditioner):
                     )
                 )
             return
-        ones = torch.ones(group[0].inputs.shape[0], dtype=curvature.dtype)
+        ones = curvature.new_ones(group[0].inputs.shape[0])
         projected_grad = sum(
             gram(b.inputs, e, b.loss_grads, has_bias=b.has_bias, inputs_gram=g) @ ones
             for b, e, g in zip(group, rows, input_grams, strict=True)
