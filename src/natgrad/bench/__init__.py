@@ -1,5 +1,7 @@
-"""Benchmark building blocks: offline datasets (tasks, registry and runner to come)."""
+"""Benchmark building blocks: offline datasets and the seeds' models (registry and runner to
+come)."""
 
+from natgrad.bench import models
 from natgrad.bench.datasets import DATASETS, Dataset, load_dataset
 
-__all__ = ["DATASETS", "Dataset", "load_dataset"]
+__all__ = ["DATASETS", "Dataset", "load_dataset", "models"]
