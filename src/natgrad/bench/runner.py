@@ -1,0 +1,223 @@
+"""Tasks and the benchmark runner: tasks x methods x hyper-parameter grids x seeds.
+
+As in every seed, each method is run over its grid with each seed, and the configuration with
+the lowest final training loss (mean over seeds) is selected; runs record the training loss of
+every epoch on the whole training set, and the wall-clock time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from natgrad.bench import models
+from natgrad.bench.datasets import Dataset, load_dataset
+from natgrad.bench.registry import get_method
+
+
+@dataclass
+class Task:
+    """A dataset, a model and a loss: what one benchmark trains."""
+
+    name: str
+    dataset: str
+    build_model: Callable[[Dataset], nn.Module]
+    likelihood: str = "categorical"
+    batch_size: int = 100
+    epochs: int = 5
+
+    def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """The mean loss matching :attr:`likelihood`."""
+        if self.likelihood == "categorical":
+            return F.cross_entropy(logits, targets)
+        return F.mse_loss(logits, targets.reshape(logits.shape))
+
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task("mnist1d-mlp", "mnist1d", lambda d: models.mlp(40, 10, (256, 256, 256))),
+        Task("digits-mlp", "digits", lambda d: models.mlp(64, 10, (128, 128, 128)), epochs=10),
+        Task("wine-mlp", "wine", lambda d: models.mlp(13, 3, (32,)), batch_size=32, epochs=20),
+        Task(
+            "diabetes-mlp",
+            "diabetes",
+            lambda d: models.mlp(10, 1, (32, 32)),
+            likelihood="gaussian",
+            batch_size=32,
+            epochs=20,
+        ),
+    )
+}
+
+
+def get_task(name: str) -> Task:
+    """The task ``name``, or a ValueError listing the choices."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}: choose one of {sorted(TASKS)}")
+    return TASKS[name]
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of a grid, as keyword dictionaries."""
+    names = sorted(grid)
+    return [
+        dict(zip(names, values, strict=True))
+        for values in itertools.product(*(grid[n] for n in names))
+    ]
+
+
+def full_loss(model: nn.Module, task: Task, inputs: Tensor, targets: Tensor) -> float:
+    """The task's loss on a whole split, without gradients."""
+    with torch.no_grad():
+        return task.loss(model(inputs), targets).item()
+
+
+def train_run(
+    task: Task, method: str, hyper: dict[str, Any], seed: int, data: Dataset
+) -> dict[str, Any]:
+    """Train one configuration; return its per-epoch losses and times."""
+    torch.manual_seed(seed)
+    model = task.build_model(data)
+    optimiser, pre = get_method(method).build(model, task.likelihood, "mean", **hyper)
+    generator = torch.Generator().manual_seed(seed)
+    losses = [full_loss(model, task, data.train_inputs, data.train_targets)]
+    seconds, elapsed = [0.0], 0.0
+    diverged = False
+    for _ in range(task.epochs):
+        order = torch.randperm(len(data.train_inputs), generator=generator)
+        for batch in order.split(task.batch_size):
+            if len(batch) < 2:
+                continue
+            start = time.perf_counter()
+            optimiser.zero_grad()
+            logits = model(data.train_inputs[batch])
+            loss = task.loss(logits, data.train_targets[batch])
+            loss.backward()
+            if pre is not None:
+                pre.step(logits)
+            optimiser.step()
+            elapsed += time.perf_counter() - start
+        losses.append(full_loss(model, task, data.train_inputs, data.train_targets))
+        seconds.append(elapsed)
+        if not math.isfinite(losses[-1]):
+            diverged = True
+            break
+    if pre is not None:
+        pre.remove()
+    return {
+        "task": task.name,
+        "method": method,
+        "hyper": hyper,
+        "seed": seed,
+        "train_loss": losses,
+        "seconds": seconds,
+        "test_loss": full_loss(model, task, data.test_inputs, data.test_targets),
+        "diverged": diverged,
+    }
+
+
+def sweep(
+    task: Task,
+    methods: Iterable[str],
+    seeds: Iterable[int],
+    grids: dict[str, dict[str, list[Any]]] | None = None,
+    data: Dataset | None = None,
+    progress: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Every method x grid point x seed on one task."""
+    data = load_dataset(task.dataset) if data is None else data
+    runs = []
+    for method in methods:
+        grid = (grids or {}).get(method, get_method(method).grid)
+        for hyper in grid_points(grid):
+            for seed in seeds:
+                run = train_run(task, method, hyper, seed, data)
+                runs.append(run)
+                progress(
+                    f"{task.name} {method} {hyper} seed {seed}: final train loss "
+                    f"{run['train_loss'][-1]:.4g} in {run['seconds'][-1]:.1f} s"
+                )
+    return runs
+
+
+def best_runs(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per method, the runs (all seeds) of the configuration with the lowest mean final loss."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["method"], json.dumps(run["hyper"], sort_keys=True)), []).append(run)
+    best: dict[str, list[dict[str, Any]]] = {}
+    for (method, _), group in groups.items():
+        score = sum(_final(r) for r in group) / len(group)
+        if method not in best or score < sum(_final(r) for r in best[method]) / len(best[method]):
+            best[method] = group
+    return best
+
+
+def _final(run: dict[str, Any]) -> float:
+    final = run["train_loss"][-1]
+    return final if math.isfinite(final) and not run["diverged"] else math.inf
+
+
+def summary_table(best: dict[str, list[dict[str, Any]]]) -> str:
+    """A markdown table of the selected configurations, best first."""
+    lines = [
+        "| method | hyper-parameters | final train loss (mean over seeds) | test loss | seconds |",
+        "|---|---|---|---|---|",
+    ]
+    ordered = sorted(best.items(), key=lambda item: sum(_final(r) for r in item[1]))
+    for method, group in ordered:
+        mean = sum(_final(r) for r in group) / len(group)
+        test = sum(r["test_loss"] for r in group) / len(group)
+        seconds = sum(r["seconds"][-1] for r in group) / len(group)
+        lines.append(
+            f"| {method} | {group[0]['hyper']} | {mean:.4g} | {test:.4g} | {seconds:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_curves(best: dict[str, list[dict[str, Any]]], path: str | Path) -> None:
+    """Training loss per epoch and per second, one line per method, band over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method, group in best.items():
+        length = min(len(r["train_loss"]) for r in group)
+        losses = torch.tensor([r["train_loss"][:length] for r in group])
+        seconds = torch.tensor([r["seconds"][:length] for r in group]).mean(0)
+        mean, low, high = losses.mean(0), losses.min(0).values, losses.max(0).values
+        for axis, x in ((axes[0], torch.arange(length)), (axes[1], seconds)):
+            (line,) = axis.plot(x, mean, label=method)
+            axis.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
+    axes[0].set(xlabel="epoch", ylabel="training loss", yscale="log")
+    axes[1].set(xlabel="seconds", ylabel="training loss", yscale="log")
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+__all__ = [
+    "TASKS",
+    "Task",
+    "best_runs",
+    "get_task",
+    "grid_points",
+    "plot_curves",
+    "summary_table",
+    "sweep",
+    "train_run",
+]

@@ -1,0 +1,69 @@
+"""The benchmark registry, runner and CLI on a small task."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from natgrad.bench import registry, runner
+from natgrad.bench.cli import main
+
+
+def test_grid_points_and_registry():
+    points = runner.grid_points({"lr": [0.1, 0.01], "damping": [1.0]})
+    assert points == [{"damping": 1.0, "lr": 0.1}, {"damping": 1.0, "lr": 0.01}]
+    assert {"sgd", "adam", "kfac", "foof", "ef", "ief", "ngd", "fishleg"} <= set(registry.REGISTRY)
+    with pytest.raises(ValueError, match="unknown method 'lbfgs'"):
+        registry.get_method("lbfgs")
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(registry.Method("sgd", registry.REGISTRY["sgd"].build))
+    with pytest.raises(ValueError, match="unknown task 'imagenet'"):
+        runner.get_task("imagenet")
+
+
+def test_best_runs_selects_lowest_mean_final_loss_and_skips_divergence():
+    def run(method, lr, seed, final, diverged=False):
+        return {
+            "method": method,
+            "hyper": {"lr": lr},
+            "seed": seed,
+            "diverged": diverged,
+            "train_loss": [2.0, final],
+            "seconds": [0, 1],
+            "test_loss": final,
+        }
+
+    runs = [
+        run("sgd", 0.1, 0, 0.5), run("sgd", 0.1, 1, 0.7),
+        run("sgd", 0.01, 0, 0.55), run("sgd", 0.01, 1, 0.56),
+        run("sgd", 1.0, 0, float("nan"), diverged=True),
+    ]  # fmt: skip
+    best = runner.best_runs(runs)
+    assert best["sgd"][0]["hyper"] == {"lr": 0.01}
+    assert "| sgd | {'lr': 0.01} | 0.555 |" in runner.summary_table(best)
+
+
+def test_cli_bench_writes_runs_summary_and_curves(tmp_path, capsys):
+    grid = {"sgd": {"lr": [0.1], "momentum": [0.9]}, "ief": {"lr": [0.1], "damping": [0.1]}}
+    status = main([
+        "bench", "--task", "wine-mlp", "--methods", "sgd", "ief", "--epochs", "2",
+        "--seeds", "0", "1", "--grid", json.dumps(grid), "--output", str(tmp_path),
+    ])  # fmt: skip
+    assert status == 0
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    assert len(runs) == 4 and all(len(r["train_loss"]) == 3 for r in runs)
+    assert all(r["train_loss"][-1] < r["train_loss"][0] for r in runs)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| sgd |" in summary and "| ief |" in summary
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert "final train loss" in capsys.readouterr().out
+
+
+def test_cli_rejects_bad_arguments(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["bench", "--task", "nope"])
+    with pytest.raises(SystemExit, match="--grid is not valid JSON"):
+        main(["bench", "--task", "wine-mlp", "--grid", "{", "--output", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--epochs must be >= 1"):
+        main(["bench", "--task", "wine-mlp", "--epochs", "0", "--output", str(tmp_path)])
