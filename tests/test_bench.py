@@ -67,3 +67,18 @@ def test_cli_rejects_bad_arguments(tmp_path):
         main(["bench", "--task", "wine-mlp", "--grid", "{", "--output", str(tmp_path)])
     with pytest.raises(SystemExit, match="--epochs must be >= 1"):
         main(["bench", "--task", "wine-mlp", "--epochs", "0", "--output", str(tmp_path)])
+
+
+def test_cli_field_and_analyze(tmp_path, capsys):
+    assert main(["field", "--output", str(tmp_path / "f"), "--steps", "5", "--grid", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "NGD vs iEF arrows on 9 grid points: cosine min 1.0000000000" in out
+    assert (tmp_path / "f" / "regression_fields.png").exists()
+    assert (tmp_path / "f" / "logistic_quadratics.png").exists()
+    status = main([
+        "analyze", "--dataset", "wine", "--epochs", "1", "--batches", "1",
+        "--output", str(tmp_path / "a"),
+    ])  # fmt: skip
+    assert status == 0
+    assert "Spearman correlation" in capsys.readouterr().out
+    assert (tmp_path / "a" / "rows.csv").exists() and (tmp_path / "a" / "study.png").exists()

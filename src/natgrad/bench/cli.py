@@ -1,4 +1,4 @@
-"""The ``natgrad`` command line.
+"""The ``natgrad`` command line: ``bench``, ``field`` and ``analyze``.
 
 ``natgrad bench`` trains every chosen method over its hyper-parameter grid and seeds on one
 task, selects each method's best configuration by final training loss (as the seeds do), and
@@ -53,12 +53,52 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid", help='JSON replacing methods\' grids, e.g. \'{"sgd": {"lr": [0.1]}}\''
     )
     bench.add_argument("--output", default="runs/bench", help="directory for the results")
+
+    field = commands.add_parser(
+        "field",
+        help="vector fields and quadratic models of seed 002's two-parameter problems",
+        description="GD, NGD, iEF and EF vector fields of the seed's linear regression, computed "
+        "by natgrad's preconditioners, with trajectories from the seed's four starts, and the "
+        "Fisher / empirical-Fisher quadratic models of its logistic regressions.",
+    )
+    field.add_argument("--output", default="runs/field", help="directory for the PNG files")
+    field.add_argument("--steps", type=int, default=50_000, help="trajectory length (seed)")
+    field.add_argument("--grid", type=int, default=15, help="arrows per axis")
+
+    analyze = commands.add_parser(
+        "analyze",
+        help="checkpoint study: γ ratios, cosines and imbalance along an SGD run",
+        description="Trains an MLP with SGD, keeps a checkpoint per epoch and compares, on a "
+        "few batches per checkpoint, the updates of SGD, EF, iEF, F(1), KFAC and FOOF with the "
+        "exact natural gradient (seed 000, Figures 2-4).",
+    )
+    analyze.add_argument("--dataset", default="digits", help="a classification dataset")
+    analyze.add_argument("--epochs", type=int, default=8)
+    analyze.add_argument("--batches", type=int, default=4, help="batches per checkpoint")
+    analyze.add_argument("--output", default="runs/analyze", help="directory for the results")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.command == "field":
+        from natgrad.analysis.reports import field_report
+
+        print("\n".join(field_report(args.output, args.steps, args.grid)))
+        print(f"wrote {args.output}/regression_fields.png and logistic_quadratics.png")
+        return 0
+    if args.command == "analyze":
+        from natgrad.analysis.reports import checkpoint_report
+
+        print("\n".join(checkpoint_report(args.output, args.dataset, args.epochs, args.batches)))
+        print(f"wrote {args.output}/rows.csv and study.png")
+        return 0
+    return _bench(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """``natgrad bench``."""
     task = get_task(args.task)
     if args.epochs is not None:
         if args.epochs < 1:
