@@ -22,7 +22,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from natgrad.bench.registry import REGISTRY
-from natgrad.bench.runner import TASKS, best_runs, get_task, plot_curves, summary_table, sweep
+from natgrad.bench.runner import (
+    TASKS,
+    Task,
+    best_runs,
+    get_task,
+    plot_curves,
+    summary_table,
+    sweep,
+)
 
 DEFAULT_METHODS = ("sgd", "adam", "kfac", "foof", "ef", "ief", "ngd")
 
@@ -53,6 +61,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid", help='JSON replacing methods\' grids, e.g. \'{"sgd": {"lr": [0.1]}}\''
     )
     bench.add_argument("--output", default="runs/bench", help="directory for the results")
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="resumable grid search through Optuna (SQLite by default), parallel workers",
+        description=(
+            "Like bench, but each (task, method) is an Optuna study in --storage: an "
+            "interrupted sweep resumes where it stopped, and several processes (--workers, or "
+            "the same command started again elsewhere) share the grid. For several machines, "
+            "point --storage at a database server they all reach, e.g. "
+            "postgresql://user@host/natgrad."
+        ),
+    )
+    sweep.add_argument("--task", default="mnist1d-mlp", choices=sorted(TASKS))
+    sweep.add_argument(
+        "--methods", nargs="+", default=list(DEFAULT_METHODS), choices=sorted(REGISTRY),
+        metavar="METHOD",
+    )  # fmt: skip
+    sweep.add_argument("--seeds", nargs="+", type=int, default=[0])
+    sweep.add_argument("--epochs", type=int, help="override the task's number of epochs")
+    sweep.add_argument("--storage", default="sqlite:///runs/sweep.db", help="Optuna storage URL")
+    sweep.add_argument("--workers", type=int, default=1, help="processes per method")
+    sweep.add_argument("--output", default="runs/sweep", help="directory for the summary")
 
     field = commands.add_parser(
         "field",
@@ -94,25 +124,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(checkpoint_report(args.output, args.dataset, args.epochs, args.batches)))
         print(f"wrote {args.output}/rows.csv and study.png")
         return 0
+    if args.command == "sweep":
+        return _sweep(args)
     return _bench(args)
 
 
-def _bench(args: argparse.Namespace) -> int:
-    """``natgrad bench``."""
+def _task(args: argparse.Namespace) -> Task:
     task = get_task(args.task)
     if args.epochs is not None:
         if args.epochs < 1:
             raise SystemExit("--epochs must be >= 1")
         task = replace(task, epochs=args.epochs)
-    grids = None
-    if args.grid:
-        try:
-            grids = json.loads(args.grid)
-        except json.JSONDecodeError as error:
-            raise SystemExit(f"--grid is not valid JSON: {error}") from error
-    output = Path(args.output)
+    return task
+
+
+def _report(task: Task, runs: list, output: Path) -> None:
+    """Write runs.json, summary.md and curves.png for the best configurations."""
     output.mkdir(parents=True, exist_ok=True)
-    runs = sweep(task, args.methods, args.seeds, grids)
     (output / "runs.json").write_text(json.dumps(runs, indent=1))
     best = best_runs(runs)
     table = summary_table(best)
@@ -123,6 +151,35 @@ def _bench(args: argparse.Namespace) -> int:
     except ImportError:
         print("matplotlib is not installed: no curves.png (pip install natgrad[plots])")
     print(f"wrote {output / 'runs.json'}, {output / 'summary.md'}")
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """``natgrad sweep``."""
+    from natgrad.bench.sweep import collect_runs, run_parallel, run_sweep
+
+    task = _task(args)
+    if args.storage.startswith("sqlite:///"):
+        Path(args.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    for method in args.methods:
+        if args.workers > 1:
+            run_parallel(task, method, args.seeds, args.storage, args.workers)
+        else:
+            run_sweep(task, method, args.seeds, args.storage)
+        print(f"{task.name} {method}: grid done")
+    _report(task, collect_runs(task, args.methods, args.storage), Path(args.output))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """``natgrad bench``."""
+    task = _task(args)
+    grids = None
+    if args.grid:
+        try:
+            grids = json.loads(args.grid)
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"--grid is not valid JSON: {error}") from error
+    _report(task, sweep(task, args.methods, args.seeds, grids), Path(args.output))
     return 0
 
 
