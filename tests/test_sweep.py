@@ -49,7 +49,7 @@ def test_cli_sweep_with_two_workers(tmp_path, capsys):
     assert status == 0
     task = replace(runner.get_task("wine-mlp"), epochs=1)
     trials = completed(storage, task, "sgd")
-    # the whole default lr grid; two racing workers may occasionally both take one point
+    # the whole default lr grid; racing workers may each repeat at most one point at the end
     assert {t.params["lr"] for t in trials} == {1e-4, 1e-3, 1e-2, 1e-1}
-    assert 4 <= len(trials) <= 5
+    assert 4 <= len(trials) <= 4 + 2
     assert "| sgd |" in (tmp_path / "out" / "summary.md").read_text()

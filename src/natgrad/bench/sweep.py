@@ -49,11 +49,8 @@ def run_sweep(
     grid = grid if grid is not None else get_method(method).grid
     data = load_dataset(task.dataset)
     study = _open_study(task, method, storage, grid)
-    remaining = len(grid_points(grid)) - sum(
-        trial.state == optuna.trial.TrialState.COMPLETE for trial in study.trials
-    )
-    if remaining <= 0:
-        return study
+    size = len(grid_points(grid))
+    taken = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
 
     def objective(trial: optuna.Trial) -> float:
         hyper = {name: trial.suggest_categorical(name, values) for name, values in grid.items()}
@@ -67,7 +64,17 @@ def run_sweep(
         return sum(finals) / len(finals)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(objective, n_trials=min(remaining, n_trials or remaining))
+    evaluated = 0
+    while n_trials is None or evaluated < n_trials:
+        # one trial at a time, looking again at what other workers have taken meanwhile
+        visited = {
+            tuple(sorted(trial.params.items()))
+            for trial in study.get_trials(deepcopy=False, states=taken)
+        }
+        if len(visited) >= size:
+            break
+        study.optimize(objective, n_trials=1)
+        evaluated += 1
     return study
 
 
