@@ -137,7 +137,7 @@ def r3_gd_ngd_efgd(dataset: str, iterations: int = 100) -> Finding:
     data = load_dataset(dataset, test_fraction=0.0)
     inputs = data.train_inputs.double()
     targets = data.train_targets if likelihood == "categorical" else data.train_targets.double()
-    step_sizes = [10.0**k for k in range(-4, 2)]
+    step_sizes = [10.0**k for k in range(-4, 4)]
     dampings = [10.0**k for k in range(-8, 1, 2)]
     best = {}
     for method in ("gd", "ngd", "ef"):
