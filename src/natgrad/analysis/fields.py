@@ -25,6 +25,7 @@ from torch import Tensor, nn
 import natgrad
 from natgrad.analysis.compare import method_update
 from natgrad.analysis.quality import BatchFisher, per_sample_gradients
+from natgrad.plotting import pyplot
 
 REGRESSION_STARTS = ((2.0, 4.5), (1.0, 0.0), (4.5, 3.0), (-0.5, 3.0))
 FIELD_METHODS = ("gd", "ngd", "ef", "ief")
@@ -226,10 +227,7 @@ def plot_regression_fields(
 
     Arrows are normalised to unit length so the directions can be compared.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     grid0, grid1 = torch.meshgrid(fields.theta0, fields.theta1, indexing="xy")
     figure, axes = plt.subplots(1, 4, figsize=(18, 4.5))
@@ -257,10 +255,7 @@ def plot_regression_fields(
 
 def plot_quadratic_models(models: dict[str, QuadraticModels], path: str) -> None:
     """Seed 002 Fig. 2: contours ``½ (θ - θ*)^T M (θ - θ*) = const`` of the Fisher and EF."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.5), squeeze=False)
     angles = torch.linspace(0, 2 * math.pi, 200, dtype=torch.float64)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 import natgrad
 from natgrad.analysis.compare import MethodFactory, compare_updates
+from natgrad.plotting import pyplot
 
 LossFunction = Callable[[Tensor, Tensor], Tensor]
 
@@ -118,10 +119,7 @@ def plot_study(rows: list[dict[str, float]], path: str | Path) -> None:
     method (log scale). Right: batch imbalance against ``γ_EF / γ_SGD`` (log-log), if EF was
     measured.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     methods = [k.removeprefix("gamma_ratio_") for k in rows[0] if k.startswith("gamma_ratio_")]
     progress = sorted({row["progress"] for row in rows})

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from natgrad.bench import models
 from natgrad.bench.datasets import Dataset, load_dataset
 from natgrad.bench.registry import get_method
+from natgrad.plotting import pyplot
 
 
 @dataclass
@@ -250,10 +251,7 @@ def summary_table(best: dict[str, list[dict[str, Any]]]) -> str:
 
 def plot_curves(best: dict[str, list[dict[str, Any]]], path: str | Path) -> None:
     """Training loss per epoch and per second, one line per method, band over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for method, group in best.items():
