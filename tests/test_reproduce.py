@@ -21,3 +21,10 @@ def test_r1_and_r3_run_and_report(tmp_path):
 def test_cli_reproduce(tmp_path, capsys):
     assert main(["reproduce", "R2", "--output", str(tmp_path)]) == 0
     assert "R2 least squares: iEF matrix = Fisher: REPRODUCED" in capsys.readouterr().out
+
+
+def test_r10_reports_both_sub_claims(tmp_path):
+    finding = reproduce.r10_approximation_quality(tmp_path, dataset="wine", epochs=2, batches=2)
+    assert "ordering iEF < F(1) < EF" in finding.lines[-2]
+    assert finding.lines[-1].startswith("imbalance vs γ_EF/γ_SGD: Spearman")
+    assert (tmp_path / "rows.csv").exists()

@@ -61,10 +61,11 @@ def checkpoint_report(
     batches: int = 4,
     batch_size: int = 32,
     hidden: tuple[int, ...] = (128, 128),
-) -> list[str]:
+) -> tuple[list[str], list[dict[str, float]]]:
     """Seed 000 Fig. 2-4 at CPU scale: train an MLP with SGD, study every epoch's checkpoint.
 
-    Writes ``rows.csv`` and ``study.png`` into ``output``; returns the printed summary.
+    Writes ``rows.csv`` and ``study.png`` into ``output``; returns the printed summary and the
+    study's records.
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -100,7 +101,7 @@ def checkpoint_report(
         f"Spearman correlation of imbalance and γ_EF/γ_SGD over {len(rows)} batches: "
         f"{correlation:.3f}"
     )
-    return lines
+    return lines, rows
 
 
 __all__ = ["checkpoint_report", "field_report"]

