@@ -282,3 +282,21 @@ def test_confident_float32_predictions_pass_the_cross_entropy_check(reduction):
     row_sums = logits.grad.sum(dim=1).abs()
     assert (row_sums > 1e-3 * logits.grad.abs().max()).all()  # what a naive check rejects
     natgrad.likelihoods.Categorical().check_output_grad(logits, logits.grad, reduction)
+
+
+@pytest.mark.parametrize("fisher", ["mc", "exact"])
+def test_logits_whose_sum_overflows_skip_the_step(fisher):
+    """Finite logits near the float maximum overflow their sum: no labels are sampled and
+    the step is skipped (a diverging run once crashed here: 'received no sampled datapoints')."""
+    model = make_model()
+    pre = natgrad.KFAC(model, fisher=fisher)
+    with torch.no_grad():
+        model[-1].bias.fill_(torch.finfo(model[-1].bias.dtype).max / 2)
+    inputs, targets = batch()
+    logits = model(inputs)
+    assert torch.isfinite(logits).all() and not torch.isfinite(logits.sum())
+    F.cross_entropy(logits, targets).backward()
+    with pytest.warns(natgrad.NonFiniteWarning, match="logits"):
+        pre.step(logits)
+    assert pre.skipped_steps == 1
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())

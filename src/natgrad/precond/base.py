@@ -186,8 +186,10 @@ class Preconditioner:
         factor = self.likelihood.reduction_factor(logits, self.reduction)
         batches = self._layer_batches(logits.shape[0], factor)
         try:
-            if not self._all_finite(output_grad, batches):
-                self._skip_step("the loss gradient or the captured layer rows contain NaN/Inf")
+            if not self._all_finite([logits.detach(), output_grad], batches):
+                self._skip_step(
+                    "the logits, the loss gradient or the captured layer rows contain NaN/Inf"
+                )
                 return
             self.likelihood.check_output_grad(logits, output_grad, self.reduction)
             per_sample_output_grad = output_grad / factor
@@ -298,10 +300,11 @@ class Preconditioner:
         return batches
 
     @staticmethod
-    def _all_finite(output_grad: Tensor, batches: list[LayerBatch]) -> bool:
-        """Whether every captured value is finite, by one sum per tensor (NaN and Inf
-        propagate into a sum; a sum overflowing float range also counts as non-finite)."""
-        tensors = [output_grad]
+    def _all_finite(tensors: list[Tensor], batches: list[LayerBatch]) -> bool:
+        """Whether ``tensors`` and every captured value are finite, by one sum per tensor
+        (NaN and Inf propagate into a sum; a sum overflowing float range also counts as
+        non-finite, as in the hook that skips sampling labels from such logits)."""
+        tensors = list(tensors)
         for batch in batches:
             tensors += [batch.inputs, batch.loss_grads]
             if batch.extra_grads is not None:
