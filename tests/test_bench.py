@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -109,3 +110,18 @@ def test_synthetic_datasets_follow_the_seeds():
     assert logistic.task == "binary" and set(logistic.train_targets.unique().tolist()) == {0, 1}
     squares = load_dataset("least_squares_2d")
     assert squares.train_inputs.min() > 0  # lognormal inputs
+
+
+def test_a_diverging_run_is_marked_and_the_sweep_continues():
+    task = replace(runner.get_task("wine-mlp"), epochs=3)
+    lines = []
+    grids = {
+        "sgd": {"lr": [1e8, 0.01]},
+        "kfac": {"lr": [1e4], "damping": [1e-8], "damping_mode": ["correct"]},
+    }
+    runs = runner.sweep(task, ["sgd", "kfac"], [0], grids, progress=lines.append)
+    assert [r["diverged"] for r in runs[:2]] == [True, False] and len(runs) == 3
+    assert runner.best_runs(runs)["sgd"][0]["hyper"] == {"lr": 0.01}
+    # the KFAC run's numerical trouble is counted per run, not printed once per step
+    assert runs[2]["warnings"]["NonFiniteWarning"] >= 1 and runs[2]["diverged"]
+    assert len(lines) == 3

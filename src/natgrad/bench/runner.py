@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,9 @@ from torch import Tensor, nn
 from natgrad.bench import models
 from natgrad.bench.datasets import Dataset, load_dataset
 from natgrad.bench.registry import get_method
+from natgrad.linalg import NumericalWarning
 from natgrad.plotting import pyplot
+from natgrad.precond.base import NonFiniteWarning
 
 
 @dataclass
@@ -142,8 +145,28 @@ def train_run(
     Returns the training loss on the whole training set before training and after every
     epoch (``train_loss``), the cumulative optimisation time at those points (``seconds``),
     every step's mini-batch loss and time (``step_loss``, ``step_seconds``), the final test
-    loss and whether the run diverged (a non-finite loss ends it).
+    loss, whether the run diverged (a non-finite loss ends it) and how many of natgrad's
+    numerical warnings (solver fallbacks, skipped steps) it raised, by category
+    (``warnings``); those are counted rather than printed, one per step.
     """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NumericalWarning)
+        warnings.simplefilter("always", NonFiniteWarning)
+        run = _train(task, method, hyper, seed, data)
+    counts: dict[str, int] = {}
+    for warning in caught:
+        if issubclass(warning.category, NumericalWarning | NonFiniteWarning):
+            counts[warning.category.__name__] = counts.get(warning.category.__name__, 0) + 1
+        else:
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+    return {**run, "warnings": counts}
+
+
+def _train(
+    task: Task, method: str, hyper: dict[str, Any], seed: int, data: Dataset
+) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = task.build_model(data)
     optimiser, pre = get_method(method).build(model, task.likelihood, "mean", **hyper)
@@ -207,9 +230,11 @@ def sweep(
             for seed in seeds:
                 run = train_run(task, method, hyper, seed, data)
                 runs.append(run)
+                fallbacks = ", ".join(f"{n} {c}x" for n, c in run["warnings"].items())
                 progress(
                     f"{task.name} {method} {hyper} seed {seed}: final train loss "
                     f"{run['train_loss'][-1]:.4g} in {run['seconds'][-1]:.1f} s"
+                    + (f" ({fallbacks})" if fallbacks else "")
                 )
     return runs
 
