@@ -61,6 +61,7 @@ def checkpoint_report(
     batches: int = 4,
     batch_size: int = 32,
     hidden: tuple[int, ...] = (128, 128),
+    seed: int = 0,
 ) -> tuple[list[str], list[dict[str, float]]]:
     """Seed 000 Fig. 2-4 at CPU scale: train an MLP with SGD, study every epoch's checkpoint.
 
@@ -69,7 +70,7 @@ def checkpoint_report(
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     data = load_dataset(dataset)
     if data.task != "classification":
         raise ValueError(f"the checkpoint study needs a classification set, {dataset} is not")

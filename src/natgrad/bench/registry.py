@@ -2,7 +2,9 @@
 
 A method is a function ``build(model, likelihood, reduction, **hyper_parameters)`` returning a
 ``torch.optim`` optimiser and a natgrad preconditioner (``None`` for first-order methods),
-plus a grid of hyper-parameters to search. New methods register with :func:`register`; the
+plus a grid of hyper-parameters to search. Preconditioned methods train with
+``torch.optim.SGD`` on the preconditioned gradient; their ``momentum`` (0.9 unless the grid
+sets it) is a hyper-parameter like the others. New methods register with :func:`register`; the
 runner and the CLI pick them up by name.
 """
 
@@ -58,7 +60,14 @@ def _first_order(optimiser: Callable[..., torch.optim.Optimizer]) -> Callable[..
 def _preconditioned(
     make: Callable[..., natgrad.Preconditioner], momentum: float = 0.9
 ) -> Callable[..., Built]:
-    def build(model: nn.Module, likelihood: str, reduction: str, lr: float, **hyper: Any) -> Built:
+    def build(
+        model: nn.Module,
+        likelihood: str,
+        reduction: str,
+        lr: float,
+        momentum: float = momentum,
+        **hyper: Any,
+    ) -> Built:
         pre = make(model, likelihood=likelihood, reduction=reduction, **hyper)
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum), pre
 
@@ -113,6 +122,18 @@ for _method in (
         _preconditioned(natgrad.KFAC),
         {"lr": LEARNING_RATES, "damping": [1e-3, 1e-1]},
         "KFAC, heuristic damping",
+    ),
+    Method(
+        "kfac-correct",
+        _preconditioned(lambda m, **k: natgrad.KFAC(m, damping_mode="correct", **k)),
+        {"lr": LEARNING_RATES, "damping": [1e-3, 1e-1]},
+        "KFAC, correct damping",
+    ),
+    Method(
+        "kfac-subsampled",
+        _preconditioned(lambda m, **k: natgrad.KFAC(m, ema_decay=0.0, **k)),
+        {"lr": LEARNING_RATES, "damping": [1e-3, 1e-1]},
+        "KFAC without averaging (m = 0)",
     ),
     Method(
         "foof",

@@ -245,14 +245,18 @@ def best_runs(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     for run in runs:
         groups.setdefault((run["method"], json.dumps(run["hyper"], sort_keys=True)), []).append(run)
     best: dict[str, list[dict[str, Any]]] = {}
+
+    def score(group: list[dict[str, Any]]) -> float:
+        return sum(final_train_loss(run) for run in group) / len(group)
+
     for (method, _), group in groups.items():
-        score = sum(_final(r) for r in group) / len(group)
-        if method not in best or score < sum(_final(r) for r in best[method]) / len(best[method]):
+        if method not in best or score(group) < score(best[method]):
             best[method] = group
     return best
 
 
-def _final(run: dict[str, Any]) -> float:
+def final_train_loss(run: dict[str, Any]) -> float:
+    """A run's last training loss; ``inf`` if it diverged or is not finite."""
     final = run["train_loss"][-1]
     return final if math.isfinite(final) and not run["diverged"] else math.inf
 
@@ -263,9 +267,9 @@ def summary_table(best: dict[str, list[dict[str, Any]]]) -> str:
         "| method | hyper-parameters | final train loss (mean over seeds) | test loss | seconds |",
         "|---|---|---|---|---|",
     ]
-    ordered = sorted(best.items(), key=lambda item: sum(_final(r) for r in item[1]))
+    ordered = sorted(best.items(), key=lambda item: sum(final_train_loss(r) for r in item[1]))
     for method, group in ordered:
-        mean = sum(_final(r) for r in group) / len(group)
+        mean = sum(final_train_loss(r) for r in group) / len(group)
         test = sum(r["test_loss"] for r in group) / len(group)
         seconds = sum(r["seconds"][-1] for r in group) / len(group)
         lines.append(
@@ -299,6 +303,7 @@ __all__ = [
     "TASKS",
     "Task",
     "best_runs",
+    "final_train_loss",
     "get_task",
     "grid_points",
     "plot_curves",

@@ -1,0 +1,88 @@
+"""Re-run the seeds' findings at CPU scale, each with its numbers, figures and a verdict.
+
+Every claim is a function ``run(output, seeds=..., full=False, ...) -> Finding`` listed in
+:data:`CLAIMS`; :func:`run_claim` times it and writes ``<output>/<claim>.json``. Verdicts follow
+the rule of :mod:`natgrad.reproduce.finding`, fixed in the code before any run: each claim is
+split into sub-claims decided by stated comparisons of measured numbers, and the claim is
+"reproduced" (all hold), "partly" (some) or "not reproduced" (none). ``docs/reproduction.md``
+records each claim's setup, scale, numbers and verdict.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from natgrad.reproduce.finding import VERDICTS, Finding, summary_table
+from natgrad.reproduce.geometry import r1_vector_fields, r2_ief_matrix_is_fisher, r3_gd_ngd_efgd
+from natgrad.reproduce.quality import r10_approximation_quality
+from natgrad.reproduce.training import (
+    r4_kfac_vs_subsampled_ng,
+    r5_kfac_damping,
+    r6_foof_vs_kfac,
+    r9_ef_damping,
+    r12_tengrad_vs_sgd,
+)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A reproducible claim: its identifier, what it states, and the function running it."""
+
+    name: str
+    summary: str
+    run: Callable[..., Finding]
+
+
+CLAIMS: dict[str, Claim] = {
+    claim.name: claim
+    for claim in (
+        Claim("R1", "2-D least squares: NGD = iEF fields, EF's distorted", r1_vector_fields),
+        Claim("R2", "least squares: the iEF matrix equals the Fisher", r2_ief_matrix_is_fisher),
+        Claim("R3", "GD vs NGD vs EFGD on breast cancer, wine, Boston", r3_gd_ngd_efgd),
+        Claim("R4", "KFAC beats subsampled NG and SGD", r4_kfac_vs_subsampled_ng),
+        Claim("R5", "KFAC: correct damping ~ SGD, heuristic carries it", r5_kfac_damping),
+        Claim("R6", "FOOF makes KFAC's progress per step, cheaper", r6_foof_vs_kfac),
+        Claim("R9", "EF(1e-7) < SGD, EF(1e-4) ~ SGD, iEF best", r9_ef_damping),
+        Claim("R10", "γ_iEF < γ_F(1) < γ_EF, imbalance ~ γ_EF/γ_SGD", r10_approximation_quality),
+        Claim("R12", "TENGraD vs SGD on small DNNs (batch 128)", r12_tengrad_vs_sgd),
+    )
+}
+
+
+def run_claim(
+    name: str,
+    output: str | Path,
+    seeds: Sequence[int] = (0, 1, 2),
+    full: bool = False,
+    data_dir: str | None = None,
+    **settings: object,
+) -> Finding:
+    """Run claim ``name``, time it, and write its JSON (and figures) into ``output``.
+
+    ``settings`` are passed to the claim's function (e.g. ``epochs=1`` for a smoke run);
+    ``data_dir`` only to claims that read user-provided files.
+    """
+    if name not in CLAIMS:
+        raise ValueError(f"unknown claim {name!r}: choose from {', '.join(CLAIMS)}")
+    run = CLAIMS[name].run
+    if data_dir is not None and "data_dir" in inspect.signature(run).parameters:
+        settings["data_dir"] = data_dir
+    start = time.perf_counter()
+    finding = run(Path(output), seeds=tuple(seeds), full=full, **settings)
+    finding.seconds = time.perf_counter() - start
+    finding.save(output)
+    return finding
+
+
+__all__ = [
+    "CLAIMS",
+    "VERDICTS",
+    "Claim",
+    "Finding",
+    "run_claim",
+    "summary_table",
+]

@@ -1,0 +1,103 @@
+"""One claim's outcome: its sub-claims, the numbers they were decided from, and a verdict.
+
+The verdict rule is fixed before any run: a claim is split into sub-claims ("checks"), each
+decided by a comparison of measured numbers written in the claim's code; the claim is
+``reproduced`` when every check holds, ``partly`` when some do, ``not reproduced`` when none
+does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+VERDICTS = ("reproduced", "partly", "not reproduced")
+
+
+@dataclass
+class Finding:
+    """What one claim measured and whether it held.
+
+    Attributes
+    ----------
+    claim
+        The claim's identifier, e.g. ``"R5"``.
+    statement
+        The seed's statement, in one line, with its figure.
+    checks
+        Sub-claim -> whether it held.
+    lines
+        Human-readable measurements, printed under the verdict.
+    numbers
+        Everything measured, JSON-serialisable (written to ``<claim>.json``).
+    figures
+        Paths of the figures written.
+    seconds
+        Wall-clock runtime of the claim.
+    """
+
+    claim: str
+    statement: str
+    checks: dict[str, bool]
+    lines: list[str] = field(default_factory=list)
+    numbers: dict[str, Any] = field(default_factory=dict)
+    figures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.checks:
+            raise ValueError(f"{self.claim}: a finding needs at least one check")
+
+    @property
+    def verdict(self) -> str:
+        """``reproduced`` (every check held), ``partly`` (some) or ``not reproduced`` (none)."""
+        held = sum(bool(value) for value in self.checks.values())
+        if held == len(self.checks):
+            return "reproduced"
+        return "partly" if held else "not reproduced"
+
+    def report(self) -> str:
+        """The finding as printed text: verdict, measurements, then each check."""
+        lines = [f"{self.claim} {self.statement}: {self.verdict.upper()} ({self.seconds:.0f} s)"]
+        lines += [f"  {line}" for line in self.lines]
+        lines += [f"  [{'x' if held else ' '}] {check}" for check, held in self.checks.items()]
+        lines += [f"  figure: {figure}" for figure in self.figures]
+        return "\n".join(lines)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``<claim>.json`` (verdict included) into ``directory``; return its path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{self.claim}.json"
+        record = {**asdict(self), "verdict": self.verdict}
+        path.write_text(json.dumps(_jsonable(record), indent=1))
+        return path
+
+
+def _jsonable(value: Any) -> Any:
+    """Non-finite floats as strings (JSON has no NaN), containers recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+def summary_table(findings: list[Finding]) -> str:
+    """A markdown table of verdicts, one row per claim."""
+    rows = ["| claim | statement | verdict | checks held | seconds |", "|---|---|---|---|---|"]
+    for finding in findings:
+        held = sum(finding.checks.values())
+        rows.append(
+            f"| {finding.claim} | {finding.statement} | {finding.verdict} | "
+            f"{held}/{len(finding.checks)} | {finding.seconds:.0f} |"
+        )
+    return "\n".join(rows)
+
+
+__all__ = ["VERDICTS", "Finding", "summary_table"]
