@@ -59,6 +59,9 @@ def test_cli_bench_writes_runs_summary_and_curves(tmp_path, capsys):
     assert "| sgd |" in summary and "| ief |" in summary
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert "final train loss" in capsys.readouterr().out
+    rows = (tmp_path / "runs.csv").read_text().splitlines()
+    assert rows[0] == "task,method,hyper,seed,epoch,train_loss,seconds,diverged"
+    assert len(rows) == 1 + 4 * 3  # 4 runs x (initial loss + 2 epochs)
 
 
 def test_cli_rejects_bad_arguments(tmp_path):
@@ -87,7 +90,13 @@ def test_cli_field_and_analyze(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "name",
-    ["digits-autoencoder", "deep-linear-small", "least-squares-2d", "logistic-misspecified-b"],
+    [
+        "digits-autoencoder",
+        "digits-cnn",
+        "deep-linear-small",
+        "least-squares-2d",
+        "logistic-misspecified-b",
+    ],
 )
 def test_every_kind_of_task_trains_with_a_preconditioner(name):
     from dataclasses import replace

@@ -30,6 +30,7 @@ from natgrad.bench.runner import (
     plot_curves,
     summary_table,
     sweep,
+    write_csv,
 )
 from natgrad.reproduce import CLAIMS
 
@@ -167,6 +168,7 @@ def _report(task: Task, runs: list, output: Path) -> None:
     """Write runs.json, summary.md and curves.png for the best configurations."""
     output.mkdir(parents=True, exist_ok=True)
     (output / "runs.json").write_text(json.dumps(runs, indent=1))
+    write_csv(runs, output / "runs.csv")
     best = best_runs(runs)
     table = summary_table(best)
     (output / "summary.md").write_text(f"# {task.name}\n\n{table}\n")
@@ -175,7 +177,7 @@ def _report(task: Task, runs: list, output: Path) -> None:
         plot_curves(best, output / "curves.png")
     except ImportError:
         print("matplotlib is not installed: no curves.png (pip install natgrad[plots])")
-    print(f"wrote {output / 'runs.json'}, {output / 'summary.md'}")
+    print(f"wrote {output / 'runs.json'}, {output / 'runs.csv'}, {output / 'summary.md'}")
 
 
 def _sweep(args: argparse.Namespace) -> int:

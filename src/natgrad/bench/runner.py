@@ -7,6 +7,7 @@ every epoch on the whole training set, and the wall-clock time.
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import math
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from natgrad.bench import models
 from natgrad.bench.datasets import Dataset, load_dataset
@@ -59,6 +61,12 @@ TASKS: dict[str, Task] = {
     for task in (
         Task("mnist1d-mlp", "mnist1d", lambda d: models.mlp(40, 10, (256, 256, 256))),
         Task("digits-mlp", "digits", lambda d: models.mlp(64, 10, (128, 128, 128)), epochs=10),
+        Task(
+            "digits-cnn",
+            "digits",
+            lambda d: nn.Sequential(nn.Unflatten(1, (1, 8, 8)), models.small_cnn(1, 10, 8)),
+            epochs=5,
+        ),
         Task("wine-mlp", "wine", lambda d: models.mlp(13, 3, (32,)), batch_size=32, epochs=20),
         Task(
             "diabetes-mlp",
@@ -219,23 +227,32 @@ def sweep(
     seeds: Iterable[int],
     grids: dict[str, dict[str, list[Any]]] | None = None,
     data: Dataset | None = None,
-    progress: Callable[[str], None] = print,
+    progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every method x grid point x seed on one task."""
+    """Every method x grid point x seed on one task.
+
+    A line per finished run goes to ``progress``; by default, under a tqdm progress bar over
+    all runs (on standard error).
+    """
     data = load_dataset(task.dataset) if data is None else data
+    jobs = [
+        (method, hyper, seed)
+        for method in methods
+        for hyper in grid_points((grids or {}).get(method, get_method(method).grid))
+        for seed in seeds
+    ]
+    bar = tqdm(jobs, desc=task.name, unit="run", disable=progress is not None)
+    report = progress if progress is not None else tqdm.write
     runs = []
-    for method in methods:
-        grid = (grids or {}).get(method, get_method(method).grid)
-        for hyper in grid_points(grid):
-            for seed in seeds:
-                run = train_run(task, method, hyper, seed, data)
-                runs.append(run)
-                fallbacks = ", ".join(f"{n} {c}x" for n, c in run["warnings"].items())
-                progress(
-                    f"{task.name} {method} {hyper} seed {seed}: final train loss "
-                    f"{run['train_loss'][-1]:.4g} in {run['seconds'][-1]:.1f} s"
-                    + (f" ({fallbacks})" if fallbacks else "")
-                )
+    for method, hyper, seed in bar:
+        run = train_run(task, method, hyper, seed, data)
+        runs.append(run)
+        fallbacks = ", ".join(f"{n} {c}x" for n, c in run["warnings"].items())
+        report(
+            f"{task.name} {method} {hyper} seed {seed}: final train loss "
+            f"{run['train_loss'][-1]:.4g} in {run['seconds'][-1]:.1f} s"
+            + (f" ({fallbacks})" if fallbacks else "")
+        )
     return runs
 
 
@@ -259,6 +276,25 @@ def final_train_loss(run: dict[str, Any]) -> float:
     """A run's last training loss; ``inf`` if it diverged or is not finite."""
     final = run["train_loss"][-1]
     return final if math.isfinite(final) and not run["diverged"] else math.inf
+
+
+def write_csv(runs: list[dict[str, Any]], path: str | Path) -> None:
+    """One row per run and epoch: task, method, hyper-parameters (JSON), seed, epoch, training
+    loss and cumulative optimisation seconds, and whether the run diverged."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            ["task", "method", "hyper", "seed", "epoch", "train_loss", "seconds", "diverged"]
+        )
+        for run in runs:
+            hyper = json.dumps(run["hyper"], sort_keys=True)
+            for epoch, (loss, seconds) in enumerate(
+                zip(run["train_loss"], run["seconds"], strict=True)
+            ):
+                writer.writerow(
+                    [run["task"], run["method"], hyper, run["seed"], epoch, loss, seconds,
+                     run["diverged"]]
+                )  # fmt: skip
 
 
 def summary_table(best: dict[str, list[dict[str, Any]]]) -> str:
@@ -310,4 +346,5 @@ __all__ = [
     "summary_table",
     "sweep",
     "train_run",
+    "write_csv",
 ]
