@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from natgrad.reproduce.cost import r11_cost_scaling
 from natgrad.reproduce.finding import VERDICTS, Finding, summary_table
 from natgrad.reproduce.geometry import r1_vector_fields, r2_ief_matrix_is_fisher, r3_gd_ngd_efgd
 from natgrad.reproduce.quality import r10_approximation_quality
@@ -48,6 +49,7 @@ CLAIMS: dict[str, Claim] = {
         Claim("R6", "FOOF makes KFAC's progress per step, cheaper", r6_foof_vs_kfac),
         Claim("R9", "EF(1e-7) < SGD, EF(1e-4) ~ SGD, iEF best", r9_ef_damping),
         Claim("R10", "γ_iEF < γ_F(1) < γ_EF, imbalance ~ γ_EF/γ_SGD", r10_approximation_quality),
+        Claim("R11", "time and memory vs P: exact, blockwise NGD, TENGraD, SGD", r11_cost_scaling),
         Claim("R12", "TENGraD vs SGD on small DNNs (batch 128)", r12_tengrad_vs_sgd),
     )
 }

@@ -1,0 +1,109 @@
+"""R11 (seed 004 Fig. 5): the dense reference steps equal natgrad's Woodbury ones, the claim
+runs and reports, and the slope / scaling rule decides on hand-made numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import natgrad
+from natgrad.analysis.compare import method_update
+from natgrad.reproduce import cost
+
+TOLERANCE = 1e-9
+
+
+def _relative_error(first: torch.Tensor, second: torch.Tensor) -> float:
+    return ((first - second).norm() / second.norm()).item()
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("structure", ["full", "layer"])
+def test_dense_direction_equals_natgrad_ngd_on_a_tiny_mlp(structure):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    inputs, targets = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    dense = cost.dense_ngd_direction(model, inputs, targets, 1e-3, structure)
+    woodbury = method_update(
+        model,
+        inputs,
+        lambda logits: F.cross_entropy(logits, targets),
+        lambda m: natgrad.NGD(m, fisher="empirical", structure=structure, damping=1e-3),
+    )
+    assert _relative_error(dense, woodbury) < TOLERANCE
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize(
+    ("dense", "woodbury"), [("exact_dense", "ngd_woodbury"), ("blockwise_dense", "tengrad")]
+)
+def test_timed_dense_steps_apply_natgrads_update(dense, woodbury):
+    """The steps R11 times: one step of each on the same batch moves the weights alike."""
+    batch = cost.random_batches(32, seed=0)()
+    batch = (batch[0].double(), batch[1])
+    changes = []
+    for method in (dense, woodbury):
+        model = cost.cost_mlp(depth=2, seed=0)
+        before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        cost.make_step(method, model)(batch)
+        after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        changes.append(after - before)
+    assert changes[0].abs().max() > 0
+    assert _relative_error(changes[0], changes[1]) < TOLERANCE
+
+
+def test_blocks_follow_the_layers():
+    model = cost.cost_mlp(depth=2, seed=0)
+    full, layer = cost._blocks(model, "full"), cost._blocks(model, "layer")
+    assert full == [slice(0, cost.num_params(2))] and cost.num_params(2) == 1050
+    assert [(b.start, b.stop) for b in layer] == [(0, 420), (420, 840), (840, 1050)]
+
+
+def test_slope_and_scaling_rule_on_hand_made_numbers():
+    sizes = [10.0, 100.0, 1000.0]
+    assert cost.loglog_slope(sizes, [3 * s**2 for s in sizes]) == pytest.approx(2.0)
+    assert cost.loglog_slope(sizes, [5.0, 5.0, 5.0]) == pytest.approx(0.0)
+    assert math.isnan(cost.loglog_slope(sizes, [1.0, 0.0, 2.0]))  # log of 0
+    assert math.isnan(cost.loglog_slope([10.0], [1.0]))  # one point: no slope
+    with pytest.raises(ValueError, match="sizes but"):
+        cost.loglog_slope(sizes, [1.0, 2.0])
+    assert cost.scales_like(1.4, 1.0) and cost.scales_like(0.5, 1.0)
+    assert not cost.scales_like(1.6, 1.0) and not cost.scales_like(2.0, 1.0)
+    assert not cost.scales_like(math.nan, 1.0)
+
+
+def test_curvature_bytes_follow_the_formulas():
+    n, p = 128, cost.num_params(1)  # 20-20-10: layers of (20 + 1) 20 and (20 + 1) 10 params
+    assert cost.curvature_bytes("exact_dense", 1, n) == 4 * (p * p + n * p)
+    assert cost.curvature_bytes("blockwise_dense", 1, n) == 4 * (420**2 + 210**2 + n * p)
+    assert cost.curvature_bytes("tengrad", 1, n) == 8 * 2 * n * n + 4 * n * (40 + 30)
+    assert cost.curvature_bytes("ngd_woodbury", 1, n) == 8 * n * n + 4 * n * (40 + 30)
+    assert cost.curvature_bytes("sgd", 1, n) == 0
+
+
+def test_r11_smoke_run_reports_skips_and_saves(tmp_path):
+    finding = cost.r11_cost_scaling(
+        tmp_path, seeds=(0,), depths=(1, 2), batch_size=16, steps=1, dense_max_params=700
+    )
+    assert finding.claim == "R11" and len(finding.checks) == 5
+    rows = finding.numbers["rows"]
+    assert len(rows) == 2 * len(cost.METHODS)
+    skipped = [r for r in rows if r["skipped"]]
+    assert [(r["method"], r["depth"]) for r in skipped] == [("exact_dense", 2)]
+    assert "dense_max_params = 700" in skipped[0]["skipped"] and skipped[0]["ms"] is None
+    measured = [r for r in rows if not r["skipped"]]
+    assert all(r["ms"] > 0 and r["peak_mib"] >= 0 for r in measured)
+    record = json.loads(finding.save(tmp_path).read_text())
+    assert record["claim"] == "R11" and record["verdict"] in (
+        "reproduced",
+        "partly",
+        "not reproduced",
+    )
+    assert record["numbers"]["settings"]["dense_max_params"] == 700
+    assert finding.figures == [str(tmp_path / "R11.png")] and (tmp_path / "R11.png").exists()
+    assert "exact NGD (dense)" in finding.report()
