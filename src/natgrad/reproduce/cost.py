@@ -92,6 +92,7 @@ import natgrad
 from natgrad.bench import models
 from natgrad.plotting import pyplot
 from natgrad.reproduce.finding import Finding
+from natgrad.reproduce.tuning import one_torch_thread
 
 INPUTS = 20
 CLASSES = 10
@@ -454,16 +455,12 @@ def r11_cost_scaling(
         for depth in depths
     }
     per_seed: dict[tuple[str, int], list[float]] = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         for depth in depths:
             for seed in seeds:
                 medians = _time_depth(depth, seed, batch_size, steps, measured[depth])
                 for method, seconds in medians.items():
                     per_seed.setdefault((method, depth), []).append(1e3 * seconds)
-    finally:
-        torch.set_num_threads(threads)
     jobs = [(m, d, batch_size, seeds[0]) for d in depths for m in measured[d]]
     peaks = dict(zip([(m, d) for m, d, _, _ in jobs], _peak_memory(jobs), strict=True))
     load_after = os.getloadavg()[0]

@@ -35,8 +35,16 @@ SGD_GRID = {"lr": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1], "momentum": [0.0, 0.9]}
 CURVATURE_GRID = {"lr": STEP_SIZES, "damping": DAMPINGS}
 
 
-def mlp_problem(full: bool = False, data_dir: str | None = None) -> tuple[Task, Dataset]:
-    """Seed 001's MLP task at the chosen scale (see the module docstring)."""
+def mlp_problem(
+    full: bool = False, data_dir: str | None = None, epochs: int | None = None
+) -> tuple[Task, Dataset]:
+    """Seed 001's MLP task at the chosen scale (see the module docstring), with ``epochs``
+    overriding its number of epochs."""
+    task, data = _mlp_problem(full, data_dir)
+    return (task if epochs is None else replace(task, epochs=epochs)), data
+
+
+def _mlp_problem(full: bool, data_dir: str | None) -> tuple[Task, Dataset]:
     if full:
         if data_dir is None:
             raise ValueError(
@@ -72,9 +80,7 @@ def r4_kfac_vs_subsampled_ng(
     when KFAC is subsampled (m = 0); with 1000 training points and full batches, natural
     gradient beats SGD. NG uses the MC Fisher (one sampled label per input), the seed's
     default, inverted exactly by Woodbury on the mini-batch."""
-    task, data = mlp_problem(full, data_dir)
-    if epochs is not None:
-        task = replace(task, epochs=epochs)
+    task, data = mlp_problem(full, data_dir, epochs)
     contenders = [
         Contender("sgd", "sgd", SGD_GRID),
         Contender("kfac", "kfac", CURVATURE_GRID),
@@ -136,9 +142,7 @@ def r5_kfac_damping(
     """Seed 001 Fig. 3A: with correct damping ``(A ⊗ G) + λI`` KFAC performs like SGD;
     heuristic damping carries its performance. "Like SGD": mean final training loss within a
     factor 2 of SGD's, either way."""
-    task, data = mlp_problem(full, data_dir)
-    if epochs is not None:
-        task = replace(task, epochs=epochs)
+    task, data = mlp_problem(full, data_dir, epochs)
     selected = tuning.tune(
         task,
         data,
@@ -156,14 +160,13 @@ def r5_kfac_damping(
         "heuristic damping < SGD": less(final["kfac heuristic"], final["sgd"]),
         "correct damping within 2x of SGD": math.isfinite(ratio) and 0.5 <= ratio <= 2.0,
     }
-    lines = [*tuning.lines(selected), f"correct-damping KFAC / SGD final loss: {ratio:.3g}"]
-    return Finding(
+    return tuning.finding(
         "R5",
         "KFAC with correct damping ~ SGD; heuristic damping carries KFAC (001 Fig. 3A)",
         checks,
-        lines,
-        tuning.numbers(selected),
-        tuning.plot(selected, Path(output) / "R5.png"),
+        selected,
+        output,
+        [f"correct-damping KFAC / SGD final loss: {ratio:.3g}"],
     )
 
 
@@ -177,9 +180,7 @@ def r6_foof_vs_kfac(
     """Seed 001 Fig. 4: FOOF makes at least KFAC's progress per step (final training loss
     after the same steps) and costs less per step (median step time, same process), both
     inverting every step (T = 1)."""
-    task, data = mlp_problem(full, data_dir)
-    if epochs is not None:
-        task = replace(task, epochs=epochs)
+    task, data = mlp_problem(full, data_dir, epochs)
     selected = tuning.tune(
         task,
         data,
@@ -193,17 +194,13 @@ def r6_foof_vs_kfac(
         and final["foof"] <= final["kfac"],
         "FOOF's step time < KFAC's": step["foof"] < step["kfac"],
     }
-    lines = [
-        *tuning.lines(selected),
-        f"KFAC / FOOF step time: {step['kfac'] / step['foof']:.2f} (the seed reports ~1.5)",
-    ]
-    return Finding(
+    return tuning.finding(
         "R6",
         "FOOF makes KFAC's progress per step and is cheaper (001 Fig. 4)",
         checks,
-        lines,
-        tuning.numbers(selected),
-        tuning.plot(selected, Path(output) / "R6.png"),
+        selected,
+        output,
+        [f"KFAC / FOOF step time: {step['kfac'] / step['foof']:.2f} (the seed reports ~1.5)"],
     )
 
 
@@ -262,18 +259,17 @@ def r9_ef_damping(
         "iEF(1e-7) best": math.isfinite(final["ief 1e-7"])
         and final["ief 1e-7"] <= min(final.values()),
     }
-    lines = [
-        *tuning.lines(selected),
-        f"cos(EF, SGD) on a batch of 32 at initialisation (mean over seeds): damping 1e-7 "
-        f"{cos7:.3f}, damping 1e-4 {cos4:.3f}",
-    ]
-    return Finding(
+    return tuning.finding(
         "R9",
         "EF(1e-7) < SGD, EF(1e-4) ~ SGD, iEF best (000 sec. 4)",
         checks,
-        lines,
-        {**tuning.numbers(selected), "cos_sgd_ef": cosines},
-        tuning.plot(selected, Path(output) / "R9.png"),
+        selected,
+        output,
+        [
+            f"cos(EF, SGD) on a batch of 32 at initialisation (mean over seeds): damping 1e-7 "
+            f"{cos7:.3f}, damping 1e-4 {cos4:.3f}"
+        ],
+        {"cos_sgd_ef": cosines},
     )
 
 
