@@ -140,3 +140,25 @@ def damped_direction(curvature: Tensor, rhs: Tensor, damping: float) -> Tensor:
 def flat_grad(params: list[nn.Parameter]) -> Tensor:
     """Concatenate ``.grad`` of the parameters."""
     return torch.cat([p.grad.reshape(-1) for p in params])
+
+
+def expected_update(batch, fisher, structure, damping, blocks, vectors=None):
+    """The damped update of a (fisher, structure) pair by a dense solve.
+
+    ``blocks`` are the parameter groups of ``structure="layer"``; ``vectors`` the sampled
+    output gradients ``(M, N, C)`` of ``fisher="mc"``.
+    """
+    if fisher == "empirical":
+        curvature, rhs = batch.empirical_fisher(), batch.gradient
+    elif fisher == "ief":
+        curvature = batch.empirical_fisher()
+        rhs = batch.factor * batch.loss_grads.T @ batch.ief_scaling()
+    elif fisher == "ief_matrix":
+        curvature, rhs = batch.ief_matrix(), batch.gradient
+    elif fisher == "mc":
+        curvature, rhs = batch.sampled_fisher(vectors), batch.gradient
+    else:
+        curvature, rhs = batch.exact_fisher(), batch.gradient
+    if structure == "layer":
+        curvature = curvature * batch.block_mask(blocks)
+    return damped_direction(curvature, rhs, damping)

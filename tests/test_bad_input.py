@@ -26,33 +26,40 @@ def batch(num: int = 6):
 @pytest.mark.parametrize(
     ("module", "name"),
     [
-        (nn.LayerNorm(5), "LayerNorm"),
+        (nn.PReLU(5), "PReLU"),
         (nn.Conv1d(5, 5, 1), "Conv1d"),
-        (nn.BatchNorm1d(5), "BatchNorm1d"),
     ],
 )
 def test_unsupported_trainable_module_is_named(module, name):
     model = nn.Sequential(nn.Linear(4, 5), module, nn.Linear(5, 3))
     with pytest.raises(ValueError, match=rf"'1' \({name}\).*unsupported='plain_gradient'"):
-        natgrad.NGD(model)
+        natgrad.NGD(model, unsupported="error")
 
 
 def test_grouped_convolution_is_unsupported():
     model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 3))
     with pytest.raises(ValueError, match="groups=2"):
-        natgrad.EF(model)
+        natgrad.EF(model, unsupported="error")
+    assert "torch.func per-sample rows: 0.weight, 0.bias" in natgrad.EF(model).describe()
 
 
+@pytest.mark.parametrize(
+    ("module", "settings", "names"),
+    [
+        (lambda: nn.PReLU(5), {"unsupported": "plain_gradient"}, "1.weight"),
+        (lambda: nn.LayerNorm(5), {"overrides": {"1": "plain_gradient"}}, "1.weight, 1.bias"),
+    ],
+)
 @pytest.mark.parametrize("fused", [False, True])
-def test_plain_gradient_option_leaves_other_parameters_alone(fused):
+def test_plain_gradient_option_leaves_other_parameters_alone(fused, module, settings, names):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    model = nn.Sequential(nn.Linear(4, 5), module(), nn.Linear(5, 3))
     inputs, targets = batch()
     model.zero_grad()
     F.cross_entropy(model(inputs), targets).backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
-    pre = natgrad.EF(model, unsupported="plain_gradient")
-    assert "plain gradient: 1.weight, 1.bias" in pre.describe()
+    pre = natgrad.EF(model, **settings)
+    assert f"plain gradient: {names}" in pre.describe()
     model.zero_grad()
     logits = model(inputs)
     loss = F.cross_entropy(logits, targets)
@@ -126,6 +133,9 @@ def test_logits_that_did_not_produce_the_loss():
         ({"mc_samples": 0}, ValueError, "mc_samples must be an integer >= 1"),
         ({"mc_samples": 1.5}, ValueError, "mc_samples must be an integer >= 1"),
         ({"unsupported": "ignore"}, ValueError, "unknown unsupported='ignore'"),
+        ({"overrides": {"1": "skip"}}, ValueError, "unknown override 'skip' for module '1'"),
+        ({"overrides": {"2.0": "fallback"}}, ValueError, "'2.0', which is not a module"),
+        ({"overrides": {"1": "fallback"}}, ValueError, "'1', which has no trainable parameter"),
     ],
 )
 def test_bad_settings_raise_at_construction(kwargs, error, message):

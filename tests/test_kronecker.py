@@ -336,6 +336,6 @@ def test_bad_kfac_settings_raise(kwargs, message):
 
 
 def test_kfac_unsupported_layer_raises():
-    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    model = nn.Sequential(nn.Linear(4, 5), nn.PReLU(5), nn.Linear(5, 3))
     with pytest.raises(ValueError, match="unsupported='plain_gradient'"):
-        natgrad.KFAC(model)
+        natgrad.KFAC(model, unsupported="error")

@@ -9,7 +9,7 @@ from torch import nn
 
 import natgrad
 from natgrad.likelihoods import get_likelihood
-from oracle import damped_direction, dense_batch, flat_grad
+from oracle import dense_batch, expected_update, flat_grad
 from problems import MODELS, make_mlp, make_targets, relative_error, run_natgrad
 
 FISHERS = ["empirical", "ief", "ief_matrix", "mc", "exact"]
@@ -20,23 +20,6 @@ TOLERANCE = 1e-8
 
 
 pytestmark = pytest.mark.usefixtures("float64")
-
-
-def expected_update(batch, fisher, structure, damping, blocks, vectors=None):
-    if fisher == "empirical":
-        curvature, rhs = batch.empirical_fisher(), batch.gradient
-    elif fisher == "ief":
-        curvature = batch.empirical_fisher()
-        rhs = batch.factor * batch.loss_grads.T @ batch.ief_scaling()
-    elif fisher == "ief_matrix":
-        curvature, rhs = batch.ief_matrix(), batch.gradient
-    elif fisher == "mc":
-        curvature, rhs = batch.sampled_fisher(vectors), batch.gradient
-    else:
-        curvature, rhs = batch.exact_fisher(), batch.gradient
-    if structure == "layer":
-        curvature = curvature * batch.block_mask(blocks)
-    return damped_direction(curvature, rhs, damping)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

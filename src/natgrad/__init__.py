@@ -1,6 +1,16 @@
 """natgrad: natural-gradient optimisation and Fisher-approximation analysis for PyTorch."""
 
-from natgrad import analysis, capture, datapoints, fisher_vector, likelihoods, linalg
+from natgrad import (
+    analysis,
+    capture,
+    datapoints,
+    direct,
+    fallback,
+    fisher_vector,
+    likelihoods,
+    linalg,
+    selection,
+)
 from natgrad.linalg import NumericalWarning
 from natgrad.precond import (
     EF,
@@ -30,7 +40,10 @@ __all__ = [
     "analysis",
     "capture",
     "datapoints",
+    "direct",
+    "fallback",
     "fisher_vector",
     "likelihoods",
     "linalg",
+    "selection",
 ]

@@ -13,11 +13,22 @@ Adapters turn a module's input and output gradient into rows:
 * ``nn.Conv2d`` (``groups=1``, zero padding, any stride, dilation and padding): the input is
   unfolded into patches, ``A`` of shape ``(N, H' W', C_in k_h k_w)``, and the output gradient
   ``(N, C_out, H', W')`` becomes ``(N, H' W', C_out)``.
+* ``nn.Embedding``: a lookup is a linear layer on one-hot inputs, so ``A`` holds the one-hot
+  rows of the indices, ``(N, T, num_embeddings)`` (zero at ``padding_idx``, whose row torch
+  never trains), and ``E`` the output gradients ``(N, T, embedding_dim)``. Its weight matrix
+  in the neuron view is ``(embedding_dim, num_embeddings)``, the transpose of
+  ``Embedding.weight``; the adapter converts (:meth:`LayerAdapter.to_weight`).
+
+Normalisation layers and any other trainable tensor are not ``(A, E)`` pairs: see
+:mod:`natgrad.direct` and :mod:`natgrad.fallback`, and :mod:`natgrad.selection` for which
+module gets which treatment.
 
 :class:`Capture` registers forward hooks that store each layer's input and output and a tensor
 hook on each output that stores its gradient when the loss is back-propagated. A forward hook
 on the model itself watches the model output (the logits) and reports its gradient to the
-preconditioner, at the moment the backward pass reaches it, while the graph below is intact.
+preconditioner, at the moment the backward pass reaches it, while the graph below is intact;
+a pre-hook records the model's arguments (positional and keyword) for the passes that re-run
+it (the torch.func fallback, FishLeg's Fisher-vector products).
 
 Several backward passes through one forward pass add up, as ``.grad`` does; extra datapoints
 (sampled labels, Hessian columns) are back-propagated once, on the first. Those extra passes
@@ -31,21 +42,45 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-UNSUPPORTED_POLICIES = ("error", "plain_gradient")
 
 
 class LayerAdapter:
     """How one module type maps to the neuron view: rows of ``A`` and ``E``, weight matrix."""
 
     def check(self, module: nn.Module) -> str | None:
-        """Return why ``module`` cannot be handled, or ``None`` if it can."""
+        """Return why this adapter cannot handle ``module``, or ``None`` if it can.
+
+        Such a module may still have exact per-sample gradients by another route (the
+        torch.func fallback of :mod:`natgrad.fallback`).
+        """
         return None
+
+    def rejects(self, module: nn.Module) -> str | None:
+        """Return why no per-sample gradient of ``module`` can be known, or ``None``.
+
+        Unlike :meth:`check`, no other route helps (the forward pass changes the weight in
+        place, or torch couples the datapoints' gradients): natgrad raises unless the module
+        is overridden to the plain gradient.
+        """
+        return None
+
+    def matrix_shape(self, module: nn.Module) -> tuple[int, int]:
+        """``(d_out, d_in)`` of the layer's weight matrix in the neuron view (no bias column)."""
+        return module.weight.shape[0], module.weight[0].numel()
+
+    def to_weight(self, module: nn.Module, matrix: Tensor) -> Tensor:
+        """Weight matrices ``(*, d_out, d_in)`` in the layout of ``module.weight``."""
+        return matrix.reshape(*matrix.shape[:-2], *module.weight.shape)
+
+    def to_matrix(self, module: nn.Module, weight: Tensor) -> Tensor:
+        """A tensor shaped like ``module.weight`` as the ``(d_out, d_in)`` weight matrix (a view
+        of a contiguous tensor)."""
+        return weight.reshape(module.weight.shape[0], -1)
 
     def input_rows(self, module: nn.Module, layer_input: Tensor) -> Tensor:
         """``A`` of shape ``(N, T, d_in)`` (no bias column) from the module input."""
@@ -75,12 +110,12 @@ class LayerAdapter:
         grad = weight.grad
         if grad is None or grad.dtype != weight.dtype or not grad.is_contiguous():
             return None
-        return grad.view(weight.shape[0], -1)
+        return self.to_matrix(module, grad)
 
     def write_grad(self, module: nn.Module, weight_grad: Tensor, bias_grad: Tensor | None) -> None:
         """Set ``.grad`` of weight (and bias) from a weight matrix and a bias vector."""
         # contiguous, as autograd lays out gradients (it accumulates into them in place)
-        weight = weight_grad.reshape(module.weight.shape).to(module.weight.dtype).contiguous()
+        weight = self.to_weight(module, weight_grad).to(module.weight.dtype).contiguous()
         module.weight.grad = weight
         if bias_grad is not None:
             module.bias.grad = bias_grad.to(module.bias.dtype).contiguous()
@@ -133,82 +168,56 @@ class Conv2dAdapter(LayerAdapter):
         return output_grad.flatten(start_dim=-2).transpose(-1, -2)
 
 
+class EmbeddingAdapter(LinearAdapter):
+    """``nn.Embedding`` as a linear layer on one-hot inputs, weight shared over the tokens.
+
+    The one-hot rows are materialised, ``(N, T, num_embeddings)``: exact and simple, sized for
+    small vocabularies. The neuron-view weight matrix is ``Embedding.weight`` transposed.
+    """
+
+    def rejects(self, module: nn.Module) -> str | None:
+        if module.max_norm is not None:
+            return (
+                f"max_norm={module.max_norm} renormalises the weight in place in the forward pass"
+            )
+        if module.sparse:
+            return "sparse=True gives sparse gradients (natgrad writes dense ones)"
+        if module.scale_grad_by_freq:
+            return "scale_grad_by_freq=True scales gradients by counts over the whole batch"
+        return None
+
+    def input_rows(self, module: nn.Module, layer_input: Tensor) -> Tensor:
+        if layer_input.dim() < 1:
+            raise ValueError(
+                "natgrad needs a batch dimension: nn.Embedding got a single index; pass "
+                "indices of shape (N,) or (N, T)"
+            )
+        indices = layer_input.reshape(layer_input.shape[0], -1).long()
+        rows = F.one_hot(indices, module.num_embeddings).to(module.weight.dtype)
+        if module.padding_idx is not None:
+            rows[..., module.padding_idx] = 0  # torch gives the padding row no gradient
+        return rows
+
+    def matrix_shape(self, module: nn.Module) -> tuple[int, int]:
+        return module.embedding_dim, module.num_embeddings
+
+    def to_weight(self, module: nn.Module, matrix: Tensor) -> Tensor:
+        return matrix.transpose(-1, -2)
+
+    def to_matrix(self, module: nn.Module, weight: Tensor) -> Tensor:
+        return weight.T
+
+
 ADAPTERS: dict[type[nn.Module], LayerAdapter] = {
     nn.Linear: LinearAdapter(),
     nn.Conv2d: Conv2dAdapter(),
+    nn.Embedding: EmbeddingAdapter(),
 }
 
 
 def adapter_for(module: nn.Module) -> LayerAdapter | None:
     """The adapter of ``module``'s exact type, or ``None`` if natgrad has none."""
     return ADAPTERS.get(type(module))
-
-
-@dataclass
-class LayerSelection:
-    """Which modules natgrad preconditions and which parameters keep the plain gradient."""
-
-    layers: dict[str, nn.Module]
-    plain: dict[str, nn.Parameter] = field(default_factory=dict)
-
-    def describe(self) -> str:
-        """One line per group, for ``Preconditioner.describe()``."""
-        kinds = ", ".join(f"{name} ({type(m).__name__})" for name, m in self.layers.items())
-        text = f"preconditioned: {kinds or 'none'}"
-        if self.plain:
-            text += f"; plain gradient: {', '.join(self.plain)}"
-        return text
-
-
-def select_layers(model: nn.Module, unsupported: str = "error") -> LayerSelection:
-    """Find the trainable layers of ``model`` that natgrad can precondition.
-
-    Parameters
-    ----------
-    model
-        Any ``nn.Module``.
-    unsupported
-        What to do with trainable parameters natgrad cannot precondition (modules without an
-        adapter, unsupported configurations such as grouped convolutions, a frozen weight with
-        a trainable bias): ``"error"`` (default) raises and lists them; ``"plain_gradient"``
-        leaves their ``.grad`` untouched, so the optimiser applies the plain gradient to them
-        and the curvature of the other layers ignores them (block-diagonal with respect to
-        them).
-    """
-    if unsupported not in UNSUPPORTED_POLICIES:
-        raise ValueError(
-            f"unknown unsupported={unsupported!r}: choose one of {UNSUPPORTED_POLICIES}"
-        )
-    layers: dict[str, nn.Module] = {}
-    plain: dict[str, nn.Parameter] = {}
-    problems: list[str] = []
-    for name, module in model.named_modules():
-        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if not own:
-            continue
-        adapter = adapter_for(module)
-        reason = None if adapter is not None else "no natgrad adapter for this module type"
-        if reason is None:
-            reason = adapter.check(module)
-        if reason is None and not module.weight.requires_grad:
-            reason = "its weight is frozen but its bias is trainable"
-        if reason is None:
-            layers[name] = module
-            continue
-        for pname, param in own:
-            plain[f"{name}.{pname}" if name else pname] = param
-        problems.append(f"'{name or '<root>'}' ({type(module).__name__}): {reason}")
-    if problems and unsupported == "error":
-        raise ValueError(
-            "natgrad cannot precondition these trainable modules: "
-            + "; ".join(problems)
-            + ". Supported: nn.Linear and nn.Conv2d (groups=1, zero padding). Freeze their "
-            "parameters, or pass unsupported='plain_gradient' to leave them to the plain "
-            "gradient."
-        )
-    if not layers:
-        raise ValueError("the model has no trainable nn.Linear or nn.Conv2d layer to precondition")
-    return LayerSelection(layers=layers, plain=plain)
 
 
 @dataclass
@@ -247,11 +256,12 @@ class Capture:
         self.output: Tensor | None = None
         self.output_grad: Tensor | None = None
         self.model_args: tuple = ()
+        self.model_kwargs: dict = {}
         self._on_output_grad = on_output_grad
         self._in_forward = False
         self._nested = False
         self._paused = False
-        self._handles = [model.register_forward_pre_hook(self._start_forward)]
+        self._handles = [model.register_forward_pre_hook(self._start_forward, with_kwargs=True)]
         for name, module in layers.items():
             self._handles.append(module.register_forward_hook(self._layer_hook(name)))
         # registered last so that it runs after the layer hooks when the model is itself a layer
@@ -271,6 +281,7 @@ class Capture:
         self.output = None
         self.output_grad = None
         self.model_args = ()
+        self.model_kwargs = {}
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -281,11 +292,12 @@ class Capture:
         finally:
             self._paused = previous
 
-    def _start_forward(self, module: nn.Module, args: tuple) -> None:
+    def _start_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._paused:
             return
         self.clear()
         self.model_args = args
+        self.model_kwargs = kwargs
         self._in_forward = True
 
     def _end_forward(self, module: nn.Module, args: tuple, output: object) -> None:
@@ -357,6 +369,8 @@ class Capture:
         if self.output is None:
             raise RuntimeError("no model output was captured: run a forward pass first")
         outputs = list(self.layer_outputs())
+        if not outputs:  # no layer ran (e.g. only fallback tensors are trained)
+            return {name: [] for name in self.calls}
 
         def one_by_one() -> tuple[Tensor | None, ...]:
             per_vector = [
@@ -400,13 +414,11 @@ class Capture:
 
 __all__ = [
     "ADAPTERS",
-    "UNSUPPORTED_POLICIES",
     "Capture",
     "Conv2dAdapter",
+    "EmbeddingAdapter",
     "LayerAdapter",
     "LayerCall",
-    "LayerSelection",
     "LinearAdapter",
     "adapter_for",
-    "select_layers",
 ]

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from natgrad.fisher_vector import fisher_vector_product, flatten
 from natgrad.likelihoods import Likelihood, check_reduction, get_likelihood
-from natgrad.linalg import gram, per_datapoint_grads
-from natgrad.precond.base import LayerBatch, Preconditioner
+from natgrad.precond.base import Preconditioner
+from natgrad.precond.blocks import Block
 
 
 class BatchFisher:
@@ -153,15 +153,15 @@ def natural_gradient_cg(
 
 
 class _GradientRecorder(Preconditioner):
-    """Reads the neuron view of a batch without changing any gradient."""
+    """Reads the per-sample rows of a batch without changing any gradient."""
+
+    per_sample_blocks = True
 
     def _precondition(
-        self, batches: list[LayerBatch], factor: float, per_sample_output_grad: Tensor
+        self, batches: list[Block], factor: float, per_sample_output_grad: Tensor
     ) -> None:
         self.batches = batches
-        self.norms_sq = sum(
-            gram(b.inputs, b.loss_grads, has_bias=b.has_bias).diagonal() for b in batches
-        )
+        self.norms_sq = sum(b.gram(b.loss_grads).diagonal() for b in batches)
 
 
 def _record(
@@ -190,14 +190,13 @@ def per_sample_gradients(
 ) -> Tensor:
     """The ``(N, P)`` matrix of per-datapoint gradients ``∇l_n`` (no reduction factor).
 
-    Materialised from the neuron view, in the order of ``model.parameters()``; for small
-    models and analyses (the preconditioners never form it).
+    Materialised from the neuron view and the per-sample rows of normalisation layers and
+    torch.func fallback tensors, in the order of ``model.parameters()`` (every trainable
+    parameter is covered, none left to the plain gradient); for small models and analyses
+    (the preconditioners never form it for dense layers).
     """
     recorder = _record(model, inputs, loss_fn, likelihood, reduction)
-    return torch.cat(
-        [per_datapoint_grads(b.inputs, b.loss_grads, b.has_bias) for b in recorder.batches],
-        dim=1,
-    )
+    return torch.cat([b.per_datapoint_grads(b.loss_grads) for b in recorder.batches], dim=1)
 
 
 def per_sample_gradient_norms(

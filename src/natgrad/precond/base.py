@@ -21,22 +21,31 @@ Conventions
   damping acts on the curvature of the mean loss (the seeds' sum-loss equations with damping
   ``λ / c``).
 * One forward pass and one backward pass per step: a new forward pass forgets the previous one.
+
+Which parameters are preconditioned, and through which per-sample structure, is decided by
+:func:`natgrad.selection.select_layers` (``unsupported`` and ``overrides``). Subclasses that
+solve with materialised per-sample rows (``per_sample_blocks = True``: the Woodbury family)
+receive :class:`~natgrad.precond.blocks.DirectBatch` blocks for normalisation layers and
+fallback tensors; the others leave those parameters to the plain gradient.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from natgrad.capture import Capture, LayerAdapter, adapter_for, select_layers
+from natgrad.capture import Capture, adapter_for
+from natgrad.direct import norm_adapter_for
+from natgrad.fallback import Fallback
 from natgrad.likelihoods import Likelihood, check_logits, check_reduction, get_likelihood
 from natgrad.linalg import SolveReport
+from natgrad.precond.blocks import Block, DirectBatch, LayerBatch
+from natgrad.selection import select_layers
 
 Damping = float | Callable[[int], float]
 
@@ -61,38 +70,17 @@ def check_count(value: int, name: str) -> int:
     return value
 
 
-@dataclass
-class LayerBatch:
-    """One layer's neuron view for the current batch.
-
-    ``loss_grads`` are the true-label output gradients of the per-datapoint losses (the
-    reduction factor removed), shape ``(1, N, T, d_out)``; ``extra_grads`` the ``K`` extra
-    datapoint sets of ``mc`` / ``exact``, shape ``(K, N, T, d_out)``, or ``None``.
-    """
-
-    name: str
-    module: nn.Module
-    adapter: LayerAdapter
-    inputs: Tensor
-    loss_grads: Tensor
-    extra_grads: Tensor | None
-    has_bias: bool
-
-    def grad_buffer(self) -> Tensor | None:
-        """The weight's existing ``.grad`` as a matrix view, to be overwritten in place."""
-        return self.adapter.grad_buffer(self.module)
-
-    def write_grad(self, weight_grad: Tensor, bias_grad: Tensor | None) -> None:
-        """Store a layer-shaped direction in the parameters' ``.grad``."""
-        self.adapter.write_grad(self.module, weight_grad, bias_grad)
-
-
 class Preconditioner:
     """Base class: hooks, input checks, the fused backward path and ``state_dict``.
 
     Subclasses implement :meth:`_precondition` and, if their datapoints need extra
-    back-propagated output vectors, :meth:`_extra_output_vectors`.
+    back-propagated output vectors, :meth:`_extra_output_vectors`. With
+    ``per_sample_blocks = True`` they also receive normalisation layers and fallback tensors as
+    :class:`~natgrad.precond.blocks.DirectBatch` blocks; otherwise those parameters keep the
+    plain gradient.
     """
+
+    per_sample_blocks: bool = False
 
     def __init__(
         self,
@@ -101,7 +89,8 @@ class Preconditioner:
         likelihood: str | Likelihood = "categorical",
         reduction: str = "mean",
         damping: Damping = 1e-3,
-        unsupported: str = "error",
+        unsupported: str = "fallback",
+        overrides: Mapping[str, str] | None = None,
         seed: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -110,15 +99,28 @@ class Preconditioner:
         self.likelihood = get_likelihood(likelihood)
         self.reduction = check_reduction(reduction)
         self.damping = damping if callable(damping) else check_damping(damping)
-        self.selection = select_layers(model, unsupported)
+        selection = select_layers(model, unsupported, overrides)
+        self.selection = (
+            selection if self.per_sample_blocks else selection.without_per_sample_blocks()
+        )
         self.adapters = {name: adapter_for(m) for name, m in self.selection.layers.items()}
+        self.norm_adapters = {
+            name: norm_adapter_for(m) for name, m in self.selection.direct.items()
+        }
+        self.fallback = (
+            Fallback(model, self.selection.fallback) if self.selection.fallback else None
+        )
         self.generator = torch.Generator().manual_seed(int(seed))
         self.steps = 0
         self.skipped_steps = 0
         self.last_solve: SolveReport | None = None
+        self._extra_vectors: Tensor | None = None
         self._extra_grads: dict[str, list[Tensor | None]] | None = None
         self._grad_buffers: dict[str, Tensor] = {}
-        self.capture = Capture(model, self.selection.layers, self._on_output_grad)
+        self._order = {name: index for index, name in enumerate(self.selection.order)}
+        self.capture = Capture(
+            model, {**self.selection.layers, **self.selection.direct}, self._on_output_grad
+        )
 
     # ------------------------------------------------------------------ hooks
     def _extra_output_vectors(self, logits: Tensor) -> Tensor | None:
@@ -127,10 +129,12 @@ class Preconditioner:
 
     def _on_output_grad(self, output: Tensor, grad: Tensor) -> None:
         self._extra_grads = None
+        self._extra_vectors = None
         if not bool(torch.isfinite(output.detach().sum())):
             return  # step() skips this batch; no labels can be sampled from NaN logits
         vectors = self._extra_output_vectors(output.detach())
         if vectors is not None:
+            self._extra_vectors = vectors
             self._extra_grads = self.capture.backprop_to_layers(vectors)
 
     # ------------------------------------------------------------------ public API
@@ -150,14 +154,17 @@ class Preconditioner:
         """
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ValueError("backward() needs the scalar loss tensor")
-        outputs = list(self.capture.layer_outputs())
-        if not outputs:
+        if self.capture.output is None:
             raise RuntimeError(
                 "backward() found no captured forward pass: call model(x) with gradients "
                 "enabled before computing the loss"
             )
+        outputs = list(self.capture.layer_outputs())
         plain = list(self.selection.plain.values())
-        grads = torch.autograd.grad(loss, outputs + plain, allow_unused=True)
+        # the model output is a target too, so that the backward pass reaches it (and natgrad
+        # reads its gradient) even when only fallback tensors are preconditioned
+        targets = [*outputs, *plain, self.capture.output]
+        grads = torch.autograd.grad(loss, targets, allow_unused=True)
         for name, module in self.selection.layers.items():
             if module.weight.grad is None:
                 # step() writes the direction into this buffer, reused from step to step
@@ -168,7 +175,7 @@ class Preconditioner:
         calls = [call for calls in self.capture.calls.values() for call in calls]
         for call, grad in zip(calls, grads[: len(outputs)], strict=True):
             call.output_grad = None if grad is None else grad.detach()
-        for param, grad in zip(plain, grads[len(outputs) :], strict=True):
+        for param, grad in zip(plain, grads[len(outputs) : len(outputs) + len(plain)], strict=True):
             if grad is None:
                 continue
             param.grad = grad.detach() if param.grad is None else param.grad + grad
@@ -192,14 +199,22 @@ class Preconditioner:
                 )
                 return
             self.likelihood.check_output_grad(logits, output_grad, self.reduction)
-            per_sample_output_grad = output_grad / factor
-            self._precondition(batches, factor, per_sample_output_grad.detach())
+            per_sample_output_grad = (output_grad / factor).detach()
+            batches += self._fallback_batches(logits.detach(), per_sample_output_grad)
+            if not batches:
+                raise RuntimeError(
+                    "no captured layer received a gradient: call loss.backward() on a loss that "
+                    "depends on the model's layers before step()"
+                )
+            batches.sort(key=lambda batch: self._order[batch.name])
+            self._precondition(batches, factor, per_sample_output_grad)
             self.steps += 1
         except FloatingPointError as error:
             self._skip_step(str(error))
         finally:
             self.capture.clear()
             self._extra_grads = None
+            self._extra_vectors = None
 
     def describe(self) -> str:
         """A one-line summary: method, settings and which modules are preconditioned."""
@@ -230,8 +245,14 @@ class Preconditioner:
 
     # ------------------------------------------------------------------ subclass hooks
     def _precondition(
-        self, batches: list[LayerBatch], factor: float, per_sample_output_grad: Tensor
+        self, batches: list[Block], factor: float, per_sample_output_grad: Tensor
     ) -> None:
+        """Write the preconditioned direction of every block into ``.grad``.
+
+        ``batches`` holds :class:`~natgrad.precond.blocks.LayerBatch` blocks and, if
+        ``per_sample_blocks``, :class:`~natgrad.precond.blocks.DirectBatch` blocks, in model
+        order.
+        """
         raise NotImplementedError
 
     def _settings(self) -> str:
@@ -258,8 +279,9 @@ class Preconditioner:
             )
         return self.capture.output_grad
 
-    def _layer_batches(self, num_datapoints: int, factor: float) -> list[LayerBatch]:
-        batches = []
+    def _layer_batches(self, num_datapoints: int, factor: float) -> list[Block]:
+        """Blocks of the captured modules (neuron-view layers and normalisation layers)."""
+        batches: list[Block] = []
         for name, module in self.selection.layers.items():
             calls = self.capture.calls[name]
             if not calls or any(call.output_grad is None for call in calls):
@@ -292,23 +314,70 @@ class Preconditioner:
                     has_bias=adapter.has_bias(module),
                 )
             )
-        if not batches:
-            raise RuntimeError(
-                "no captured layer received a gradient: call loss.backward() on a loss that "
-                "depends on the model's layers before step()"
-            )
+        for name, module in self.selection.direct.items():
+            batch = self._norm_batch(name, module, num_datapoints, factor)
+            if batch is not None:
+                batches.append(batch)
         return batches
 
+    def _norm_batch(
+        self, name: str, module: nn.Module, num_datapoints: int, factor: float
+    ) -> DirectBatch | None:
+        """Per-sample rows of a normalisation layer, summed over its calls (``None`` if it did
+        not take part in the loss)."""
+        calls = self.capture.calls[name]
+        if not calls or any(call.output_grad is None for call in calls):
+            return None
+        adapter = self.norm_adapters[name]
+        if calls[0].layer_input.shape[0] != num_datapoints:
+            raise ValueError(
+                f"layer '{name}' saw a batch of {calls[0].layer_input.shape[0]} rows but the "
+                f"logits have {num_datapoints}: natgrad needs the batch dimension first and "
+                "unchanged through the model"
+            )
+        loss_rows = sum(
+            adapter.per_sample_rows(module, c.layer_input, c.output_grad.unsqueeze(0))
+            for c in calls
+        )
+        extra = None
+        if self._extra_grads is not None:
+            parts = self._extra_grads[name]
+            if any(part is None for part in parts):
+                return None
+            extra = sum(
+                adapter.per_sample_rows(module, c.layer_input, part)
+                for c, part in zip(calls, parts, strict=True)
+            )
+        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        return DirectBatch(name, params, loss_rows / factor, extra)
+
+    def _fallback_batches(self, logits: Tensor, per_sample_output_grad: Tensor) -> list[Block]:
+        """Per-sample rows of the fallback tensors by torch.func (:mod:`natgrad.fallback`)."""
+        if self.fallback is None:
+            return []
+        vectors = per_sample_output_grad.unsqueeze(0)
+        if self._extra_vectors is not None:
+            vectors = torch.cat([vectors, self._extra_vectors])
+        with self.capture.paused():
+            rows = self.fallback.rows(
+                self.capture.model_args, self.capture.model_kwargs, vectors, logits
+            )
+        extra = self._extra_vectors is not None
+        return [
+            DirectBatch(
+                name, list(self.selection.fallback[name].values()), r[:1], r[1:] if extra else None
+            )
+            for name, r in rows.items()
+        ]
+
     @staticmethod
-    def _all_finite(tensors: list[Tensor], batches: list[LayerBatch]) -> bool:
+    def _all_finite(tensors: list[Tensor], batches: list[Block]) -> bool:
         """Whether ``tensors`` and every captured value are finite, by one sum per tensor
         (NaN and Inf propagate into a sum; a sum overflowing float range also counts as
         non-finite, as in the hook that skips sampling labels from such logits)."""
         tensors = list(tensors)
         for batch in batches:
-            tensors += [batch.inputs, batch.loss_grads]
-            if batch.extra_grads is not None:
-                tensors.append(batch.extra_grads)
+            tensors += batch.captured()
         return bool(torch.isfinite(torch.stack([t.sum() for t in tensors])).all())
 
     def _skip_step(self, reason: str) -> None:
@@ -316,10 +385,9 @@ class Preconditioner:
         for param in self.model.parameters():
             if param.requires_grad and param.grad is not None:
                 param.grad = torch.zeros_like(param)
-        for module in self.selection.layers.values():
-            for param in module.parameters(recurse=False):
-                if param.requires_grad and param.grad is None:
-                    param.grad = torch.zeros_like(param)
+        for param in self.selection.structured_parameters():
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
         self.skipped_steps += 1
         warnings.warn(
             f"natgrad skipped step {self.steps}: {reason}; the gradients were set to zero",
@@ -335,7 +403,6 @@ def _concat(tensors: list[Tensor], dim: int) -> Tensor:
 
 __all__ = [
     "Damping",
-    "LayerBatch",
     "NonFiniteWarning",
     "Preconditioner",
     "check_count",

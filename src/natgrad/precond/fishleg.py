@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -41,13 +42,8 @@ from torch import Tensor, nn
 
 from natgrad.fisher_vector import fisher_vector_product
 from natgrad.likelihoods import Likelihood
-from natgrad.precond.base import (
-    LayerBatch,
-    NonFiniteWarning,
-    Preconditioner,
-    check_count,
-    check_damping,
-)
+from natgrad.precond.base import NonFiniteWarning, Preconditioner, check_count, check_damping
+from natgrad.precond.blocks import LayerBatch
 from natgrad.precond.kronecker import augmented_inputs
 
 Q_STRUCTURES = ("kron", "diag")
@@ -59,8 +55,9 @@ class FishLeg(Preconditioner):
 
     Parameters
     ----------
-    model, likelihood, reduction, unsupported, seed
-        As for :class:`natgrad.NGD`.
+    model, likelihood, reduction, unsupported, overrides, seed
+        As for :class:`natgrad.NGD`; normalisation layers and fallback tensors keep the plain
+        gradient (an identity block, listed by :meth:`describe`).
     damping
         ``γ > 0`` of ``(F + γI)^{-1}``.
     aux_lr
@@ -90,7 +87,8 @@ class FishLeg(Preconditioner):
         *,
         momentum_on: str = "gradient",
         reduction: str = "mean",
-        unsupported: str = "error",
+        unsupported: str = "fallback",
+        overrides: Mapping[str, str] | None = None,
         seed: int = 0,
     ) -> None:
         if callable(damping):
@@ -116,6 +114,7 @@ class FishLeg(Preconditioner):
             reduction=reduction,
             damping=damping,
             unsupported=unsupported,
+            overrides=overrides,
             seed=seed,
         )
         self.aux_params = self._init_aux_params()
@@ -133,7 +132,8 @@ class FishLeg(Preconditioner):
     def _init_aux_params(self) -> dict[str, tuple[nn.Parameter, ...]]:
         params: dict[str, tuple[nn.Parameter, ...]] = {}
         for name, module in self.selection.layers.items():
-            d_out, d_in = module.weight.shape[0], module.weight[0].numel() + self._has_bias(name)
+            d_out, d_in = self.adapters[name].matrix_shape(module)
+            d_in += self._has_bias(name)
             options = {"dtype": module.weight.dtype, "device": module.weight.device}
             if self.q_structure == "kron":
                 root = self.init_scale**0.25
@@ -255,21 +255,24 @@ class FishLeg(Preconditioner):
                 products[name] = self.apply_q_low_rank(name, p[0] / norm, p[1])
         params, blocks = {}, []
         for name, product in products.items():
-            module = self.selection.layers[name]
+            module, adapter = self.selection.layers[name], self.adapters[name]
             prefix = f"{name}." if name else ""
-            d_weight = module.weight[0].numel()
+            d_weight = adapter.matrix_shape(module)[1]
             params[prefix + "weight"] = module.weight
-            blocks.append(product[:, :d_weight].detach().reshape(module.weight.shape))
+            blocks.append(adapter.to_weight(module, product[:, :d_weight].detach()))
             if self._has_bias(name):
                 params[prefix + "bias"] = module.bias
                 blocks.append(product[:, d_weight].detach())
-        with self.capture.paused():
+        # no_grad: the product is a constant of the surrogate; torch.func still differentiates
+        # inside, and no graph is kept towards parameters FishLeg leaves to the plain gradient
+        with self.capture.paused(), torch.no_grad():
             fisher_blocks = fisher_vector_product(
                 self.model, model_args, params, blocks, self.likelihood, self.reduction
             )
         fisher_products, position = {}, 0
         for name, product in products.items():
-            weight_part = fisher_blocks[position].reshape(product.shape[0], -1)
+            module = self.selection.layers[name]
+            weight_part = self.adapters[name].to_matrix(module, fisher_blocks[position])
             position += 1
             if self._has_bias(name):
                 weight_part = torch.cat([weight_part, fisher_blocks[position].unsqueeze(1)], 1)

@@ -40,7 +40,7 @@ matrix (cost ``~d^3``), chosen per layer.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -49,7 +49,8 @@ from torch import Tensor, nn
 from natgrad.datapoints import check_fisher, output_vectors, row_multipliers, row_weight
 from natgrad.likelihoods import Likelihood
 from natgrad.linalg import damped_inverse
-from natgrad.precond.base import Damping, LayerBatch, Preconditioner, check_count
+from natgrad.precond.base import Damping, Preconditioner, check_count
+from natgrad.precond.blocks import LayerBatch
 
 DAMPING_MODES = ("heuristic", "correct", "none")
 KFAC_FISHERS = ("mc", "empirical", "ief", "exact")
@@ -100,6 +101,7 @@ class KroneckerPreconditioner(Preconditioner):
         mc_samples: int,
         reduction: str,
         unsupported: str,
+        overrides: Mapping[str, str] | None,
         seed: int,
     ) -> None:
         if fisher not in KFAC_FISHERS:
@@ -119,6 +121,7 @@ class KroneckerPreconditioner(Preconditioner):
             reduction=reduction,
             damping=damping,
             unsupported=unsupported,
+            overrides=overrides,
             seed=seed,
         )
         # per layer: running (unnormalised) sums and the EMA normaliser 1 - m^t
@@ -329,8 +332,9 @@ class KFAC(KroneckerPreconditioner):
 
     Parameters
     ----------
-    model, likelihood, reduction, unsupported, seed
-        As for :class:`natgrad.NGD`.
+    model, likelihood, reduction, unsupported, overrides, seed
+        As for :class:`natgrad.NGD`; normalisation layers and fallback tensors keep the plain
+        gradient (an identity block, listed by :meth:`describe`).
     fisher
         Datapoints of the second factor: ``"mc"`` (``mc_samples`` sampled labels, default),
         ``"empirical"``, ``"ief"`` (rows rescaled by ``1/||d l_n / d z_n||``, the iEF matrix;
@@ -358,7 +362,8 @@ class KFAC(KroneckerPreconditioner):
         mc_samples: int = 1,
         *,
         reduction: str = "mean",
-        unsupported: str = "error",
+        unsupported: str = "fallback",
+        overrides: Mapping[str, str] | None = None,
         seed: int = 0,
     ) -> None:
         if damping_mode not in DAMPING_MODES:
@@ -378,6 +383,7 @@ class KFAC(KroneckerPreconditioner):
             mc_samples=mc_samples,
             reduction=reduction,
             unsupported=unsupported,
+            overrides=overrides,
             seed=seed,
         )
 
@@ -455,7 +461,8 @@ class FOOF(KroneckerPreconditioner):
         fisher: str = "mc",
         mc_samples: int = 1,
         reduction: str = "mean",
-        unsupported: str = "error",
+        unsupported: str = "fallback",
+        overrides: Mapping[str, str] | None = None,
         seed: int = 0,
     ) -> None:
         self.kfac_damping = bool(kfac_damping)
@@ -472,6 +479,7 @@ class FOOF(KroneckerPreconditioner):
             mc_samples=mc_samples,
             reduction=reduction,
             unsupported=unsupported,
+            overrides=overrides,
             seed=seed,
         )
 

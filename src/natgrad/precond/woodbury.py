@@ -25,14 +25,19 @@ the two-parameter problems of seed 002) the same damped system is solved in para
 instead, with the ``P x P`` matrix built from the materialised datapoint gradients: cheaper,
 and better conditioned at tiny damping.
 
-``structure="full"`` solves one system over all layers (``J̃ J̃^T`` summed over layers);
-``structure="layer"`` solves one per layer (block-diagonal NGD; TENGraD, seed 004 eq. 39-43).
-Each layer's direction is then a single product ``E_u^T A`` (see :func:`natgrad.linalg.jtu`).
+``structure="full"`` solves one system over all blocks (``J̃ J̃^T`` summed over blocks);
+``structure="layer"`` solves one per block (block-diagonal NGD; TENGraD, seed 004 eq. 39-43).
+A block is a neuron-view layer, whose direction is a single product ``E_u^T A`` (see
+:func:`natgrad.linalg.jtu`), or a module whose per-sample gradient rows ``G_b`` are
+materialised (normalisation layers, the torch.func fallback), which adds ``G_b G_b^T`` to the
+Gram and whose direction is ``G_b^T u`` (:mod:`natgrad.precond.blocks`). The updates are exact
+for models mixing both kinds.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -46,14 +51,19 @@ from natgrad.datapoints import (
     target_coefficients,
 )
 from natgrad.likelihoods import Likelihood
-from natgrad.linalg import damped_solve, gram, input_gram, jtu, per_datapoint_grads
-from natgrad.precond.base import Damping, LayerBatch, Preconditioner, check_count
+from natgrad.linalg import damped_solve
+from natgrad.precond.base import Damping, Preconditioner, check_count
+from natgrad.precond.blocks import Block
 
 STRUCTURES = ("full", "layer")
 
 
 class NGD(Preconditioner):
     """Damped mini-batch natural gradient of any Fisher type, solved by Woodbury.
+
+    Exact on models built from ``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``, normalisation
+    layers (``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.BatchNorm*d``; train-mode BatchNorm as
+    defined in :mod:`natgrad.direct`) and any other trainable tensor (the torch.func fallback).
 
     Parameters
     ----------
@@ -69,7 +79,8 @@ class NGD(Preconditioner):
         ``mc_samples`` sampled labels per datapoint) or ``"exact"`` (the exact Fisher / GGN of
         the batch). See :mod:`natgrad.datapoints`.
     structure
-        ``"full"`` (one solve over all preconditioned layers) or ``"layer"`` (block-diagonal).
+        ``"full"`` (one solve over all preconditioned modules) or ``"layer"`` (block-diagonal,
+        one block per module).
     damping
         ``λ > 0``, or a callable ``step -> λ``.
     mc_samples
@@ -78,7 +89,12 @@ class NGD(Preconditioner):
         ``"mean"`` or ``"sum"``: the reduction of the loss (see
         :mod:`natgrad.precond.base` for how it scales the curvature).
     unsupported
-        ``"error"`` or ``"plain_gradient"`` for trainable modules natgrad has no adapter for.
+        ``"fallback"`` (default: exact per-sample gradients by torch.func), ``"error"`` or
+        ``"plain_gradient"`` for trainable modules natgrad has no adapter for
+        (:func:`natgrad.selection.select_layers`).
+    overrides
+        ``{module_name: "fallback" | "plain_gradient"}``: per-module choice instead of the
+        automatic one.
     seed
         Seed of the generator that samples labels (saved in :meth:`state_dict`).
     """
@@ -93,7 +109,8 @@ class NGD(Preconditioner):
         mc_samples: int = 1,
         *,
         reduction: str = "mean",
-        unsupported: str = "error",
+        unsupported: str = "fallback",
+        overrides: Mapping[str, str] | None = None,
         seed: int = 0,
     ) -> None:
         self.fisher = check_fisher(fisher)
@@ -107,6 +124,7 @@ class NGD(Preconditioner):
             reduction=reduction,
             damping=damping,
             unsupported=unsupported,
+            overrides=overrides,
             seed=seed,
         )
 
@@ -121,62 +139,46 @@ class NGD(Preconditioner):
             return None
         return output_vectors(self.fisher, self.likelihood, logits, self.mc_samples, self.generator)
 
+    per_sample_blocks = True
+
     def _precondition(
-        self, batches: list[LayerBatch], factor: float, per_sample_output_grad: Tensor
+        self, batches: list[Block], factor: float, per_sample_output_grad: Tensor
     ) -> None:
         groups = [batches] if self.structure == "full" else [[batch] for batch in batches]
         for group in groups:
             self._solve_group(group, factor, per_sample_output_grad)
 
     def _solve_group(
-        self, group: list[LayerBatch], factor: float, per_sample_output_grad: Tensor
+        self, group: list[Block], factor: float, per_sample_output_grad: Tensor
     ) -> None:
         damping = self.current_damping()
         row_scale = math.sqrt(factor * row_weight(self.fisher, self.mc_samples))
-        input_grams = [input_gram(b.inputs, b.has_bias) for b in group]
         multipliers = row_multipliers(self.fisher, per_sample_output_grad)
-        if multipliers is not None:
-            multipliers = multipliers.reshape(1, -1, 1, 1)
         rows = [_curvature_rows(b, multipliers) for b in group]
-        if rows[0].shape[0] * rows[0].shape[1] > sum(_num_params(b) for b in group):
+        if rows[0].shape[0] * rows[0].shape[1] > sum(b.num_params for b in group):
             self._solve_in_parameter_space(group, rows, row_scale, factor, per_sample_output_grad)
             return
-        curvature = sum(
-            gram(b.inputs, e, has_bias=b.has_bias, inputs_gram=g)
-            for b, e, g in zip(group, rows, input_grams, strict=True)
-        ) * (row_scale**2)
+        curvature = sum(b.gram(e) for b, e in zip(group, rows, strict=True)) * (row_scale**2)
         if not needs_extra_backprop(self.fisher):
             target = target_coefficients(self.fisher, per_sample_output_grad)
             solution, self.last_solve = damped_solve(curvature, math.sqrt(factor) * target, damping)
             coefficients = (row_scale * solution).unsqueeze(0)
             for batch, curvature_rows in zip(group, rows, strict=True):
-                batch.write_grad(
-                    *jtu(
-                        batch.inputs,
-                        curvature_rows,
-                        coefficients,
-                        batch.has_bias,
-                        out=batch.grad_buffer(),
-                    )
-                )
+                batch.write_combination(curvature_rows, coefficients)
             return
-        ones = curvature.new_ones(group[0].inputs.shape[0])
+        ones = curvature.new_ones(per_sample_output_grad.shape[0])
         projected_grad = sum(
-            gram(b.inputs, e, b.loss_grads, has_bias=b.has_bias, inputs_gram=g) @ ones
-            for b, e, g in zip(group, rows, input_grams, strict=True)
+            b.gram(e, b.loss_grads) @ ones for b, e in zip(group, rows, strict=True)
         ) * (row_scale * factor)
         solution, self.last_solve = damped_solve(curvature, projected_grad, damping)
         extra_coefficients = (-row_scale / damping) * solution.reshape(-1, ones.shape[0])
         coefficients = torch.cat([(factor / damping) * ones.unsqueeze(0), extra_coefficients])
         for batch, extra in zip(group, rows, strict=True):
-            stacked = torch.cat([batch.loss_grads, extra])
-            batch.write_grad(
-                *jtu(batch.inputs, stacked, coefficients, batch.has_bias, out=batch.grad_buffer())
-            )
+            batch.write_combination(torch.cat([batch.loss_grads, extra]), coefficients)
 
     def _solve_in_parameter_space(
         self,
-        group: list[LayerBatch],
+        group: list[Block],
         rows: list[Tensor],
         row_scale: float,
         factor: float,
@@ -189,16 +191,10 @@ class NGD(Preconditioner):
         ``K N`` datapoints span far fewer than ``K N`` directions.
         """
         jacobian = row_scale * torch.cat(
-            [
-                per_datapoint_grads(b.inputs, e, b.has_bias)
-                for b, e in zip(group, rows, strict=True)
-            ],
-            dim=1,
+            [b.per_datapoint_grads(e) for b, e in zip(group, rows, strict=True)], dim=1
         )
         if needs_extra_backprop(self.fisher):
-            true_rows = torch.cat(
-                [per_datapoint_grads(b.inputs, b.loss_grads, b.has_bias) for b in group], dim=1
-            )
+            true_rows = torch.cat([b.per_datapoint_grads(b.loss_grads) for b in group], dim=1)
             rhs = factor * true_rows.sum(dim=0)
         else:
             target = target_coefficients(self.fisher, per_sample_output_grad)
@@ -208,26 +204,19 @@ class NGD(Preconditioner):
         )
         offset = 0
         for batch in group:
-            d_out, d_in = batch.loss_grads.shape[-1], batch.inputs.shape[-1]
-            weight = direction[offset : offset + d_out * d_in].reshape(d_out, d_in)
-            offset += d_out * d_in
-            bias = None
-            if batch.has_bias:
-                bias = direction[offset : offset + d_out]
-                offset += d_out
-            batch.write_grad(weight, bias)
+            batch.write_flat(direction[offset : offset + batch.num_params])
+            offset += batch.num_params
 
 
-def _num_params(batch: LayerBatch) -> int:
-    d_out, d_in = batch.loss_grads.shape[-1], batch.inputs.shape[-1]
-    return d_out * (d_in + int(batch.has_bias))
-
-
-def _curvature_rows(batch: LayerBatch, multipliers: Tensor | None) -> Tensor:
-    """The output-gradient rows of the curvature: extra datapoints, or scaled true labels."""
+def _curvature_rows(batch: Block, multipliers: Tensor | None) -> Tensor:
+    """The rows of the curvature: extra datapoints, or the true-label rows, each scaled by its
+    datapoint's multiplier (``ief_matrix``)."""
     if batch.extra_grads is not None:
         return batch.extra_grads
-    return batch.loss_grads if multipliers is None else batch.loss_grads * multipliers
+    if multipliers is None:
+        return batch.loss_grads
+    trailing = (1,) * (batch.loss_grads.dim() - 2)
+    return batch.loss_grads * multipliers.reshape(1, -1, *trailing)
 
 
 class EF(NGD):

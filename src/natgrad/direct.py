@@ -1,0 +1,144 @@
+"""Per-sample gradient rows of normalisation layers: LayerNorm, GroupNorm, BatchNorm.
+
+A normalisation layer maps its input ``x`` to ``y = x̂ ⊙ w + b``, with ``x̂`` the input
+normalised by a mean and a variance and ``w``, ``b`` the affine parameters, shared over the
+positions ``t`` they broadcast across (tokens for ``nn.LayerNorm``, pixels for the channel-wise
+norms). With ``e`` the output-gradient rows captured exactly as for any layer
+(:mod:`natgrad.capture`), datapoint ``(k, n)`` has the gradient
+
+    ``∇w = sum_t e_{knt} ⊙ x̂_{nt}``,    ``∇b = sum_t e_{knt}``.
+
+``w`` acts element-wise, so this is not a Kronecker pair ``(A, E)``: natgrad materialises these
+rows (``K x N x P_b`` numbers, ``P_b`` twice the normalised width) and adds them to the
+Woodbury Gram directly (:class:`natgrad.precond.blocks.DirectBatch`). ``x̂`` is recomputed from
+the captured input with the module's own statistics and ``eps``:
+
+* ``nn.LayerNorm``: mean and biased variance over the ``normalized_shape`` trailing dimensions;
+* ``nn.GroupNorm``: over each group of channels and all positions, per datapoint;
+* ``nn.BatchNorm1d/2d/3d``: per channel, the running statistics in eval mode, else the batch
+  mean and biased variance of the input (what torch normalises with).
+
+BatchNorm in train mode: the batch statistics couple the datapoints, so a per-sample gradient is
+not defined by the model alone. natgrad's rows are those of the batch's own backward pass: the
+row of datapoint ``(k, n)`` is the gradient of ``sum_m v_{km} · z_m`` with respect to the
+parameters as used at datapoint ``n`` (one copy of the parameters per datapoint, the statistics
+computed from all of them). Consequences:
+
+* for the BatchNorm's own weight and bias, and for every layer after the BatchNorm, the
+  statistics are constants (they do not depend on these parameters): the rows are the usual
+  per-sample gradients of the network whose normalisation uses the batch's mean and variance;
+* for layers before a train-mode BatchNorm, a row also carries the paths through the statistics
+  (the gradient torch back-propagates), so the rows of the loss still sum to the true gradient,
+  ``sum_n g_n = ∇L``, and EF's right-hand side is the gradient the optimiser sees. The extra
+  datapoints of ``fisher="mc"``/``"exact"`` are back-propagated one vector set at a time for the
+  whole batch (as always), so there a row also carries the other datapoints' vectors of its set
+  through the statistics.
+
+In eval mode the model is batch-independent and every row is the usual per-sample gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class NormAdapter:
+    """Rows of the affine parameters of one normalisation module type."""
+
+    def normalised(self, module: nn.Module, layer_input: Tensor) -> Tensor:
+        """``x̂``, shaped like the input."""
+        raise NotImplementedError
+
+    def sum_positions(self, module: nn.Module, values: Tensor) -> Tensor:
+        """Sum ``(K, N, *input_shape)`` over the positions a parameter is shared across:
+        ``(K, N, numel)`` in the parameter's layout."""
+        raise NotImplementedError
+
+    def per_sample_rows(
+        self, module: nn.Module, layer_input: Tensor, output_grads: Tensor
+    ) -> Tensor:
+        """Per-sample gradients ``(K, N, P)`` of the trainable affine parameters, in the order
+        of ``module.parameters()``, from the input and ``K`` output gradients ``(K, N, ...)``."""
+        normalised = self.normalised(module, layer_input)
+        rows = [
+            self.sum_positions(
+                module, output_grads * normalised if name == "weight" else output_grads
+            )
+            for name, param in module.named_parameters(recurse=False)
+            if param.requires_grad
+        ]
+        return torch.cat(rows, dim=-1)
+
+
+def _standardise(values: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
+    mean = values.mean(dim=dims, keepdim=True)
+    variance = values.var(dim=dims, unbiased=False, keepdim=True)
+    return (values - mean) * torch.rsqrt(variance + eps)
+
+
+class LayerNormAdapter(NormAdapter):
+    """``nn.LayerNorm``: weight and bias of shape ``normalized_shape``, shared over the tokens."""
+
+    def normalised(self, module: nn.Module, layer_input: Tensor) -> Tensor:
+        dims = tuple(range(-len(module.normalized_shape), 0))
+        return _standardise(layer_input, dims, module.eps)
+
+    def sum_positions(self, module: nn.Module, values: Tensor) -> Tensor:
+        width = math.prod(module.normalized_shape)
+        return values.reshape(*values.shape[:2], -1, width).sum(dim=2)
+
+
+class ChannelNormAdapter(NormAdapter):
+    """Norms with one weight and bias per channel (dimension 1), shared over the positions."""
+
+    def sum_positions(self, module: nn.Module, values: Tensor) -> Tensor:
+        return values.reshape(*values.shape[:3], -1).sum(dim=3)
+
+
+class GroupNormAdapter(ChannelNormAdapter):
+    """``nn.GroupNorm``: statistics per datapoint over each group of channels."""
+
+    def normalised(self, module: nn.Module, layer_input: Tensor) -> Tensor:
+        grouped = layer_input.reshape(layer_input.shape[0], module.num_groups, -1)
+        return _standardise(grouped, (2,), module.eps).reshape(layer_input.shape)
+
+
+class BatchNormAdapter(ChannelNormAdapter):
+    """``nn.BatchNorm1d/2d/3d``: running statistics in eval mode, batch statistics otherwise."""
+
+    def normalised(self, module: nn.Module, layer_input: Tensor) -> Tensor:
+        dims = (0, *range(2, layer_input.dim()))
+        if module.training or module.running_mean is None:
+            return _standardise(layer_input, dims, module.eps)
+        shape = (1, -1) + (1,) * (layer_input.dim() - 2)
+        mean = module.running_mean.reshape(shape)
+        variance = module.running_var.reshape(shape)
+        return (layer_input - mean) * torch.rsqrt(variance + module.eps)
+
+
+NORM_ADAPTERS: dict[type[nn.Module], NormAdapter] = {
+    nn.LayerNorm: LayerNormAdapter(),
+    nn.GroupNorm: GroupNormAdapter(),
+    nn.BatchNorm1d: BatchNormAdapter(),
+    nn.BatchNorm2d: BatchNormAdapter(),
+    nn.BatchNorm3d: BatchNormAdapter(),
+}
+
+
+def norm_adapter_for(module: nn.Module) -> NormAdapter | None:
+    """The adapter of ``module``'s exact type, or ``None`` if it is not a supported norm."""
+    return NORM_ADAPTERS.get(type(module))
+
+
+__all__ = [
+    "NORM_ADAPTERS",
+    "BatchNormAdapter",
+    "ChannelNormAdapter",
+    "GroupNormAdapter",
+    "LayerNormAdapter",
+    "NormAdapter",
+    "norm_adapter_for",
+]

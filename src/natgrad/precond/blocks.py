@@ -1,0 +1,150 @@
+"""Curvature blocks of one batch: what the solvers see of each preconditioned module.
+
+Datapoint rows come in ``K`` sets of ``N`` (``K = 1`` for the true-label loss gradients; ``M``
+sampled labels or ``C`` Hessian square-root columns for ``fisher="mc"``/``"exact"``), ordered
+``k``-major: row ``k N + n``. Two kinds of block hold them:
+
+* :class:`LayerBatch`, a neuron-view layer: the rows stay output gradients ``E`` of shape
+  ``(K, N, T, d_out)`` next to the inputs ``A`` ``(N, T, d_in)``; the per-sample gradients
+  ``g_{kn} = sum_t e_{knt} a_{nt}^T`` are never formed (seed 004 eq. 41-43);
+* :class:`DirectBatch`, parameters whose per-sample gradients are materialised, rows of shape
+  ``(K, N, P_b)``: normalisation layers (:mod:`natgrad.direct`) and the torch.func fallback
+  (:mod:`natgrad.fallback`).
+
+Both offer the Woodbury solvers the same operations on their own kind of rows: the Gram
+``J_a J_b^T`` (:meth:`gram`), ``J^T u`` written into ``.grad`` (:meth:`write_combination`), the
+materialised ``(K N, P_b)`` rows in the order of the parameters (:meth:`per_datapoint_grads`)
+and a flat direction written into ``.grad`` (:meth:`write_flat`). Blocks add up: the Gram of a
+group of blocks is the sum of their Grams (seed 004 eq. 41).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from natgrad.capture import LayerAdapter
+from natgrad.linalg import gram, input_gram, jtu, per_datapoint_grads
+
+
+@dataclass
+class LayerBatch:
+    """One layer's neuron view for the current batch.
+
+    ``loss_grads`` are the true-label output gradients of the per-datapoint losses (the
+    reduction factor removed), shape ``(1, N, T, d_out)``; ``extra_grads`` the ``K`` extra
+    datapoint sets of ``mc`` / ``exact``, shape ``(K, N, T, d_out)``, or ``None``.
+    """
+
+    name: str
+    module: nn.Module
+    adapter: LayerAdapter
+    inputs: Tensor
+    loss_grads: Tensor
+    extra_grads: Tensor | None
+    has_bias: bool
+    _inputs_gram: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def num_params(self) -> int:
+        return self.loss_grads.shape[-1] * (self.inputs.shape[-1] + int(self.has_bias))
+
+    def captured(self) -> list[Tensor]:
+        """The captured tensors, for the finiteness check of a step."""
+        tensors = [self.inputs, self.loss_grads]
+        return tensors if self.extra_grads is None else [*tensors, self.extra_grads]
+
+    def grad_buffer(self) -> Tensor | None:
+        """The weight's existing ``.grad`` as a matrix view, to be overwritten in place."""
+        return self.adapter.grad_buffer(self.module)
+
+    def write_grad(self, weight_grad: Tensor, bias_grad: Tensor | None) -> None:
+        """Store a layer-shaped direction in the parameters' ``.grad``."""
+        self.adapter.write_grad(self.module, weight_grad, bias_grad)
+
+    def gram(self, rows: Tensor, other_rows: Tensor | None = None) -> Tensor:
+        """``J_a J_b^T`` of output-gradient rows ``(K_a, N, T, d_out)`` and ``(K_b, ...)``."""
+        if self._inputs_gram is None:
+            self._inputs_gram = input_gram(self.inputs, self.has_bias)
+        return gram(
+            self.inputs, rows, other_rows, has_bias=self.has_bias, inputs_gram=self._inputs_gram
+        )
+
+    def write_combination(self, rows: Tensor, coefficients: Tensor) -> None:
+        """``.grad ← J^T u = sum_{k,n} u_{kn} g_{kn}``, one GEMM ``E_u^T A`` (seed 004 eq. 43)."""
+        self.write_grad(
+            *jtu(self.inputs, rows, coefficients, self.has_bias, out=self.grad_buffer())
+        )
+
+    def per_datapoint_grads(self, rows: Tensor) -> Tensor:
+        """``g_{kn}`` as rows ``(K N, P)``: the weight in the layout of ``module.weight``, then
+        the bias."""
+        grads = per_datapoint_grads(self.inputs, rows, False)
+        d_out, d_in = rows.shape[-1], self.inputs.shape[-1]
+        weight = self.adapter.to_weight(self.module, grads.reshape(-1, d_out, d_in))
+        columns = [weight.reshape(grads.shape[0], -1)]
+        if self.has_bias:
+            columns.append(rows.sum(dim=2).reshape(grads.shape[0], -1))
+        return torch.cat(columns, dim=1)
+
+    def write_flat(self, vector: Tensor) -> None:
+        """``.grad ←`` a flat direction in the layout of :meth:`per_datapoint_grads`."""
+        weight = self.module.weight
+        matrix = self.adapter.to_matrix(self.module, vector[: weight.numel()].reshape(weight.shape))
+        self.write_grad(matrix, vector[weight.numel() :] if self.has_bias else None)
+
+
+@dataclass
+class DirectBatch:
+    """Materialised per-sample gradients of a group of parameters for the current batch.
+
+    ``loss_grads`` are the per-sample gradients of the true-label losses (reduction factor
+    removed), shape ``(1, N, P)``; ``extra_grads`` those of the ``K`` extra datapoint sets of
+    ``mc`` / ``exact``, ``(K, N, P)``, or ``None``. Columns follow ``params``.
+    """
+
+    name: str
+    params: list[nn.Parameter]
+    loss_grads: Tensor
+    extra_grads: Tensor | None
+
+    @property
+    def num_params(self) -> int:
+        return self.loss_grads.shape[-1]
+
+    def captured(self) -> list[Tensor]:
+        """The rows, for the finiteness check of a step."""
+        return (
+            [self.loss_grads] if self.extra_grads is None else [self.loss_grads, self.extra_grads]
+        )
+
+    def gram(self, rows: Tensor, other_rows: Tensor | None = None) -> Tensor:
+        """``G_a G_b^T`` of rows ``(K_a, N, P)`` and ``(K_b, N, P)``."""
+        flat = rows.reshape(-1, rows.shape[-1])
+        if other_rows is None:
+            return flat @ flat.T
+        return flat @ other_rows.reshape(-1, other_rows.shape[-1]).T
+
+    def write_combination(self, rows: Tensor, coefficients: Tensor) -> None:
+        """``.grad ← sum_{k,n} u_{kn} g_{kn}``."""
+        self.write_flat(torch.einsum("kn,knp->p", coefficients, rows))
+
+    def per_datapoint_grads(self, rows: Tensor) -> Tensor:
+        """The rows as a ``(K N, P)`` matrix."""
+        return rows.reshape(-1, rows.shape[-1])
+
+    def write_flat(self, vector: Tensor) -> None:
+        """``.grad ←`` consecutive slices of ``vector``, one per parameter."""
+        offset = 0
+        for param in self.params:
+            part = vector[offset : offset + param.numel()]
+            param.grad = part.reshape(param.shape).to(param.dtype).contiguous()
+            offset += param.numel()
+
+
+Block = LayerBatch | DirectBatch
+
+
+__all__ = ["Block", "DirectBatch", "LayerBatch"]

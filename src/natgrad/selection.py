@@ -1,0 +1,251 @@
+"""Which trainable parameters natgrad preconditions, and through which per-sample structure.
+
+Every trainable parameter of a model lands in exactly one group, decided per module for the
+module's own parameters (``module.parameters(recurse=False)``):
+
+``layers``
+    modules with a neuron-view adapter (:mod:`natgrad.capture`: ``nn.Linear``, ``nn.Conv2d``,
+    ``nn.Embedding``): per-sample gradients are sums of ``e a^T``, never materialised;
+``direct``
+    normalisation layers (:mod:`natgrad.direct`: ``nn.LayerNorm``, ``nn.GroupNorm``,
+    ``nn.BatchNorm1d/2d/3d``): per-sample gradient rows of the affine weight and bias from the
+    captured input and output gradient;
+``fallback``
+    any other trainable tensor (a free prompt parameter, a module without adapter, an
+    unsupported configuration such as a grouped convolution, a parameter shared by two
+    modules): exact per-sample gradients by torch.func (:mod:`natgrad.fallback`);
+``plain``
+    parameters left to the plain gradient (``.grad`` untouched).
+
+The Woodbury preconditioners (:class:`natgrad.NGD` and its aliases) solve with all three
+structured groups. Kronecker methods and FishLeg precondition the ``layers`` only and leave
+the ``direct`` and ``fallback`` parameters to the plain gradient, an identity block
+(:meth:`LayerSelection.without_per_sample_blocks`). ``pre.describe()`` lists the groups.
+
+The automatic choice is overridden per module with ``overrides={module_name: policy}``,
+``policy`` one of ``"fallback"`` or ``"plain_gradient"`` (module names as in
+``model.named_modules()``; ``""`` is the model itself, e.g. for a prompt parameter defined on
+it).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from natgrad.capture import adapter_for
+from natgrad.direct import norm_adapter_for
+
+UNSUPPORTED_POLICIES = ("fallback", "error", "plain_gradient")
+OVERRIDE_POLICIES = ("fallback", "plain_gradient")
+
+
+@dataclass
+class LayerSelection:
+    """The groups of trainable parameters (see the module docstring)."""
+
+    layers: dict[str, nn.Module] = field(default_factory=dict)
+    direct: dict[str, nn.Module] = field(default_factory=dict)
+    fallback: dict[str, dict[str, nn.Parameter]] = field(default_factory=dict)
+    plain: dict[str, nn.Parameter] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+    """Names of the ``layers``, ``direct`` and ``fallback`` modules, in model order."""
+
+    def describe(self) -> str:
+        """One clause per non-empty group, for ``Preconditioner.describe()``."""
+        layers = ", ".join(f"{_label(n)} ({type(m).__name__})" for n, m in self.layers.items())
+        parts = [f"neuron view: {layers or 'none'}"]
+        if self.direct:
+            kinds = ", ".join(f"{_label(n)} ({type(m).__name__})" for n, m in self.direct.items())
+            parts.append(f"normalisation rows: {kinds}")
+        if self.fallback:
+            names = [name for params in self.fallback.values() for name in params]
+            parts.append(f"torch.func per-sample rows: {', '.join(names)}")
+        if self.plain:
+            parts.append(f"plain gradient: {', '.join(self.plain)}")
+        return "; ".join(parts)
+
+    def structured_parameters(self) -> Iterator[nn.Parameter]:
+        """The trainable parameters of ``layers``, ``direct`` and ``fallback``."""
+        for module in [*self.layers.values(), *self.direct.values()]:
+            yield from (p for p in module.parameters(recurse=False) if p.requires_grad)
+        for params in self.fallback.values():
+            yield from params.values()
+
+    def without_per_sample_blocks(self) -> LayerSelection:
+        """The selection of the Kronecker methods and FishLeg: ``direct`` and ``fallback``
+        parameters join the plain gradient (an identity block of the curvature)."""
+        if not self.layers:
+            raise ValueError(
+                "the model has no trainable nn.Linear, nn.Conv2d or nn.Embedding layer: "
+                "Kronecker methods and FishLeg precondition only those (the Woodbury methods, "
+                "natgrad.NGD, EF, IEF, also take normalisation layers and any other tensor)"
+            )
+        plain = dict(self.plain)
+        for name, module in self.direct.items():
+            for pname, param in module.named_parameters(recurse=False):
+                if param.requires_grad:
+                    plain[_join(name, pname)] = param
+        for params in self.fallback.values():
+            plain.update(params)
+        return LayerSelection(
+            layers=dict(self.layers),
+            plain=plain,
+            order=[name for name in self.order if name in self.layers],
+        )
+
+
+def select_layers(
+    model: nn.Module,
+    unsupported: str = "fallback",
+    overrides: Mapping[str, str] | None = None,
+) -> LayerSelection:
+    """Assign every trainable parameter of ``model`` to a group (module docstring).
+
+    Parameters
+    ----------
+    model
+        Any ``nn.Module``.
+    unsupported
+        What to do with modules that have no adapter (or an unsupported configuration):
+        ``"fallback"`` (default) computes their exact per-sample gradients by torch.func;
+        ``"plain_gradient"`` leaves their ``.grad`` untouched, so the optimiser applies the
+        plain gradient to them and the curvature of the other layers ignores them
+        (block-diagonal with respect to them); ``"error"`` raises and lists them.
+    overrides
+        ``{module_name: "fallback" | "plain_gradient"}``, applied to the module's own
+        trainable parameters before the automatic choice.
+
+    Raises
+    ------
+    ValueError
+        For a module whose per-sample gradients cannot be known (e.g. ``nn.Embedding`` with
+        ``max_norm``), naming it and the override to use; for unsupported modules with
+        ``unsupported="error"``; for bad policies or override names.
+    """
+    if unsupported not in UNSUPPORTED_POLICIES:
+        raise ValueError(
+            f"unknown unsupported={unsupported!r}: choose one of {UNSUPPORTED_POLICIES}"
+        )
+    overrides = _checked_overrides(model, overrides or {})
+    modules = list(model.named_modules())
+    owners = Counter(
+        id(p) for _, m in modules for p in m.parameters(recurse=False) if p.requires_grad
+    )
+    selection = LayerSelection()
+    unsupported_modules: list[str] = []
+    rejected: dict[str, str] = {}
+    assigned: set[int] = set()
+    for name, module in modules:
+        own = {
+            _join(name, pname): p
+            for pname, p in module.named_parameters(recurse=False)
+            if p.requires_grad and id(p) not in assigned
+        }
+        if not own:
+            continue
+        assigned.update(id(p) for p in own.values())
+        policy = overrides.get(name)
+        if policy is None:
+            shared = any(
+                owners[id(p)] > 1 for p in module.parameters(recurse=False) if p.requires_grad
+            )
+            policy, reason = _automatic(module, shared)
+            if policy == "rejected":
+                rejected[name] = f"'{_label(name)}' ({type(module).__name__}): {reason}"
+                continue
+            if policy == "unsupported":
+                unsupported_modules.append(f"'{_label(name)}' ({type(module).__name__}): {reason}")
+                policy = unsupported
+        if policy == "layer":
+            selection.layers[name] = module
+        elif policy == "direct":
+            selection.direct[name] = module
+        elif policy == "fallback":
+            selection.fallback[name] = own
+        elif policy == "plain_gradient":
+            selection.plain.update(own)
+            continue
+        else:  # "error": reported below
+            continue
+        selection.order.append(name)
+    if rejected:
+        raise ValueError(
+            "natgrad cannot know the per-sample gradients of these modules: "
+            + "; ".join(rejected.values())
+            + ". Pass overrides={"
+            + ", ".join(f"{name!r}: 'plain_gradient'" for name in rejected)
+            + "} to train them with the plain gradient."
+        )
+    if unsupported_modules and unsupported == "error":
+        raise ValueError(
+            "natgrad has no adapter for these trainable modules: "
+            + "; ".join(unsupported_modules)
+            + ". Pass unsupported='fallback' (exact per-sample gradients by torch.func) or "
+            "unsupported='plain_gradient' to leave them to the plain gradient, or choose per "
+            "module with overrides={name: 'fallback' | 'plain_gradient'}."
+        )
+    if not selection.order:
+        raise ValueError("the model has no trainable parameter for natgrad to precondition")
+    return selection
+
+
+def _automatic(module: nn.Module, shared: bool) -> tuple[str, str | None]:
+    """``(policy, reason)``: "layer", "direct", "unsupported" or "rejected"."""
+    adapter = adapter_for(module)
+    if adapter is not None:
+        refusal = adapter.rejects(module)
+        if refusal is not None:
+            return "rejected", refusal
+        reason = adapter.check(module)
+        if reason is None and not module.weight.requires_grad:
+            reason = "its weight is frozen but its bias is trainable"
+    elif norm_adapter_for(module) is not None:
+        reason = None
+    else:
+        reason = "no natgrad adapter for this module type"
+    if reason is None and shared:
+        reason = "it shares a trainable parameter with another module"
+    if reason is not None:
+        return "unsupported", reason
+    return ("layer" if adapter is not None else "direct"), None
+
+
+def _checked_overrides(model: nn.Module, overrides: Mapping[str, str]) -> dict[str, str]:
+    modules = dict(model.named_modules())
+    for name, policy in overrides.items():
+        if policy not in OVERRIDE_POLICIES:
+            raise ValueError(
+                f"unknown override {policy!r} for module {name!r}: choose one of "
+                f"{OVERRIDE_POLICIES}"
+            )
+        if name not in modules:
+            raise ValueError(
+                f"overrides names {name!r}, which is not a module of the model (names as in "
+                "model.named_modules(); '' is the model itself)"
+            )
+        if not any(p.requires_grad for p in modules[name].parameters(recurse=False)):
+            raise ValueError(
+                f"overrides names {name!r}, which has no trainable parameter of its own: "
+                "overrides apply to a module's own parameters, so name its submodules"
+            )
+    return dict(overrides)
+
+
+def _join(module_name: str, param_name: str) -> str:
+    return f"{module_name}.{param_name}" if module_name else param_name
+
+
+def _label(module_name: str) -> str:
+    return module_name or "<root>"
+
+
+__all__ = [
+    "OVERRIDE_POLICIES",
+    "UNSUPPORTED_POLICIES",
+    "LayerSelection",
+    "select_layers",
+]
