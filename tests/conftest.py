@@ -13,3 +13,14 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The suite's problems are tiny: one intra-op thread is as fast on an idle machine and
+    avoids thread-pool contention on a busy one (two threads made tests 20x slower on two
+    shared cores)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

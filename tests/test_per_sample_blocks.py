@@ -31,16 +31,6 @@ DAMPING, SAMPLES, SEED = 1e-2, 3, 7
 pytestmark = pytest.mark.usefixtures("float64")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny problems: one intra-op thread avoids thread-pool contention on a busy CPU (it made
-    these tests 20x slower on two shared cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class Prompted(nn.Module):
     """A free prompt parameter (2 tokens) concatenated to every input sequence."""
 
