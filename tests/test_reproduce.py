@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from natgrad import reproduce
 from natgrad.bench.cli import main
@@ -101,3 +102,23 @@ def test_r12_one_dataset_tiny(tmp_path):
     finding = training.r12_tengrad_vs_sgd(tmp_path, seeds=(0,), epochs=1, datasets=("wine",))
     assert len(finding.checks) == len(training.R12_HIDDEN)
     assert set(finding.numbers["wine"]) == {"[4]", "[32, 16]", "[32, 16, 16]"}
+
+
+def test_run_claim_times_saves_and_runs_on_one_thread(tmp_path, monkeypatch):
+    seen = []
+
+    def claim(output, seeds, full):
+        seen.append((torch.get_num_threads(), seeds, full))
+        return Finding("R0", "a claim", {"held": True})
+
+    monkeypatch.setitem(reproduce.CLAIMS, "R0", reproduce.Claim("R0", "a claim", claim))
+    torch.set_num_threads(2)
+    try:
+        finding = reproduce.run_claim("R0", tmp_path, seeds=[4])
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(1)
+    assert seen == [(1, (4,), False)] and after == 2
+    assert finding.seconds > 0 and json.loads((tmp_path / "R0.json").read_text())["seconds"] > 0
+    with pytest.raises(ValueError, match="unknown claim 'R99'"):
+        reproduce.run_claim("R99", tmp_path)

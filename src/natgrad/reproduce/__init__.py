@@ -28,6 +28,7 @@ from natgrad.reproduce.training import (
     r9_ef_damping,
     r12_tengrad_vs_sgd,
 )
+from natgrad.reproduce.tuning import one_torch_thread
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,9 @@ def run_claim(
     """Run claim ``name``, time it, and write its JSON (and figures) into ``output``.
 
     ``settings`` are passed to the claim's function (e.g. ``epochs=1`` for a smoke run);
-    ``data_dir`` only to claims that read user-provided files.
+    ``data_dir`` only to claims that read user-provided files. Claims run with one torch
+    thread (:func:`natgrad.reproduce.tuning.one_torch_thread`): their models are small, and
+    runtimes stay predictable on a machine shared with other work.
     """
     if name not in CLAIMS:
         raise ValueError(f"unknown claim {name!r}: choose from {', '.join(CLAIMS)}")
@@ -77,7 +80,8 @@ def run_claim(
     if data_dir is not None and "data_dir" in inspect.signature(run).parameters:
         settings["data_dir"] = data_dir
     start = time.perf_counter()
-    finding = run(Path(output), seeds=tuple(seeds), full=full, **settings)
+    with one_torch_thread():
+        finding = run(Path(output), seeds=tuple(seeds), full=full, **settings)
     finding.seconds = time.perf_counter() - start
     finding.save(output)
     return finding

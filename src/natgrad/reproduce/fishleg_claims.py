@@ -13,9 +13,8 @@ at ``ḡ = g``); later heavy-ball steps grow towards ``η_SGDm g / (1 - β)``, F
 Default scale: the auxiliary parameters are updated every 10 steps, the speed-up seed 003
 recommends (sec. 4, "every 10 iterations"); ``full=True`` updates them every step, as
 Algorithm 1 is written, and trains five times longer. The models are tiny (20 x 20 layers, a
-quarter-width autoencoder), so the claims run with one torch thread (restored afterwards): on
-two loaded cores, 500 SGD steps of the deep linear network took 74 s with two threads and
-1.5 s with one.
+quarter-width autoencoder); :func:`natgrad.reproduce.run_claim` runs them, like every claim,
+with one torch thread.
 """
 
 from __future__ import annotations
@@ -173,64 +172,63 @@ def r7_deep_linear(
     grids = {**R7_GRIDS, **(grids or {})}
     aux_period = 1 if full else 10
     checks, lines, numbers, figures = {}, [], {}, []
-    with tuning.one_torch_thread():
-        for task_name, regime_epochs in (
-            ("deep-linear", epochs),
-            ("deep-linear-small", small_epochs),
-        ):
-            task = replace(get_task(task_name), epochs=regime_epochs)
-            data = load_dataset(task.dataset)
-            regime = f"{len(data.train_inputs)} samples"
-            floor, test_floor = noise_floor(data)
-            selected = tuning.tune(
-                task,
-                data,
-                [
-                    Contender("sgdm", "sgd", dict(grids["sgdm"])),
-                    Contender("adam", "adam", dict(grids["adam"])),
-                ],
-                seeds,
-            )
-            selected["fishleg"] = tune_fishleg(
-                task,
-                data,
-                {**grids["fishleg"], "aux_period": [aux_period]},
-                selected["sgdm"][0]["hyper"]["lr"],
-                seeds,
-            )
-            reach = {
-                label: epochs_to_floor([run["train_loss"] for run in runs], floor)
-                for label, runs in selected.items()
-            }
-            final = {label: mean_final(runs) for label, runs in selected.items()}
-            test = {
-                label: statistics.fmean(run["test_loss"] for run in runs)
-                for label, runs in selected.items()
-            }
-            for rival, name in (("sgdm", "SGDm"), ("adam", "Adam")):
-                check = f"{regime}: FishLeg reaches 10x the noise floor in fewer epochs than {name}"
-                checks[check] = reach["fishleg"] < reach[rival]
-            lines += [
-                f"{regime}: noise floor (teacher's MSE) train {floor:.3g}, test {test_floor:.3g}; "
-                f"reached at <= {FLOOR_FACTOR * floor:.3g} (mean over seeds)",
-                *(f"{regime} {line}" for line in tuning.lines(selected)),
-                f"{regime}: epochs to reach the floor (of {regime_epochs}): "
-                + ", ".join(f"{label} {value:g}" for label, value in reach.items()),
-                f"{regime}: final train loss / floor: "
-                + ", ".join(f"{label} {value / floor:.3g}" for label, value in final.items()),
-                f"{regime}: final test loss / test floor: "
-                + ", ".join(f"{label} {value / test_floor:.3g}" for label, value in test.items()),
-            ]
-            numbers[regime] = {
-                "noise_floor_train": floor,
-                "noise_floor_test": test_floor,
-                "floor_factor": FLOOR_FACTOR,
-                "epochs": regime_epochs,
-                "epochs_to_floor": reach,
-                "final_test_loss_mean": test,
-                "runs": tuning.numbers(selected),
-            }
-            figures += tuning.plot(selected, Path(output) / f"R7_{len(data.train_inputs)}.png")
+    for task_name, regime_epochs in (
+        ("deep-linear", epochs),
+        ("deep-linear-small", small_epochs),
+    ):
+        task = replace(get_task(task_name), epochs=regime_epochs)
+        data = load_dataset(task.dataset)
+        regime = f"{len(data.train_inputs)} samples"
+        floor, test_floor = noise_floor(data)
+        selected = tuning.tune(
+            task,
+            data,
+            [
+                Contender("sgdm", "sgd", dict(grids["sgdm"])),
+                Contender("adam", "adam", dict(grids["adam"])),
+            ],
+            seeds,
+        )
+        selected["fishleg"] = tune_fishleg(
+            task,
+            data,
+            {**grids["fishleg"], "aux_period": [aux_period]},
+            selected["sgdm"][0]["hyper"]["lr"],
+            seeds,
+        )
+        reach = {
+            label: epochs_to_floor([run["train_loss"] for run in runs], floor)
+            for label, runs in selected.items()
+        }
+        final = {label: mean_final(runs) for label, runs in selected.items()}
+        test = {
+            label: statistics.fmean(run["test_loss"] for run in runs)
+            for label, runs in selected.items()
+        }
+        for rival, name in (("sgdm", "SGDm"), ("adam", "Adam")):
+            check = f"{regime}: FishLeg reaches 10x the noise floor in fewer epochs than {name}"
+            checks[check] = reach["fishleg"] < reach[rival]
+        lines += [
+            f"{regime}: noise floor (teacher's MSE) train {floor:.3g}, test {test_floor:.3g}; "
+            f"reached at <= {FLOOR_FACTOR * floor:.3g} (mean over seeds)",
+            *(f"{regime} {line}" for line in tuning.lines(selected)),
+            f"{regime}: epochs to reach the floor (of {regime_epochs}): "
+            + ", ".join(f"{label} {value:g}" for label, value in reach.items()),
+            f"{regime}: final train loss / floor: "
+            + ", ".join(f"{label} {value / floor:.3g}" for label, value in final.items()),
+            f"{regime}: final test loss / test floor: "
+            + ", ".join(f"{label} {value / test_floor:.3g}" for label, value in test.items()),
+        ]
+        numbers[regime] = {
+            "noise_floor_train": floor,
+            "noise_floor_test": test_floor,
+            "floor_factor": FLOOR_FACTOR,
+            "epochs": regime_epochs,
+            "epochs_to_floor": reach,
+            "final_test_loss_mean": test,
+            "runs": tuning.numbers(selected),
+        }
+        figures += tuning.plot(selected, Path(output) / f"R7_{len(data.train_inputs)}.png")
     return Finding(
         "R7",
         "deep linear net: FishLeg reaches the noise floor before SGDm and Adam (003 Fig. 1)",
@@ -287,25 +285,24 @@ def r8_autoencoder(
     epochs = epochs if epochs is not None else (100 if full else 20)
     task = replace(get_task("digits-autoencoder"), epochs=epochs)
     grids = {**R8_GRIDS, **(grids or {})}
-    with tuning.one_torch_thread():
-        data = load_dataset(task.dataset)
-        first = tuning.tune(
-            task,
-            data,
-            [
-                Contender("sgdm", "sgd", dict(grids["sgdm"])),
-                Contender("adam", "adam", dict(grids["adam"])),
-                Contender("kfac", "kfac", dict(grids["kfac"])),
-            ],
-            seeds,
-        )
-        fishleg = tune_fishleg(
-            task,
-            data,
-            {**grids["fishleg"], "aux_period": [1 if full else 10]},
-            first["sgdm"][0]["hyper"]["lr"],
-            seeds,
-        )
+    data = load_dataset(task.dataset)
+    first = tuning.tune(
+        task,
+        data,
+        [
+            Contender("sgdm", "sgd", dict(grids["sgdm"])),
+            Contender("adam", "adam", dict(grids["adam"])),
+            Contender("kfac", "kfac", dict(grids["kfac"])),
+        ],
+        seeds,
+    )
+    fishleg = tune_fishleg(
+        task,
+        data,
+        {**grids["fishleg"], "aux_period": [1 if full else 10]},
+        first["sgdm"][0]["hyper"]["lr"],
+        seeds,
+    )
     selected = {"fishleg": fishleg, **first}
     final = {label: mean_final(runs) for label, runs in selected.items()}
     converged = {label: converged_fraction(runs) for label, runs in selected.items()}
