@@ -88,3 +88,16 @@ def test_both_weight_sharing_gram_branches(positions, d_in, d_out, branch):
     grads_b = torch.randn(k_b, num, positions, d_out)
     expected = explicit_grads(inputs, grads_a, True) @ explicit_grads(inputs, grads_b, True).T
     assert torch.allclose(gram(inputs, grads_a, grads_b, has_bias=True), expected, rtol=1e-10)
+
+
+def test_input_gram_is_only_computed_where_the_gram_uses_it():
+    """A transformer-sized layer (N = 100, T = 40 tokens, 32 x 32) materialises its datapoint
+    gradients (100 x 1056 floats) instead of forming the (N, N, T, T) input products, 16M
+    entries that once dominated an EF step (1 s of a 1.05 s step)."""
+    from natgrad.linalg import uses_input_gram
+
+    inputs, rows = torch.randn(100, 40, 32), torch.randn(1, 100, 40, 32)
+    assert not uses_input_gram(inputs, rows, rows)
+    assert uses_input_gram(inputs[:, :1], rows[:, :, :1], rows[:, :, :1])  # T = 1
+    few = torch.randn(1, 2, 30, 30)  # 2 datapoints of 30 positions: pairwise products are cheap
+    assert uses_input_gram(torch.randn(2, 30, 30), few, few)

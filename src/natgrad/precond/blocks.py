@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from natgrad.capture import LayerAdapter
-from natgrad.linalg import gram, input_gram, jtu, per_datapoint_grads
+from natgrad.linalg import gram, input_gram, jtu, per_datapoint_grads, uses_input_gram
 
 
 @dataclass
@@ -66,8 +66,9 @@ class LayerBatch:
 
     def gram(self, rows: Tensor, other_rows: Tensor | None = None) -> Tensor:
         """``J_a J_b^T`` of output-gradient rows ``(K_a, N, T, d_out)`` and ``(K_b, ...)``."""
-        if self._inputs_gram is None:
-            self._inputs_gram = input_gram(self.inputs, self.has_bias)
+        other = rows if other_rows is None else other_rows
+        if self._inputs_gram is None and uses_input_gram(self.inputs, rows, other):
+            self._inputs_gram = input_gram(self.inputs, self.has_bias)  # shared across calls
         return gram(
             self.inputs, rows, other_rows, has_bias=self.has_bias, inputs_gram=self._inputs_gram
         )
