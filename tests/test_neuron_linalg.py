@@ -99,5 +99,5 @@ def test_input_gram_is_only_computed_where_the_gram_uses_it():
     inputs, rows = torch.randn(100, 40, 32), torch.randn(1, 100, 40, 32)
     assert not uses_input_gram(inputs, rows, rows)
     assert uses_input_gram(inputs[:, :1], rows[:, :, :1], rows[:, :, :1])  # T = 1
-    few = torch.randn(1, 2, 30, 30)  # 2 datapoints of 30 positions: pairwise products are cheap
-    assert uses_input_gram(torch.randn(2, 30, 30), few, few)
+    wide = torch.randn(1, 3, 2, 30)  # 2 positions of 30 x 30: pairwise products are cheaper
+    assert uses_input_gram(torch.randn(3, 2, 30), wide, wide)
