@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from natgrad.bench import models
+from natgrad.bench import models, transformer
 from natgrad.bench.datasets import Dataset, load_dataset
 from natgrad.bench.registry import get_method
 from natgrad.linalg import NumericalWarning
@@ -67,6 +67,10 @@ TASKS: dict[str, Task] = {
             lambda d: nn.Sequential(nn.Unflatten(1, (1, 8, 8)), models.small_cnn(1, 10, 8)),
             epochs=5,
         ),
+        # seed 000 Table 2 at CPU scale: from scratch, prompt tuning, LoRA (bench.transformer)
+        Task("mnist1d-transformer", "mnist1d", lambda d: transformer.TinyTransformer()),
+        Task("mnist1d-prompt", "mnist1d", lambda d: transformer.prompt_tuning_model()),
+        Task("mnist1d-lora", "mnist1d", lambda d: transformer.lora_model()),
         Task("wine-mlp", "wine", lambda d: models.mlp(13, 3, (32,)), batch_size=32, epochs=20),
         Task(
             "diabetes-mlp",
