@@ -310,3 +310,21 @@ def test_logits_whose_sum_overflows_skip_the_step(fisher):
         pre.step(logits)
     assert pre.skipped_steps == 1
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_certain_float32_predictions_pass_the_cross_entropy_check(reduction):
+    """A well-trained model's other-class probabilities can be subnormal in float32 (e^-100):
+    c * pi_k then keeps a few bits, and a pooled ratio once read 1/13 for a batch of 14 and
+    stopped a training run. Such entries do not vote; a wrong reduction is still caught."""
+    categorical = natgrad.likelihoods.Categorical()
+    targets = torch.zeros(14, dtype=torch.long)
+    certain = torch.zeros(14, 3, dtype=torch.float32)
+    certain[:, 0] = 100.0
+    for logits in (certain, torch.cat([torch.tensor([[100.0, 95.0, 0.0]]), certain[1:]])):
+        logits = logits.clone().requires_grad_(True)
+        F.cross_entropy(logits, targets, reduction=reduction).backward()
+        categorical.check_output_grad(logits, logits.grad, reduction)
+    other = "sum" if reduction == "mean" else "mean"
+    with pytest.raises(ValueError, match=f"reduction={reduction!r}"):  # the e^-5 entry votes
+        categorical.check_output_grad(logits, logits.grad, other)

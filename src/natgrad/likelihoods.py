@@ -126,8 +126,9 @@ class Categorical(Likelihood):
 
         A cross-entropy gradient row sums to zero (up to ``c`` times round-off: confident rows
         in float32 lose ``pi_y - 1`` to rounding while their small entries stay exact), and
-        its positive entries are ``c * pi_k``; their ratio, pooled over the batch, recovers
-        ``c``, which must match the declared reduction.
+        its positive entries are ``c * pi_k``; their ratio, pooled over the batch (entries
+        far from the subnormal range only), recovers ``c``, which must match the declared
+        reduction.
         """
         grad = output_grad.detach()
         expected = self.reduction_factor(logits, reduction)
@@ -137,10 +138,14 @@ class Categorical(Likelihood):
                 "(its rows do not sum to zero): use likelihood='categorical' only with "
                 "F.cross_entropy on these logits, without label smoothing or extra terms"
             )
-        positive = grad > 0
+        probs = torch.softmax(logits.detach(), dim=1)
+        # entries near the subnormal range carry few significant bits (a very confident row's
+        # c * pi_k of 1e-40 in float32): they would bias the ratio, so only clearly normal ones
+        # vote; a batch with none (every row certain) cannot reveal c and passes
+        finfo = torch.finfo(probs.dtype)
+        positive = (grad > 0) & (probs > finfo.tiny / finfo.eps)
         if not bool(positive.any()):
             return
-        probs = torch.softmax(logits.detach(), dim=1)
         inferred = (grad[positive].sum() / probs[positive].sum()).item()
         if math.isclose(inferred, expected, rel_tol=1e-2):
             return
