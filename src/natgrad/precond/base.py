@@ -22,6 +22,11 @@ Conventions
   ``λ / c``).
 * One forward pass and one backward pass per step: a new forward pass forgets the previous one.
 
+Data parallelism (``distributed=``, ``process_group=``) is described in
+:mod:`natgrad.distributed`: the base class agrees with the other ranks before each step, lets
+a subclass exchange rows before its solve (:meth:`Preconditioner._exchange`) and averages
+directions after it (:meth:`Preconditioner._directions_to_average`).
+
 Which parameters are preconditioned, and through which per-sample structure, is decided by
 :func:`natgrad.selection.select_layers` (``unsupported`` and ``overrides``). Subclasses that
 solve with materialised per-sample rows (``per_sample_blocks = True``: the Woodbury family)
@@ -34,18 +39,22 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from natgrad.capture import Capture, adapter_for
 from natgrad.direct import norm_adapter_for
+from natgrad.distributed import Communicator, check_fused_backward, step_seed, unwrap
 from natgrad.fallback import Fallback
 from natgrad.likelihoods import Likelihood, check_logits, check_reduction, get_likelihood
 from natgrad.linalg import SolveReport
 from natgrad.precond.blocks import Block, DirectBatch, LayerBatch
 from natgrad.selection import select_layers
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 Damping = float | Callable[[int], float]
 
@@ -81,6 +90,8 @@ class Preconditioner:
     """
 
     per_sample_blocks: bool = False
+    distributed_modes: tuple[str, ...] = ("global",)
+    """The active ``distributed`` modes of the method, the first being what ``"auto"`` picks."""
 
     def __init__(
         self,
@@ -92,10 +103,15 @@ class Preconditioner:
         unsupported: str = "fallback",
         overrides: Mapping[str, str] | None = None,
         seed: int = 0,
+        distributed: str = "auto",
+        process_group: ProcessGroup | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.model = model
+        # a DistributedDataParallel wrapper: the capture hooks its forward pass, everything
+        # else (selection, parameter names, functional calls) uses the wrapped module
+        self.wrapper = model
+        self.model = model = unwrap(model)
         self.likelihood = get_likelihood(likelihood)
         self.reduction = check_reduction(reduction)
         self.damping = damping if callable(damping) else check_damping(damping)
@@ -110,7 +126,8 @@ class Preconditioner:
         self.fallback = (
             Fallback(model, self.selection.fallback) if self.selection.fallback else None
         )
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
         self.steps = 0
         self.skipped_steps = 0
         self.last_solve: SolveReport | None = None
@@ -119,8 +136,18 @@ class Preconditioner:
         self._grad_buffers: dict[str, Tensor] = {}
         self._order = {name: index for index, name in enumerate(self.selection.order)}
         self.capture = Capture(
-            model, {**self.selection.layers, **self.selection.direct}, self._on_output_grad
+            self.wrapper, {**self.selection.layers, **self.selection.direct}, self._on_output_grad
         )
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.communicator = Communicator(
+            distributed,
+            process_group,
+            self.distributed_modes,
+            type(self).__name__,
+            trainable[0].device if trainable else None,
+        )
+        if self.communicator.active:
+            self.communicator.check_replicas(self.describe(), trainable)
 
     # ------------------------------------------------------------------ hooks
     def _extra_output_vectors(self, logits: Tensor) -> Tensor | None:
@@ -132,6 +159,8 @@ class Preconditioner:
         self._extra_vectors = None
         if not bool(torch.isfinite(output.detach().sum())):
             return  # step() skips this batch; no labels can be sampled from NaN logits
+        if self.communicator.active:  # per rank and step, so any rank's state_dict resumes
+            self.generator.manual_seed(step_seed(self.seed, self.communicator.rank, self.steps))
         vectors = self._extra_output_vectors(output.detach())
         if vectors is not None:
             self._extra_vectors = vectors
@@ -154,6 +183,7 @@ class Preconditioner:
         """
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ValueError("backward() needs the scalar loss tensor")
+        check_fused_backward(self.wrapper)
         if self.capture.output is None:
             raise RuntimeError(
                 "backward() found no captured forward pass: call model(x) with gradients "
@@ -189,13 +219,17 @@ class Preconditioner:
             The tensor the model's forward pass returned, after ``loss.backward()`` (or
             :meth:`backward`) on a loss computed from it.
         """
+        self.communicator.check_mode()
         output_grad = self._checked_output_grad(logits)
         factor = self.likelihood.reduction_factor(logits, self.reduction)
         batches = self._layer_batches(logits.shape[0], factor)
         try:
-            if not self._all_finite([logits.detach(), output_grad], batches):
+            finite = self._all_finite([logits.detach(), output_grad], batches)
+            finite, plain = self._agree(finite, batches)
+            if not finite:
                 self._skip_step(
                     "the logits, the loss gradient or the captured layer rows contain NaN/Inf"
+                    + (" (on some rank)" if self.communicator.active else "")
                 )
                 return
             self.likelihood.check_output_grad(logits, output_grad, self.reduction)
@@ -207,10 +241,16 @@ class Preconditioner:
                     "depends on the model's layers before step()"
                 )
             batches.sort(key=lambda batch: self._order[batch.name])
-            self._precondition(batches, factor, per_sample_output_grad)
+            failure = None
+            try:
+                self._precondition(*self._exchange(batches, factor, per_sample_output_grad))
+            except FloatingPointError as error:
+                failure = str(error)
+            failure = self._synchronise(plain + self._directions_to_average(batches), failure)
+            if failure is not None:
+                self._skip_step(failure)
+                return
             self.steps += 1
-        except FloatingPointError as error:
-            self._skip_step(str(error))
         finally:
             self.capture.clear()
             self._extra_grads = None
@@ -218,7 +258,12 @@ class Preconditioner:
 
     def describe(self) -> str:
         """A one-line summary: method, settings and which modules are preconditioned."""
-        return f"{type(self).__name__}({self._settings()}): {self.selection.describe()}"
+        summary = f"{type(self).__name__}({self._settings()}): {self.selection.describe()}"
+        if self.communicator.active:
+            summary += (
+                f"; distributed: {self.communicator.mode} over {self.communicator.world_size} ranks"
+            )
+        return summary
 
     def remove(self) -> None:
         """Remove natgrad's hooks from the model."""
@@ -229,6 +274,7 @@ class Preconditioner:
         state: dict[str, Any] = {
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
+            "seed": self.seed,
             "generator": self.generator.get_state(),
         }
         if not callable(self.damping):
@@ -239,26 +285,66 @@ class Preconditioner:
         """Restore what :meth:`state_dict` saved; the next step continues identically."""
         self.steps = int(state["steps"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.seed = int(state.get("seed", self.seed))
         self.generator.set_state(state["generator"])
         if "damping" in state:
             self.damping = check_damping(state["damping"])
 
     # ------------------------------------------------------------------ subclass hooks
     def _precondition(
-        self, batches: list[Block], factor: float, per_sample_output_grad: Tensor
+        self, batches: list[Block], factor: float | Tensor, per_sample_output_grad: Tensor
     ) -> None:
         """Write the preconditioned direction of every block into ``.grad``.
 
         ``batches`` holds :class:`~natgrad.precond.blocks.LayerBatch` blocks and, if
         ``per_sample_blocks``, :class:`~natgrad.precond.blocks.DirectBatch` blocks, in model
-        order.
+        order. ``factor`` is the reduction factor ``c`` of the loss, or per-datapoint weights
+        ``(N,)`` when :meth:`_exchange` returns them.
         """
         raise NotImplementedError
+
+    def _exchange(
+        self, batches: list[Block], factor: float, per_sample_output_grad: Tensor
+    ) -> tuple[list[Block], float | Tensor, Tensor]:
+        """The arguments of :meth:`_precondition`: this rank's own by default; a subclass
+        may replace them with those of the global batch (:meth:`Communicator.gather`)."""
+        return batches, factor, per_sample_output_grad
+
+    def _directions_to_average(self, batches: list[Block]) -> list[nn.Parameter]:
+        """Parameters whose written direction is per rank, averaged over the ranks after
+        :meth:`_precondition` (with the plain gradients); none by default, where the direction
+        is already the same on every rank."""
+        return []
 
     def _settings(self) -> str:
         return f"likelihood={self.likelihood.name}, damping={self.damping}"
 
     # ------------------------------------------------------------------ internals
+    def _agree(self, finite: bool, batches: list[Block]) -> tuple[bool, list[nn.Parameter]]:
+        """Whether the step is finite on every rank, and the plain parameters to average
+        after it (those with a gradient on some rank; all of them without communication)."""
+        present = {batch.name for batch in batches}
+        plain = list(self.selection.plain.values())
+        finite, used = self.communicator.agree(
+            finite,
+            {name: name in present for name in [*self.selection.layers, *self.selection.direct]},
+            [param.grad is not None for param in plain],
+        )
+        return finite, [param for param, flag in zip(plain, used, strict=True) if flag]
+
+    def _synchronise(self, params: list[nn.Parameter], failure: str | None) -> str | None:
+        """Average ``.grad`` of ``params`` over the ranks (a missing one counts as zero) and
+        agree on whether the step failed anywhere; returns the failure, if any."""
+        if not self.communicator.active:
+            return failure
+        for param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        grads = [param.grad for param in params]
+        if not self.communicator.average_(grads, "directions", ok=failure is None):
+            return failure or "the solve failed on another rank"
+        return None
+
     def _checked_output_grad(self, logits: Tensor) -> Tensor:
         check_logits(logits)
         if self.capture.output is None:

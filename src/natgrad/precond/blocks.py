@@ -15,12 +15,16 @@ Both offer the Woodbury solvers the same operations on their own kind of rows: t
 ``J_a J_b^T`` (:meth:`gram`), ``J^T u`` written into ``.grad`` (:meth:`write_combination`), the
 materialised ``(K N, P_b)`` rows in the order of the parameters (:meth:`per_datapoint_grads`)
 and a flat direction written into ``.grad`` (:meth:`write_flat`). Blocks add up: the Gram of a
-group of blocks is the sum of their Grams (seed 004 eq. 41).
+group of blocks is the sum of their Grams (seed 004 eq. 41). For data parallelism
+(:mod:`natgrad.distributed`) a block lists its row tensors with their datapoint and token
+dimensions (:meth:`row_tensors`) and is rebuilt around the rows of all ranks
+(:meth:`with_rows`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +59,22 @@ class LayerBatch:
         """The captured tensors, for the finiteness check of a step."""
         tensors = [self.inputs, self.loss_grads]
         return tensors if self.extra_grads is None else [*tensors, self.extra_grads]
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters whose ``.grad`` the block writes."""
+        return [self.module.weight, self.module.bias] if self.has_bias else [self.module.weight]
+
+    def row_tensors(self) -> list[tuple[Tensor, int, int | None]]:
+        """:meth:`captured` as ``(tensor, datapoint dimension, token dimension)``."""
+        dims = [(0, 1), (1, 2), (1, 2)]
+        return [(t, *d) for t, d in zip(self.captured(), dims, strict=False)]
+
+    def with_rows(self, tensors: Sequence[Tensor]) -> LayerBatch:
+        """A copy holding other tensors in the layout of :meth:`row_tensors`."""
+        extra = tensors[2] if len(tensors) > 2 else None
+        return replace(
+            self, inputs=tensors[0], loss_grads=tensors[1], extra_grads=extra, _inputs_gram=None
+        )
 
     def grad_buffer(self) -> Tensor | None:
         """The weight's existing ``.grad`` as a matrix view, to be overwritten in place."""
@@ -120,6 +140,19 @@ class DirectBatch:
         return (
             [self.loss_grads] if self.extra_grads is None else [self.loss_grads, self.extra_grads]
         )
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters whose ``.grad`` the block writes."""
+        return list(self.params)
+
+    def row_tensors(self) -> list[tuple[Tensor, int, int | None]]:
+        """:meth:`captured` as ``(tensor, datapoint dimension, token dimension)``."""
+        return [(t, 1, None) for t in self.captured()]
+
+    def with_rows(self, tensors: Sequence[Tensor]) -> DirectBatch:
+        """A copy holding other tensors in the layout of :meth:`row_tensors`."""
+        extra = tensors[1] if len(tensors) > 1 else None
+        return replace(self, loss_grads=tensors[0], extra_grads=extra)
 
     def gram(self, rows: Tensor, other_rows: Tensor | None = None) -> Tensor:
         """``G_a G_b^T`` of rows ``(K_a, N, P)`` and ``(K_b, N, P)``."""

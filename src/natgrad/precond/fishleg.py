@@ -25,6 +25,13 @@ Each step (DESIGN.md gives the statement in clean notation):
 3. ``p.grad ← Q(λ) ḡ``, so an SGD step with learning rate ``η`` applies ``θ ← θ - η Q ḡ``
    (eq. 17). Use SGD without momentum: FishLeg applies its own.
 
+Data parallelism (``distributed="global"``, :mod:`natgrad.distributed`): the ranks average the
+layer gradients before momentum (``momentum_on="gradient"``), or the fresh directions ``Q g``
+before momentum and, on auxiliary steps, the gradients for the probe (``"update"``); and the
+auxiliary gradients (and the value of ``A(λ)``) before Adam, so each rank's Fisher-vector
+product on its own shard contributes the average ``F`` of the global objective. ``Q(λ)``, the
+momentum and Adam's state stay identical on all ranks.
+
 ``Q`` starts at ``init_scale · I`` with ``init_scale = η_SGDm / η`` (sec. 4.4), so FishLeg starts
 as SGD with momentum at learning rate ``η_SGDm``.
 """
@@ -35,7 +42,7 @@ import copy
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +52,9 @@ from natgrad.likelihoods import Likelihood
 from natgrad.precond.base import NonFiniteWarning, Preconditioner, check_count, check_damping
 from natgrad.precond.blocks import LayerBatch
 from natgrad.precond.kronecker import augmented_inputs
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 Q_STRUCTURES = ("kron", "diag")
 MOMENTUM_TARGETS = ("gradient", "update")
@@ -72,6 +82,9 @@ class FishLeg(Preconditioner):
         ``"kron"`` (default) or ``"diag"``.
     momentum_on
         ``"gradient"`` (Algorithm 1, line 16; default) or ``"update"`` (momentum on ``Q g``).
+    distributed, process_group
+        ``"auto"`` (default: ``"global"`` if ``torch.distributed`` is initialised, else
+        ``"off"``), ``"off"`` or ``"global"`` (module docstring), and the group of the ranks.
     """
 
     def __init__(
@@ -90,6 +103,8 @@ class FishLeg(Preconditioner):
         unsupported: str = "fallback",
         overrides: Mapping[str, str] | None = None,
         seed: int = 0,
+        distributed: str = "auto",
+        process_group: ProcessGroup | None = None,
     ) -> None:
         if callable(damping):
             raise TypeError("FishLeg's damping γ must be a positive float")
@@ -116,6 +131,8 @@ class FishLeg(Preconditioner):
             unsupported=unsupported,
             overrides=overrides,
             seed=seed,
+            distributed=distributed,
+            process_group=process_group,
         )
         self.aux_params = self._init_aux_params()
         self.aux_optimizer = torch.optim.Adam(
@@ -198,9 +215,14 @@ class FishLeg(Preconditioner):
             grad_rows = factor * batch.loss_grads[0].reshape(-1, batch.loss_grads.shape[-1])
             rows[batch.name] = (grad_rows, augmented_inputs(batch.inputs, batch.has_bias))
         probe: dict[str, Tensor | tuple[Tensor, Tensor]] = dict(rows)
+        auxiliary = self.steps % self.aux_period == 0
+        if self.momentum_on == "gradient" or (auxiliary and self.communicator.active):
+            # the dense gradients, averaged over the ranks: a global probe needs them
+            gradients = {name: grad_rows.T @ inputs for name, (grad_rows, inputs) in rows.items()}
+            self.communicator.average_(list(gradients.values()), "gradients")
+            probe = dict(gradients)
         if self.momentum_on == "gradient":
-            for name, (grad_rows, inputs) in rows.items():
-                gradient = grad_rows.T @ inputs
+            for name, gradient in gradients.items():
                 previous = self.momentum_buffers.get(name)
                 self.momentum_buffers[name] = (
                     gradient
@@ -208,21 +230,21 @@ class FishLeg(Preconditioner):
                     else self.momentum * previous + (1 - self.momentum) * gradient
                 )
             probe = {name: self.momentum_buffers[name] for name in rows}
-        if self.steps % self.aux_period == 0:
+        if auxiliary:
             self._auxiliary_step(probe)
+        with torch.no_grad():
+            if self.momentum_on == "gradient":
+                updates = {name: self.apply_q(name, self.momentum_buffers[name]) for name in rows}
+            else:
+                updates = {name: self.apply_q_low_rank(name, *rows[name]) for name in rows}
+                self.communicator.average_(list(updates.values()), "directions")
+                for name, fresh in updates.items():
+                    previous = self.momentum_buffers.get(name)
+                    if previous is not None:
+                        updates[name] = self.momentum * previous + (1 - self.momentum) * fresh
+                    self.momentum_buffers[name] = updates[name]
         for batch in batches:
-            with torch.no_grad():
-                if self.momentum_on == "gradient":
-                    update = self.apply_q(batch.name, self.momentum_buffers[batch.name])
-                else:
-                    fresh = self.apply_q_low_rank(batch.name, *rows[batch.name])
-                    previous = self.momentum_buffers.get(batch.name)
-                    update = (
-                        fresh
-                        if previous is None
-                        else self.momentum * previous + (1 - self.momentum) * fresh
-                    )
-                    self.momentum_buffers[batch.name] = update
+            update = updates[batch.name]
             if batch.has_bias:
                 batch.write_grad(update[:, :-1], update[:, -1])
             else:
@@ -293,20 +315,30 @@ class FishLeg(Preconditioner):
     def _auxiliary_step(self, probe: dict[str, Tensor | tuple[Tensor, Tensor]]) -> None:
         model_args = self._aux_args if self._aux_args is not None else self.capture.model_args
         result = self.auxiliary_loss(probe, model_args)
+        self.aux_optimizer.zero_grad()
+        params = [p for pair in self.aux_params.values() for p in pair]
+        value = torch.zeros(1, dtype=torch.float64, device=params[0].device)
+        if result is not None:
+            result[0].backward()
+            value += result[1]
+        if self.communicator.active:
+            for param in params:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+            if not self.communicator.average_(
+                [*(p.grad for p in params), value], "aux", ok=result is not None
+            ):
+                result = None
         if result is None:
+            where = " on some rank" if self.communicator.active else ""
             warnings.warn(
                 "FishLeg skipped an auxiliary step: the gradient is zero or the Fisher-vector "
-                "product is not finite; the auxiliary parameters are unchanged",
+                f"product is not finite{where}; the auxiliary parameters are unchanged",
                 NonFiniteWarning,
                 stacklevel=4,
             )
             return
-        surrogate, value = result
-        self.aux_optimizer.zero_grad()
-        surrogate.backward()
-        sums = [
-            p.grad.sum() for pair in self.aux_params.values() for p in pair if p.grad is not None
-        ]
+        sums = [p.grad.sum() for p in params if p.grad is not None]
         if not bool(torch.isfinite(torch.stack(sums)).all()):
             warnings.warn(
                 "FishLeg skipped an auxiliary step with non-finite gradients",
@@ -315,7 +347,7 @@ class FishLeg(Preconditioner):
             )
             return
         self.aux_optimizer.step()
-        self.aux_losses.append(value)
+        self.aux_losses.append(value.item())
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

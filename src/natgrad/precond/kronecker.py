@@ -32,6 +32,13 @@ Amortisation (Algorithm 1 and App. K): inverses (or eigenbases) are recomputed e
 subsampled KFAC on the current batch; Algorithm 1 lists the update first, which delays the
 curvature by one batch. The first step always initialises the factors and their inverses.
 
+Data parallelism (``distributed="global"``, :mod:`natgrad.distributed`): the factors are
+averaged over the ranks right after a step's batch statistics are folded in, which averages the
+statistics (the moving averages are linear and were identical on all ranks), so factors and
+inverses are the same on every rank before any inversion; each rank preconditions its own
+gradient and the directions are averaged, which equals preconditioning the averaged gradient
+(the inverse is linear and shared). Every rank computes every inverse.
+
 The gradient ``∇W = Ē^T Ā`` has rank at most ``N T``; when that is below the layer widths the
 inverses are applied to ``Ē`` and ``Ā`` (cost ``~N T d^2``) instead of to the ``d_out x d_in``
 matrix (cost ``~d^3``), chosen per layer.
@@ -41,7 +48,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +57,10 @@ from natgrad.datapoints import check_fisher, output_vectors, row_multipliers, ro
 from natgrad.likelihoods import Likelihood
 from natgrad.linalg import damped_inverse
 from natgrad.precond.base import Damping, Preconditioner, check_count
-from natgrad.precond.blocks import LayerBatch
+from natgrad.precond.blocks import Block, LayerBatch
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 DAMPING_MODES = ("heuristic", "correct", "none")
 KFAC_FISHERS = ("mc", "empirical", "ief", "exact")
@@ -103,6 +113,8 @@ class KroneckerPreconditioner(Preconditioner):
         unsupported: str,
         overrides: Mapping[str, str] | None,
         seed: int,
+        distributed: str,
+        process_group: ProcessGroup | None,
     ) -> None:
         if fisher not in KFAC_FISHERS:
             check_fisher(fisher)
@@ -123,6 +135,8 @@ class KroneckerPreconditioner(Preconditioner):
             unsupported=unsupported,
             overrides=overrides,
             seed=seed,
+            distributed=distributed,
+            process_group=process_group,
         )
         # per layer: running (unnormalised) sums and the EMA normaliser 1 - m^t
         self.input_factors: dict[str, Tensor] = {}
@@ -195,18 +209,20 @@ class KroneckerPreconditioner(Preconditioner):
     def _precondition(
         self, batches: list[LayerBatch], factor: float, per_sample_output_grad: Tensor
     ) -> None:
-        for batch in batches:
+        updated = [batch for batch in batches if self._needs_factor_update(batch.name)]
+        for batch in updated:
             inputs = augmented_inputs(batch.inputs, batch.has_bias)
-            if self._needs_factor_update(batch.name):
-                input_cov = inputs.T @ inputs / inputs.shape[0]
-                grad_cov = None
-                if self.uses_grad_factor:
-                    if self.fisher in ("mc", "exact") and batch.extra_grads is None:
-                        raise RuntimeError(
-                            f"layer '{batch.name}' received no sampled datapoints this step"
-                        )
-                    grad_cov = self._batch_grad_cov(batch, factor, per_sample_output_grad)
-                self._fold_in(batch.name, input_cov, grad_cov)
+            self._fold_in(
+                batch.name, *self._batch_statistics(batch, inputs, factor, per_sample_output_grad)
+            )
+        # the averages were identical on all ranks before this fold and are linear in the batch
+        # statistics: averaging them averages this step's statistics
+        self.communicator.average_(
+            [self.input_factors[b.name] for b in updated]
+            + [self.grad_factors[b.name] for b in updated if b.name in self.grad_factors],
+            "factors",
+        )
+        for batch in batches:
             if self.inverts(self.steps) or batch.name not in self.inverses:
                 self.inverses[batch.name] = self._invert(*self.normalised_factors(batch.name))
             grad_rows = factor * batch.loss_grads[0].reshape(-1, batch.loss_grads.shape[-1])
@@ -214,11 +230,25 @@ class KroneckerPreconditioner(Preconditioner):
                 *self._apply(
                     self.inverses[batch.name],
                     grad_rows,
-                    inputs,
+                    augmented_inputs(batch.inputs, batch.has_bias),
                     batch.has_bias,
                     batch.grad_buffer(),
                 )
             )
+
+    def _batch_statistics(
+        self, batch: LayerBatch, inputs: Tensor, factor: float, per_sample_output_grad: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """The current batch's ``(Σ_A, Σ_G)`` of a layer (``Σ_G`` is None for FOOF)."""
+        input_cov = inputs.T @ inputs / inputs.shape[0]
+        if not self.uses_grad_factor:
+            return input_cov, None
+        if self.fisher in ("mc", "exact") and batch.extra_grads is None:
+            raise RuntimeError(f"layer '{batch.name}' received no sampled datapoints this step")
+        return input_cov, self._batch_grad_cov(batch, factor, per_sample_output_grad)
+
+    def _directions_to_average(self, batches: list[Block]) -> list[nn.Parameter]:
+        return [param for batch in batches for param in batch.parameters()]
 
     def invert_all(self) -> None:
         """Recompute every layer's inverse from its current factors (e.g. to time it)."""
@@ -346,6 +376,10 @@ class KFAC(KroneckerPreconditioner):
         ``"heuristic"`` (default), ``"correct"`` or ``"none"``.
     ema_decay, factor_period, inv_period, pre_inversion_steps
         ``m``, ``k``, ``T`` and ``S`` of the schedule (module docstring).
+    distributed, process_group
+        ``"auto"`` (default: ``"global"`` if ``torch.distributed`` is initialised, else
+        ``"off"``), ``"off"`` or ``"global"`` (factors and directions averaged over the ranks;
+        :mod:`natgrad.distributed`), and the group of the ranks.
     """
 
     def __init__(
@@ -365,6 +399,8 @@ class KFAC(KroneckerPreconditioner):
         unsupported: str = "fallback",
         overrides: Mapping[str, str] | None = None,
         seed: int = 0,
+        distributed: str = "auto",
+        process_group: ProcessGroup | None = None,
     ) -> None:
         if damping_mode not in DAMPING_MODES:
             raise ValueError(
@@ -385,6 +421,8 @@ class KFAC(KroneckerPreconditioner):
             unsupported=unsupported,
             overrides=overrides,
             seed=seed,
+            distributed=distributed,
+            process_group=process_group,
         )
 
     def _settings(self) -> str:
@@ -444,7 +482,8 @@ class FOOF(KroneckerPreconditioner):
     ``ΔW = ∇W (Σ_A + λ I)^{-1}`` per layer, ``Σ_A`` the normalised EMA of the input covariance.
     With ``kfac_damping=True`` it is the variant of App. D.8 used in Fig. 3: ``Σ_G`` and the
     heuristic ``λ_A, λ_E`` are computed as in :class:`KFAC` (with ``fisher`` and
-    ``mc_samples``), and the update is ``∇W (Σ_A + λ_A I)^{-1} / λ_E``.
+    ``mc_samples``), and the update is ``∇W (Σ_A + λ_A I)^{-1} / λ_E``. ``distributed`` and
+    ``process_group`` as for :class:`KFAC`.
     """
 
     def __init__(
@@ -464,6 +503,8 @@ class FOOF(KroneckerPreconditioner):
         unsupported: str = "fallback",
         overrides: Mapping[str, str] | None = None,
         seed: int = 0,
+        distributed: str = "auto",
+        process_group: ProcessGroup | None = None,
     ) -> None:
         self.kfac_damping = bool(kfac_damping)
         self.uses_grad_factor = self.kfac_damping
@@ -481,6 +522,8 @@ class FOOF(KroneckerPreconditioner):
             unsupported=unsupported,
             overrides=overrides,
             seed=seed,
+            distributed=distributed,
+            process_group=process_group,
         )
 
     def _settings(self) -> str:
@@ -490,7 +533,8 @@ class FOOF(KroneckerPreconditioner):
         """Fold the input covariances of a few batches into the EMA before training (App. K).
 
         Runs the model forward (without gradients) on each batch, then computes the inverses.
-        Only the input factor needs no labels, so this is available for plain FOOF.
+        Only the input factor needs no labels, so this is available for plain FOOF. With
+        ``distributed="global"`` every rank passes as many batches and the factors are averaged.
         """
         if self.kfac_damping:
             raise ValueError(
@@ -506,14 +550,19 @@ class FOOF(KroneckerPreconditioner):
                 self._fold_in(name, augmented.T @ augmented / augmented.shape[0], None)
 
             handles.append(module.register_forward_pre_hook(record))
+        count = 0
         try:
             with torch.no_grad():
                 for batch_inputs in inputs:
                     self.model(batch_inputs)
+                    count += 1
         finally:
             for handle in handles:
                 handle.remove()
             self.capture.clear()
+        if self.communicator.active:
+            self.communicator.check_same_count(count, "warm_start batches")
+            self.communicator.average_(list(self.input_factors.values()), "factors")
         self.invert_all()
 
     def _invert(self, input_cov: Tensor, grad_cov: Tensor | None) -> dict[str, Any]:

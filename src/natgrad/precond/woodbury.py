@@ -25,6 +25,10 @@ the two-parameter problems of seed 002) the same damped system is solved in para
 instead, with the ``P x P`` matrix built from the materialised datapoint gradients: cheaper,
 and better conditioned at tiny damping.
 
+With data parallelism (:mod:`natgrad.distributed`) the datapoints of the global batch carry
+weights ``c_n`` (``c_r / R`` for the datapoints of rank ``r``) instead of one factor ``c``:
+the rows are scaled by ``sqrt(c_n w)`` and ``b`` by ``sqrt(c_n)``, and ``∇L = sum_n c_n g_n``.
+
 ``structure="full"`` solves one system over all blocks (``J̃ J̃^T`` summed over blocks);
 ``structure="layer"`` solves one per block (block-diagonal NGD; TENGraD, seed 004 eq. 39-43).
 A block is a neuron-view layer, whose direction is a single product ``E_u^T A`` (see
@@ -36,8 +40,8 @@ for models mixing both kinds.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +58,9 @@ from natgrad.likelihoods import Likelihood
 from natgrad.linalg import damped_solve
 from natgrad.precond.base import Damping, Preconditioner, check_count
 from natgrad.precond.blocks import Block
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 STRUCTURES = ("full", "layer")
 
@@ -97,7 +104,17 @@ class NGD(Preconditioner):
         automatic one.
     seed
         Seed of the generator that samples labels (saved in :meth:`state_dict`).
+    distributed
+        ``"auto"`` (default: ``"global"`` if ``torch.distributed`` is initialised, else
+        ``"off"``), ``"off"``, ``"global"`` (every rank solves the system of the global batch
+        from all-gathered rows) or ``"local"`` (each rank solves its shard, the directions are
+        averaged); see :mod:`natgrad.distributed`.
+    process_group
+        The ``torch.distributed`` group of the data-parallel ranks (default: the whole world).
     """
+
+    per_sample_blocks = True
+    distributed_modes = ("global", "local")
 
     def __init__(
         self,
@@ -112,6 +129,8 @@ class NGD(Preconditioner):
         unsupported: str = "fallback",
         overrides: Mapping[str, str] | None = None,
         seed: int = 0,
+        distributed: str = "auto",
+        process_group: ProcessGroup | None = None,
     ) -> None:
         self.fisher = check_fisher(fisher)
         if structure not in STRUCTURES:
@@ -126,6 +145,8 @@ class NGD(Preconditioner):
             unsupported=unsupported,
             overrides=overrides,
             seed=seed,
+            distributed=distributed,
+            process_group=process_group,
         )
 
     def _settings(self) -> str:
@@ -139,40 +160,53 @@ class NGD(Preconditioner):
             return None
         return output_vectors(self.fisher, self.likelihood, logits, self.mc_samples, self.generator)
 
-    per_sample_blocks = True
+    def _exchange(
+        self, batches: list[Block], factor: float, per_sample_output_grad: Tensor
+    ) -> tuple[list[Block], float | Tensor, Tensor]:
+        if self.communicator.mode == "global":
+            return self.communicator.gather(batches, factor, per_sample_output_grad)
+        return batches, factor, per_sample_output_grad
+
+    def _directions_to_average(self, batches: list[Block]) -> list[nn.Parameter]:
+        if self.communicator.mode == "local":
+            return [param for batch in batches for param in batch.parameters()]
+        return []
 
     def _precondition(
-        self, batches: list[Block], factor: float, per_sample_output_grad: Tensor
+        self, batches: list[Block], factor: float | Tensor, per_sample_output_grad: Tensor
     ) -> None:
         groups = [batches] if self.structure == "full" else [[batch] for batch in batches]
         for group in groups:
             self._solve_group(group, factor, per_sample_output_grad)
 
     def _solve_group(
-        self, group: list[Block], factor: float, per_sample_output_grad: Tensor
+        self, group: list[Block], factor: float | Tensor, per_sample_output_grad: Tensor
     ) -> None:
         damping = self.current_damping()
-        row_scale = math.sqrt(factor * row_weight(self.fisher, self.mc_samples))
+        weights = _datapoint_weights(factor, per_sample_output_grad)
         multipliers = row_multipliers(self.fisher, per_sample_output_grad)
         rows = [_curvature_rows(b, multipliers) for b in group]
-        if rows[0].shape[0] * rows[0].shape[1] > sum(b.num_params for b in group):
-            self._solve_in_parameter_space(group, rows, row_scale, factor, per_sample_output_grad)
+        num_sets = rows[0].shape[0]
+        row_scale = (weights * row_weight(self.fisher, self.mc_samples)).sqrt().repeat(num_sets)
+        if row_scale.shape[0] > sum(b.num_params for b in group):
+            self._solve_in_parameter_space(group, rows, row_scale, weights, per_sample_output_grad)
             return
-        curvature = sum(b.gram(e) for b, e in zip(group, rows, strict=True)) * (row_scale**2)
+        curvature = sum(b.gram(e) for b, e in zip(group, rows, strict=True)) * torch.outer(
+            row_scale, row_scale
+        )
         if not needs_extra_backprop(self.fisher):
             target = target_coefficients(self.fisher, per_sample_output_grad)
-            solution, self.last_solve = damped_solve(curvature, math.sqrt(factor) * target, damping)
+            solution, self.last_solve = damped_solve(curvature, weights.sqrt() * target, damping)
             coefficients = (row_scale * solution).unsqueeze(0)
             for batch, curvature_rows in zip(group, rows, strict=True):
                 batch.write_combination(curvature_rows, coefficients)
             return
-        ones = curvature.new_ones(per_sample_output_grad.shape[0])
-        projected_grad = sum(
-            b.gram(e, b.loss_grads) @ ones for b, e in zip(group, rows, strict=True)
-        ) * (row_scale * factor)
+        projected_grad = row_scale * sum(
+            b.gram(e, b.loss_grads) @ weights for b, e in zip(group, rows, strict=True)
+        )
         solution, self.last_solve = damped_solve(curvature, projected_grad, damping)
-        extra_coefficients = (-row_scale / damping) * solution.reshape(-1, ones.shape[0])
-        coefficients = torch.cat([(factor / damping) * ones.unsqueeze(0), extra_coefficients])
+        extra_coefficients = (-row_scale * solution / damping).reshape(num_sets, -1)
+        coefficients = torch.cat([(weights / damping).unsqueeze(0), extra_coefficients])
         for batch, extra in zip(group, rows, strict=True):
             batch.write_combination(torch.cat([batch.loss_grads, extra]), coefficients)
 
@@ -180,8 +214,8 @@ class NGD(Preconditioner):
         self,
         group: list[Block],
         rows: list[Tensor],
-        row_scale: float,
-        factor: float,
+        row_scale: Tensor,
+        weights: Tensor,
         per_sample_output_grad: Tensor,
     ) -> None:
         """The same damped system with the ``P x P`` curvature, when ``K N > P``.
@@ -190,15 +224,15 @@ class NGD(Preconditioner):
         way: the Woodbury form divides by ``λ`` after a subtraction that loses digits when the
         ``K N`` datapoints span far fewer than ``K N`` directions.
         """
-        jacobian = row_scale * torch.cat(
+        jacobian = row_scale.unsqueeze(1) * torch.cat(
             [b.per_datapoint_grads(e) for b, e in zip(group, rows, strict=True)], dim=1
         )
         if needs_extra_backprop(self.fisher):
             true_rows = torch.cat([b.per_datapoint_grads(b.loss_grads) for b in group], dim=1)
-            rhs = factor * true_rows.sum(dim=0)
+            rhs = weights @ true_rows
         else:
             target = target_coefficients(self.fisher, per_sample_output_grad)
-            rhs = jacobian.T @ (math.sqrt(factor) * target)
+            rhs = jacobian.T @ (weights.sqrt() * target)
         direction, self.last_solve = damped_solve(
             jacobian.T @ jacobian, rhs, self.current_damping()
         )
@@ -206,6 +240,13 @@ class NGD(Preconditioner):
         for batch in group:
             batch.write_flat(direction[offset : offset + batch.num_params])
             offset += batch.num_params
+
+
+def _datapoint_weights(factor: float | Tensor, per_sample_output_grad: Tensor) -> Tensor:
+    """``c_n`` of every datapoint, ``(N,)``: the reduction factor, or the given weights."""
+    if isinstance(factor, Tensor):
+        return factor
+    return per_sample_output_grad.new_full((per_sample_output_grad.shape[0],), factor)
 
 
 def _curvature_rows(batch: Block, multipliers: Tensor | None) -> Tensor:
