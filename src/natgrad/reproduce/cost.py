@@ -41,7 +41,7 @@ Memory (the approach of ``benchmarks/step_time.py``): for each (method, depth), 
 process (one torch thread) builds the model and the method with the first seed, records the
 resident-memory high-water mark, runs 3 steps and reports the increase of the mark in MiB. The
 mark is ``VmHWM`` of ``/proc/self/status`` on Linux rather than ``ru_maxrss``, which in a
-spawned process starts at the parent's resident size (see :func:`_high_water_mib`). It
+spawned process starts at the parent's resident size (see :func:`high_water_mib`). It
 includes one-off costs (library pages first touched by a step), the same for every method.
 Next to it, the analytic size of the curvature objects each method holds
 (:func:`curvature_bytes`, float32 entries, natgrad's ``N x N`` systems in float64):
@@ -317,7 +317,7 @@ def _time_depth(
     return {method: statistics.median(values) for method, values in times.items()}
 
 
-def _high_water_mib() -> float:
+def high_water_mib() -> float:
     """This process's resident-memory high-water mark in MiB.
 
     ``VmHWM`` of ``/proc/self/status`` where it exists (Linux), else ``ru_maxrss``. On Linux
@@ -342,10 +342,10 @@ def _memory_worker(job: tuple[str, int, int, int]) -> float:
     draw = random_batches(batch_size, seed)
     batches = [draw() for _ in range(MEMORY_STEPS)]
     step = make_step(method, cost_mlp(depth, seed))
-    baseline = _high_water_mib()
+    baseline = high_water_mib()
     for batch in batches:
         step(batch)
-    return _high_water_mib() - baseline
+    return high_water_mib() - baseline
 
 
 def _peak_memory(jobs: list[tuple[str, int, int, int]]) -> list[float]:
@@ -581,6 +581,7 @@ __all__ = [
     "cost_mlp",
     "curvature_bytes",
     "dense_ngd_direction",
+    "high_water_mib",
     "loglog_slope",
     "make_step",
     "num_params",
