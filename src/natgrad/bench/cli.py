@@ -1,23 +1,28 @@
-"""The ``natgrad`` command line: ``bench``, ``field`` and ``analyze``.
+"""The ``natgrad`` command line: ``bench``, ``sweep``, ``reproduce``, ``field``, ``analyze``.
 
 ``natgrad bench`` trains every chosen method over its hyper-parameter grid and seeds on one
 task, selects each method's best configuration by final training loss (as the seeds do), and
-writes the runs (``runs.json``), a markdown summary (``summary.md``) and loss curves
-(``curves.png``). The default compares SGD, Adam, KFAC, FOOF, EF, iEF and exact NGD on an MLP
-on MNIST-1D (generated offline) in a few minutes on 2 CPU cores.
+writes the runs (``runs.json``, ``runs.csv``), a markdown summary (``summary.md``) and loss
+curves (``curves.png``). Under ``torchrun --nproc_per_node R`` the R processes split every
+global batch and train one model (natgrad's distributed mode; first-order methods average
+their gradients); rank 0 writes the results. The default compares SGD, Adam, KFAC, FOOF, EF,
+iEF and exact NGD on an MLP on MNIST-1D (generated offline) in a few minutes on 2 CPU cores.
 
 Examples::
 
     natgrad bench
     natgrad bench --task digits-mlp --methods sgd ief kfac --seeds 0 1 2 --epochs 10
     natgrad bench --methods sgd kfac --grid '{"kfac": {"lr": [0.01, 0.1], "damping": [0.001]}}'
+    torchrun --standalone --nproc_per_node 2 -m natgrad.bench.cli bench --task digits-mlp
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -232,8 +237,29 @@ def _bench(args: argparse.Namespace) -> int:
             grids = json.loads(args.grid)
         except json.JSONDecodeError as error:
             raise SystemExit(f"--grid is not valid JSON: {error}") from error
-    _report(task, sweep(task, args.methods, args.seeds, grids), Path(args.output))
+    with _process_group() as rank:
+        quiet = None if rank == 0 else (lambda line: None)
+        runs = sweep(task, args.methods, args.seeds, grids, progress=quiet)
+        if rank == 0:
+            _report(task, runs, Path(args.output))
     return 0
+
+
+@contextmanager
+def _process_group() -> Iterator[int]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): a gloo process group for the block, whose rank
+    is yielded; otherwise rank 0 and no group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield 0
+        return
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        yield dist.get_rank()
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

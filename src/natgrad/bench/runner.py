@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -143,6 +144,23 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _average_gradients(model: nn.Module) -> None:
+    """Average ``.grad`` over the ranks, as DistributedDataParallel does for first-order
+    methods (the global objective is the mean of the ranks' shard losses)."""
+    for param in model.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad /= dist.get_world_size()
+
+
 def full_loss(model: nn.Module, task: Task, inputs: Tensor, labels: Tensor) -> float:
     """The task's loss on a whole split, without gradients."""
     with torch.no_grad():
@@ -153,6 +171,11 @@ def train_run(
     task: Task, method: str, hyper: dict[str, Any], seed: int, data: Dataset
 ) -> dict[str, Any]:
     """Train one configuration.
+
+    Under ``torch.distributed`` (e.g. ``torchrun``) each global batch is split across the
+    ranks (rank ``r`` takes every ``R``-th datapoint), natgrad's preconditioners run in their
+    distributed mode and first-order methods average their gradients, so the ranks train one
+    model on the global batches; step losses are those of the rank's shard.
 
     Returns the training loss on the whole training set before training and after every
     epoch (``train_loss``), the cumulative optimisation time at those points (``seconds``),
@@ -190,8 +213,9 @@ def _train(
     for _ in range(task.epochs):
         order = torch.randperm(len(data.train_inputs), generator=generator)
         for batch in order.split(task.batch_size):
-            if len(batch) < 2:
+            if len(batch) < 2 * _world_size():
                 continue
+            batch = batch[_rank() :: _world_size()]  # this rank's shard of the global batch
             start = time.perf_counter()
             optimiser.zero_grad()
             inputs = data.train_inputs[batch]
@@ -199,7 +223,9 @@ def _train(
             loss = task.loss(logits, task.targets(inputs, data.train_targets[batch]))
             loss.backward()
             if pre is not None:
-                pre.step(logits)
+                pre.step(logits)  # natgrad communicates itself (natgrad.distributed)
+            elif _world_size() > 1:
+                _average_gradients(model)
             optimiser.step()
             step_seconds.append(time.perf_counter() - start)
             elapsed += step_seconds[-1]

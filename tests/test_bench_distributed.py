@@ -1,0 +1,62 @@
+"""natgrad bench under torch.distributed: two ranks train one model on split global batches,
+as one process does on the whole batches; the CLI under torchrun writes one report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from natgrad.bench import runner
+
+HYPER = {"sgd": {"lr": 0.1, "momentum": 0.9}, "ief": {"lr": 0.05, "damping": 0.1}}
+
+
+def task() -> runner.Task:
+    return replace(runner.get_task("wine-mlp"), epochs=2)  # batches of 32 and 14: even shards
+
+
+def worker(rank: int, directory: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{directory}/store", rank=rank, world_size=2
+    )
+    try:
+        data = runner.load_dataset("wine")
+        runs = {m: runner.train_run(task(), m, HYPER[m], 0, data) for m in HYPER}
+        torch.save({m: r["train_loss"] for m, r in runs.items()}, f"{directory}/rank{rank}.pt")
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_two_ranks_train_like_one_process_on_the_global_batches(tmp_path):
+    mp.spawn(worker, args=(str(tmp_path),), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    data = runner.load_dataset("wine")
+    for method, hyper in HYPER.items():
+        single = torch.tensor(runner.train_run(task(), method, hyper, 0, data)["train_loss"])
+        for losses in ranks:
+            assert torch.allclose(torch.tensor(losses[method]), single, rtol=1e-4), method
+        assert single[-1] < single[0]
+
+
+def test_cli_bench_under_torchrun_writes_one_report(tmp_path):
+    grid = json.dumps({"sgd": {"lr": [0.1]}})
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "natgrad.bench.cli", "bench", "--task", "wine-mlp", "--methods", "sgd",
+        "--epochs", "1", "--grid", grid, "--output", str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    assert len(runs) == 1 and runs[0]["train_loss"][-1] < runs[0]["train_loss"][0]
+    assert done.stdout.count("| sgd |") == 1  # only rank 0 reports
