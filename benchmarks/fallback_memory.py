@@ -12,15 +12,12 @@ fallback rows ``N x P_prompt x 4`` bytes. Run ``python benchmarks/fallback_memor
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import natgrad
-from natgrad.reproduce.cost import high_water_mib
+from natgrad.reproduce.cost import high_water_mib, in_fresh_processes
 
 BATCH, TOKENS, WIDTH, STEPS = 128, 16, 32, 3
 
@@ -64,9 +61,7 @@ def measure(job: tuple[str, int, int]) -> float:
 def main() -> None:
     configurations = [(k, h) for k in (4, 64, 512) for h in (256, 2048)]
     jobs = [(method, k, h) for k, h in configurations for method in ("sgd", "ef")]
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(processes=min(2, os.cpu_count() or 1), maxtasksperchild=1) as pool:
-        peaks = dict(zip(jobs, pool.map(measure, jobs, chunksize=1), strict=True))
+    peaks = dict(zip(jobs, in_fresh_processes(measure, jobs), strict=True))
     print(f"batch {BATCH}, {TOKENS} tokens of width {WIDTH}, frozen body, {STEPS} steps")
     print("| prompt params | body hidden | SGD peak +MiB | EF peak +MiB | EF - SGD | rows N x P |")
     print("|---|---|---|---|---|---|")

@@ -89,8 +89,7 @@ def test_tune_fishleg_ties_q0_to_each_lr_and_extends_a_boundary_lr(monkeypatch):
             "diverged": False,
         }
 
-    for module in ("natgrad.reproduce.tuning", "natgrad.reproduce.fishleg_claims"):
-        monkeypatch.setattr(f"{module}.train_run", fake_train_run)
+    monkeypatch.setattr("natgrad.reproduce.tuning.train_run", fake_train_run)
     monkeypatch.setattr("natgrad.reproduce.tuning.describe", lambda runs: "")
     grid = {"lr": [1e-4, 1e-3], "damping": [1e-3]}
     runs = tune_fishleg(get_task("deep-linear-small"), None, grid, 0.02, seeds=(0, 1, 2))

@@ -81,7 +81,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +116,9 @@ DEFAULTS = {
 
 Batch = tuple[Tensor, Tensor]
 Step = Callable[[Batch], None]
+
+
+Job = TypeVar("Job")
 
 
 def cost_mlp(depth: int, seed: int) -> nn.Sequential:
@@ -348,11 +351,12 @@ def _memory_worker(job: tuple[str, int, int, int]) -> float:
     return high_water_mib() - baseline
 
 
-def _peak_memory(jobs: list[tuple[str, int, int, int]]) -> list[float]:
-    """Run :func:`_memory_worker` for every job, each in its own spawned process."""
+def in_fresh_processes(worker: Callable[[Job], float], jobs: Sequence[Job]) -> list[float]:
+    """``worker(job)`` for every job, each in its own spawned process (two at a time), so a
+    high-water mark read there belongs to that job alone."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(processes=min(2, os.cpu_count() or 1), maxtasksperchild=1) as pool:
-        return pool.map(_memory_worker, jobs, chunksize=1)
+        return pool.map(worker, jobs, chunksize=1)
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> str:
@@ -462,7 +466,9 @@ def r11_cost_scaling(
                 for method, seconds in medians.items():
                     per_seed.setdefault((method, depth), []).append(1e3 * seconds)
     jobs = [(m, d, batch_size, seeds[0]) for d in depths for m in measured[d]]
-    peaks = dict(zip([(m, d) for m, d, _, _ in jobs], _peak_memory(jobs), strict=True))
+    peaks = dict(
+        zip([(m, d) for m, d, _, _ in jobs], in_fresh_processes(_memory_worker, jobs), strict=True)
+    )
     load_after = os.getloadavg()[0]
 
     rows: list[dict[str, Any]] = []
@@ -582,6 +588,7 @@ __all__ = [
     "curvature_bytes",
     "dense_ngd_direction",
     "high_water_mib",
+    "in_fresh_processes",
     "loglog_slope",
     "make_step",
     "num_params",

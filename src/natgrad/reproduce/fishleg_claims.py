@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from natgrad.bench.datasets import Dataset, deep_linear_teacher, load_dataset
-from natgrad.bench.runner import Task, final_train_loss, get_task, train_run
+from natgrad.bench.runner import Task, final_train_loss, get_task
 from natgrad.reproduce import tuning
 from natgrad.reproduce.finding import Finding
 from natgrad.reproduce.tuning import Contender, less, mean_final
@@ -79,16 +79,10 @@ def tune_fishleg(
         seeds[:1],
     )
     best = min((runs[0] for runs in per_lr.values()), key=final_train_loss)
-    lrs = grid["lr"]
-    if len(lrs) > 1 and best["hyper"]["lr"] in (min(lrs), max(lrs)):
-        factor = 10.0 if best["hyper"]["lr"] == max(lrs) else 0.1
-        for _ in range(tuning.EXTENSIONS):
-            lr = best["hyper"]["lr"] * factor
-            hyper = {**best["hyper"], "lr": lr, "init_scale": sgdm_lr / lr}
-            run = train_run(task, "fishleg", hyper, seeds[0], data)
-            if not final_train_loss(run) < final_train_loss(best):
-                break
-            best = run
+    best = tuning.extend_at_boundary(
+        task, data, "fishleg", seeds[0], best, "lr", grid["lr"],
+        adjust=lambda hyper: {**hyper, "init_scale": sgdm_lr / hyper["lr"]},
+    )  # fmt: skip
     best["registry_method"], best["method"] = "fishleg", "fishleg"
     if len(seeds) == 1:
         return [best]

@@ -52,9 +52,10 @@ def tune(
             train_run(task, contender.method, hyper, seeds[0], data)
             for hyper in grid_points(contender.grid)
         ]
-        best = _extend_at_boundary(
-            task, data, contender, seeds[0], min(search, key=final_train_loss)
-        )
+        best = min(search, key=final_train_loss)
+        for key in ("lr", "damping"):
+            values = contender.grid.get(key, [])
+            best = extend_at_boundary(task, data, contender.method, seeds[0], best, key, values)
         runs = [best] + [
             train_run(task, contender.method, best["hyper"], seed, data) for seed in seeds[1:]
         ]
@@ -65,23 +66,29 @@ def tune(
     return selected
 
 
-def _extend_at_boundary(
-    task: Task, data: Dataset, contender: Contender, seed: int, best: dict[str, Any]
+def extend_at_boundary(
+    task: Task,
+    data: Dataset,
+    method: str,
+    seed: int,
+    best: dict[str, Any],
+    key: str,
+    values: Sequence[float],
+    adjust: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Seed 001 App. D.2: "we extended grids if the performance at a boundary of the grid was
-    optimal". For ``lr`` and ``damping``, while the best value sits at the end of a grid of
-    several values, try one decade further (at most :data:`EXTENSIONS` times per key)."""
-    for key in ("lr", "damping"):
-        values = contender.grid.get(key, [])
-        if len(values) < 2 or best["hyper"][key] not in (min(values), max(values)):
-            continue
-        factor = 10.0 if best["hyper"][key] == max(values) else 0.1
-        for _ in range(EXTENSIONS):
-            hyper = {**best["hyper"], key: best["hyper"][key] * factor}
-            run = train_run(task, contender.method, hyper, seed, data)
-            if not final_train_loss(run) < final_train_loss(best):
-                break
-            best = run
+    optimal". While ``best``'s ``key`` sits at the end of ``values`` (a grid of several
+    values), try one decade further, at most :data:`EXTENSIONS` times; ``adjust`` updates
+    hyper-parameters tied to ``key`` (e.g. FishLeg's ``init_scale`` to its step size)."""
+    if len(values) < 2 or best["hyper"][key] not in (min(values), max(values)):
+        return best
+    factor = 10.0 if best["hyper"][key] == max(values) else 0.1
+    for _ in range(EXTENSIONS):
+        hyper = {**best["hyper"], key: best["hyper"][key] * factor}
+        run = train_run(task, method, adjust(hyper) if adjust else hyper, seed, data)
+        if not final_train_loss(run) < final_train_loss(best):
+            break
+        best = run
     return best
 
 
@@ -182,6 +189,7 @@ def less(a: float, b: float) -> bool:
 __all__ = [
     "Contender",
     "describe",
+    "extend_at_boundary",
     "finding",
     "less",
     "lines",
