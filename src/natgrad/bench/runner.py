@@ -292,12 +292,8 @@ def best_runs(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     for run in runs:
         groups.setdefault((run["method"], json.dumps(run["hyper"], sort_keys=True)), []).append(run)
     best: dict[str, list[dict[str, Any]]] = {}
-
-    def score(group: list[dict[str, Any]]) -> float:
-        return sum(final_train_loss(run) for run in group) / len(group)
-
     for (method, _), group in groups.items():
-        if method not in best or score(group) < score(best[method]):
+        if method not in best or mean_final(group) < mean_final(best[method]):
             best[method] = group
     return best
 
@@ -327,6 +323,11 @@ def write_csv(runs: list[dict[str, Any]], path: str | Path) -> None:
                 )  # fmt: skip
 
 
+def mean_final(runs: list[dict[str, Any]]) -> float:
+    """Mean final training loss over runs (seeds): ``inf`` if any diverged."""
+    return sum(final_train_loss(run) for run in runs) / len(runs)
+
+
 def summary_table(best: dict[str, list[dict[str, Any]]]) -> str:
     """A markdown table of the selected configurations, best first."""
     lines = [
@@ -335,7 +336,7 @@ def summary_table(best: dict[str, list[dict[str, Any]]]) -> str:
     ]
     ordered = sorted(best.items(), key=lambda item: sum(final_train_loss(r) for r in item[1]))
     for method, group in ordered:
-        mean = sum(final_train_loss(r) for r in group) / len(group)
+        mean = mean_final(group)
         test = sum(r["test_loss"] for r in group) / len(group)
         seconds = sum(r["seconds"][-1] for r in group) / len(group)
         lines.append(
@@ -372,6 +373,7 @@ __all__ = [
     "final_train_loss",
     "get_task",
     "grid_points",
+    "mean_final",
     "plot_curves",
     "summary_table",
     "sweep",

@@ -21,7 +21,14 @@ from typing import Any
 import torch
 
 from natgrad.bench.datasets import Dataset
-from natgrad.bench.runner import Task, final_train_loss, grid_points, plot_curves, train_run
+from natgrad.bench.runner import (
+    Task,
+    final_train_loss,
+    grid_points,
+    mean_final,
+    plot_curves,
+    train_run,
+)
 from natgrad.reproduce.finding import Finding
 
 EXTENSIONS = 2
@@ -106,11 +113,6 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def mean_final(runs: list[dict[str, Any]]) -> float:
-    """Mean final training loss over seeds (``inf`` if any seed diverged)."""
-    return statistics.fmean(final_train_loss(run) for run in runs)
 
 
 def ms_per_step(runs: list[dict[str, Any]]) -> float:
