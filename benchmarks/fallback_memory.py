@@ -7,7 +7,9 @@ fallback, which materialises one gradient row per datapoint (``N x prompt size``
 configuration runs in a fresh process (``VmHWM`` high-water mark, one torch thread): a plain
 SGD step, then the EF step, and the table reports the peak-memory increase of each over the
 process after building the model, and the EF - SGD difference next to the size of the
-fallback rows ``N x P_prompt x 4`` bytes. Run ``python benchmarks/fallback_memory.py``.
+fallback rows ``N x P_prompt x 4`` bytes; a second EF column re-runs ``CHUNK`` datapoints at a
+time (``fallback_chunk_size``), which bounds the re-run's activations. Run
+``python benchmarks/fallback_memory.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 import natgrad
 from natgrad.reproduce.cost import high_water_mib, in_fresh_processes
 
-BATCH, TOKENS, WIDTH, STEPS = 128, 16, 32, 3
+BATCH, TOKENS, WIDTH, STEPS, CHUNK = 128, 16, 32, 3, 8
 
 
 class PromptedBody(nn.Module):
@@ -44,7 +46,8 @@ def measure(job: tuple[str, int, int]) -> float:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = PromptedBody(prompt_tokens, hidden)
-    pre = natgrad.EF(model) if method == "ef" else None
+    chunk_size = CHUNK if method == "ef-chunked" else None
+    pre = None if method == "sgd" else natgrad.EF(model, fallback_chunk_size=chunk_size)
     optimiser = torch.optim.SGD([model.prompt], lr=0.1)
     inputs, targets = torch.randn(BATCH, TOKENS, WIDTH), torch.randint(0, 10, (BATCH,))
     baseline = high_water_mib()
@@ -60,15 +63,22 @@ def measure(job: tuple[str, int, int]) -> float:
 
 def main() -> None:
     configurations = [(k, h) for k in (4, 64, 512) for h in (256, 2048)]
-    jobs = [(method, k, h) for k, h in configurations for method in ("sgd", "ef")]
+    methods = ("sgd", "ef", "ef-chunked")
+    jobs = [(method, k, h) for k, h in configurations for method in methods]
     peaks = dict(zip(jobs, in_fresh_processes(measure, jobs), strict=True))
     print(f"batch {BATCH}, {TOKENS} tokens of width {WIDTH}, frozen body, {STEPS} steps")
-    print("| prompt params | body hidden | SGD peak +MiB | EF peak +MiB | EF - SGD | rows N x P |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| prompt params | body hidden | SGD peak +MiB | EF peak +MiB | EF - SGD "
+        f"| EF chunk {CHUNK} - SGD | rows N x P (MiB) |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for k, h in configurations:
-        sgd, ef = peaks[("sgd", k, h)], peaks[("ef", k, h)]
+        sgd, ef, chunked = (peaks[(method, k, h)] for method in methods)
         rows = BATCH * k * WIDTH * 4 / 2**20
-        print(f"| {k * WIDTH} | {h} | {sgd:.1f} | {ef:.1f} | {ef - sgd:.1f} | {rows:.2f} |")
+        print(
+            f"| {k * WIDTH} | {h} | {sgd:.1f} | {ef:.1f} | {ef - sgd:.1f} | {chunked - sgd:.1f} "
+            f"| {rows:.2f} |"
+        )
 
 
 if __name__ == "__main__":

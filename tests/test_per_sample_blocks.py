@@ -193,6 +193,27 @@ def test_update_matches_dense_oracle(fisher, structure, model_name):
     assert relative_error(actual, expected) <= TOLERANCE
 
 
+@pytest.mark.parametrize("chunk_size", [1, 4])
+@pytest.mark.parametrize("model_name", ["prompt", "tied"])
+def test_fallback_in_chunks_matches_dense_oracle(model_name, chunk_size):
+    torch.manual_seed(2)
+    model, inputs = MODELS[model_name]()
+    targets = torch.randint(0, 3, (inputs.shape[0],))
+    actual, _ = run_natgrad(
+        model, inputs, targets, "categorical", "mean", fisher="exact", structure="full",
+        damping=DAMPING, fallback_chunk_size=chunk_size,
+    )  # fmt: skip
+    batch = dense_batch(model, inputs, targets, "categorical", "mean")
+    expected = expected_update(batch, "exact", "full", DAMPING, module_blocks(model))
+    assert relative_error(actual, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("chunk_size", [0, 2.5, True])
+def test_fallback_chunk_size_must_be_a_positive_integer(chunk_size):
+    with pytest.raises(ValueError, match="fallback_chunk_size must be an integer >= 1"):
+        natgrad.EF(Prompted(), fallback_chunk_size=chunk_size)
+
+
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 @pytest.mark.parametrize("fisher", ["ief", "exact"])
 def test_fused_backward_equals_standard_path(fisher, model_name):

@@ -13,8 +13,10 @@ restricted to the fallback tensors:
 rows of shape ``(K, N, P_b)`` (``K`` output vectors per datapoint: the true-label loss
 gradient, sampled labels or Hessian square-root columns), which the Woodbury solvers add to the
 Gram ``G_b G_b^T`` (:class:`natgrad.precond.blocks.DirectBatch`). The cost is one more forward
-pass and ``K`` vector-Jacobian products; the memory of the rows is ``K N P_b``, proportional to
-the fallback parameters only.
+pass and ``K`` vector-Jacobian products. The memory is the rows, ``K N P_b``, proportional to
+the fallback parameters, plus the activations of the re-run: ``chunk_size`` datapoints are
+re-run at a time (``vmap(..., chunk_size=...)``), so that part is bounded by the activations of
+``chunk_size`` datapoints whatever the batch size (``None``: the whole batch at once, fastest).
 
 A per-sample gradient exists only when each datapoint's output depends on its own input alone.
 natgrad checks this on every step: no BatchNorm may normalise with batch statistics (train
@@ -49,10 +51,18 @@ class Fallback:
         The fallback tensors by owning module name (one Woodbury block per module for
         ``structure="layer"``): ``{module_name: {parameter_name: parameter}}``, with parameter
         names as in ``model.named_parameters()``.
+    chunk_size
+        Datapoints re-run at a time; ``None`` re-runs the whole batch at once.
     """
 
-    def __init__(self, model: nn.Module, groups: Mapping[str, Mapping[str, nn.Parameter]]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: Mapping[str, Mapping[str, nn.Parameter]],
+        chunk_size: int | None = None,
+    ) -> None:
         self.model = model
+        self.chunk_size = chunk_size
         self.groups = {name: dict(params) for name, params in groups.items()}
         modules = dict(model.named_modules())
         self._labels = ", ".join(
@@ -111,7 +121,10 @@ class Fallback:
         try:
             with torch.no_grad():
                 outputs, grads = vmap(
-                    one_datapoint, in_dims=(arg_dims, kwarg_dims, 1), randomness="error"
+                    one_datapoint,
+                    in_dims=(arg_dims, kwarg_dims, 1),
+                    randomness="error",
+                    chunk_size=self.chunk_size,
                 )(args, kwargs, vectors)
         except RuntimeError as error:
             if "random operation" in str(error):

@@ -105,6 +105,7 @@ class Preconditioner:
         seed: int = 0,
         distributed: str = "auto",
         process_group: ProcessGroup | None = None,
+        fallback_chunk_size: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -123,8 +124,12 @@ class Preconditioner:
         self.norm_adapters = {
             name: norm_adapter_for(m) for name, m in self.selection.direct.items()
         }
+        if fallback_chunk_size is not None:
+            check_count(fallback_chunk_size, "fallback_chunk_size")
         self.fallback = (
-            Fallback(model, self.selection.fallback) if self.selection.fallback else None
+            Fallback(model, self.selection.fallback, fallback_chunk_size)
+            if self.selection.fallback
+            else None
         )
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)

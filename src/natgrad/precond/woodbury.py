@@ -111,6 +111,9 @@ class NGD(Preconditioner):
         averaged); see :mod:`natgrad.distributed`.
     process_group
         The ``torch.distributed`` group of the data-parallel ranks (default: the whole world).
+    fallback_chunk_size
+        Datapoints the torch.func fallback re-runs at a time (default ``None``: the whole
+        batch); a small value bounds the fallback's activation memory (:mod:`natgrad.fallback`).
     """
 
     per_sample_blocks = True
@@ -131,6 +134,7 @@ class NGD(Preconditioner):
         seed: int = 0,
         distributed: str = "auto",
         process_group: ProcessGroup | None = None,
+        fallback_chunk_size: int | None = None,
     ) -> None:
         self.fisher = check_fisher(fisher)
         if structure not in STRUCTURES:
@@ -147,6 +151,7 @@ class NGD(Preconditioner):
             seed=seed,
             distributed=distributed,
             process_group=process_group,
+            fallback_chunk_size=fallback_chunk_size,
         )
 
     def _settings(self) -> str:
