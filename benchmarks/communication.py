@@ -29,8 +29,12 @@ with ``inv_period=100, pre_inversion_steps=10`` (factors are averaged on 10 of t
 FishLeg with ``aux_period=10`` (one auxiliary step), 2 for the Woodbury methods (every step is
 alike). The table gives the mean per step, the largest single step, and the mean per step by
 purpose: ``rows`` (all-gathered neuron-view rows), ``factors`` (Kronecker batch statistics),
+``inverses`` (inverses broadcast by the rank that computed them, ``spread_inversions=True``),
 ``gradients`` / ``aux`` (FishLeg's gradients and auxiliary gradients), ``directions`` (averaged
 directions and plain gradients) and ``consensus`` (the per-step agreement on finiteness).
+Rank 0's wall time per step (forward, backward, ``pre.step``, optimiser) is reported too, mean
+and largest: for KFAC and FOOF the largest is the inversion step, which ``spread_inversions``
+shares between the ranks. Both ranks share the 2 cores of this machine, one thread each.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -73,6 +78,18 @@ METHODS: dict[str, tuple[Build, int]] = {
     ),
     "foof-T100": (
         lambda m: natgrad.FOOF(m, damping=1.0, inv_period=100, pre_inversion_steps=10),
+        100,
+    ),
+    "kfac-T100-spread": (
+        lambda m: natgrad.KFAC(
+            m, damping=1e-3, inv_period=100, pre_inversion_steps=10, spread_inversions=True
+        ),
+        100,
+    ),
+    "foof-T100-spread": (
+        lambda m: natgrad.FOOF(
+            m, damping=1.0, inv_period=100, pre_inversion_steps=10, spread_inversions=True
+        ),
         100,
     ),
     "fishleg-k10": (lambda m: natgrad.FishLeg(m, aux_period=10, momentum_on="update"), 10),
@@ -112,14 +129,17 @@ def measure_natgrad(name: str, batch_size: int, rank: int) -> Row:
     opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=momentum)
     generator = torch.Generator().manual_seed(1 + rank)
     per_step: list[dict[str, int]] = []
+    seconds: list[float] = []
     for _ in range(1 + period):
         before = dict(pre.communicator.traffic)
+        start = time.perf_counter()
         inputs, targets = batch(batch_size, generator)
         opt.zero_grad()
         logits = model(inputs)
         pre.backward(F.cross_entropy(logits, targets))
         pre.step(logits)
         opt.step()
+        seconds.append(time.perf_counter() - start)
         after = pre.communicator.traffic
         per_step.append({k: v - before.get(k, 0) for k, v in after.items()})
     measured = per_step[1:]  # the first step initialises (first factors, inverses)
@@ -132,6 +152,8 @@ def measure_natgrad(name: str, batch_size: int, rank: int) -> Row:
         "mean_bytes": sum(totals) / len(totals),
         "max_bytes": max(totals),
         "by_purpose": {p: sum(s.get(p, 0) for s in measured) / len(measured) for p in purposes},
+        "mean_ms": 1e3 * sum(seconds[1:]) / period,
+        "max_ms": 1e3 * max(seconds[1:]),
     }
 
 
@@ -150,11 +172,14 @@ def measure_ddp(batch_size: int, rank: int, steps: int = 3) -> Row:
     ddp.register_comm_hook(counted, counting_hook)
     opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9)
     generator = torch.Generator().manual_seed(1 + rank)
+    seconds = []
     for _ in range(steps):
         inputs, targets = batch(batch_size, generator)
+        start = time.perf_counter()
         opt.zero_grad()
         F.cross_entropy(ddp(inputs), targets).backward()
         opt.step()
+        seconds.append(time.perf_counter() - start)
     mean = counted["bytes"] / steps
     return {
         "method": "DDP (SGD)",
@@ -163,6 +188,8 @@ def measure_ddp(batch_size: int, rank: int, steps: int = 3) -> Row:
         "mean_bytes": mean,
         "max_bytes": mean,
         "by_purpose": {"gradients": mean},
+        "mean_ms": 1e3 * sum(seconds) / steps,
+        "max_ms": 1e3 * max(seconds),
     }
 
 
@@ -189,14 +216,15 @@ def format_table(rows: list[Row], batch_size: int) -> str:
     reference = rows[0]["mean_bytes"]
     lines = [
         f"| method | mode | MB/step per rank (batch {batch_size}/rank) | vs DDP | largest step MB "
-        "| MB/step by purpose |",
-        "|---|---|---|---|---|---|",
+        "| MB/step by purpose | ms/step | largest step ms |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         purposes = ", ".join(f"{k} {v / 1e6:.3g}" for k, v in row["by_purpose"].items() if v)
         lines.append(
             f"| {row['method']} | {row['mode']} | {row['mean_bytes'] / 1e6:.3g} "
-            f"| {row['mean_bytes'] / reference:.3f} | {row['max_bytes'] / 1e6:.3g} | {purposes} |"
+            f"| {row['mean_bytes'] / reference:.3f} | {row['max_bytes'] / 1e6:.3g} | {purposes} "
+            f"| {row['mean_ms']:.1f} | {row['max_ms']:.1f} |"
         )
     return "\n".join(lines)
 

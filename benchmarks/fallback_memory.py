@@ -1,25 +1,31 @@
-"""Peak memory of natgrad's torch.func fallback: it grows with the fallback parameters only.
+"""Peak memory of natgrad's torch.func fallback: what ``pre.step`` adds, chunked or not.
 
 A sequence model whose body is frozen (``hidden`` wide linear layers over the tokens, not
 trained) reads ``prompt_tokens`` trainable prompt vectors of width 32 in front of 16 input
 tokens: the prompt is a free ``nn.Parameter``, so EF preconditions it through the torch.func
-fallback, which materialises one gradient row per datapoint (``N x prompt size``). Each
-configuration runs in a fresh process (``VmHWM`` high-water mark, one torch thread): a plain
-SGD step, then the EF step, and the table reports the peak-memory increase of each over the
-process after building the model, and the EF - SGD difference next to the size of the
-fallback rows ``N x P_prompt x 4`` bytes; a second EF column re-runs ``CHUNK`` datapoints at a
-time (``fallback_chunk_size``), which bounds the re-run's activations. Run
-``python benchmarks/fallback_memory.py``.
+fallback, which re-runs the model per datapoint and materialises one gradient row per
+datapoint (``N x prompt size``). Each configuration runs in a fresh process (one torch thread)
+and measures, over ``STEPS`` steps, two peaks of resident memory (Linux: the ``VmHWM``
+high-water mark, reset through ``/proc/self/clear_refs`` before each phase): the forward and
+backward passes over the memory before them, and ``pre.step`` over the memory before it, for
+the whole batch re-run at once and for ``CHUNK`` datapoints at a time
+(``fallback_chunk_size``). Next to them, the size of the fallback rows ``N x P_prompt x 4``
+bytes. Run ``python benchmarks/fallback_memory.py`` (Linux).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import natgrad
-from natgrad.reproduce.cost import high_water_mib, in_fresh_processes
+from natgrad.reproduce.cost import in_fresh_processes
 
 BATCH, TOKENS, WIDTH, STEPS, CHUNK = 128, 16, 32, 3, 8
 
@@ -40,45 +46,62 @@ class PromptedBody(nn.Module):
         return self.body(torch.cat([prompt, tokens], dim=1)).mean(dim=1)
 
 
-def measure(job: tuple[str, int, int]) -> float:
-    """In a fresh process: the high-water-mark increase (MiB) over ``STEPS`` steps."""
-    method, prompt_tokens, hidden = job
+def resident_mib(field: str) -> float:
+    """``VmRSS`` (current) or ``VmHWM`` (high-water mark) of this process, MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status: this benchmark needs Linux")
+
+
+def peak_over(run: Callable[[], Any]) -> tuple[Any, float]:
+    """``run()``'s result and its peak resident memory over the memory before it (MiB)."""
+    before = resident_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    result = run()
+    return result, resident_mib("VmHWM") - before
+
+
+def measure(job: tuple[int | None, int, int]) -> tuple[float, float]:
+    """In a fresh process: the peaks of the forward/backward passes and of ``pre.step``."""
+    chunk_size, prompt_tokens, hidden = job
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = PromptedBody(prompt_tokens, hidden)
-    chunk_size = CHUNK if method == "ef-chunked" else None
-    pre = None if method == "sgd" else natgrad.EF(model, fallback_chunk_size=chunk_size)
+    pre = natgrad.EF(model, fallback_chunk_size=chunk_size)
     optimiser = torch.optim.SGD([model.prompt], lr=0.1)
     inputs, targets = torch.randn(BATCH, TOKENS, WIDTH), torch.randint(0, 10, (BATCH,))
-    baseline = high_water_mib()
-    for _ in range(STEPS):
-        optimiser.zero_grad()
+
+    def forward_backward() -> torch.Tensor:
         logits = model(inputs)
         F.cross_entropy(logits, targets).backward()
-        if pre is not None:
-            pre.step(logits)
+        return logits
+
+    passes, steps = 0.0, 0.0
+    for _ in range(STEPS):
+        optimiser.zero_grad()
+        logits, passes_mib = peak_over(forward_backward)
+        _, step_mib = peak_over(partial(pre.step, logits))
+        passes, steps = max(passes, passes_mib), max(steps, step_mib)
         optimiser.step()
-    return high_water_mib() - baseline
+    return passes, steps
 
 
 def main() -> None:
     configurations = [(k, h) for k in (4, 64, 512) for h in (256, 2048)]
-    methods = ("sgd", "ef", "ef-chunked")
-    jobs = [(method, k, h) for k, h in configurations for method in methods]
+    chunks = (None, CHUNK)
+    jobs = [(chunk, k, h) for k, h in configurations for chunk in chunks]
     peaks = dict(zip(jobs, in_fresh_processes(measure, jobs), strict=True))
-    print(f"batch {BATCH}, {TOKENS} tokens of width {WIDTH}, frozen body, {STEPS} steps")
+    print(f"batch {BATCH}, {TOKENS} tokens of width {WIDTH}, frozen body, {STEPS} steps, MiB")
     print(
-        "| prompt params | body hidden | SGD peak +MiB | EF peak +MiB | EF - SGD "
-        f"| EF chunk {CHUNK} - SGD | rows N x P (MiB) |"
+        "| prompt params | body hidden | forward+backward | pre.step, whole batch "
+        f"| pre.step, chunks of {CHUNK} | rows N x P |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for k, h in configurations:
-        sgd, ef, chunked = (peaks[(method, k, h)] for method in methods)
+        (passes, whole), (_, chunked) = (peaks[(chunk, k, h)] for chunk in chunks)
         rows = BATCH * k * WIDTH * 4 / 2**20
-        print(
-            f"| {k * WIDTH} | {h} | {sgd:.1f} | {ef:.1f} | {ef - sgd:.1f} | {chunked - sgd:.1f} "
-            f"| {rows:.2f} |"
-        )
+        print(f"| {k * WIDTH} | {h} | {passes:.1f} | {whole:.1f} | {chunked:.1f} | {rows:.2f} |")
 
 
 if __name__ == "__main__":

@@ -188,22 +188,44 @@ def fishleg(momentum_on: str) -> Callable[..., natgrad.FishLeg]:
 KRONECKER_AND_FISHLEG: dict[str, Callable[..., natgrad.Preconditioner]] = {
     "kfac": kfac,
     "foof": foof,
+    # inversions dealt out over the ranks and broadcast: every entry type of the inverses
+    "kfac-spread": lambda model, **kw: kfac(model, spread_inversions=True, **kw),
+    "kfac-correct-spread": lambda model, **kw: kfac(
+        model, damping_mode="correct", spread_inversions=True, **kw
+    ),
+    "foof-kfac-damping-spread": lambda model, **kw: natgrad.FOOF(
+        model,
+        damping=0.1,
+        ema_decay=0.5,
+        inv_period=2,
+        kfac_damping=True,
+        fisher="exact",
+        spread_inversions=True,
+        **kw,
+    ),
     "fishleg-gradient": fishleg("gradient"),
     "fishleg-update": fishleg("update"),
 }
 RESUMED: dict[str, Callable[..., natgrad.Preconditioner]] = {
     "ngd-mc": lambda model, **kw: natgrad.NGD(model, fisher="mc", mc_samples=2, **kw),
     "kfac-mc": lambda model, **kw: natgrad.KFAC(model, fisher="mc", ema_decay=0.5, **kw),
+    # saved after a step without inversion, while its factor average runs in the background
+    "kfac-mc-spread-T2": lambda model, **kw: natgrad.KFAC(
+        model, fisher="mc", ema_decay=0.5, inv_period=2, spread_inversions=True, **kw
+    ),
     "fishleg-update": fishleg("update"),
 }
 
 
 def state(pre: natgrad.Preconditioner) -> Tensor:
-    """The curvature a method keeps: Kronecker factors, or FishLeg's auxiliary parameters."""
+    """The curvature a method keeps: Kronecker factors and every entry of their inverses, or
+    FishLeg's auxiliary parameters."""
     if isinstance(pre, natgrad.FishLeg):
         tensors = [p.detach() for pair in pre.aux_params.values() for p in pair]
     else:
         tensors = [*pre.input_factors.values(), *pre.grad_factors.values()]
+        for inverse in pre.inverses.values():
+            tensors += [torch.as_tensor(inverse[key]) for key in sorted(inverse)]
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
@@ -260,6 +282,14 @@ def scenarios(rank: int) -> dict[str, Callable[[], object]]:
 
     for name, build in KRONECKER_AND_FISHLEG.items():
         runs[f"stateful/{name}"] = lambda b=build: stateful(b)
+
+    def spread() -> tuple[dict[str, int], dict[str, int]]:
+        model = make_model()
+        pre = kfac(model, spread_inversions=True)
+        train(model, pre, batches(1, rank))
+        return pre.inversion_owners(list(pre.inverses)), pre.communicator.traffic
+
+    runs["spread/owners"] = spread
 
     def resume(build: Callable[..., natgrad.Preconditioner]) -> tuple[Tensor, Tensor]:
         data = batches(4, rank)
@@ -529,6 +559,18 @@ def test_kronecker_and_fishleg_equal_single_process_on_concatenated_batch(ranks,
     assert relative_error(curvature, state(pre)) <= TOLERANCE
     for step in range(4):
         assert relative_error(updates[step], expected[step]) <= TOLERANCE
+
+
+def test_spread_inversions_deal_every_rank_a_share_and_broadcast_it(ranks):
+    (owners_0, traffic_0), (owners_1, traffic_1) = result(ranks, "spread/owners")
+    assert owners_0 == owners_1
+    assert set(owners_0.values()) == {0, 1}
+    # layers (d_in + 1, d_out): (6, 6), (6, 4), (5, 3): costs 432, 280, 152, so rank 1 takes
+    # the two smaller layers
+    assert owners_0 == {"0": 0, "4": 1, "6": 1}
+    floats = 3 * 2 * 8  # two damping values per layer, float64, all-reduced by both ranks
+    assert traffic_0["inverses"] == (6 * 6 + 6 * 6) * 8 + floats
+    assert traffic_1["inverses"] == (6 * 6 + 4 * 4 + 5 * 5 + 3 * 3) * 8 + floats
 
 
 @pytest.mark.parametrize("name", sorted(RESUMED))

@@ -339,3 +339,30 @@ def test_kfac_unsupported_layer_raises():
     model = nn.Sequential(nn.Linear(4, 5), nn.PReLU(5), nn.Linear(5, 3))
     with pytest.raises(ValueError, match="unsupported='plain_gradient'"):
         natgrad.KFAC(model, unsupported="error")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: natgrad.KFAC(m, damping_mode="heuristic"),
+        lambda m: natgrad.KFAC(m, damping_mode="correct"),
+        lambda m: natgrad.KFAC(m, damping_mode="none"),
+        lambda m: natgrad.FOOF(m),
+        lambda m: natgrad.FOOF(m, kfac_damping=True),
+    ],
+)
+def test_inverse_layout_describes_the_inverses(make):
+    """What a rank receives with ``spread_inversions`` is laid out as the inverse it replaces:
+    the same keys, tensor shapes, and floats where the inverse holds floats."""
+    torch.manual_seed(0)
+    model = make_model()
+    pre = make(model)
+    one_step(model, pre, torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    for name, inverse in pre.inverses.items():
+        layout = pre._inverse_layout(*pre._factor_dims(name))
+        assert set(layout) == set(inverse)
+        for key, shape in layout.items():
+            if shape is None:
+                assert isinstance(inverse[key], float)
+            else:
+                assert inverse[key].shape == shape

@@ -35,7 +35,9 @@ Modes (``distributed=`` of every preconditioner)
       of different lengths are zero-padded, which adds nothing to any gradient.
     * KFAC, FOOF: the per-step batch statistics (``Σ_A``, ``Σ_G`` of the current batch) are
       averaged, by averaging the factors right after they are folded in (the moving averages
-      are linear and were identical), so factors and inverses are identical on all ranks;
+      are linear and were identical; in the background on steps without inversion), so
+      factors and inverses are identical on all ranks; ``spread_inversions=True`` deals the
+      inversions out over the ranks by cost and broadcasts the inverses;
       each rank applies the inverse to its own low-rank gradient and the preconditioned
       directions are averaged. The inverse is linear and the same on every rank, so this
       equals averaging the gradient first and preconditioning it second, and it keeps the
@@ -145,9 +147,9 @@ class Communicator:
         This process's rank in the group and the group size (0 and 1 when off).
     traffic
         Bytes this rank has contributed to collectives so far, by purpose (``"consensus"``,
-        ``"rows"``, ``"factors"``, ``"gradients"``, ``"directions"``, ``"aux"``,
-        ``"checks"``): the size of the tensor it passes to each all-reduce, or of its (padded)
-        part of each all-gather.
+        ``"rows"``, ``"factors"``, ``"inverses"``, ``"gradients"``, ``"directions"``,
+        ``"aux"``, ``"checks"``): the size of the tensor it passes to each all-reduce, of its
+        (padded) part of each all-gather, or of what it broadcasts as the source.
     """
 
     def __init__(
@@ -275,7 +277,7 @@ class Communicator:
         """
         if not self.active:
             return finite, list(grads)
-        counts = self._all_reduce_sum(self._small([finite, *blocks.values(), *grads]), "consensus")
+        counts = self.all_reduce_sum(self._small([finite, *blocks.values(), *grads]), "consensus")
         partial = [
             name
             for name, count in zip(blocks, counts[1 : 1 + len(blocks)].tolist(), strict=True)
@@ -296,25 +298,43 @@ class Communicator:
         """
         if not self.active:
             return ok
+        return self._start_average(tensors, purpose, ok, asynchronous=False).wait()
+
+    def start_average(self, tensors: Sequence[Tensor], purpose: str) -> PendingAverage | None:
+        """Start averaging ``tensors`` without waiting (``async_op``); ``None`` when off.
+
+        The tensors keep their own values until :meth:`PendingAverage.wait` copies the averages
+        into them, so the caller may go on reading them, and must wait before writing them.
+        """
+        if not self.active:
+            return None
+        return self._start_average(tensors, purpose, True, asynchronous=True)
+
+    def _start_average(
+        self, tensors: Sequence[Tensor], purpose: str, ok: bool, asynchronous: bool
+    ) -> PendingAverage:
         by_dtype: dict[torch.dtype, list[Tensor]] = {}
         for tensor in tensors:
             by_dtype.setdefault(tensor.dtype, []).append(tensor)
         if not by_dtype:
             by_dtype[torch.float64] = []
-        all_ok = ok
+        reductions = []
         for index, group in enumerate(by_dtype.values()):
             parts = [t.reshape(-1) for t in group]
-            if index == 0:
+            if index == 0:  # the flag rides in the first buffer
                 parts.append(self._small([ok]).to(group[0].dtype if group else torch.float64))
-            summed = self._all_reduce_sum(torch.cat(parts), purpose)
-            if index == 0:
-                all_ok = summed[-1].item() == self.world_size
-            summed /= self.world_size
-            offset = 0
-            for tensor in group:
-                tensor.copy_(summed[offset : offset + tensor.numel()].view(tensor.shape))
-                offset += tensor.numel()
-        return all_ok
+            buffer = torch.cat(parts)
+            self._record(purpose, buffer)
+            work = dist.all_reduce(buffer, group=self.group, async_op=asynchronous)
+            reductions.append((group, buffer, work))
+        return PendingAverage(reductions, self.world_size)
+
+    def broadcast_(self, tensor: Tensor, source: int, purpose: str) -> None:
+        """Overwrite ``tensor`` on every rank with rank ``source``'s (in the group's ranks)."""
+        if self.rank == source:
+            self._record(purpose, tensor)
+        global_source = source if self.group is None else dist.get_global_rank(self.group, source)
+        dist.broadcast(tensor, src=global_source, group=self.group)
 
     def gather(
         self, batches: Sequence[Block], factor: float, per_sample_output_grad: Tensor
@@ -393,7 +413,8 @@ class Communicator:
             self.traffic.get(purpose, 0) + tensor.numel() * tensor.element_size()
         )
 
-    def _all_reduce_sum(self, tensor: Tensor, purpose: str) -> Tensor:
+    def all_reduce_sum(self, tensor: Tensor, purpose: str) -> Tensor:
+        """Sum ``tensor`` over the ranks in place."""
         self._record(purpose, tensor)
         dist.all_reduce(tensor, group=self.group)
         return tensor
@@ -404,6 +425,30 @@ class Communicator:
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         dist.all_gather(parts, tensor, group=self.group)
         return torch.stack(parts)
+
+
+class PendingAverage:
+    """An average over the ranks under way (:meth:`Communicator.start_average`)."""
+
+    def __init__(self, reductions: list[tuple[list[Tensor], Tensor, object]], world_size: int):
+        self._reductions = reductions
+        self._world_size = world_size
+
+    def wait(self) -> bool:
+        """Wait for the all-reduces, copy the averages into the tensors; whether the flag that
+        rode along was true on every rank."""
+        all_ok = True
+        for index, (group, summed, work) in enumerate(self._reductions):
+            if work is not None:
+                work.wait()
+            if index == 0:
+                all_ok = summed[-1].item() == self._world_size
+            summed /= self._world_size
+            offset = 0
+            for tensor in group:
+                tensor.copy_(summed[offset : offset + tensor.numel()].view(tensor.shape))
+                offset += tensor.numel()
+        return all_ok
 
 
 def _concatenate(parts: list[Tensor], dim: int, token_dim: int | None, label: str) -> Tensor:
@@ -433,6 +478,7 @@ def _concatenate(parts: list[Tensor], dim: int, token_dim: int | None, label: st
 __all__ = [
     "DISTRIBUTED_MODES",
     "Communicator",
+    "PendingAverage",
     "check_fused_backward",
     "step_seed",
     "unwrap",

@@ -37,7 +37,18 @@ averaged over the ranks right after a step's batch statistics are folded in, whi
 statistics (the moving averages are linear and were identical on all ranks), so factors and
 inverses are the same on every rank before any inversion; each rank preconditions its own
 gradient and the directions are averaged, which equals preconditioning the averaged gradient
-(the inverse is linear and shared). Every rank computes every inverse.
+(the inverse is linear and shared). On a step that inverts, the average is waited for before
+the inversion; on a step that does not, it runs in the background (``async_op``) while the
+step, the optimiser and the next forward and backward passes go on, and is waited for when the
+factors are next read (the next fold, an inversion, :meth:`state_dict`, ``input_factors``).
+
+By default every rank computes every inverse. With ``spread_inversions=True`` the layers due
+for inversion are dealt out over the ranks by cost (``d_in^3 + d_out^3``, largest first, each
+to the least loaded rank); each rank inverts its share and broadcasts it, so every rank ends
+with the same inverses for about ``1/R`` of the inversion work and one broadcast of every
+inverse (``d_in^2 + d_out^2`` numbers per layer, plus eigenvalues for the eigen-based damping
+modes). It pays when inversions are a large part of the step (wide layers, frequent
+inversions).
 
 The gradient ``∇W = Ē^T Ā`` has rank at most ``N T``; when that is below the layer widths the
 inverses are applied to ``Ē`` and ``Ā`` (cost ``~N T d^2``) instead of to the ``d_out x d_in``
@@ -61,6 +72,8 @@ from natgrad.precond.blocks import Block, LayerBatch
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
+
+    from natgrad.distributed import PendingAverage
 
 DAMPING_MODES = ("heuristic", "correct", "none")
 KFAC_FISHERS = ("mc", "empirical", "ief", "exact")
@@ -115,6 +128,7 @@ class KroneckerPreconditioner(Preconditioner):
         seed: int,
         distributed: str,
         process_group: ProcessGroup | None,
+        spread_inversions: bool,
     ) -> None:
         if fisher not in KFAC_FISHERS:
             check_fisher(fisher)
@@ -127,6 +141,7 @@ class KroneckerPreconditioner(Preconditioner):
         self.inv_period = inv_period
         self.pre_inversion_steps = pre_inversion_steps
         self.mc_samples = mc_samples
+        self.spread_inversions = bool(spread_inversions)
         super().__init__(
             model,
             likelihood=likelihood,
@@ -139,10 +154,39 @@ class KroneckerPreconditioner(Preconditioner):
             process_group=process_group,
         )
         # per layer: running (unnormalised) sums and the EMA normaliser 1 - m^t
-        self.input_factors: dict[str, Tensor] = {}
-        self.grad_factors: dict[str, Tensor] = {}
+        self._input_factors: dict[str, Tensor] = {}
+        self._grad_factors: dict[str, Tensor] = {}
+        self._pending_factors: PendingAverage | None = None
         self.ema_weights: dict[str, float] = {}
         self.inverses: dict[str, dict[str, Any]] = {}
+
+    @property
+    def input_factors(self) -> dict[str, Tensor]:
+        """Per layer, the running (unnormalised) EMA sum of the input covariances."""
+        self._settle_factors()
+        return self._input_factors
+
+    @input_factors.setter
+    def input_factors(self, factors: dict[str, Tensor]) -> None:
+        self._settle_factors()
+        self._input_factors = factors
+
+    @property
+    def grad_factors(self) -> dict[str, Tensor]:
+        """Per layer, the running (unnormalised) EMA sum of the output-gradient covariances."""
+        self._settle_factors()
+        return self._grad_factors
+
+    @grad_factors.setter
+    def grad_factors(self, factors: dict[str, Tensor]) -> None:
+        self._settle_factors()
+        self._grad_factors = factors
+
+    def _settle_factors(self) -> None:
+        """Wait for a factor average still under way (module docstring)."""
+        if self._pending_factors is not None:
+            pending, self._pending_factors = self._pending_factors, None
+            pending.wait()
 
     # ------------------------------------------------------------------ schedule
     def updates_factors(self, step: int) -> bool:
@@ -215,16 +259,23 @@ class KroneckerPreconditioner(Preconditioner):
             self._fold_in(
                 batch.name, *self._batch_statistics(batch, inputs, factor, per_sample_output_grad)
             )
-        # the averages were identical on all ranks before this fold and are linear in the batch
-        # statistics: averaging them averages this step's statistics
-        self.communicator.average_(
-            [self.input_factors[b.name] for b in updated]
-            + [self.grad_factors[b.name] for b in updated if b.name in self.grad_factors],
-            "factors",
-        )
+        inverting = [
+            batch.name
+            for batch in batches
+            if self.inverts(self.steps) or batch.name not in self.inverses
+        ]
+        if updated:
+            # the averages were identical on all ranks before this fold and are linear in the
+            # batch statistics: averaging them averages this step's statistics
+            factors = [self.input_factors[b.name] for b in updated] + [
+                self.grad_factors[b.name] for b in updated if b.name in self.grad_factors
+            ]
+            if inverting:
+                self.communicator.average_(factors, "factors")
+            else:
+                self._pending_factors = self.communicator.start_average(factors, "factors")
+        self._invert_layers(inverting)
         for batch in batches:
-            if self.inverts(self.steps) or batch.name not in self.inverses:
-                self.inverses[batch.name] = self._invert(*self.normalised_factors(batch.name))
             grad_rows = factor * batch.loss_grads[0].reshape(-1, batch.loss_grads.shape[-1])
             batch.write_grad(
                 *self._apply(
@@ -252,10 +303,89 @@ class KroneckerPreconditioner(Preconditioner):
 
     def invert_all(self) -> None:
         """Recompute every layer's inverse from its current factors (e.g. to time it)."""
-        for name in self.input_factors:
-            self.inverses[name] = self._invert(*self.normalised_factors(name))
+        self._invert_layers(list(self.input_factors))
+
+    def _invert_layers(self, names: list[str]) -> None:
+        """Recompute the inverses of ``names``: all here, or dealt out over the ranks and
+        broadcast with ``spread_inversions`` (module docstring)."""
+        if not names:
+            return
+        if not (self.spread_inversions and self.communicator.active):
+            for name in names:
+                self.inverses[name] = self._invert(*self.normalised_factors(name))
+            return
+        owners = self.inversion_owners(names)
+        inverses = {
+            name: self._invert(*self.normalised_factors(name))
+            for name in names
+            if owners[name] == self.communicator.rank
+        }
+        self._share_inverses(names, owners, inverses)
+        for name in names:  # in the order of names on every rank
+            self.inverses[name] = inverses[name]
+
+    def _factor_dims(self, name: str) -> tuple[int, int | None]:
+        """``(d_in [+1], d_out)`` of a layer's factors (``d_out`` None without ``Σ_G``)."""
+        grad_factor = self.grad_factors.get(name)
+        input_dim = self.input_factors[name].shape[0]
+        return input_dim, None if grad_factor is None else grad_factor.shape[0]
+
+    def inversion_owners(self, names: list[str]) -> dict[str, int]:
+        """The rank that inverts each layer with ``spread_inversions``: layers by decreasing
+        cost ``d_in^3 + d_out^3`` (ties in the given order), each to the least loaded rank
+        (ties to the lowest). The same on every rank, as the layer shapes are."""
+        costs = {name: sum(d**3 for d in self._factor_dims(name) if d) for name in names}
+        loads = [0] * self.communicator.world_size
+        owners = {}
+        for name in sorted(names, key=lambda n: -costs[n]):
+            rank = loads.index(min(loads))
+            owners[name] = rank
+            loads[rank] += costs[name]
+        return owners
+
+    def _share_inverses(
+        self, names: list[str], owners: dict[str, int], inverses: dict[str, dict[str, Any]]
+    ) -> None:
+        """Complete ``inverses`` (this rank's own) with the other ranks': each rank broadcasts
+        the tensors of the inverses it computed (one buffer per rank); one all-reduce carries
+        their floats (damping values, scales) in float64."""
+        communicator = self.communicator
+        layouts = {name: self._inverse_layout(*self._factor_dims(name)) for name in names}
+        floats = {name: [k for k, s in layouts[name].items() if s is None] for name in names}
+        float_values = torch.zeros(
+            len(names), max(len(keys) for keys in floats.values()), dtype=torch.float64,
+            device=communicator.device,
+        )  # fmt: skip
+        for source in range(communicator.world_size):
+            owned = [name for name in names if owners[name] == source]
+            entries = [(n, k, s) for n in owned for k, s in layouts[n].items() if s is not None]
+            if not entries:
+                continue
+            sizes = [math.prod(shape) for *_, shape in entries]
+            if source == communicator.rank:
+                buffer = torch.cat([inverses[n][k].reshape(-1) for n, k, _ in entries])
+            else:
+                buffer = self.input_factors[owned[0]].new_empty(sum(sizes))
+            communicator.broadcast_(buffer, source, "inverses")
+            if source != communicator.rank:
+                for (name, key, shape), part in zip(entries, buffer.split(sizes), strict=True):
+                    inverses.setdefault(name, {})[key] = part.view(shape)
+        for row, name in enumerate(names):
+            if owners[name] == communicator.rank:
+                for column, key in enumerate(floats[name]):
+                    float_values[row, column] = inverses[name][key]
+        if float_values.numel():
+            communicator.all_reduce_sum(float_values, "inverses")
+        for row, name in enumerate(names):
+            for column, key in enumerate(floats[name]):
+                inverses[name][key] = float_values[row, column].item()
 
     def _invert(self, input_cov: Tensor, grad_cov: Tensor | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _inverse_layout(self, input_dim: int, grad_dim: int | None) -> dict[str, Any]:
+        """The entries of :meth:`_invert`'s result, ``{key: tensor shape, or None for a
+        float}``, for broadcasting the inverses (``spread_inversions``)."""
         raise NotImplementedError
 
     def _apply(
@@ -271,6 +401,7 @@ class KroneckerPreconditioner(Preconditioner):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        self._settle_factors()
         state = super().state_dict()
         state.update(
             input_factors={k: v.clone() for k, v in self.input_factors.items()},
@@ -296,7 +427,8 @@ class KroneckerPreconditioner(Preconditioner):
     def _settings(self) -> str:
         return (
             f"fisher={self.fisher}, ema_decay={self.ema_decay}, inv_period={self.inv_period}, "
-            f"pre_inversion_steps={self.pre_inversion_steps}, " + super()._settings()
+            f"pre_inversion_steps={self.pre_inversion_steps}, "
+            f"spread_inversions={self.spread_inversions}, " + super()._settings()
         )
 
 
@@ -380,6 +512,10 @@ class KFAC(KroneckerPreconditioner):
         ``"auto"`` (default: ``"global"`` if ``torch.distributed`` is initialised, else
         ``"off"``), ``"off"`` or ``"global"`` (factors and directions averaged over the ranks;
         :mod:`natgrad.distributed`), and the group of the ranks.
+    spread_inversions
+        With communication: deal the inversions out over the ranks by cost and broadcast them
+        (module docstring) instead of inverting every layer on every rank. Ignored without
+        communication.
     """
 
     def __init__(
@@ -401,6 +537,7 @@ class KFAC(KroneckerPreconditioner):
         seed: int = 0,
         distributed: str = "auto",
         process_group: ProcessGroup | None = None,
+        spread_inversions: bool = False,
     ) -> None:
         if damping_mode not in DAMPING_MODES:
             raise ValueError(
@@ -423,6 +560,7 @@ class KFAC(KroneckerPreconditioner):
             seed=seed,
             distributed=distributed,
             process_group=process_group,
+            spread_inversions=spread_inversions,
         )
 
     def _settings(self) -> str:
@@ -447,6 +585,22 @@ class KFAC(KroneckerPreconditioner):
             "grad_values": grad_values,
             "grad_vectors": grad_vectors,
             "damping": self.current_damping() if self.damping_mode == "correct" else 0.0,
+        }
+
+    def _inverse_layout(self, input_dim: int, grad_dim: int | None) -> dict[str, Any]:
+        if self.damping_mode == "heuristic":
+            return {
+                "input": (input_dim, input_dim),
+                "grad": (grad_dim, grad_dim),
+                "input_damping": None,
+                "grad_damping": None,
+            }
+        return {
+            "input_values": (input_dim,),
+            "input_vectors": (input_dim, input_dim),
+            "grad_values": (grad_dim,),
+            "grad_vectors": (grad_dim, grad_dim),
+            "damping": None,
         }
 
     def _apply(
@@ -482,8 +636,8 @@ class FOOF(KroneckerPreconditioner):
     ``ΔW = ∇W (Σ_A + λ I)^{-1}`` per layer, ``Σ_A`` the normalised EMA of the input covariance.
     With ``kfac_damping=True`` it is the variant of App. D.8 used in Fig. 3: ``Σ_G`` and the
     heuristic ``λ_A, λ_E`` are computed as in :class:`KFAC` (with ``fisher`` and
-    ``mc_samples``), and the update is ``∇W (Σ_A + λ_A I)^{-1} / λ_E``. ``distributed`` and
-    ``process_group`` as for :class:`KFAC`.
+    ``mc_samples``), and the update is ``∇W (Σ_A + λ_A I)^{-1} / λ_E``. ``distributed``,
+    ``process_group`` and ``spread_inversions`` as for :class:`KFAC`.
     """
 
     def __init__(
@@ -505,6 +659,7 @@ class FOOF(KroneckerPreconditioner):
         seed: int = 0,
         distributed: str = "auto",
         process_group: ProcessGroup | None = None,
+        spread_inversions: bool = False,
     ) -> None:
         self.kfac_damping = bool(kfac_damping)
         self.uses_grad_factor = self.kfac_damping
@@ -524,6 +679,7 @@ class FOOF(KroneckerPreconditioner):
             seed=seed,
             distributed=distributed,
             process_group=process_group,
+            spread_inversions=spread_inversions,
         )
 
     def _settings(self) -> str:
@@ -576,6 +732,12 @@ class FOOF(KroneckerPreconditioner):
             "input_damping": input_damping,
             "grad_damping": grad_damping,
         }
+
+    def _inverse_layout(self, input_dim: int, grad_dim: int | None) -> dict[str, Any]:
+        layout: dict[str, Any] = {"input": (input_dim, input_dim), "scale": None}
+        if self.kfac_damping:
+            layout.update(input_damping=None, grad_damping=None)
+        return layout
 
     def _apply(
         self,
