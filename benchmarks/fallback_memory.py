@@ -7,14 +7,17 @@ fallback, which re-runs the model per datapoint and materialises one gradient ro
 datapoint (``N x prompt size``). Each configuration runs in a fresh process (one torch thread)
 and measures, over ``STEPS`` steps, two peaks of resident memory (Linux: the ``VmHWM``
 high-water mark, reset through ``/proc/self/clear_refs`` before each phase): the forward and
-backward passes over the memory before them, and ``pre.step`` over the memory before it, for
-the whole batch re-run at once and for ``CHUNK`` datapoints at a time
-(``fallback_chunk_size``). Next to them, the size of the fallback rows ``N x P_prompt x 4``
-bytes. Run ``python benchmarks/fallback_memory.py`` (Linux).
+backward passes over the memory before them, and ``pre.step`` over the memory before it (with
+its fastest time), for the whole batch re-run at once and for ``CHUNKS`` datapoints at a time
+(``fallback_chunk_size``; 32 is natgrad's default). Next to them, the size of the fallback rows
+``N x P_prompt x 4`` bytes. Run ``python benchmarks/fallback_memory.py`` (Linux, about 6
+minutes).
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -27,7 +30,8 @@ from torch import nn
 import natgrad
 from natgrad.reproduce.cost import in_fresh_processes
 
-BATCH, TOKENS, WIDTH, STEPS, CHUNK = 128, 16, 32, 3, 8
+BATCH, TOKENS, WIDTH, STEPS = 128, 16, 32, 3
+CHUNKS = (None, 32, 8)
 
 
 class PromptedBody(nn.Module):
@@ -62,8 +66,9 @@ def peak_over(run: Callable[[], Any]) -> tuple[Any, float]:
     return result, resident_mib("VmHWM") - before
 
 
-def measure(job: tuple[int | None, int, int]) -> tuple[float, float]:
-    """In a fresh process: the peaks of the forward/backward passes and of ``pre.step``."""
+def measure(job: tuple[int | None, int, int]) -> tuple[float, float, float]:
+    """In a fresh process: the peaks (MiB) of the forward/backward passes and of ``pre.step``,
+    and ``pre.step``'s fastest time (ms)."""
     chunk_size, prompt_tokens, hidden = job
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -77,31 +82,38 @@ def measure(job: tuple[int | None, int, int]) -> tuple[float, float]:
         F.cross_entropy(logits, targets).backward()
         return logits
 
-    passes, steps = 0.0, 0.0
+    passes, steps, seconds = 0.0, 0.0, math.inf
     for _ in range(STEPS):
         optimiser.zero_grad()
         logits, passes_mib = peak_over(forward_backward)
+        start = time.perf_counter()
         _, step_mib = peak_over(partial(pre.step, logits))
+        seconds = min(seconds, time.perf_counter() - start)
         passes, steps = max(passes, passes_mib), max(steps, step_mib)
         optimiser.step()
-    return passes, steps
+    return passes, steps, 1e3 * seconds
 
 
 def main() -> None:
     configurations = [(k, h) for k in (4, 64, 512) for h in (256, 2048)]
-    chunks = (None, CHUNK)
-    jobs = [(chunk, k, h) for k, h in configurations for chunk in chunks]
-    peaks = dict(zip(jobs, in_fresh_processes(measure, jobs), strict=True))
-    print(f"batch {BATCH}, {TOKENS} tokens of width {WIDTH}, frozen body, {STEPS} steps, MiB")
+    jobs = [(chunk, k, h) for k, h in configurations for chunk in CHUNKS]
+    results = dict(zip(jobs, in_fresh_processes(measure, jobs), strict=True))
     print(
-        "| prompt params | body hidden | forward+backward | pre.step, whole batch "
-        f"| pre.step, chunks of {CHUNK} | rows N x P |"
+        f"batch {BATCH}, {TOKENS} tokens of width {WIDTH}, frozen body, {STEPS} steps: peak MiB "
+        "over the memory before each phase; pre.step as peak MiB / fastest ms"
     )
-    print("|---|---|---|---|---|---|")
+    labels = ["whole batch" if chunk is None else f"chunks of {chunk}" for chunk in CHUNKS]
+    print(
+        "| prompt params | body hidden | forward+backward | "
+        + " | ".join(f"pre.step, {label}" for label in labels)
+        + " | rows N x P |"
+    )
+    print("|---|---|---|" + "---|" * len(CHUNKS) + "---|")
     for k, h in configurations:
-        (passes, whole), (_, chunked) = (peaks[(chunk, k, h)] for chunk in chunks)
+        measured = [results[(chunk, k, h)] for chunk in CHUNKS]
+        steps = " | ".join(f"{mib:.1f} / {ms:.0f}" for _, mib, ms in measured)
         rows = BATCH * k * WIDTH * 4 / 2**20
-        print(f"| {k * WIDTH} | {h} | {passes:.1f} | {whole:.1f} | {chunked:.1f} | {rows:.2f} |")
+        print(f"| {k * WIDTH} | {h} | {measured[0][0]:.1f} | {steps} | {rows:.2f} |")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ gradient, sampled labels or Hessian square-root columns), which the Woodbury sol
 Gram ``G_b G_b^T`` (:class:`natgrad.precond.blocks.DirectBatch`). The cost is one more forward
 pass and ``K`` vector-Jacobian products. The memory is the rows, ``K N P_b``, proportional to
 the fallback parameters, plus the activations of the re-run: ``chunk_size`` datapoints are
-re-run at a time (``vmap(..., chunk_size=...)``), so that part is bounded by the activations of
-``chunk_size`` datapoints whatever the batch size (``None``: the whole batch at once, fastest).
+re-run at a time (``vmap(..., chunk_size=...)``, default 32), so that part is bounded by the
+activations of ``chunk_size`` datapoints whatever the batch size (``None``: the whole batch at
+once). Chunks of 32 cost no measurable time over the whole batch; chunks of 8 cost 1.8x on a
+small body, chunks of 1 8x (``benchmarks/fallback_memory.py``, docs/performance.md).
 
 A per-sample gradient exists only when each datapoint's output depends on its own input alone.
 natgrad checks this on every step: no BatchNorm may normalise with batch statistics (train
@@ -39,6 +41,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
+DEFAULT_CHUNK_SIZE = 32
+"""Datapoints the fallback re-runs at a time unless told otherwise."""
+
 
 class Fallback:
     """Per-sample gradient rows of the fallback tensors of one model.
@@ -59,7 +64,7 @@ class Fallback:
         self,
         model: nn.Module,
         groups: Mapping[str, Mapping[str, nn.Parameter]],
-        chunk_size: int | None = None,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     ) -> None:
         self.model = model
         self.chunk_size = chunk_size
@@ -176,4 +181,4 @@ def _as_batch(value: object, dim: int | None) -> object:
     return value.unsqueeze(0) if dim == 0 else value
 
 
-__all__ = ["Fallback"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "Fallback"]

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from natgrad.capture import Capture, adapter_for
 from natgrad.direct import norm_adapter_for
 from natgrad.distributed import Communicator, check_fused_backward, step_seed, unwrap
-from natgrad.fallback import Fallback
+from natgrad.fallback import DEFAULT_CHUNK_SIZE, Fallback
 from natgrad.likelihoods import Likelihood, check_logits, check_reduction, get_likelihood
 from natgrad.linalg import SolveReport
 from natgrad.precond.blocks import Block, DirectBatch, LayerBatch
@@ -105,7 +105,7 @@ class Preconditioner:
         seed: int = 0,
         distributed: str = "auto",
         process_group: ProcessGroup | None = None,
-        fallback_chunk_size: int | None = None,
+        fallback_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -54,6 +54,7 @@ from natgrad.datapoints import (
     row_weight,
     target_coefficients,
 )
+from natgrad.fallback import DEFAULT_CHUNK_SIZE
 from natgrad.likelihoods import Likelihood
 from natgrad.linalg import damped_solve
 from natgrad.precond.base import Damping, Preconditioner, check_count
@@ -112,8 +113,8 @@ class NGD(Preconditioner):
     process_group
         The ``torch.distributed`` group of the data-parallel ranks (default: the whole world).
     fallback_chunk_size
-        Datapoints the torch.func fallback re-runs at a time (default ``None``: the whole
-        batch); a small value bounds the fallback's activation memory (:mod:`natgrad.fallback`).
+        Datapoints the torch.func fallback re-runs at a time (default 32; ``None``: the whole
+        batch at once), which bounds the fallback's activation memory (:mod:`natgrad.fallback`).
     """
 
     per_sample_blocks = True
@@ -134,7 +135,7 @@ class NGD(Preconditioner):
         seed: int = 0,
         distributed: str = "auto",
         process_group: ProcessGroup | None = None,
-        fallback_chunk_size: int | None = None,
+        fallback_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     ) -> None:
         self.fisher = check_fisher(fisher)
         if structure not in STRUCTURES:
