@@ -17,8 +17,9 @@ pass and ``K`` vector-Jacobian products. The memory is the rows, ``K N P_b``, pr
 the fallback parameters, plus the activations of the re-run: ``chunk_size`` datapoints are
 re-run at a time (``vmap(..., chunk_size=...)``, default 32), so that part is bounded by the
 activations of ``chunk_size`` datapoints whatever the batch size (``None``: the whole batch at
-once). Chunks of 32 cost no measurable time over the whole batch; chunks of 8 cost 1.8x on a
-small body, chunks of 1 8x (``benchmarks/fallback_memory.py``, docs/performance.md).
+once). Chunks of 32 took no longer than the whole batch in ``benchmarks/fallback_memory.py``
+and cut the step's peak memory up to 4x on the largest body there; chunks of 8 cut it 16x and
+took up to 1.75x as long on the smallest body (docs/performance.md).
 
 A per-sample gradient exists only when each datapoint's output depends on its own input alone.
 natgrad checks this on every step: no BatchNorm may normalise with batch statistics (train
