@@ -43,6 +43,10 @@ def test_best_runs_selects_lowest_mean_final_loss_and_skips_divergence():
     best = runner.best_runs(runs)
     assert best["sgd"][0]["hyper"] == {"lr": 0.01}
     assert "| sgd | {'lr': 0.01} | 0.555 |" in runner.summary_table(best)
+    # ordered by the mean printed, even when methods ran different numbers of seeds
+    best["adam"] = [run("adam", 0.1, 0, 0.6)]
+    table = runner.summary_table(best)
+    assert table.index("| sgd |") < table.index("| adam |")
 
 
 def test_cli_bench_writes_runs_summary_and_curves(tmp_path, capsys):

@@ -204,7 +204,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _reproduce(args: argparse.Namespace) -> int:
     """``natgrad reproduce``."""
-    from natgrad.reproduce import run_claim, summary_table
+    from natgrad.reproduce import MissingDataError, run_claim, summary_table
 
     names = list(CLAIMS) if args.all else args.claims
     if not names:
@@ -217,7 +217,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         print(f"{name}: {CLAIMS[name].summary} ...", flush=True)
         try:
             finding = run_claim(name, args.output, args.seeds, args.full, args.data_dir)
-        except ValueError as error:
+        except (MissingDataError, FileNotFoundError) as error:
             raise SystemExit(f"{name}: {error}") from error
         print(finding.report(), flush=True)
         findings.append(finding)

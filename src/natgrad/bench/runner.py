@@ -334,7 +334,7 @@ def summary_table(best: dict[str, list[dict[str, Any]]]) -> str:
         "| method | hyper-parameters | final train loss (mean over seeds) | test loss | seconds |",
         "|---|---|---|---|---|",
     ]
-    ordered = sorted(best.items(), key=lambda item: sum(final_train_loss(r) for r in item[1]))
+    ordered = sorted(best.items(), key=lambda item: mean_final(item[1]))
     for method, group in ordered:
         mean = mean_final(group)
         test = sum(r["test_loss"] for r in group) / len(group)

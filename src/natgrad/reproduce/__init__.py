@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from natgrad.reproduce.cost import r11_cost_scaling
-from natgrad.reproduce.finding import VERDICTS, Finding, summary_table
+from natgrad.reproduce.finding import VERDICTS, Finding, MissingDataError, summary_table
 from natgrad.reproduce.fishleg_claims import r7_deep_linear, r8_autoencoder
 from natgrad.reproduce.geometry import r1_vector_fields, r2_ief_matrix_is_fisher, r3_gd_ngd_efgd
 from natgrad.reproduce.quality import r10_approximation_quality
@@ -92,6 +92,7 @@ __all__ = [
     "VERDICTS",
     "Claim",
     "Finding",
+    "MissingDataError",
     "run_claim",
     "summary_table",
 ]

@@ -17,6 +17,10 @@ from typing import Any
 VERDICTS = ("reproduced", "partly", "not reproduced")
 
 
+class MissingDataError(ValueError):
+    """A claim at full scale needs data that ships in no package (``--data-dir``)."""
+
+
 @dataclass
 class Finding:
     """What one claim measured and whether it held.
@@ -100,4 +104,4 @@ def summary_table(findings: list[Finding]) -> str:
     return "\n".join(rows)
 
 
-__all__ = ["VERDICTS", "Finding", "summary_table"]
+__all__ = ["VERDICTS", "Finding", "MissingDataError", "summary_table"]

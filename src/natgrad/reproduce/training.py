@@ -26,7 +26,7 @@ from natgrad.bench import models
 from natgrad.bench.datasets import Dataset, load_dataset
 from natgrad.bench.runner import Task, get_task
 from natgrad.reproduce import tuning
-from natgrad.reproduce.finding import Finding
+from natgrad.reproduce.finding import Finding, MissingDataError
 from natgrad.reproduce.tuning import Contender, less, mean_final
 
 STEP_SIZES = [1e-3, 1e-2, 1e-1]
@@ -47,7 +47,7 @@ def mlp_problem(
 def _mlp_problem(full: bool, data_dir: str | None) -> tuple[Task, Dataset]:
     if full:
         if data_dir is None:
-            raise ValueError(
+            raise MissingDataError(
                 "--full runs seed 001's scale on Fashion-MNIST, which ships in no package: "
                 "pass --data-dir with its IDX files (train-images-idx3-ubyte.gz, ...)"
             )
