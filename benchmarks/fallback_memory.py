@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from functools import partial
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import natgrad
-from natgrad.reproduce.cost import in_fresh_processes
+from natgrad.reproduce.cost import in_fresh_processes, peak_over
 
 BATCH, TOKENS, WIDTH, STEPS = 128, 16, 32, 3
 CHUNKS = (None, 32, 8)
@@ -48,22 +45,6 @@ class PromptedBody(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         prompt = self.prompt.expand(tokens.shape[0], -1, -1)
         return self.body(torch.cat([prompt, tokens], dim=1)).mean(dim=1)
-
-
-def resident_mib(field: str) -> float:
-    """``VmRSS`` (current) or ``VmHWM`` (high-water mark) of this process, MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status: this benchmark needs Linux")
-
-
-def peak_over(run: Callable[[], Any]) -> tuple[Any, float]:
-    """``run()``'s result and its peak resident memory over the memory before it (MiB)."""
-    before = resident_mib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
-    result = run()
-    return result, resident_mib("VmHWM") - before
 
 
 def measure(job: tuple[int | None, int, int]) -> tuple[float, float, float]:

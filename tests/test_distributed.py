@@ -99,6 +99,25 @@ def sequence_shard(rank: int) -> tuple[Tensor, Tensor]:
     return inputs, torch.randint(0, 3, (4,), generator=generator)
 
 
+def make_embedding_model() -> nn.Module:
+    """An embedding (token indices, a padding token) averaged over the tokens."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(7, 4, padding_idx=0), MeanOverTokens(), nn.Linear(4, 3))
+
+
+def embedding_shard(rank: int) -> tuple[Tensor, Tensor]:
+    """Rank r's 4 sequences of 3 - r token indices, some of them the padding token 0."""
+    generator = torch.Generator().manual_seed(60 + rank)
+    tokens = torch.randint(0, 7, (4, 3 - rank), generator=generator)
+    return tokens, torch.randint(0, 3, (4,), generator=generator)
+
+
+SEQUENCE_PROBLEMS = {
+    "tokens": (make_sequence_model, sequence_shard),
+    "embedding": (make_embedding_model, embedding_shard),
+}
+
+
 def global_batch(step: int, sizes: tuple[int, ...] = SIZES) -> tuple[Tensor, Tensor]:
     generator = torch.Generator().manual_seed(1000 + step)
     num = sum(sizes)
@@ -266,13 +285,15 @@ def scenarios(rank: int) -> dict[str, Callable[[], object]]:
         runs[f"unequal/{fisher}-mean"] = lambda f=fisher: unequal(f, "mean")
     runs["unequal/exact-sum"] = lambda: unequal("exact", "sum")
 
-    def tokens(fisher: str) -> Tensor:
-        model = make_sequence_model()
+    def tokens(fisher: str, problem: str) -> Tensor:
+        make, shard_of = SEQUENCE_PROBLEMS[problem]
+        model = make()
         pre = natgrad.NGD(model, fisher=fisher, damping=DAMPING)
-        return train(model, pre, [sequence_shard(rank)])
+        return train(model, pre, [shard_of(rank)])
 
-    for fisher in TOKEN_FISHERS:
-        runs[f"tokens/{fisher}"] = lambda f=fisher: tokens(f)
+    for problem in SEQUENCE_PROBLEMS:
+        for fisher in TOKEN_FISHERS:
+            runs[f"{problem}/{fisher}"] = lambda f=fisher, p=problem: tokens(f, p)
 
     def stateful(build: Callable[..., natgrad.Preconditioner]) -> tuple[Tensor, Tensor]:
         model = make_model()
@@ -507,13 +528,16 @@ def test_unequal_shards_weigh_each_rank_by_its_mean(ranks, fisher):
     assert relative_error(updates[0][0], expected) <= TOLERANCE
 
 
+@pytest.mark.parametrize("problem", sorted(SEQUENCE_PROBLEMS))
 @pytest.mark.parametrize("fisher", TOKEN_FISHERS)
-def test_ranks_with_different_token_counts(ranks, fisher):
-    """Sequences of 3 tokens on rank 0 and 2 on rank 1: zero-padded tokens add nothing."""
-    updates = result(ranks, f"tokens/{fisher}")
+def test_ranks_with_different_token_counts(ranks, fisher, problem):
+    """Sequences of 3 tokens on rank 0 and 2 on rank 1 (inputs, or embedding token indices):
+    zero-padded tokens add nothing."""
+    updates = result(ranks, f"{problem}/{fisher}")
     assert torch.equal(updates[0], updates[1])
-    shards = [sequence_shard(rank) for rank in range(WORLD)]
-    expected = weighted_oracle(shards, fisher, make_sequence_model)
+    make, shard_of = SEQUENCE_PROBLEMS[problem]
+    shards = [shard_of(rank) for rank in range(WORLD)]
+    expected = weighted_oracle(shards, fisher, make)
     assert relative_error(updates[0][0], expected) <= TOLERANCE
 
 

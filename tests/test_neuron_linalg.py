@@ -7,6 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from natgrad import linalg
+from natgrad.capture import EmbeddingAdapter
 from natgrad.linalg import (
     _materialised_cost,
     _pairwise_cost,
@@ -14,7 +16,9 @@ from natgrad.linalg import (
     jtu,
     jvp,
     per_datapoint_grads,
+    token_sums,
 )
+from natgrad.precond.blocks import TokenBatch
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -101,3 +105,69 @@ def test_input_gram_is_only_computed_where_the_gram_uses_it():
     assert uses_input_gram(inputs[:, :1], rows[:, :, :1], rows[:, :, :1])  # T = 1
     wide = torch.randn(1, 3, 2, 30)  # 2 positions of 30 x 30: pairwise products are cheaper
     assert uses_input_gram(torch.randn(3, 2, 30), wide, wide)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    num=st.integers(1, 4),
+    tokens=st.integers(1, 5),
+    vocabulary=st.integers(1, 6),
+    d_out=st.integers(1, 4),
+    k_a=st.integers(1, 3),
+    k_b=st.integers(1, 3),
+    padding=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_token_batch_matches_explicit_one_hot_gradients(
+    num, tokens, vocabulary, d_out, k_a, k_b, padding, seed
+):
+    """An embedding's block from token indices (repeats, padding) against the explicit
+    gradients of its one-hot inputs: Gram, J^T u and the datapoint gradients."""
+    generator = torch.Generator().manual_seed(seed)
+    embedding = torch.nn.Embedding(vocabulary, d_out, padding_idx=0 if padding else None)
+    adapter = EmbeddingAdapter()
+    indices = torch.randint(0, vocabulary, (num, tokens), generator=generator)
+    inputs = adapter.input_rows(embedding, indices)
+    one_hot = adapter.dense_inputs(embedding, inputs)
+    rows_a = torch.randn(k_a, num, tokens, d_out, generator=generator)
+    rows_b = torch.randn(k_b, num, tokens, d_out, generator=generator)
+    batch = TokenBatch("embedding", embedding, adapter, inputs, rows_a[:1], None, False)
+    # explicit gradients in the neuron view (d_out, vocabulary), as rows of module.weight
+    explicit_a = explicit_grads(one_hot, rows_a, False)
+    explicit_b = explicit_grads(one_hot, rows_b, False)
+    to_weight = lambda g: g.reshape(-1, d_out, vocabulary).transpose(1, 2).reshape(len(g), -1)  # noqa: E731
+    assert torch.allclose(batch.gram(rows_a), explicit_a @ explicit_a.T, atol=1e-12)
+    assert torch.allclose(batch.gram(rows_a, rows_b), explicit_a @ explicit_b.T, atol=1e-12)
+    assert torch.allclose(batch.per_datapoint_grads(rows_a), to_weight(explicit_a), atol=1e-12)
+    coefficients = torch.randn(k_a, num, generator=generator)
+    batch.write_combination(rows_a, coefficients)
+    expected = to_weight((coefficients.reshape(-1) @ explicit_a).unsqueeze(0))[0]
+    assert torch.allclose(embedding.weight.grad.reshape(-1), expected, atol=1e-12)
+    if padding:
+        assert not embedding.weight.grad[0].any()
+
+
+@pytest.mark.parametrize(
+    ("indices", "uses_sums"),
+    [
+        (torch.arange(12).reshape(3, 4), False),  # every token once: the matching pairs
+        (torch.zeros(3, 4, dtype=torch.long), True),  # one token repeated: sums per token
+        (torch.tensor([[0, 1, -1, 1], [2, 1, 1, -1], [0, 0, 3, 4]]), None),  # padding
+    ],
+)
+def test_token_gram_branches_match_explicit_gradients(monkeypatch, indices, uses_sums):
+    calls = []
+    monkeypatch.setattr(
+        linalg, "token_sums", lambda *a, **k: calls.append(1) or token_sums(*a, **k)
+    )
+    generator = torch.Generator().manual_seed(0)
+    rows_a = torch.randn(2, 3, 4, 5, generator=generator)
+    rows_b = torch.randn(3, 3, 4, 5, generator=generator)
+    one_hot = torch.nn.functional.one_hot(indices.clamp_min(0), 13) * (indices >= 0).unsqueeze(-1)
+    expected = (
+        explicit_grads(one_hot.double(), rows_a, False)
+        @ explicit_grads(one_hot.double(), rows_b, False).T
+    )
+    assert torch.allclose(linalg.token_gram(indices, rows_a, rows_b), expected, atol=1e-12)
+    if uses_sums is not None:
+        assert bool(calls) == uses_sums

@@ -193,6 +193,27 @@ def test_update_matches_dense_oracle(fisher, structure, model_name):
     assert relative_error(actual, expected) <= TOLERANCE
 
 
+@pytest.mark.parametrize("fisher", ["empirical", "exact"])
+def test_embedding_update_does_not_depend_on_unused_vocabulary(fisher):
+    """Token indices, not one-hot rows: a 50,000-word embedding whose batch uses 7 words gives
+    the update of a 7-word embedding, and zero for the other words."""
+    torch.manual_seed(3)
+    small, inputs = embedding_mean()
+    large = copy.deepcopy(small)
+    weight = torch.zeros(50_000, 4)
+    weight[:7] = small[0].weight.detach()
+    large[0] = nn.Embedding.from_pretrained(weight, freeze=False, padding_idx=0)
+    targets = torch.randint(0, 3, (inputs.shape[0],))
+    settings = dict(fisher=fisher, structure="full", damping=DAMPING)
+    small_update, _ = run_natgrad(small, inputs, targets, "categorical", "mean", **settings)
+    large_update, _ = run_natgrad(large, inputs, targets, "categorical", "mean", **settings)
+    embedding_size = 50_000 * 4
+    large_embedding, rest = large_update[:embedding_size], large_update[embedding_size:]
+    assert not large_embedding[7 * 4 :].any()
+    combined = torch.cat([large_embedding[: 7 * 4], rest])
+    assert relative_error(combined, small_update) <= 1e-12
+
+
 @pytest.mark.parametrize("chunk_size", [1, 4])
 @pytest.mark.parametrize("model_name", ["prompt", "tied"])
 def test_fallback_in_chunks_matches_dense_oracle(model_name, chunk_size):

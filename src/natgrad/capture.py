@@ -13,11 +13,15 @@ Adapters turn a module's input and output gradient into rows:
 * ``nn.Conv2d`` (``groups=1``, zero padding, any stride, dilation and padding): the input is
   unfolded into patches, ``A`` of shape ``(N, H' W', C_in k_h k_w)``, and the output gradient
   ``(N, C_out, H', W')`` becomes ``(N, H' W', C_out)``.
-* ``nn.Embedding``: a lookup is a linear layer on one-hot inputs, so ``A`` holds the one-hot
-  rows of the indices, ``(N, T, num_embeddings)`` (zero at ``padding_idx``, whose row torch
-  never trains), and ``E`` the output gradients ``(N, T, embedding_dim)``. Its weight matrix
-  in the neuron view is ``(embedding_dim, num_embeddings)``, the transpose of
-  ``Embedding.weight``; the adapter converts (:meth:`LayerAdapter.to_weight`).
+* ``nn.Embedding``: a lookup is a linear layer on one-hot inputs, and ``E`` holds the output
+  gradients ``(N, T, embedding_dim)``. The one-hot rows are never formed where they can be
+  avoided: ``A`` is kept as the token indices ``(N, T)`` (``-1`` at ``padding_idx``, whose row
+  torch never trains), from which the Woodbury blocks compute Grams and gradients by index
+  (:class:`natgrad.precond.blocks.TokenBatch`), so the memory does not grow with the
+  vocabulary; the Kronecker methods and FishLeg, whose input factor is
+  ``num_embeddings x num_embeddings``, take the one-hot rows (:meth:`LayerAdapter.dense_inputs`).
+  The weight matrix in the neuron view is ``(embedding_dim, num_embeddings)``, the transpose
+  of ``Embedding.weight``; the adapter converts (:meth:`LayerAdapter.to_weight`).
 
 Normalisation layers and any other trainable tensor are not ``(A, E)`` pairs: see
 :mod:`natgrad.direct` and :mod:`natgrad.fallback`, and :mod:`natgrad.selection` for which
@@ -82,9 +86,17 @@ class LayerAdapter:
         of a contiguous tensor)."""
         return weight.reshape(module.weight.shape[0], -1)
 
+    token_inputs: bool = False
+    """Whether :meth:`input_rows` gives token indices ``(N, T)`` instead of dense rows."""
+
     def input_rows(self, module: nn.Module, layer_input: Tensor) -> Tensor:
-        """``A`` of shape ``(N, T, d_in)`` (no bias column) from the module input."""
+        """``A`` of shape ``(N, T, d_in)`` (no bias column) from the module input, or token
+        indices ``(N, T)`` if :attr:`token_inputs`."""
         raise NotImplementedError
+
+    def dense_inputs(self, module: nn.Module, rows: Tensor) -> Tensor:
+        """:meth:`input_rows`' result as dense rows ``(N, T, d_in)``."""
+        return rows
 
     def output_rows(self, module: nn.Module, output_grad: Tensor, lead: int) -> Tensor:
         """``E`` of shape ``(*lead_shape, N, T, d_out)`` from a gradient w.r.t. the output.
@@ -171,9 +183,12 @@ class Conv2dAdapter(LayerAdapter):
 class EmbeddingAdapter(LinearAdapter):
     """``nn.Embedding`` as a linear layer on one-hot inputs, weight shared over the tokens.
 
-    The one-hot rows are materialised, ``(N, T, num_embeddings)``: exact and simple, sized for
-    small vocabularies. The neuron-view weight matrix is ``Embedding.weight`` transposed.
+    The inputs are kept as token indices ``(N, T)``, ``-1`` marking ``padding_idx``;
+    :meth:`dense_inputs` forms the one-hot rows ``(N, T, num_embeddings)`` for the methods
+    that need them. The neuron-view weight matrix is ``Embedding.weight`` transposed.
     """
+
+    token_inputs = True
 
     def rejects(self, module: nn.Module) -> str | None:
         if module.max_norm is not None:
@@ -193,10 +208,13 @@ class EmbeddingAdapter(LinearAdapter):
                 "indices of shape (N,) or (N, T)"
             )
         indices = layer_input.reshape(layer_input.shape[0], -1).long()
-        rows = F.one_hot(indices, module.num_embeddings).to(module.weight.dtype)
-        if module.padding_idx is not None:
-            rows[..., module.padding_idx] = 0  # torch gives the padding row no gradient
-        return rows
+        if module.padding_idx is not None:  # torch gives the padding row no gradient
+            indices = indices.masked_fill(indices == module.padding_idx, -1)
+        return indices
+
+    def dense_inputs(self, module: nn.Module, rows: Tensor) -> Tensor:
+        one_hot = F.one_hot(rows.clamp_min(0), module.num_embeddings).to(module.weight.dtype)
+        return one_hot * (rows >= 0).unsqueeze(-1)
 
     def matrix_shape(self, module: nn.Module) -> tuple[int, int]:
         return module.embedding_dim, module.num_embeddings

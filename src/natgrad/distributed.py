@@ -32,7 +32,9 @@ Modes (``distributed=`` of every preconditioner)
       normalisation layers and fallback tensors) and the per-datapoint logits gradients
       (which carry the iEF scalars), then solves the one global system. Shards of different
       sizes are padded to the largest for the gather and cut back after it; token dimensions
-      of different lengths are zero-padded, which adds nothing to any gradient.
+      of different lengths are zero-padded, which adds nothing to any gradient. An
+      embedding's token indices travel in the rows' floating type, exact up to ``2^24``
+      (float32) or ``2^53`` (float64): vocabularies beyond 16.7 million words need float64.
     * KFAC, FOOF: the per-step batch statistics (``Σ_A``, ``Σ_G`` of the current batch) are
       averaged, by averaging the factors right after they are folded in (the moving averages
       are linear and were identical; in the background on steps without inversion), so

@@ -69,6 +69,70 @@ def uses_input_gram(inputs: Tensor, output_grads: Tensor, other_output_grads: Te
     )
 
 
+def token_sums(indices: Tensor, output_grads: Tensor, num_columns: int | None = None) -> Tensor:
+    """Per datapoint, the output gradients summed by token: ``(K, N, U, d_out)``.
+
+    For a layer on one-hot inputs (``nn.Embedding``) with token indices ``(N, T)`` (``-1``:
+    no input), the gradient of datapoint ``(k, n)`` is ``sum_t e_{knt} onehot(i_{nt})^T``:
+    column ``v`` holds the sum of the ``e_{knt}`` with ``i_{nt} = v``. With ``num_columns`` the
+    columns are the whole vocabulary (``U = num_columns``, the datapoint gradients
+    themselves); without, only the batch's distinct tokens, which is all the Gram needs
+    (``U <= N T`` whatever the vocabulary).
+    """
+    k, n, t, d_out = output_grads.shape
+    valid = indices >= 0
+    if num_columns is None:
+        _, columns = torch.unique(indices[valid], return_inverse=True)
+        num_columns = int(columns.max()) + 1 if columns.numel() else 0
+    else:
+        columns = indices[valid]
+    datapoints = torch.arange(n, device=indices.device).unsqueeze(1).expand(n, t)[valid]
+    sums = output_grads.new_zeros(k, n * num_columns, d_out)
+    sums.index_add_(1, datapoints * num_columns + columns, output_grads[:, valid])
+    return sums.view(k, n, num_columns, d_out)
+
+
+def token_gram(indices: Tensor, output_grads: Tensor, other_output_grads: Tensor) -> Tensor:
+    """Gram ``J_a J_b^T`` ``(K_a N, K_b N)`` of a layer on one-hot inputs (token indices).
+
+    ``G[kn, jm] = sum over token pairs (t, s) with i_{nt} = i_{ms} of e_{knt} · e_{jms}``. Two
+    forms, the cheaper chosen per call:
+
+    * pairs: list the matching token pairs (``sum_v c_v^2`` of them, ``c_v`` the count of
+      token ``v`` in the batch: about ``N T`` when tokens rarely repeat) and add their products,
+      about ``K_a K_b d_out sum_v c_v^2`` flops;
+    * sums: per datapoint, the output gradients summed by distinct token
+      (:func:`token_sums`), then one contraction, about ``K_a K_b N^2 U d_out`` flops with
+      ``U`` distinct tokens (cheap when few tokens repeat often).
+    """
+    k_a, n, t, d_out = output_grads.shape
+    k_b = other_output_grads.shape[0]
+    flat = indices.reshape(-1)
+    valid = (flat >= 0).nonzero().squeeze(1)
+    _, group, counts = torch.unique(flat[valid], return_inverse=True, return_counts=True)
+    num_pairs = int((counts * counts).sum())
+    if num_pairs * (k_a * k_b + k_a + k_b) > k_a * k_b * n * n * counts.numel():
+        sums_a = token_sums(indices, output_grads)
+        sums_b = token_sums(indices, other_output_grads)
+        return torch.einsum("knud,jmud->knjm", sums_a, sums_b).reshape(k_a * n, k_b * n)
+    # positions sorted by token; each position pairs with every position of its token's run
+    order = torch.argsort(group, stable=True)
+    per_position = counts[group[order]]
+    run_starts = torch.cumsum(counts, 0) - counts
+    first = torch.repeat_interleave(torch.arange(order.numel()), per_position)
+    offsets = torch.arange(num_pairs) - torch.repeat_interleave(
+        torch.cumsum(per_position, 0) - per_position, per_position
+    )
+    second = torch.repeat_interleave(run_starts[group[order]], per_position) + offsets
+    left, right = valid[order[first]], valid[order[second]]  # positions n t, flattened
+    rows_a = output_grads.reshape(k_a, n * t, d_out)[:, left]
+    rows_b = other_output_grads.reshape(k_b, n * t, d_out)[:, right]
+    products = torch.einsum("kpd,jpd->kjp", rows_a, rows_b)
+    cells = (left // t) * n + right // t
+    gram_matrix = products.new_zeros(k_a, k_b, n * n).index_add_(2, cells, products)
+    return gram_matrix.view(k_a, k_b, n, n).permute(0, 2, 1, 3).reshape(k_a * n, k_b * n)
+
+
 def per_datapoint_grads(inputs: Tensor, output_grads: Tensor, has_bias: bool) -> Tensor:
     """Materialise ``g_{kn}`` as rows of shape ``(K N, d_out d_in [+ d_out])``.
 

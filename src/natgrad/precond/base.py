@@ -50,7 +50,7 @@ from natgrad.distributed import Communicator, check_fused_backward, step_seed, u
 from natgrad.fallback import DEFAULT_CHUNK_SIZE, Fallback
 from natgrad.likelihoods import Likelihood, check_logits, check_reduction, get_likelihood
 from natgrad.linalg import SolveReport
-from natgrad.precond.blocks import Block, DirectBatch, LayerBatch
+from natgrad.precond.blocks import Block, DirectBatch, LayerBatch, TokenBatch
 from natgrad.selection import select_layers
 
 if TYPE_CHECKING:
@@ -394,8 +394,9 @@ class Preconditioner:
                 if any(part is None for part in parts):
                     continue
                 extra = _concat([adapter.output_rows(module, p, lead=1) for p in parts], dim=2)
+            batch_class = TokenBatch if adapter.token_inputs else LayerBatch
             batches.append(
-                LayerBatch(
+                batch_class(
                     name=name,
                     module=module,
                     adapter=adapter,

@@ -7,6 +7,7 @@ sampled labels or ``C`` Hessian square-root columns for ``fisher="mc"``/``"exact
 * :class:`LayerBatch`, a neuron-view layer: the rows stay output gradients ``E`` of shape
   ``(K, N, T, d_out)`` next to the inputs ``A`` ``(N, T, d_in)``; the per-sample gradients
   ``g_{kn} = sum_t e_{knt} a_{nt}^T`` are never formed (seed 004 eq. 41-43);
+  :class:`TokenBatch`, its variant for ``nn.Embedding``, keeps ``A`` as token indices;
 * :class:`DirectBatch`, parameters whose per-sample gradients are materialised, rows of shape
   ``(K, N, P_b)``: normalisation layers (:mod:`natgrad.direct`) and the torch.func fallback
   (:mod:`natgrad.fallback`).
@@ -30,7 +31,15 @@ import torch
 from torch import Tensor, nn
 
 from natgrad.capture import LayerAdapter
-from natgrad.linalg import gram, input_gram, jtu, per_datapoint_grads, uses_input_gram
+from natgrad.linalg import (
+    gram,
+    input_gram,
+    jtu,
+    per_datapoint_grads,
+    token_gram,
+    token_sums,
+    uses_input_gram,
+)
 
 
 @dataclass
@@ -75,6 +84,10 @@ class LayerBatch:
         return replace(
             self, inputs=tensors[0], loss_grads=tensors[1], extra_grads=extra, _inputs_gram=None
         )
+
+    def dense_inputs(self) -> Tensor:
+        """The inputs as dense rows ``(N, T, d_in)`` (one-hot rows for token indices)."""
+        return self.adapter.dense_inputs(self.module, self.inputs)
 
     def grad_buffer(self) -> Tensor | None:
         """The weight's existing ``.grad`` as a matrix view, to be overwritten in place."""
@@ -178,7 +191,47 @@ class DirectBatch:
             offset += param.numel()
 
 
+@dataclass
+class TokenBatch(LayerBatch):
+    """An ``nn.Embedding``'s neuron view with the inputs kept as token indices ``(N, T)``.
+
+    The one-hot inputs ``a_{nt} = onehot(i_{nt})`` are never formed: the datapoint gradient
+    ``g_{kn} = sum_t e_{knt} a_{nt}^T`` has a column per token, the sum of the ``e_{knt}``
+    with that token (:func:`natgrad.linalg.token_sums`); the Gram ``J_a J_b^T`` sums the
+    products of the output gradients of matching tokens (:func:`natgrad.linalg.token_gram`),
+    and ``J^T u`` adds
+    ``sum_k u_{kn} e_{knt}`` into the rows ``i_{nt}`` of the weight's gradient. Time and memory
+    do not depend on the vocabulary, except for :meth:`per_datapoint_grads` (used only when
+    the datapoints outnumber the parameters).
+    """
+
+    @property
+    def num_params(self) -> int:
+        return self.loss_grads.shape[-1] * self.module.num_embeddings
+
+    def gram(self, rows: Tensor, other_rows: Tensor | None = None) -> Tensor:
+        """``J_a J_b^T`` of output-gradient rows ``(K_a, N, T, d_out)`` and ``(K_b, ...)``."""
+        return token_gram(self.inputs, rows, rows if other_rows is None else other_rows)
+
+    def write_combination(self, rows: Tensor, coefficients: Tensor) -> None:
+        """``.grad ← J^T u``: ``sum_k u_{kn} e_{knt}`` added into row ``i_{nt}``."""
+        combined = torch.einsum("kn,kntd->ntd", coefficients, rows)
+        valid = self.inputs >= 0
+        weight = self.module.weight
+        buffer = self.grad_buffer()
+        grad = buffer.T.zero_() if buffer is not None else torch.zeros_like(weight)
+        grad.index_add_(0, self.inputs[valid], combined[valid].to(grad.dtype))
+        if buffer is None:
+            weight.grad = grad
+
+    def per_datapoint_grads(self, rows: Tensor) -> Tensor:
+        """``g_{kn}`` as rows ``(K N, num_embeddings * embedding_dim)``, in the layout of
+        ``module.weight``."""
+        sums = token_sums(self.inputs, rows, self.module.num_embeddings)
+        return sums.reshape(rows.shape[0] * rows.shape[1], -1)
+
+
 Block = LayerBatch | DirectBatch
 
 
-__all__ = ["Block", "DirectBatch", "LayerBatch"]
+__all__ = ["Block", "DirectBatch", "LayerBatch", "TokenBatch"]

@@ -213,7 +213,7 @@ class FishLeg(Preconditioner):
         rows = {}
         for batch in batches:
             grad_rows = factor * batch.loss_grads[0].reshape(-1, batch.loss_grads.shape[-1])
-            rows[batch.name] = (grad_rows, augmented_inputs(batch.inputs, batch.has_bias))
+            rows[batch.name] = (grad_rows, augmented_inputs(batch.dense_inputs(), batch.has_bias))
         probe: dict[str, Tensor | tuple[Tensor, Tensor]] = dict(rows)
         auxiliary = self.steps % self.aux_period == 0
         if self.momentum_on == "gradient" or (auxiliary and self.communicator.active):

@@ -255,7 +255,7 @@ class KroneckerPreconditioner(Preconditioner):
     ) -> None:
         updated = [batch for batch in batches if self._needs_factor_update(batch.name)]
         for batch in updated:
-            inputs = augmented_inputs(batch.inputs, batch.has_bias)
+            inputs = augmented_inputs(batch.dense_inputs(), batch.has_bias)
             self._fold_in(
                 batch.name, *self._batch_statistics(batch, inputs, factor, per_sample_output_grad)
             )
@@ -281,7 +281,7 @@ class KroneckerPreconditioner(Preconditioner):
                 *self._apply(
                     self.inverses[batch.name],
                     grad_rows,
-                    augmented_inputs(batch.inputs, batch.has_bias),
+                    augmented_inputs(batch.dense_inputs(), batch.has_bias),
                     batch.has_bias,
                     batch.grad_buffer(),
                 )
@@ -701,7 +701,7 @@ class FOOF(KroneckerPreconditioner):
             adapter = self.adapters[name]
 
             def record(module: nn.Module, args: tuple, name: str = name, adapter=adapter) -> None:
-                rows = adapter.input_rows(module, args[0].detach())
+                rows = adapter.dense_inputs(module, adapter.input_rows(module, args[0].detach()))
                 augmented = augmented_inputs(rows, adapter.has_bias(module))
                 self._fold_in(name, augmented.T @ augmented / augmented.shape[0], None)
 

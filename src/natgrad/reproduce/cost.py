@@ -119,6 +119,7 @@ Step = Callable[[Batch], None]
 
 
 Job = TypeVar("Job")
+Result = TypeVar("Result")
 
 
 def cost_mlp(depth: int, seed: int) -> nn.Sequential:
@@ -336,6 +337,26 @@ def high_water_mib() -> float:
                 return int(line.split()[1]) / 1024  # KiB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024**2 if sys.platform == "darwin" else peak / 1024  # bytes / KiB
+
+
+def resident_mib(field: str) -> float:
+    """``VmRSS`` (current) or ``VmHWM`` (high-water mark) of this process in MiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status: this measurement needs Linux")
+
+
+def peak_over(run: Callable[[], Result]) -> tuple[Result, float]:
+    """``run()``'s result and its peak resident memory over the memory before it, in MiB.
+
+    Linux only: resets the ``VmHWM`` high-water mark to the current resident size through
+    ``/proc/self/clear_refs`` before the call, so a phase of a process is measured alone.
+    """
+    before = resident_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    result = run()
+    return result, resident_mib("VmHWM") - before
 
 
 def _memory_worker(job: tuple[str, int, int, int]) -> float:
@@ -592,6 +613,7 @@ __all__ = [
     "loglog_slope",
     "make_step",
     "num_params",
+    "peak_over",
     "r11_cost_scaling",
     "random_batches",
     "scales_like",
