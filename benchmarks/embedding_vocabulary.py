@@ -1,8 +1,10 @@
-"""Time and memory of natgrad's Woodbury step on an ``nn.Embedding`` as the vocabulary grows.
+"""Time and memory of natgrad's steps on an ``nn.Embedding`` as the vocabulary grows.
 
 natgrad keeps an embedding's inputs as token indices (``natgrad.precond.blocks.TokenBatch``):
-the Gram is a contraction over the batch's distinct tokens and ``J^T u`` an index-add into the
-weight's gradient, so nothing of size ``N x T x vocabulary`` is formed. The model is
+for the Woodbury methods (EF, iEF, exact Fisher) the Gram is computed from matching tokens and
+``J^T u`` is an index-add into the weight's gradient; for KFAC and FOOF the input factor of
+one-hot inputs is diagonal (the token frequencies) and kept as a vector. Nothing of size
+``N x T x vocabulary`` or ``vocabulary x vocabulary`` is formed. The model is
 ``Embedding(vocabulary, 64)``, the mean over 32 tokens, ``Linear(64, 10)``; batch 32 of
 uniformly drawn tokens; float32, one torch thread, a fresh process per vocabulary size. Per
 configuration: the fastest of 5 steps (after one warm-up) of the forward and backward passes
@@ -27,7 +29,7 @@ from natgrad.reproduce.cost import in_fresh_processes, peak_over
 
 BATCH, TOKENS, WIDTH, CLASSES, STEPS = 32, 32, 64, 10, 6
 VOCABULARIES = (1_000, 10_000, 100_000)
-METHODS = ("ef", "ief", "exact")
+METHODS = ("ef", "ief", "exact", "kfac", "foof")
 
 
 class BagOfEmbeddings(nn.Module):
@@ -47,6 +49,10 @@ def build(method: str, model: nn.Module) -> natgrad.Preconditioner:
         return natgrad.EF(model)
     if method == "ief":
         return natgrad.IEF(model)
+    if method == "kfac":
+        return natgrad.KFAC(model)  # inverting every step (inv_period=1): the worst case
+    if method == "foof":
+        return natgrad.FOOF(model)
     return natgrad.NGD(model, fisher="exact")
 
 

@@ -351,15 +351,23 @@ def test_kfac_unsupported_layer_raises():
         lambda m: natgrad.FOOF(m, kfac_damping=True),
     ],
 )
-def test_inverse_layout_describes_the_inverses(make):
+@pytest.mark.parametrize("embedding", [False, True])
+def test_inverse_layout_describes_the_inverses(make, embedding):
     """What a rank receives with ``spread_inversions`` is laid out as the inverse it replaces:
-    the same keys, tensor shapes, and floats where the inverse holds floats."""
+    the same keys, tensor shapes, and floats where the inverse holds floats (also for the
+    diagonal input factor of an embedding)."""
     torch.manual_seed(0)
     model = make_model()
+    inputs = torch.randn(6, 4)
+    if embedding:
+        model[0] = nn.Embedding(9, 5)
+        inputs = torch.randint(0, 9, (6,))
     pre = make(model)
-    one_step(model, pre, torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    logits = model(inputs)
+    F.cross_entropy(logits, torch.randint(0, 3, (6,))).backward()
+    pre.step(logits)
     for name, inverse in pre.inverses.items():
-        layout = pre._inverse_layout(*pre._factor_dims(name))
+        layout = pre._inverse_layout(*pre._factor_shapes(name))
         assert set(layout) == set(inverse)
         for key, shape in layout.items():
             if shape is None:

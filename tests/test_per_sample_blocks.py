@@ -367,21 +367,30 @@ def test_kronecker_and_fishleg_give_plain_gradients_to_other_blocks(make):
     "make",
     [
         lambda m: natgrad.KFAC(m, fisher="empirical", ema_decay=0.0),
+        lambda m: natgrad.KFAC(m, ema_decay=0.5),
         lambda m: natgrad.KFAC(m, fisher="exact", damping_mode="correct", ema_decay=0.0),
+        lambda m: natgrad.KFAC(m, fisher="exact", damping_mode="none", ema_decay=0.5),
         lambda m: natgrad.FOOF(m, ema_decay=0.0),
+        lambda m: natgrad.FOOF(m, kfac_damping=True, fisher="empirical"),
         lambda m: natgrad.FishLeg(m, aux_period=1),
     ],
 )
-def test_kronecker_embedding_equals_linear_on_one_hot_inputs(make):
-    """nn.Embedding in the Kronecker methods is exactly a bias-free Linear on one-hot rows."""
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_kronecker_embedding_equals_linear_on_one_hot_inputs(make, padding_idx):
+    """nn.Embedding in the Kronecker methods (its input factor kept diagonal, as token
+    frequencies) is exactly a bias-free Linear on one-hot rows (zero rows for padding)."""
     torch.manual_seed(4)
-    embedded = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Tanh(), nn.Linear(6, 3))
+    embedding = nn.Embedding(5, 3, padding_idx=padding_idx)
+    embedded = nn.Sequential(embedding, nn.Flatten(), nn.Tanh(), nn.Linear(6, 3))
     linear = nn.Sequential(nn.Linear(5, 3, bias=False), nn.Flatten(), nn.Tanh(), nn.Linear(6, 3))
     with torch.no_grad():
         linear[0].weight.copy_(embedded[0].weight.T)
         linear[3].load_state_dict(embedded[3].state_dict())
     tokens, targets = torch.randint(0, 5, (7, 2)), torch.randint(0, 3, (7,))
-    pairs = [(embedded, tokens), (linear, F.one_hot(tokens, 5).double())]
+    one_hot = F.one_hot(tokens, 5).double()
+    if padding_idx is not None:
+        one_hot[..., padding_idx] = 0
+    pairs = [(embedded, tokens), (linear, one_hot)]
     grads = []
     for model, inputs in pairs:
         pre = make(model)
@@ -391,8 +400,23 @@ def test_kronecker_embedding_equals_linear_on_one_hot_inputs(make):
             F.cross_entropy(logits, targets).backward()
             pre.step(logits)
         grads.append((model[0].weight.grad, model[3].weight.grad))
+        if isinstance(pre, natgrad.KFAC | natgrad.FOOF) and model is embedded:
+            assert pre.input_factors["0"].shape == (5,)  # diagonal, not 5 x 5
     assert torch.allclose(grads[0][0], grads[1][0].T, rtol=1e-10, atol=1e-12)
     assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-10, atol=1e-12)
+
+
+def test_foof_warm_start_of_an_embedding_gives_the_token_frequencies():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Embedding(5, 3, padding_idx=4), nn.Flatten(), nn.Linear(6, 3))
+    pre = natgrad.FOOF(model, ema_decay=0.0)
+    batches = [torch.randint(0, 5, (7, 2)) for _ in range(3)]
+    pre.warm_start(batches)
+    last = batches[-1]  # ema_decay=0: the last batch's statistics
+    one_hot = F.one_hot(last.reshape(-1), 5).double()
+    one_hot[:, 4] = 0
+    expected = (one_hot.T @ one_hot / one_hot.shape[0]).diagonal()
+    assert torch.allclose(pre.normalised_factors("0")[0], expected, rtol=1e-14, atol=0)
 
 
 def test_per_sample_gradients_cover_every_block():

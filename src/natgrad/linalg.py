@@ -92,6 +92,26 @@ def token_sums(indices: Tensor, output_grads: Tensor, num_columns: int | None = 
     return sums.view(k, n, num_columns, d_out)
 
 
+def token_matrix(
+    indices: Tensor, rows: Tensor, num_columns: int, out: Tensor | None = None
+) -> Tensor:
+    """``sum_{n,t} onehot(i_{nt}) r_{nt}^T``, shape ``(num_columns, d)``: the rows ``(N, T, d)``
+    added into the rows of their tokens (``-1``: none), into ``out`` if given."""
+    valid = indices >= 0
+    if out is None:
+        out = rows.new_zeros(num_columns, rows.shape[-1])
+    else:
+        out.zero_()
+    return out.index_add_(0, indices[valid], rows[valid].to(out.dtype))
+
+
+def token_frequencies(indices: Tensor, num_columns: int, dtype: torch.dtype) -> Tensor:
+    """``1/(N T) sum_{n,t} onehot(i_{nt}) onehot(i_{nt})^T`` as its diagonal ``(num_columns,)``:
+    the token frequencies (padding positions count in ``N T`` but add nothing)."""
+    counts = torch.bincount(indices[indices >= 0], minlength=num_columns)
+    return counts.to(dtype) / indices.numel()
+
+
 def token_gram(indices: Tensor, output_grads: Tensor, other_output_grads: Tensor) -> Tensor:
     """Gram ``J_a J_b^T`` ``(K_a N, K_b N)`` of a layer on one-hot inputs (token indices).
 

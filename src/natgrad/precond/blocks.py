@@ -37,6 +37,7 @@ from natgrad.linalg import (
     jtu,
     per_datapoint_grads,
     token_gram,
+    token_matrix,
     token_sums,
     uses_input_gram,
 )
@@ -216,13 +217,12 @@ class TokenBatch(LayerBatch):
     def write_combination(self, rows: Tensor, coefficients: Tensor) -> None:
         """``.grad ← J^T u``: ``sum_k u_{kn} e_{knt}`` added into row ``i_{nt}``."""
         combined = torch.einsum("kn,kntd->ntd", coefficients, rows)
-        valid = self.inputs >= 0
-        weight = self.module.weight
         buffer = self.grad_buffer()
-        grad = buffer.T.zero_() if buffer is not None else torch.zeros_like(weight)
-        grad.index_add_(0, self.inputs[valid], combined[valid].to(grad.dtype))
+        grad = token_matrix(
+            self.inputs, combined, self.module.num_embeddings, None if buffer is None else buffer.T
+        )
         if buffer is None:
-            weight.grad = grad
+            self.module.weight.grad = grad.to(self.module.weight.dtype)
 
     def per_datapoint_grads(self, rows: Tensor) -> Tensor:
         """``g_{kn}`` as rows ``(K N, num_embeddings * embedding_dim)``, in the layout of

@@ -53,12 +53,20 @@ inversions).
 The gradient ``∇W = Ē^T Ā`` has rank at most ``N T``; when that is below the layer widths the
 inverses are applied to ``Ē`` and ``Ā`` (cost ``~N T d^2``) instead of to the ``d_out x d_in``
 matrix (cost ``~d^3``), chosen per layer.
+
+``nn.Embedding`` (:class:`~natgrad.precond.blocks.TokenBatch`): the inputs are one-hot, so
+``Σ_A`` is diagonal, the token frequencies ``diag(c_v) / (N T)``, and is kept as that vector
+(``num_embeddings`` numbers instead of its square); its inverse, eigenvalues and damping split
+are elementwise, ``∇W`` is formed by adding the output gradients into their tokens' columns,
+and the right factor scales columns. The result is the dense computation on one-hot inputs,
+exactly, for any vocabulary size.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -66,9 +74,9 @@ from torch import Tensor, nn
 
 from natgrad.datapoints import check_fisher, output_vectors, row_multipliers, row_weight
 from natgrad.likelihoods import Likelihood
-from natgrad.linalg import damped_inverse
+from natgrad.linalg import damped_inverse, token_frequencies, token_matrix
 from natgrad.precond.base import Damping, Preconditioner, check_count
-from natgrad.precond.blocks import Block, LayerBatch
+from natgrad.precond.blocks import Block, LayerBatch, TokenBatch
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -86,6 +94,50 @@ def augmented_inputs(inputs: Tensor, has_bias: bool) -> Tensor:
     if has_bias:
         rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
     return rows
+
+
+def input_covariance(batch: LayerBatch) -> Tensor:
+    """``Σ_A`` of the current batch: ``Ā^T Ā / (N T)``, or its diagonal ``(num_embeddings,)``
+    for token inputs (module docstring)."""
+    if isinstance(batch, TokenBatch):
+        return token_frequencies(batch.inputs, batch.module.num_embeddings, batch.loss_grads.dtype)
+    inputs = augmented_inputs(batch.inputs, batch.has_bias)
+    return inputs.T @ inputs / inputs.shape[0]
+
+
+@dataclass
+class LayerGradient:
+    """A layer's ``∇W``: low rank, ``Ē^T Ā`` from ``grad_rows`` ``(R, d_out)`` and ``inputs``
+    ``(R, d_in)``, or a dense ``matrix`` ``(d_out, d_in)`` (token inputs)."""
+
+    grad_rows: Tensor | None = None
+    inputs: Tensor | None = None
+    matrix: Tensor | None = None
+
+    @classmethod
+    def of(cls, batch: LayerBatch, grad_rows: Tensor) -> LayerGradient:
+        """The gradient of ``batch`` from its output-gradient rows ``(N T, d_out)``."""
+        if isinstance(batch, TokenBatch):
+            rows = grad_rows.reshape(*batch.inputs.shape, -1)
+            return cls(matrix=token_matrix(batch.inputs, rows, batch.module.num_embeddings).T)
+        return cls(grad_rows, augmented_inputs(batch.inputs, batch.has_bias))
+
+    def scaled(self, scale: float) -> LayerGradient:
+        """``scale ∇W``."""
+        if self.matrix is not None:
+            return LayerGradient(matrix=scale * self.matrix)
+        return LayerGradient(scale * self.grad_rows, self.inputs)
+
+    def dense(self) -> Tensor:
+        """``∇W`` as a ``(d_out, d_in)`` matrix."""
+        return self.matrix if self.matrix is not None else self.grad_rows.T @ self.inputs
+
+    def low_rank_pays(self, two_sided: bool) -> bool:
+        """Whether applying the inverses to the low-rank factors is cheaper than to ``∇W``."""
+        if self.matrix is not None:
+            return False
+        rank, d_out, d_in = self.inputs.shape[0], self.grad_rows.shape[1], self.inputs.shape[1]
+        return _low_rank_is_cheaper(rank, d_out, d_in, two_sided)
 
 
 def _check_schedule(
@@ -255,9 +307,8 @@ class KroneckerPreconditioner(Preconditioner):
     ) -> None:
         updated = [batch for batch in batches if self._needs_factor_update(batch.name)]
         for batch in updated:
-            inputs = augmented_inputs(batch.dense_inputs(), batch.has_bias)
             self._fold_in(
-                batch.name, *self._batch_statistics(batch, inputs, factor, per_sample_output_grad)
+                batch.name, *self._batch_statistics(batch, factor, per_sample_output_grad)
             )
         inverting = [
             batch.name
@@ -280,18 +331,17 @@ class KroneckerPreconditioner(Preconditioner):
             batch.write_grad(
                 *self._apply(
                     self.inverses[batch.name],
-                    grad_rows,
-                    augmented_inputs(batch.dense_inputs(), batch.has_bias),
+                    LayerGradient.of(batch, grad_rows),
                     batch.has_bias,
                     batch.grad_buffer(),
                 )
             )
 
     def _batch_statistics(
-        self, batch: LayerBatch, inputs: Tensor, factor: float, per_sample_output_grad: Tensor
+        self, batch: LayerBatch, factor: float, per_sample_output_grad: Tensor
     ) -> tuple[Tensor, Tensor | None]:
         """The current batch's ``(Σ_A, Σ_G)`` of a layer (``Σ_G`` is None for FOOF)."""
-        input_cov = inputs.T @ inputs / inputs.shape[0]
+        input_cov = input_covariance(batch)
         if not self.uses_grad_factor:
             return input_cov, None
         if self.fisher in ("mc", "exact") and batch.extra_grads is None:
@@ -324,17 +374,26 @@ class KroneckerPreconditioner(Preconditioner):
         for name in names:  # in the order of names on every rank
             self.inverses[name] = inverses[name]
 
-    def _factor_dims(self, name: str) -> tuple[int, int | None]:
-        """``(d_in [+1], d_out)`` of a layer's factors (``d_out`` None without ``Σ_G``)."""
+    def _factor_shapes(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+        """The shapes of a layer's factors: ``Σ_A`` ``(d_in [+1],) * 2``, or ``(V,)`` when
+        diagonal, and ``Σ_G`` ``(d_out, d_out)`` (None without it)."""
         grad_factor = self.grad_factors.get(name)
-        input_dim = self.input_factors[name].shape[0]
-        return input_dim, None if grad_factor is None else grad_factor.shape[0]
+        input_shape = tuple(self.input_factors[name].shape)
+        return input_shape, None if grad_factor is None else tuple(grad_factor.shape)
 
     def inversion_owners(self, names: list[str]) -> dict[str, int]:
         """The rank that inverts each layer with ``spread_inversions``: layers by decreasing
-        cost ``d_in^3 + d_out^3`` (ties in the given order), each to the least loaded rank
-        (ties to the lowest). The same on every rank, as the layer shapes are."""
-        costs = {name: sum(d**3 for d in self._factor_dims(name) if d) for name in names}
+        cost ``d_in^3 + d_out^3`` (``d_in`` for a diagonal ``Σ_A``; ties in the given order),
+        each to the least loaded rank (ties to the lowest). The same on every rank, as the
+        layer shapes are."""
+        costs = {
+            name: sum(
+                shape[0] ** 3 if len(shape) == 2 else shape[0]
+                for shape in self._factor_shapes(name)
+                if shape
+            )
+            for name in names
+        }
         loads = [0] * self.communicator.world_size
         owners = {}
         for name in sorted(names, key=lambda n: -costs[n]):
@@ -350,7 +409,7 @@ class KroneckerPreconditioner(Preconditioner):
         the tensors of the inverses it computed (one buffer per rank); one all-reduce carries
         their floats (damping values, scales) in float64."""
         communicator = self.communicator
-        layouts = {name: self._inverse_layout(*self._factor_dims(name)) for name in names}
+        layouts = {name: self._inverse_layout(*self._factor_shapes(name)) for name in names}
         floats = {name: [k for k, s in layouts[name].items() if s is None] for name in names}
         float_values = torch.zeros(
             len(names), max(len(keys) for keys in floats.values()), dtype=torch.float64,
@@ -383,9 +442,11 @@ class KroneckerPreconditioner(Preconditioner):
     def _invert(self, input_cov: Tensor, grad_cov: Tensor | None) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _inverse_layout(self, input_dim: int, grad_dim: int | None) -> dict[str, Any]:
-        """The entries of :meth:`_invert`'s result, ``{key: tensor shape, or None for a
-        float}``, for broadcasting the inverses (``spread_inversions``)."""
+    def _inverse_layout(
+        self, input_shape: tuple[int, ...], grad_shape: tuple[int, ...] | None
+    ) -> dict[str, Any]:
+        """The entries of :meth:`_invert`'s result for factors of these shapes, ``{key: tensor
+        shape, or None for a float}``, for broadcasting the inverses (``spread_inversions``)."""
         raise NotImplementedError
 
     def _apply(
@@ -432,30 +493,53 @@ class KroneckerPreconditioner(Preconditioner):
         )
 
 
+def _mean_eigenvalue(factor: Tensor) -> float:
+    """``tr F / dim``, of a matrix or of a diagonal kept as a vector."""
+    diagonal = factor if factor.dim() == 1 else factor.diagonal()
+    return diagonal.sum().item() / factor.shape[0]
+
+
+def _damped_inverse(factor: Tensor, damping: float) -> Tensor:
+    """``(F + λ I)^{-1}``; elementwise for a diagonal kept as a vector (entries ``>= 0``)."""
+    if factor.dim() == 1:
+        return 1.0 / (factor + damping)
+    return damped_inverse(factor, damping)[0]
+
+
 def _heuristic_split(input_cov: Tensor, grad_cov: Tensor, damping: float) -> tuple[float, float]:
     """``(λ_A, λ_E)`` with ``λ_A λ_E = λ`` and ``λ_A/λ_E = (d_out tr A)/(d_in tr G)`` (eq. 2)."""
-    mean_input = input_cov.diagonal().sum().item() / input_cov.shape[0]
-    mean_grad = grad_cov.diagonal().sum().item() / grad_cov.shape[0]
+    mean_input = _mean_eigenvalue(input_cov)
+    mean_grad = _mean_eigenvalue(grad_cov)
     ratio = math.sqrt(mean_input / mean_grad) if mean_input > 0 and mean_grad > 0 else 1.0
     root = math.sqrt(damping)
     return root * ratio, root / ratio
 
 
-def _eigen(matrix: Tensor) -> tuple[Tensor, Tensor]:
+def _eigen(matrix: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Eigenvalues (clamped at 0) and eigenvectors; a diagonal kept as a vector is its own
+    eigenvalues, with the identity (``None``) as eigenvectors."""
+    if matrix.dim() == 1:
+        return matrix.clamp_min(0), None
     values, vectors = torch.linalg.eigh(matrix.to(torch.float64))
     return values.clamp_min(0).to(matrix.dtype), vectors.to(matrix.dtype)
 
 
-def _sandwich(left: Tensor | None, grad_rows: Tensor, inputs: Tensor, right: Tensor) -> Tensor:
-    """``left^T (Ē^T Ā) right``, as ``(Ē left)^T (Ā right)`` when the rank ``N T`` is small."""
-    rank, d_out, d_in = inputs.shape[0], grad_rows.shape[1], inputs.shape[1]
-    if _low_rank_is_cheaper(rank, d_out, d_in, left is not None):
-        mapped_grads = grad_rows if left is None else grad_rows @ left
-        return mapped_grads.T @ (inputs @ right)
-    gradient = grad_rows.T @ inputs
+def _times_right(matrix: Tensor, right: Tensor | None) -> Tensor:
+    """``matrix @ right``: ``right`` a matrix, a diagonal kept as a vector, or the identity."""
+    if right is None:
+        return matrix
+    return matrix * right if right.dim() == 1 else matrix @ right
+
+
+def _sandwich(left: Tensor | None, gradient: LayerGradient, right: Tensor | None) -> Tensor:
+    """``left^T ∇W right``, as ``(Ē left)^T (Ā right)`` when the rank ``N T`` is small."""
+    if gradient.low_rank_pays(left is not None):
+        mapped_grads = gradient.grad_rows if left is None else gradient.grad_rows @ left
+        return mapped_grads.T @ _times_right(gradient.inputs, right)
+    matrix = gradient.dense()
     if left is not None:
-        gradient = left.T @ gradient
-    return gradient @ right
+        matrix = left.T @ matrix
+    return _times_right(matrix, right)
 
 
 def _low_rank_is_cheaper(rank: int, d_out: int, d_in: int, two_sided: bool) -> bool:
@@ -467,8 +551,7 @@ def _low_rank_is_cheaper(rank: int, d_out: int, d_in: int, two_sided: bool) -> b
 
 def _split_sandwich(
     left: Tensor | None,
-    grad_rows: Tensor,
-    inputs: Tensor,
+    gradient: LayerGradient,
     right: Tensor,
     has_bias: bool,
     out: Tensor | None,
@@ -478,14 +561,15 @@ def _split_sandwich(
     In the low-rank form the two parts are separate products, so the weight lands in the
     existing ``.grad`` without an intermediate ``d_out x d_in`` copy.
     """
-    rank, d_out, d_in = inputs.shape[0], grad_rows.shape[1], inputs.shape[1]
-    d_weight = d_in - int(has_bias)
-    if _low_rank_is_cheaper(rank, d_out, d_in, left is not None):
+    if gradient.low_rank_pays(left is not None):
+        grad_rows, inputs = gradient.grad_rows, gradient.inputs
+        d_weight = inputs.shape[1] - int(has_bias)
         mapped_grads = (grad_rows if left is None else grad_rows @ left).T
         mapped_inputs = inputs @ right
         weight = torch.mm(mapped_grads, mapped_inputs[:, :d_weight], out=out)
         return weight, (mapped_grads @ mapped_inputs[:, d_weight]) if has_bias else None
-    full = _sandwich(left, grad_rows, inputs, right)
+    full = _sandwich(left, gradient, right)
+    d_weight = full.shape[1] - int(has_bias)
     return full[:, :d_weight], (full[:, d_weight] if has_bias else None)
 
 
@@ -572,51 +656,54 @@ class KFAC(KroneckerPreconditioner):
                 input_cov, grad_cov, self.current_damping()
             )
             return {
-                "input": damped_inverse(input_cov, input_damping)[0],
-                "grad": damped_inverse(grad_cov, grad_damping)[0],
+                "input": _damped_inverse(input_cov, input_damping),
+                "grad": _damped_inverse(grad_cov, grad_damping),
                 "input_damping": input_damping,
                 "grad_damping": grad_damping,
             }
         input_values, input_vectors = _eigen(input_cov)
         grad_values, grad_vectors = _eigen(grad_cov)
-        return {
+        inverse = {
             "input_values": input_values,
-            "input_vectors": input_vectors,
             "grad_values": grad_values,
             "grad_vectors": grad_vectors,
             "damping": self.current_damping() if self.damping_mode == "correct" else 0.0,
         }
+        if input_vectors is not None:  # none for a diagonal Σ_A: its eigenvectors are I
+            inverse["input_vectors"] = input_vectors
+        return inverse
 
-    def _inverse_layout(self, input_dim: int, grad_dim: int | None) -> dict[str, Any]:
+    def _inverse_layout(
+        self, input_shape: tuple[int, ...], grad_shape: tuple[int, ...] | None
+    ) -> dict[str, Any]:
         if self.damping_mode == "heuristic":
             return {
-                "input": (input_dim, input_dim),
-                "grad": (grad_dim, grad_dim),
+                "input": input_shape,
+                "grad": grad_shape,
                 "input_damping": None,
                 "grad_damping": None,
             }
-        return {
-            "input_values": (input_dim,),
-            "input_vectors": (input_dim, input_dim),
-            "grad_values": (grad_dim,),
-            "grad_vectors": (grad_dim, grad_dim),
+        layout: dict[str, Any] = {
+            "input_values": input_shape[:1],
+            "grad_values": grad_shape[:1],
+            "grad_vectors": grad_shape,
             "damping": None,
         }
+        if len(input_shape) == 2:
+            layout["input_vectors"] = input_shape
+        return layout
 
     def _apply(
         self,
         inverse: dict[str, Any],
-        grad_rows: Tensor,
-        inputs: Tensor,
+        gradient: LayerGradient,
         has_bias: bool,
         out: Tensor | None,
     ) -> tuple[Tensor, Tensor | None]:
         if self.damping_mode == "heuristic":
-            return _split_sandwich(
-                inverse["grad"], grad_rows, inputs, inverse["input"], has_bias, out
-            )
-        input_vectors, grad_vectors = inverse["input_vectors"], inverse["grad_vectors"]
-        rotated = _sandwich(grad_vectors, grad_rows, inputs, input_vectors)
+            return _split_sandwich(inverse["grad"], gradient, inverse["input"], has_bias, out)
+        input_vectors, grad_vectors = inverse.get("input_vectors"), inverse["grad_vectors"]
+        rotated = _sandwich(grad_vectors, gradient, input_vectors)
         eigenvalues = torch.outer(inverse["grad_values"], inverse["input_values"])
         if self.damping_mode == "correct":
             scaled = rotated / (eigenvalues + inverse["damping"])
@@ -625,7 +712,9 @@ class KFAC(KroneckerPreconditioner):
                 torch.finfo(rotated.dtype).tiny
             )
             scaled = torch.where(eigenvalues > floor, rotated / eigenvalues.clamp_min(floor), 0.0)
-        update = grad_vectors @ scaled @ input_vectors.T
+        update = grad_vectors @ scaled
+        if input_vectors is not None:
+            update = update @ input_vectors.T
         d_weight = update.shape[1] - int(has_bias)
         return update[:, :d_weight], (update[:, d_weight] if has_bias else None)
 
@@ -701,9 +790,14 @@ class FOOF(KroneckerPreconditioner):
             adapter = self.adapters[name]
 
             def record(module: nn.Module, args: tuple, name: str = name, adapter=adapter) -> None:
-                rows = adapter.dense_inputs(module, adapter.input_rows(module, args[0].detach()))
-                augmented = augmented_inputs(rows, adapter.has_bias(module))
-                self._fold_in(name, augmented.T @ augmented / augmented.shape[0], None)
+                rows = adapter.input_rows(module, args[0].detach())
+                if adapter.token_inputs:
+                    dtype = module.weight.dtype
+                    covariance = token_frequencies(rows, module.num_embeddings, dtype)
+                else:
+                    augmented = augmented_inputs(rows, adapter.has_bias(module))
+                    covariance = augmented.T @ augmented / augmented.shape[0]
+                self._fold_in(name, covariance, None)
 
             handles.append(module.register_forward_pre_hook(record))
         count = 0
@@ -724,17 +818,19 @@ class FOOF(KroneckerPreconditioner):
     def _invert(self, input_cov: Tensor, grad_cov: Tensor | None) -> dict[str, Any]:
         damping = self.current_damping()
         if not self.kfac_damping:
-            return {"input": damped_inverse(input_cov, damping)[0], "scale": 1.0}
+            return {"input": _damped_inverse(input_cov, damping), "scale": 1.0}
         input_damping, grad_damping = _heuristic_split(input_cov, grad_cov, damping)
         return {
-            "input": damped_inverse(input_cov, input_damping)[0],
+            "input": _damped_inverse(input_cov, input_damping),
             "scale": 1.0 / grad_damping,
             "input_damping": input_damping,
             "grad_damping": grad_damping,
         }
 
-    def _inverse_layout(self, input_dim: int, grad_dim: int | None) -> dict[str, Any]:
-        layout: dict[str, Any] = {"input": (input_dim, input_dim), "scale": None}
+    def _inverse_layout(
+        self, input_shape: tuple[int, ...], grad_shape: tuple[int, ...] | None
+    ) -> dict[str, Any]:
+        layout: dict[str, Any] = {"input": input_shape, "scale": None}
         if self.kfac_damping:
             layout.update(input_damping=None, grad_damping=None)
         return layout
@@ -742,13 +838,13 @@ class FOOF(KroneckerPreconditioner):
     def _apply(
         self,
         inverse: dict[str, Any],
-        grad_rows: Tensor,
-        inputs: Tensor,
+        gradient: LayerGradient,
         has_bias: bool,
         out: Tensor | None,
     ) -> tuple[Tensor, Tensor | None]:
-        scaled_rows = grad_rows if inverse["scale"] == 1.0 else inverse["scale"] * grad_rows
-        return _split_sandwich(None, scaled_rows, inputs, inverse["input"], has_bias, out)
+        if inverse["scale"] != 1.0:
+            gradient = gradient.scaled(inverse["scale"])
+        return _split_sandwich(None, gradient, inverse["input"], has_bias, out)
 
 
 __all__ = ["DAMPING_MODES", "FOOF", "KFAC", "KFAC_FISHERS", "KroneckerPreconditioner"]
