@@ -18,8 +18,9 @@ Adapters turn a module's input and output gradient into rows:
   avoided: ``A`` is kept as the token indices ``(N, T)`` (``-1`` at ``padding_idx``, whose row
   torch never trains), from which the Woodbury blocks compute Grams and gradients by index
   (:class:`natgrad.precond.blocks.TokenBatch`), so the memory does not grow with the
-  vocabulary; the Kronecker methods and FishLeg, whose input factor is
-  ``num_embeddings x num_embeddings``, take the one-hot rows (:meth:`LayerAdapter.dense_inputs`).
+  vocabulary; KFAC and FOOF keep the (diagonal) input factor of one-hot rows as the token
+  frequencies; FishLeg, whose auxiliary parameters are ``num_embeddings x num_embeddings``,
+  takes the one-hot rows (:meth:`LayerAdapter.dense_inputs`).
   The weight matrix in the neuron view is ``(embedding_dim, num_embeddings)``, the transpose
   of ``Embedding.weight``; the adapter converts (:meth:`LayerAdapter.to_weight`).
 
@@ -184,8 +185,8 @@ class EmbeddingAdapter(LinearAdapter):
     """``nn.Embedding`` as a linear layer on one-hot inputs, weight shared over the tokens.
 
     The inputs are kept as token indices ``(N, T)``, ``-1`` marking ``padding_idx``;
-    :meth:`dense_inputs` forms the one-hot rows ``(N, T, num_embeddings)`` for the methods
-    that need them. The neuron-view weight matrix is ``Embedding.weight`` transposed.
+    :meth:`dense_inputs` forms the one-hot rows ``(N, T, num_embeddings)`` for FishLeg. The
+    neuron-view weight matrix is ``Embedding.weight`` transposed.
     """
 
     token_inputs = True
