@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import natgrad
-from natgrad.linalg import NumericalWarning, damped_inverse, damped_solve
+from natgrad.linalg import NumericalWarning, damped_inverse, damped_solve, damped_solves
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -328,3 +328,22 @@ def test_certain_float32_predictions_pass_the_cross_entropy_check(reduction):
     other = "sum" if reduction == "mean" else "mean"
     with pytest.raises(ValueError, match=f"reduction={reduction!r}"):  # the e^-5 entry votes
         categorical.check_output_grad(logits, logits.grad, other)
+
+
+def test_batched_solves_equal_single_solves_and_report_the_furthest_fallback():
+    """damped_solves: systems of two sizes, one of them indefinite: each solution equals
+    damped_solve's, only the indefinite one falls back, and the report says so."""
+    torch.manual_seed(3)
+    factors = [torch.randn(3, 2), torch.randn(3, 3), torch.randn(2, 4)]
+    systems = [(f @ f.T, torch.randn(f.shape[0])) for f in factors]
+    systems.append((torch.diag(torch.tensor([1.0, -1e-3])), torch.tensor([1.0, 1.0])))
+    with pytest.warns(NumericalWarning, match="Cholesky failed") as record:
+        solutions, report = damped_solves(systems, 1e-6)
+    assert len(record) == 1
+    assert report.method == "eigh"
+    for (matrix, rhs), solution in zip(systems[:3], solutions, strict=False):
+        assert torch.allclose(solution, damped_solve(matrix, rhs, 1e-6)[0], rtol=1e-10)
+    assert torch.allclose(solutions[3], torch.tensor([1 / (1 + 1e-6), 1 / 1e-6]), rtol=1e-12)
+    assert damped_solves(systems[:3], 1e-6)[1].method == "cholesky"
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        damped_solves([(torch.full((2, 2), math.nan), torch.ones(2))], 0.1)

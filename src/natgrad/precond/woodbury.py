@@ -56,7 +56,7 @@ from natgrad.datapoints import (
 )
 from natgrad.fallback import DEFAULT_CHUNK_SIZE
 from natgrad.likelihoods import Likelihood
-from natgrad.linalg import damped_solve
+from natgrad.linalg import SolveReport, damped_solve, damped_solves, furthest_fallback
 from natgrad.precond.base import Damping, Preconditioner, check_count
 from natgrad.precond.blocks import Block
 
@@ -181,40 +181,51 @@ class NGD(Preconditioner):
     def _precondition(
         self, batches: list[Block], factor: float | Tensor, per_sample_output_grad: Tensor
     ) -> None:
+        """Build every group's ``K N x K N`` system, solve them together (one batched
+        Cholesky for the blocks of ``structure="layer"``), write each group's direction."""
         groups = [batches] if self.structure == "full" else [[batch] for batch in batches]
-        for group in groups:
-            self._solve_group(group, factor, per_sample_output_grad)
-
-    def _solve_group(
-        self, group: list[Block], factor: float | Tensor, per_sample_output_grad: Tensor
-    ) -> None:
         damping = self.current_damping()
         weights = _datapoint_weights(factor, per_sample_output_grad)
         multipliers = row_multipliers(self.fisher, per_sample_output_grad)
-        rows = [_curvature_rows(b, multipliers) for b in group]
-        num_sets = rows[0].shape[0]
-        row_scale = (weights * row_weight(self.fisher, self.mc_samples)).sqrt().repeat(num_sets)
-        if row_scale.shape[0] > sum(b.num_params for b in group):
-            self._solve_in_parameter_space(group, rows, row_scale, weights, per_sample_output_grad)
-            return
-        curvature = sum(b.gram(e) for b, e in zip(group, rows, strict=True)) * torch.outer(
-            row_scale, row_scale
-        )
+        row_scale = (weights * row_weight(self.fisher, self.mc_samples)).sqrt()
+        target = None
         if not needs_extra_backprop(self.fisher):
-            target = target_coefficients(self.fisher, per_sample_output_grad)
-            solution, self.last_solve = damped_solve(curvature, weights.sqrt() * target, damping)
-            coefficients = (row_scale * solution).unsqueeze(0)
-            for batch, curvature_rows in zip(group, rows, strict=True):
-                batch.write_combination(curvature_rows, coefficients)
-            return
-        projected_grad = row_scale * sum(
-            b.gram(e, b.loss_grads) @ weights for b, e in zip(group, rows, strict=True)
-        )
-        solution, self.last_solve = damped_solve(curvature, projected_grad, damping)
-        extra_coefficients = (-row_scale * solution / damping).reshape(num_sets, -1)
-        coefficients = torch.cat([(weights / damping).unsqueeze(0), extra_coefficients])
-        for batch, extra in zip(group, rows, strict=True):
-            batch.write_combination(torch.cat([batch.loss_grads, extra]), coefficients)
+            target = weights.sqrt() * target_coefficients(self.fisher, per_sample_output_grad)
+        systems, reports = [], []
+        for group in groups:
+            rows = [_curvature_rows(b, multipliers) for b in group]
+            scale = row_scale.repeat(rows[0].shape[0])
+            if scale.shape[0] > sum(b.num_params for b in group):
+                reports.append(
+                    self._solve_in_parameter_space(
+                        group, rows, scale, weights, per_sample_output_grad
+                    )
+                )
+                continue
+            curvature = sum(b.gram(e) for b, e in zip(group, rows, strict=True))
+            curvature = curvature * torch.outer(scale, scale)
+            if target is None:
+                rhs = scale * sum(
+                    b.gram(e, b.loss_grads) @ weights for b, e in zip(group, rows, strict=True)
+                )
+            else:
+                rhs = target
+            systems.append((group, rows, scale, curvature, rhs))
+        solutions = []
+        if systems:
+            solutions, report = damped_solves([s[3:] for s in systems], damping)
+            reports.append(report)
+        self.last_solve = furthest_fallback(reports)
+        for (group, rows, scale, *_), solution in zip(systems, solutions, strict=True):
+            if target is None:
+                extra_coefficients = (-scale * solution / damping).reshape(rows[0].shape[0], -1)
+                coefficients = torch.cat([(weights / damping).unsqueeze(0), extra_coefficients])
+                for batch, extra in zip(group, rows, strict=True):
+                    batch.write_combination(torch.cat([batch.loss_grads, extra]), coefficients)
+            else:
+                coefficients = (scale * solution).unsqueeze(0)
+                for batch, curvature_rows in zip(group, rows, strict=True):
+                    batch.write_combination(curvature_rows, coefficients)
 
     def _solve_in_parameter_space(
         self,
@@ -223,8 +234,9 @@ class NGD(Preconditioner):
         row_scale: Tensor,
         weights: Tensor,
         per_sample_output_grad: Tensor,
-    ) -> None:
-        """The same damped system with the ``P x P`` curvature, when ``K N > P``.
+    ) -> SolveReport:
+        """The same damped system with the ``P x P`` curvature, when ``K N > P``; returns how
+        the solve went.
 
         Small models (few parameters, many datapoints) are cheaper and better conditioned this
         way: the Woodbury form divides by ``λ`` after a subtraction that loses digits when the
@@ -239,13 +251,12 @@ class NGD(Preconditioner):
         else:
             target = target_coefficients(self.fisher, per_sample_output_grad)
             rhs = jacobian.T @ (weights.sqrt() * target)
-        direction, self.last_solve = damped_solve(
-            jacobian.T @ jacobian, rhs, self.current_damping()
-        )
+        direction, report = damped_solve(jacobian.T @ jacobian, rhs, self.current_damping())
         offset = 0
         for batch in group:
             batch.write_flat(direction[offset : offset + batch.num_params])
             offset += batch.num_params
+        return report
 
 
 def _datapoint_weights(factor: float | Tensor, per_sample_output_grad: Tensor) -> Tensor:
