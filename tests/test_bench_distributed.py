@@ -9,11 +9,13 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from natgrad.bench import runner
+from natgrad.bench.sweep import study_name
 
 HYPER = {"sgd": {"lr": 0.1, "momentum": 0.9}, "ief": {"lr": 0.05, "damping": 0.1}}
 
@@ -60,3 +62,29 @@ def test_cli_bench_under_torchrun_writes_one_report(tmp_path):
     runs = json.loads((tmp_path / "runs.json").read_text())
     assert len(runs) == 1 and runs[0]["train_loss"][-1] < runs[0]["train_loss"][0]
     assert done.stdout.count("| sgd |") == 1  # only rank 0 reports
+
+
+def test_cli_sweep_under_torchrun_trains_each_grid_point_once(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'db' / 'sweep.db'}"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "natgrad.bench.cli", "sweep", "--task", "wine-mlp", "--methods", "sgd",
+        "--epochs", "1", "--storage", storage, "--output", str(tmp_path / "out"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    optuna = pytest.importorskip("optuna")
+    study = optuna.load_study(
+        study_name=study_name(replace(task(), epochs=1), "sgd"), storage=storage
+    )
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.params["lr"] for t in complete) == [1e-4, 1e-3, 1e-2, 1e-1]
+    assert done.stdout.count("grid done") == 1  # only rank 0 reports
+    assert "| sgd |" in (tmp_path / "out" / "summary.md").read_text()
+    # the two ranks trained each grid point together: the losses of one process
+    data = runner.load_dataset("wine")
+    for trial in complete:
+        single = runner.train_run(replace(task(), epochs=1), "sgd", trial.params, 0, data)
+        stored = trial.user_attrs["runs"][0]["train_loss"]
+        assert torch.allclose(torch.tensor(stored), torch.tensor(single["train_loss"]), rtol=1e-4)

@@ -5,7 +5,8 @@ task, selects each method's best configuration by final training loss (as the se
 writes the runs (``runs.json``, ``runs.csv``), a markdown summary (``summary.md``) and loss
 curves (``curves.png``). Under ``torchrun --nproc_per_node R`` the R processes split every
 global batch and train one model (natgrad's distributed mode; first-order methods average
-their gradients); rank 0 writes the results. The default compares SGD, Adam, KFAC, FOOF, EF,
+their gradients); rank 0 writes the results; ``natgrad sweep`` likewise trains each grid point
+with all ranks, rank 0 keeping the study. The default compares SGD, Adam, KFAC, FOOF, EF,
 iEF and exact NGD on an MLP on MNIST-1D (generated offline) in a few minutes on 2 CPU cores.
 
 Examples::
@@ -14,6 +15,7 @@ Examples::
     natgrad bench --task digits-mlp --methods sgd ief kfac --seeds 0 1 2 --epochs 10
     natgrad bench --methods sgd kfac --grid '{"kfac": {"lr": [0.01, 0.1], "damping": [0.001]}}'
     torchrun --standalone --nproc_per_node 2 -m natgrad.bench.cli bench --task digits-mlp
+    torchrun --standalone --nproc_per_node 2 -m natgrad.bench.cli sweep --task digits-mlp
 """
 
 from __future__ import annotations
@@ -190,15 +192,24 @@ def _sweep(args: argparse.Namespace) -> int:
     from natgrad.bench.sweep import collect_runs, run_parallel, run_sweep
 
     task = _task(args)
-    if args.storage.startswith("sqlite:///"):
-        Path(args.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    for method in args.methods:
-        if args.workers > 1:
-            run_parallel(task, method, args.seeds, args.storage, args.workers)
-        else:
-            run_sweep(task, method, args.seeds, args.storage)
-        print(f"{task.name} {method}: grid done")
-    _report(task, collect_runs(task, args.methods, args.storage), Path(args.output))
+    if args.workers > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit(
+            "--workers starts independent processes; under torchrun the ranks already train "
+            "each grid point together: drop --workers (or run without torchrun)"
+        )
+    with _process_group() as rank:
+        if rank == 0 and args.storage.startswith("sqlite:///"):
+            path = Path(args.storage.removeprefix("sqlite:///"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+        for method in args.methods:
+            if args.workers > 1:
+                run_parallel(task, method, args.seeds, args.storage, args.workers)
+            else:
+                run_sweep(task, method, args.seeds, args.storage)
+            if rank == 0:
+                print(f"{task.name} {method}: grid done")
+        if rank == 0:
+            _report(task, collect_runs(task, args.methods, args.storage), Path(args.output))
     return 0
 
 

@@ -5,6 +5,10 @@ seed; its value is the mean final training loss and its runs are kept as trial a
 Because the study lives in the storage (an SQLite file by default), an interrupted sweep
 resumes where it stopped: finished grid points are not run again.
 
+Under ``torchrun`` (an initialised ``torch.distributed`` group) every trial is trained by all
+ranks together, as ``natgrad bench`` trains under it: rank 0 keeps the study and sends each
+grid point to the other ranks, which train their shards of the global batches with it.
+
 Parallel workers: start the same ``natgrad sweep`` command several times (in several
 terminals, or ``--workers N``); each process takes the next unvisited grid point (two workers
 racing for the last points may occasionally both run one; the selection then averages the
@@ -21,6 +25,8 @@ import multiprocessing
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
+
+import torch.distributed as dist
 
 from natgrad.bench.datasets import load_dataset
 from natgrad.bench.registry import get_method
@@ -43,17 +49,27 @@ def run_sweep(
     """Evaluate (the remaining) grid points of one method; return the Optuna study.
 
     ``n_trials`` bounds how many grid points this call evaluates (default: all that remain).
+    Under ``torch.distributed`` every rank calls it: rank 0 runs the study and returns it, the
+    other ranks train the grid points rank 0 sends them and return ``None``.
     """
     import optuna
 
     grid = grid if grid is not None else get_method(method).grid
     data = load_dataset(task.dataset)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed and dist.get_rank() != 0:
+        while (hyper := _broadcast_hyper(None)) is not None:
+            for seed in seeds:
+                train_run(task, method, hyper, seed, data)
+        return None
     study = _open_study(task, method, storage, grid)
     size = len(grid_points(grid))
     taken = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
 
     def objective(trial: optuna.Trial) -> float:
         hyper = {name: trial.suggest_categorical(name, values) for name, values in grid.items()}
+        if distributed:
+            _broadcast_hyper(hyper)
         runs = [train_run(task, method, hyper, seed, data) for seed in seeds]
         trial.set_user_attr("runs", runs)
         finals = [run["train_loss"][-1] for run in runs]
@@ -75,7 +91,16 @@ def run_sweep(
             break
         study.optimize(objective, n_trials=1)
         evaluated += 1
+    if distributed:
+        _broadcast_hyper(None)  # the other ranks stop
     return study
+
+
+def _broadcast_hyper(hyper: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Rank 0's next grid point (``None``: no more) on every rank."""
+    message = [hyper]
+    dist.broadcast_object_list(message, src=0)
+    return message[0]
 
 
 def _open_study(task: Task, method: str, storage: str, grid: dict[str, list[Any]]) -> Any:
