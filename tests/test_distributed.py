@@ -312,6 +312,31 @@ def scenarios(rank: int) -> dict[str, Callable[[], object]]:
 
     runs["spread/owners"] = spread
 
+    def spread_failure(error: type[Exception]) -> tuple[int, bool] | str:
+        """Rank 0's own inversion (of layer '0', the costliest: see
+        test_spread_inversions_deal_every_rank_a_share_and_broadcast_it) fails, rank 1's
+        succeed: no rank may wait for the other's broadcast."""
+        model = make_model()
+        pre = kfac(model, spread_inversions=True)
+
+        def failing(*args: object) -> None:
+            raise error("injected failure of an inversion")
+
+        if rank == 0:
+            pre._invert = failing
+        inputs, targets = batches(1, rank)[0]
+        if error is FloatingPointError:
+            with pytest.warns(natgrad.NonFiniteWarning, match="injected|another rank"):
+                _step_last(model, pre, inputs, targets)
+            zero = all(not p.grad.any() for p in model.parameters() if p.grad is not None)
+            return pre.skipped_steps, zero
+        with pytest.raises((error, RuntimeError)) as raised:
+            _step_last(model, pre, inputs, targets)
+        return str(raised.value)
+
+    runs["spread/numerical-failure"] = lambda: spread_failure(FloatingPointError)
+    runs["spread/other-failure"] = lambda: spread_failure(ValueError)
+
     def resume(build: Callable[..., natgrad.Preconditioner]) -> tuple[Tensor, Tensor]:
         data = batches(4, rank)
         model = make_model()
@@ -595,6 +620,16 @@ def test_spread_inversions_deal_every_rank_a_share_and_broadcast_it(ranks):
     floats = 3 * 2 * 8  # two damping values per layer, float64, all-reduced by both ranks
     assert traffic_0["inverses"] == (6 * 6 + 6 * 6) * 8 + floats
     assert traffic_1["inverses"] == (6 * 6 + 4 * 4 + 5 * 5 + 3 * 3) * 8 + floats
+
+
+def test_spread_inversion_failing_on_one_rank_fails_on_every_rank(ranks):
+    """A numerical failure skips the step everywhere; any other error is raised where it
+    happened and named on the other ranks."""
+    for skipped, zero in result(ranks, "spread/numerical-failure"):
+        assert (skipped, zero) == (1, True)
+    raised = result(ranks, "spread/other-failure")
+    assert raised[0] == "injected failure of an inversion"
+    assert "an inversion failed on another rank" in raised[1]
 
 
 @pytest.mark.parametrize("name", sorted(RESUMED))

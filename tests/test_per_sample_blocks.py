@@ -569,3 +569,69 @@ def test_non_finite_inputs_skip_the_step_before_the_fallback_runs():
     with pytest.warns(natgrad.NonFiniteWarning):
         pre.step(logits)
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+
+
+class TwoLookups(nn.Module):
+    """One embedding called twice per forward pass (two token streams)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(6, 3, padding_idx=5)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, tokens):
+        first, second = tokens[:, :2], tokens[:, 2:]
+        return self.head(self.embed(first).mean(1) + self.embed(second).mean(1))
+
+
+def test_foof_warm_start_folds_all_calls_of_a_module_as_one_batch_like_step():
+    torch.manual_seed(8)
+    tokens = torch.tensor([[0, 1, 2, 2, 4], [1, 1, 5, 3, 0]])
+    warm = natgrad.FOOF(TwoLookups(), ema_decay=0.0)
+    warm.warm_start([tokens])
+    model = TwoLookups()
+    stepped = natgrad.FOOF(model, ema_decay=0.0)
+    logits = model(tokens)
+    F.cross_entropy(logits, torch.tensor([0, 2])).backward()
+    stepped.step(logits)
+    warm_factor = warm.normalised_factors("embed")[0]
+    assert torch.allclose(warm_factor, stepped.normalised_factors("embed")[0], rtol=1e-14)
+    assert torch.allclose(warm_factor, torch.tensor([2, 3, 2, 1, 1, 0]) / 10.0, rtol=1e-14)
+
+
+@pytest.mark.parametrize("damping_mode", ["heuristic", "correct"])
+def test_state_with_a_dense_embedding_factor_loads_as_its_diagonal(damping_mode):
+    """A state saved while embeddings kept a dense factor (and dense inverse entries) resumes
+    as the diagonal one does; a factor that fits no layer of the model is refused."""
+    torch.manual_seed(9)
+    model, inputs = embedding_mean()
+    targets = torch.randint(0, 3, (inputs.shape[0],))
+    settings = dict(ema_decay=0.5, inv_period=3, damping_mode=damping_mode)
+    pre = natgrad.KFAC(model, **settings)
+
+    def step(pre, model):
+        model.zero_grad()
+        logits = model(inputs)
+        F.cross_entropy(logits, targets).backward()
+        pre.step(logits)
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    step(pre, model)
+    state = copy.deepcopy(pre.state_dict())
+    expected = step(pre, model)
+    dense = copy.deepcopy(state)
+    dense["input_factors"]["0"] = torch.diag(state["input_factors"]["0"])
+    if damping_mode == "heuristic":
+        dense["inverses"]["0"]["input"] = torch.diag(state["inverses"]["0"]["input"])
+    else:  # eigenvectors of a diagonal factor: a permutation (here the identity)
+        dense["inverses"]["0"]["input_vectors"] = torch.eye(7)
+    for saved in (state, dense):
+        resumed_model = copy.deepcopy(model)
+        resumed = natgrad.KFAC(resumed_model, **settings)
+        resumed.load_state_dict(saved)
+        assert resumed.input_factors["0"].shape == (7,)
+        assert torch.allclose(step(resumed, resumed_model), expected, rtol=1e-13, atol=1e-15)
+    wrong = copy.deepcopy(state)
+    wrong["input_factors"]["3"] = torch.eye(4)
+    with pytest.raises(ValueError, match="input factor of '3' has shape"):
+        natgrad.KFAC(copy.deepcopy(model), **settings).load_state_dict(wrong)

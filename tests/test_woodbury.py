@@ -191,3 +191,20 @@ def test_two_backward_passes_add_up_like_grad(fisher):
         pre.remove()
         results.append(flat_grad(list(model.parameters())))
     assert relative_error(results[1], results[0]) <= 1e-12
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "ief", "exact"])
+def test_layer_systems_solved_one_by_one_or_batched_agree(monkeypatch, fisher):
+    """structure="layer" solves its layers' systems in batches up to a size budget: a budget
+    of one entry (every system alone) gives the update of one batch for all."""
+    updates = []
+    for budget in (natgrad.precond.woodbury.BATCHED_SOLVE_ENTRIES, 1):
+        monkeypatch.setattr(natgrad.precond.woodbury, "BATCHED_SOLVE_ENTRIES", budget)
+        torch.manual_seed(0)
+        model, inputs = make_mlp(3)
+        update, _ = run_natgrad(
+            model, inputs, make_targets("categorical", 7, 3), "categorical", "mean",
+            fisher=fisher, structure="layer", damping=1e-2,
+        )  # fmt: skip
+        updates.append(update)
+    assert relative_error(updates[1], updates[0]) <= 1e-13

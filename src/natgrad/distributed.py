@@ -230,7 +230,7 @@ class Communicator:
             (torch.stack([q.sum(), q.pow(2).sum()]) for q in (p.detach().double() for p in params)),
             torch.zeros(2, dtype=torch.float64, device=self.device),
         )
-        rows = self._all_gather(self._small([*words, *moments.tolist()]), "checks")
+        rows = self._all_gather(self.small([*words, *moments.tolist()]), "checks")
         differing = [q for q in range(self.world_size) if not torch.equal(rows[q, :4], rows[0, :4])]
         if differing:
             raise ValueError(
@@ -249,7 +249,7 @@ class Communicator:
 
     def check_same_count(self, count: int, what: str) -> None:
         """Raise on every rank unless all ranks pass the same ``count``."""
-        counts = self._all_gather(self._small([count]), "checks")
+        counts = self._all_gather(self.small([count]), "checks")
         if not bool((counts == counts[0]).all()):
             raise ValueError(
                 f"the ranks disagree on the number of {what}: {counts[:, 0].long().tolist()}"
@@ -279,7 +279,7 @@ class Communicator:
         """
         if not self.active:
             return finite, list(grads)
-        counts = self.all_reduce_sum(self._small([finite, *blocks.values(), *grads]), "consensus")
+        counts = self.all_reduce_sum(self.small([finite, *blocks.values(), *grads]), "consensus")
         partial = [
             name
             for name, count in zip(blocks, counts[1 : 1 + len(blocks)].tolist(), strict=True)
@@ -324,7 +324,7 @@ class Communicator:
         for index, group in enumerate(by_dtype.values()):
             parts = [t.reshape(-1) for t in group]
             if index == 0:  # the flag rides in the first buffer
-                parts.append(self._small([ok]).to(group[0].dtype if group else torch.float64))
+                parts.append(self.small([ok]).to(group[0].dtype if group else torch.float64))
             buffer = torch.cat(parts)
             self._record(purpose, buffer)
             work = dist.all_reduce(buffer, group=self.group, async_op=asynchronous)
@@ -364,7 +364,7 @@ class Communicator:
         header = [factor]
         for tensor, *_ in entries:
             header += [tensor.dim(), *tensor.shape, *[0] * (4 - tensor.dim())]
-        headers = self._all_gather(self._small(header), "rows")
+        headers = self._all_gather(self.small(header), "rows")
         shapes = [
             [
                 tuple(int(d) for d in row[2 + 5 * i : 2 + 5 * i + int(row[1 + 5 * i])])
@@ -406,7 +406,7 @@ class Communicator:
         return rebuilt, weights / self.world_size, gathered[0]
 
     # ------------------------------------------------------------------ internals
-    def _small(self, values: Sequence[float]) -> Tensor:
+    def small(self, values: Sequence[float]) -> Tensor:
         """A float64 tensor of a few numbers (flags, shapes, hashes) on the model's device."""
         return torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
 

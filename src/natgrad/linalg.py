@@ -139,8 +139,8 @@ def token_gram(indices: Tensor, output_grads: Tensor, other_output_grads: Tensor
     order = torch.argsort(group, stable=True)
     per_position = counts[group[order]]
     run_starts = torch.cumsum(counts, 0) - counts
-    first = torch.repeat_interleave(torch.arange(order.numel()), per_position)
-    offsets = torch.arange(num_pairs) - torch.repeat_interleave(
+    first = torch.repeat_interleave(torch.arange(order.numel(), device=flat.device), per_position)
+    offsets = torch.arange(num_pairs, device=flat.device) - torch.repeat_interleave(
         torch.cumsum(per_position, 0) - per_position, per_position
     )
     second = torch.repeat_interleave(run_starts[group[order]], per_position) + offsets

@@ -46,9 +46,11 @@ By default every rank computes every inverse. With ``spread_inversions=True`` th
 for inversion are dealt out over the ranks by cost (``d_in^3 + d_out^3``, largest first, each
 to the least loaded rank); each rank inverts its share and broadcasts it, so every rank ends
 with the same inverses for about ``1/R`` of the inversion work and one broadcast of every
-inverse (``d_in^2 + d_out^2`` numbers per layer, plus eigenvalues for the eigen-based damping
-modes). It pays when inversions are a large part of the step (wide layers, frequent
-inversions).
+inverse (the size of the layer's factors: ``d_in^2 + d_out^2`` numbers for KFAC, plus
+eigenvalues for the eigen-based damping modes, ``d_in^2`` for FOOF, ``V`` for an embedding's
+diagonal factor). If an inversion fails on its rank, every rank raises (a non-finite factor
+skips the step everywhere, as without spreading). It pays when inversions are a large part
+of the step (wide layers, frequent inversions).
 
 The gradient ``∇W = Ē^T Ā`` has rank at most ``N T``; when that is below the layer widths the
 inverses are applied to ``Ē`` and ``Ā`` (cost ``~N T d^2``) instead of to the ``d_out x d_in``
@@ -72,6 +74,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from natgrad.capture import LayerAdapter
 from natgrad.datapoints import check_fisher, output_vectors, row_multipliers, row_weight
 from natgrad.likelihoods import Likelihood
 from natgrad.linalg import damped_inverse, token_frequencies, token_matrix
@@ -96,12 +99,14 @@ def augmented_inputs(inputs: Tensor, has_bias: bool) -> Tensor:
     return rows
 
 
-def input_covariance(batch: LayerBatch) -> Tensor:
-    """``Σ_A`` of the current batch: ``Ā^T Ā / (N T)``, or its diagonal ``(num_embeddings,)``
-    for token inputs (module docstring)."""
-    if isinstance(batch, TokenBatch):
-        return token_frequencies(batch.inputs, batch.module.num_embeddings, batch.loss_grads.dtype)
-    inputs = augmented_inputs(batch.inputs, batch.has_bias)
+def input_covariance(
+    adapter: LayerAdapter, module: nn.Module, rows: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """``Σ_A`` of one batch's input rows: ``Ā^T Ā / (N T)``, or its diagonal
+    ``(num_embeddings,)`` for token inputs (module docstring)."""
+    if adapter.token_inputs:
+        return token_frequencies(rows, module.num_embeddings, dtype)
+    inputs = augmented_inputs(rows, adapter.has_bias(module))
     return inputs.T @ inputs / inputs.shape[0]
 
 
@@ -341,7 +346,9 @@ class KroneckerPreconditioner(Preconditioner):
         self, batch: LayerBatch, factor: float, per_sample_output_grad: Tensor
     ) -> tuple[Tensor, Tensor | None]:
         """The current batch's ``(Σ_A, Σ_G)`` of a layer (``Σ_G`` is None for FOOF)."""
-        input_cov = input_covariance(batch)
+        input_cov = input_covariance(
+            batch.adapter, batch.module, batch.inputs, batch.loss_grads.dtype
+        )
         if not self.uses_grad_factor:
             return input_cov, None
         if self.fisher in ("mc", "exact") and batch.extra_grads is None:
@@ -352,7 +359,8 @@ class KroneckerPreconditioner(Preconditioner):
         return [param for batch in batches for param in batch.parameters()]
 
     def invert_all(self) -> None:
-        """Recompute every layer's inverse from its current factors (e.g. to time it)."""
+        """Recompute every layer's inverse from its current factors (e.g. to time it); with
+        ``spread_inversions`` under communication, a collective call: every rank must make it."""
         self._invert_layers(list(self.input_factors))
 
     def _invert_layers(self, names: list[str]) -> None:
@@ -365,14 +373,38 @@ class KroneckerPreconditioner(Preconditioner):
                 self.inverses[name] = self._invert(*self.normalised_factors(name))
             return
         owners = self.inversion_owners(names)
-        inverses = {
-            name: self._invert(*self.normalised_factors(name))
-            for name in names
-            if owners[name] == self.communicator.rank
-        }
+        inverses, failure = {}, None
+        try:
+            for name in names:
+                if owners[name] == self.communicator.rank:
+                    inverses[name] = self._invert(*self.normalised_factors(name))
+        except Exception as error:  # agreed on below, so no rank waits for a broadcast
+            failure = error
+        self._agree_on_inversions(failure)
         self._share_inverses(names, owners, inverses)
         for name in names:  # in the order of names on every rank
             self.inverses[name] = inverses[name]
+
+    def _agree_on_inversions(self, failure: Exception | None) -> None:
+        """With spread inversions: raise on every rank if an inversion failed on any.
+
+        A ``FloatingPointError`` (non-finite factors) becomes one on every rank, so the step is
+        skipped everywhere; any other error is re-raised where it happened and reported as a
+        ``RuntimeError`` on the other ranks.
+        """
+        numerical = isinstance(failure, FloatingPointError)
+        flags = self.communicator.small([numerical, failure is not None and not numerical])
+        numerical_ranks, other_ranks = self.communicator.all_reduce_sum(flags, "checks").tolist()
+        if failure is not None and not numerical:
+            raise failure
+        if other_ranks:
+            raise RuntimeError(
+                "an inversion failed on another rank (spread_inversions): see its error"
+            )
+        if numerical_ranks:
+            raise failure or FloatingPointError(
+                "an inversion on another rank met non-finite factors (spread_inversions)"
+            )
 
     def _factor_shapes(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
         """The shapes of a layer's factors: ``Σ_A`` ``(d_in [+1],) * 2``, or ``(V,)`` when
@@ -421,14 +453,16 @@ class KroneckerPreconditioner(Preconditioner):
             if not entries:
                 continue
             sizes = [math.prod(shape) for *_, shape in entries]
+            dtype = self.input_factors[owned[0]].dtype  # one buffer, one dtype
             if source == communicator.rank:
-                buffer = torch.cat([inverses[n][k].reshape(-1) for n, k, _ in entries])
+                buffer = torch.cat([inverses[n][k].reshape(-1).to(dtype) for n, k, _ in entries])
             else:
                 buffer = self.input_factors[owned[0]].new_empty(sum(sizes))
             communicator.broadcast_(buffer, source, "inverses")
             if source != communicator.rank:
                 for (name, key, shape), part in zip(entries, buffer.split(sizes), strict=True):
-                    inverses.setdefault(name, {})[key] = part.view(shape)
+                    layer_dtype = self.input_factors[name].dtype
+                    inverses.setdefault(name, {})[key] = part.view(shape).to(layer_dtype)
         for row, name in enumerate(names):
             if owners[name] == communicator.rank:
                 for column, key in enumerate(floats[name]):
@@ -452,8 +486,7 @@ class KroneckerPreconditioner(Preconditioner):
     def _apply(
         self,
         inverse: dict[str, Any],
-        grad_rows: Tensor,
-        inputs: Tensor,
+        gradient: LayerGradient,
         has_bias: bool,
         out: Tensor | None,
     ) -> tuple[Tensor, Tensor | None]:
@@ -484,6 +517,36 @@ class KroneckerPreconditioner(Preconditioner):
             name: {k: v.clone() if isinstance(v, Tensor) else v for k, v in inv.items()}
             for name, inv in state["inverses"].items()
         }
+        self._check_loaded_factors()
+
+    def _check_loaded_factors(self) -> None:
+        """Raise if a loaded input factor does not fit its layer. An embedding's dense factor
+        (saved before natgrad kept it diagonal) becomes its diagonal, which is all it holds
+        for one-hot inputs, and so do the input parts of its inverse."""
+        for name, factor in self._input_factors.items():
+            module = self.selection.layers.get(name)
+            if module is None:
+                raise ValueError(f"the state holds factors of '{name}', not a layer of this model")
+            adapter = self.adapters[name]
+            if adapter.token_inputs:
+                expected: tuple[int, ...] = (module.num_embeddings,)
+                if factor.dim() == 2 and tuple(factor.shape) == expected * 2:
+                    self._input_factors[name] = factor.diagonal().clone()
+                    inverse = self.inverses.get(name, {})
+                    if "input" in inverse:  # the inverse of a diagonal is diagonal
+                        inverse["input"] = inverse["input"].diagonal().clone()
+                    if "input_vectors" in inverse:  # diag(V Λ V^T), in the tokens' order
+                        vectors = inverse.pop("input_vectors")
+                        inverse["input_values"] = vectors.pow(2) @ inverse["input_values"]
+                    continue
+            else:
+                expected = (adapter.matrix_shape(module)[1] + int(adapter.has_bias(module)),) * 2
+            if tuple(factor.shape) != expected:
+                raise ValueError(
+                    f"the state's input factor of '{name}' has shape {tuple(factor.shape)}, "
+                    f"but this model's layer needs {expected}: load a state saved from the "
+                    "same model"
+                )
 
     def _settings(self) -> str:
         return (
@@ -552,7 +615,7 @@ def _low_rank_is_cheaper(rank: int, d_out: int, d_in: int, two_sided: bool) -> b
 def _split_sandwich(
     left: Tensor | None,
     gradient: LayerGradient,
-    right: Tensor,
+    right: Tensor | None,
     has_bias: bool,
     out: Tensor | None,
 ) -> tuple[Tensor, Tensor | None]:
@@ -786,18 +849,12 @@ class FOOF(KroneckerPreconditioner):
                 "warm_start() needs labels for the second factor: use kfac_damping=False"
             )
         handles = []
+        calls: dict[str, list[Tensor]] = {name: [] for name in self.selection.layers}
         for name, module in self.selection.layers.items():
             adapter = self.adapters[name]
 
             def record(module: nn.Module, args: tuple, name: str = name, adapter=adapter) -> None:
-                rows = adapter.input_rows(module, args[0].detach())
-                if adapter.token_inputs:
-                    dtype = module.weight.dtype
-                    covariance = token_frequencies(rows, module.num_embeddings, dtype)
-                else:
-                    augmented = augmented_inputs(rows, adapter.has_bias(module))
-                    covariance = augmented.T @ augmented / augmented.shape[0]
-                self._fold_in(name, covariance, None)
+                calls[name].append(adapter.input_rows(module, args[0].detach()))
 
             handles.append(module.register_forward_pre_hook(record))
         count = 0
@@ -806,6 +863,17 @@ class FOOF(KroneckerPreconditioner):
                 for batch_inputs in inputs:
                     self.model(batch_inputs)
                     count += 1
+                    # a module called several times: its calls' rows are one batch's tokens,
+                    # as in step()
+                    for name, rows in calls.items():
+                        if rows:
+                            module = self.selection.layers[name]
+                            covariance = input_covariance(
+                                self.adapters[name], module, torch.cat(rows, dim=1),
+                                module.weight.dtype,
+                            )  # fmt: skip
+                            self._fold_in(name, covariance, None)
+                            rows.clear()
         finally:
             for handle in handles:
                 handle.remove()

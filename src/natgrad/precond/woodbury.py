@@ -41,6 +41,7 @@ for models mixing both kinds.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -64,6 +65,8 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 STRUCTURES = ("full", "layer")
+BATCHED_SOLVE_ENTRIES = 2**20
+"""Matrix entries (float64: 8 MiB) of the layer systems solved together in one batch."""
 
 
 class NGD(Preconditioner):
@@ -181,8 +184,9 @@ class NGD(Preconditioner):
     def _precondition(
         self, batches: list[Block], factor: float | Tensor, per_sample_output_grad: Tensor
     ) -> None:
-        """Build every group's ``K N x K N`` system, solve them together (one batched
-        Cholesky for the blocks of ``structure="layer"``), write each group's direction."""
+        """Build each group's ``K N x K N`` system and solve the small ones together (one
+        batched Cholesky for the blocks of ``structure="layer"``, up to
+        :data:`BATCHED_SOLVE_ENTRIES` matrix entries at a time), then write the directions."""
         groups = [batches] if self.structure == "full" else [[batch] for batch in batches]
         damping = self.current_damping()
         weights = _datapoint_weights(factor, per_sample_output_grad)
@@ -191,7 +195,16 @@ class NGD(Preconditioner):
         target = None
         if not needs_extra_backprop(self.fisher):
             target = weights.sqrt() * target_coefficients(self.fisher, per_sample_output_grad)
-        systems, reports = [], []
+        pending: list[_System] = []
+        reports: list[SolveReport] = []
+
+        def solve_pending() -> None:
+            solutions, report = damped_solves([(s.curvature, s.rhs) for s in pending], damping)
+            reports.append(report)
+            for system, solution in zip(pending, solutions, strict=True):
+                system.write(solution, weights, damping, target is None)
+            pending.clear()
+
         for group in groups:
             rows = [_curvature_rows(b, multipliers) for b in group]
             scale = row_scale.repeat(rows[0].shape[0])
@@ -210,22 +223,12 @@ class NGD(Preconditioner):
                 )
             else:
                 rhs = target
-            systems.append((group, rows, scale, curvature, rhs))
-        solutions = []
-        if systems:
-            solutions, report = damped_solves([s[3:] for s in systems], damping)
-            reports.append(report)
+            pending.append(_System(group, rows, scale, curvature, rhs))
+            if sum(system.curvature.numel() for system in pending) > BATCHED_SOLVE_ENTRIES:
+                solve_pending()
+        if pending:
+            solve_pending()
         self.last_solve = furthest_fallback(reports)
-        for (group, rows, scale, *_), solution in zip(systems, solutions, strict=True):
-            if target is None:
-                extra_coefficients = (-scale * solution / damping).reshape(rows[0].shape[0], -1)
-                coefficients = torch.cat([(weights / damping).unsqueeze(0), extra_coefficients])
-                for batch, extra in zip(group, rows, strict=True):
-                    batch.write_combination(torch.cat([batch.loss_grads, extra]), coefficients)
-            else:
-                coefficients = (scale * solution).unsqueeze(0)
-                for batch, curvature_rows in zip(group, rows, strict=True):
-                    batch.write_combination(curvature_rows, coefficients)
 
     def _solve_in_parameter_space(
         self,
@@ -257,6 +260,33 @@ class NGD(Preconditioner):
             batch.write_flat(direction[offset : offset + batch.num_params])
             offset += batch.num_params
         return report
+
+
+@dataclass
+class _System:
+    """One group's damped Woodbury system ``(curvature + λ I) x = rhs`` and what turns its
+    solution into the group's direction."""
+
+    group: list[Block]
+    rows: list[Tensor]
+    scale: Tensor
+    curvature: Tensor
+    rhs: Tensor
+
+    def write(self, solution: Tensor, weights: Tensor, damping: float, extra: bool) -> None:
+        """Write ``J^T u`` of the solution into the group's ``.grad``; ``extra``: the rows are
+        extra datapoints (``mc``/``exact``), combined with the loss gradients (Woodbury)."""
+        if extra:
+            extra_coefficients = (-self.scale * solution / damping).reshape(
+                self.rows[0].shape[0], -1
+            )
+            coefficients = torch.cat([(weights / damping).unsqueeze(0), extra_coefficients])
+            for batch, rows in zip(self.group, self.rows, strict=True):
+                batch.write_combination(torch.cat([batch.loss_grads, rows]), coefficients)
+        else:
+            coefficients = (self.scale * solution).unsqueeze(0)
+            for batch, rows in zip(self.group, self.rows, strict=True):
+                batch.write_combination(rows, coefficients)
 
 
 def _datapoint_weights(factor: float | Tensor, per_sample_output_grad: Tensor) -> Tensor:
