@@ -241,3 +241,13 @@ def test_low_rank_probe_gives_the_dense_auxiliary_loss(q_structure):
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
     for low_rank, dense in zip(results[0][1], results[1][1], strict=True):
         assert torch.allclose(low_rank, dense, rtol=1e-10, atol=1e-13)
+
+
+def test_kronecker_q_too_large_for_a_layer_names_the_alternatives():
+    """An embedding with a 20,000-word vocabulary would need a 20,000 x 20,000 auxiliary
+    matrix (1.5 GiB): a clear error names q_structure='diag' and the override instead."""
+    model = nn.Sequential(nn.Embedding(20_000, 8), nn.Flatten(), nn.Linear(16, 3))
+    with pytest.raises(ValueError, match=r"'0' \(Embedding\).*q_structure='diag'.*'0': 'plain"):
+        natgrad.FishLeg(model)
+    assert natgrad.FishLeg(model, q_structure="diag").aux_params["0"][0].shape == (8, 20_000)
+    natgrad.FishLeg(model, overrides={"0": "plain_gradient"})

@@ -58,6 +58,10 @@ if TYPE_CHECKING:
 
 Q_STRUCTURES = ("kron", "diag")
 MOMENTUM_TARGETS = ("gradient", "update")
+MAX_KRON_AUX_BYTES = 2**30
+"""Largest Kronecker auxiliary pair of one layer FishLeg builds (e.g. an embedding with a large
+vocabulary needs ``vocabulary x vocabulary``); beyond it, a clear error instead of an
+out-of-memory failure."""
 
 
 class FishLeg(Preconditioner):
@@ -153,6 +157,15 @@ class FishLeg(Preconditioner):
             d_in += self._has_bias(name)
             options = {"dtype": module.weight.dtype, "device": module.weight.device}
             if self.q_structure == "kron":
+                size = (d_out**2 + d_in**2) * module.weight.element_size()
+                if size > MAX_KRON_AUX_BYTES:
+                    raise ValueError(
+                        f"FishLeg's Kronecker Q for '{name}' ({type(module).__name__}) needs "
+                        f"{d_out} x {d_out} and {d_in} x {d_in} auxiliary matrices "
+                        f"({size / 2**30:.1f} GiB): pass q_structure='diag' (a weight-sized Q), "
+                        f"or overrides={{{name!r}: 'plain_gradient'}} to leave it to the plain "
+                        "gradient"
+                    )
                 root = self.init_scale**0.25
                 params[name] = (
                     nn.Parameter(root * torch.eye(d_out, **options)),
