@@ -128,7 +128,9 @@ def test_token_batch_matches_explicit_one_hot_gradients(
     adapter = EmbeddingAdapter()
     indices = torch.randint(0, vocabulary, (num, tokens), generator=generator)
     inputs = adapter.input_rows(embedding, indices)
-    one_hot = adapter.dense_inputs(embedding, inputs)
+    one_hot = torch.nn.functional.one_hot(indices, vocabulary).double()
+    if padding:
+        one_hot[..., 0] = 0  # torch never trains the padding row
     rows_a = torch.randn(k_a, num, tokens, d_out, generator=generator)
     rows_b = torch.randn(k_b, num, tokens, d_out, generator=generator)
     batch = TokenBatch("embedding", embedding, adapter, inputs, rows_a[:1], None, False)

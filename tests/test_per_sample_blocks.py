@@ -373,6 +373,8 @@ def test_kronecker_and_fishleg_give_plain_gradients_to_other_blocks(make):
         lambda m: natgrad.FOOF(m, ema_decay=0.0),
         lambda m: natgrad.FOOF(m, kfac_damping=True, fisher="empirical"),
         lambda m: natgrad.FishLeg(m, aux_period=1),
+        lambda m: natgrad.FishLeg(m, aux_period=1, momentum_on="update"),
+        lambda m: natgrad.FishLeg(m, aux_period=1, q_structure="diag"),
     ],
 )
 @pytest.mark.parametrize("padding_idx", [None, 2])

@@ -19,8 +19,7 @@ Adapters turn a module's input and output gradient into rows:
   torch never trains), from which the Woodbury blocks compute Grams and gradients by index
   (:class:`natgrad.precond.blocks.TokenBatch`), so the memory does not grow with the
   vocabulary; KFAC and FOOF keep the (diagonal) input factor of one-hot rows as the token
-  frequencies; FishLeg, whose auxiliary parameters are ``num_embeddings x num_embeddings``,
-  takes the one-hot rows (:meth:`LayerAdapter.dense_inputs`).
+  frequencies, and they and FishLeg form the embedding's gradient by index.
   The weight matrix in the neuron view is ``(embedding_dim, num_embeddings)``, the transpose
   of ``Embedding.weight``; the adapter converts (:meth:`LayerAdapter.to_weight`).
 
@@ -94,10 +93,6 @@ class LayerAdapter:
         """``A`` of shape ``(N, T, d_in)`` (no bias column) from the module input, or token
         indices ``(N, T)`` if :attr:`token_inputs`."""
         raise NotImplementedError
-
-    def dense_inputs(self, module: nn.Module, rows: Tensor) -> Tensor:
-        """:meth:`input_rows`' result as dense rows ``(N, T, d_in)``."""
-        return rows
 
     def output_rows(self, module: nn.Module, output_grad: Tensor, lead: int) -> Tensor:
         """``E`` of shape ``(*lead_shape, N, T, d_out)`` from a gradient w.r.t. the output.
@@ -184,9 +179,9 @@ class Conv2dAdapter(LayerAdapter):
 class EmbeddingAdapter(LinearAdapter):
     """``nn.Embedding`` as a linear layer on one-hot inputs, weight shared over the tokens.
 
-    The inputs are kept as token indices ``(N, T)``, ``-1`` marking ``padding_idx``;
-    :meth:`dense_inputs` forms the one-hot rows ``(N, T, num_embeddings)`` for FishLeg. The
-    neuron-view weight matrix is ``Embedding.weight`` transposed.
+    The inputs are kept as token indices ``(N, T)``, ``-1`` marking ``padding_idx`` (the
+    one-hot rows would be ``(N, T, num_embeddings)``). The neuron-view weight matrix is
+    ``Embedding.weight`` transposed.
     """
 
     token_inputs = True
@@ -212,10 +207,6 @@ class EmbeddingAdapter(LinearAdapter):
         if module.padding_idx is not None:  # torch gives the padding row no gradient
             indices = indices.masked_fill(indices == module.padding_idx, -1)
         return indices
-
-    def dense_inputs(self, module: nn.Module, rows: Tensor) -> Tensor:
-        one_hot = F.one_hot(rows.clamp_min(0), module.num_embeddings).to(module.weight.dtype)
-        return one_hot * (rows >= 0).unsqueeze(-1)
 
     def matrix_shape(self, module: nn.Module) -> tuple[int, int]:
         return module.embedding_dim, module.num_embeddings

@@ -86,10 +86,6 @@ class LayerBatch:
             self, inputs=tensors[0], loss_grads=tensors[1], extra_grads=extra, _inputs_gram=None
         )
 
-    def dense_inputs(self) -> Tensor:
-        """The inputs as dense rows ``(N, T, d_in)`` (one-hot rows for token indices)."""
-        return self.adapter.dense_inputs(self.module, self.inputs)
-
     def grad_buffer(self) -> Tensor | None:
         """The weight's existing ``.grad`` as a matrix view, to be overwritten in place."""
         return self.adapter.grad_buffer(self.module)

@@ -50,8 +50,8 @@ from torch import Tensor, nn
 from natgrad.fisher_vector import fisher_vector_product
 from natgrad.likelihoods import Likelihood
 from natgrad.precond.base import NonFiniteWarning, Preconditioner, check_count, check_damping
-from natgrad.precond.blocks import LayerBatch
-from natgrad.precond.kronecker import augmented_inputs
+from natgrad.precond.blocks import LayerBatch, TokenBatch
+from natgrad.precond.kronecker import LayerGradient, augmented_inputs
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -223,15 +223,23 @@ class FishLeg(Preconditioner):
     def _precondition(
         self, batches: list[LayerBatch], factor: float, per_sample_output_grad: Tensor
     ) -> None:
-        rows = {}
+        # per layer the gradient as low-rank rows (Ē, Ā), or as a matrix for an embedding
+        # (built by index from its token indices, never from one-hot rows)
+        rows: dict[str, Tensor | tuple[Tensor, Tensor]] = {}
         for batch in batches:
             grad_rows = factor * batch.loss_grads[0].reshape(-1, batch.loss_grads.shape[-1])
-            rows[batch.name] = (grad_rows, augmented_inputs(batch.dense_inputs(), batch.has_bias))
-        probe: dict[str, Tensor | tuple[Tensor, Tensor]] = dict(rows)
+            if isinstance(batch, TokenBatch):
+                rows[batch.name] = LayerGradient.of(batch, grad_rows).dense()
+            else:
+                rows[batch.name] = (grad_rows, augmented_inputs(batch.inputs, batch.has_bias))
+        probe = dict(rows)
         auxiliary = self.steps % self.aux_period == 0
         if self.momentum_on == "gradient" or (auxiliary and self.communicator.active):
             # the dense gradients, averaged over the ranks: a global probe needs them
-            gradients = {name: grad_rows.T @ inputs for name, (grad_rows, inputs) in rows.items()}
+            gradients = {
+                name: row if isinstance(row, Tensor) else row[0].T @ row[1]
+                for name, row in rows.items()
+            }
             self.communicator.average_(list(gradients.values()), "gradients")
             probe = dict(gradients)
         if self.momentum_on == "gradient":
@@ -249,7 +257,12 @@ class FishLeg(Preconditioner):
             if self.momentum_on == "gradient":
                 updates = {name: self.apply_q(name, self.momentum_buffers[name]) for name in rows}
             else:
-                updates = {name: self.apply_q_low_rank(name, *rows[name]) for name in rows}
+                updates = {
+                    name: self.apply_q(name, row)
+                    if isinstance(row, Tensor)
+                    else self.apply_q_low_rank(name, *row)
+                    for name, row in rows.items()
+                }
                 self.communicator.average_(list(updates.values()), "directions")
                 for name, fresh in updates.items():
                     previous = self.momentum_buffers.get(name)
