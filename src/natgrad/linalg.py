@@ -328,12 +328,16 @@ def damped_solves(
     for index, (matrix, _) in enumerate(systems):
         by_size.setdefault(matrix.shape[0], []).append(index)
     for indices in by_size.values():
+        if len(indices) == 1:  # nothing to batch: the plain solve is faster
+            solutions[indices[0]], report = damped_solve(*systems[indices[0]], damping)
+            reports.append(report)
+            continue
         matrices = torch.stack([systems[i][0] for i in indices]).to(torch.float64)
         targets = torch.stack([systems[i][1] for i in indices]).to(torch.float64).unsqueeze(2)
         if not bool(torch.isfinite(matrices).all() & torch.isfinite(targets).all()):
             raise FloatingPointError("the curvature system contains NaN or Inf")
-        identity = torch.eye(matrices.shape[1], dtype=torch.float64, device=matrices.device)
-        factors, info = torch.linalg.cholesky_ex(matrices + damping * identity)
+        matrices.diagonal(dim1=1, dim2=2).add_(damping)  # a fresh copy: safe in place
+        factors, info = torch.linalg.cholesky_ex(matrices)
         batch_solutions = torch.cholesky_solve(targets, factors).squeeze(2)
         solved = (info == 0) & torch.isfinite(batch_solutions).all(dim=1)
         for position, (index, ok) in enumerate(zip(indices, solved.tolist(), strict=True)):
