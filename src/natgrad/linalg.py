@@ -112,8 +112,11 @@ def token_frequencies(indices: Tensor, num_columns: int, dtype: torch.dtype) -> 
     return counts.to(dtype) / indices.numel()
 
 
-def token_gram(indices: Tensor, output_grads: Tensor, other_output_grads: Tensor) -> Tensor:
-    """Gram ``J_a J_b^T`` ``(K_a N, K_b N)`` of a layer on one-hot inputs (token indices).
+def token_gram(
+    indices: Tensor, output_grads: Tensor, other_output_grads: Tensor | None = None
+) -> Tensor:
+    """Gram ``J_a J_b^T`` ``(K_a N, K_b N)`` of a layer on one-hot inputs (token indices);
+    ``other_output_grads`` defaults to ``output_grads`` (the symmetric Gram).
 
     ``G[kn, jm] = sum over token pairs (t, s) with i_{nt} = i_{ms} of e_{knt} · e_{jms}``. Two
     forms, the cheaper chosen per call:
@@ -125,15 +128,16 @@ def token_gram(indices: Tensor, output_grads: Tensor, other_output_grads: Tensor
       (:func:`token_sums`), then one contraction, about ``K_a K_b N^2 U d_out`` flops with
       ``U`` distinct tokens (cheap when few tokens repeat often).
     """
+    grads_b = output_grads if other_output_grads is None else other_output_grads
     k_a, n, t, d_out = output_grads.shape
-    k_b = other_output_grads.shape[0]
+    k_b = grads_b.shape[0]
     flat = indices.reshape(-1)
     valid = (flat >= 0).nonzero().squeeze(1)
     _, group, counts = torch.unique(flat[valid], return_inverse=True, return_counts=True)
     num_pairs = int((counts * counts).sum())
     if num_pairs * (k_a * k_b + k_a + k_b) > k_a * k_b * n * n * counts.numel():
         sums_a = token_sums(indices, output_grads)
-        sums_b = token_sums(indices, other_output_grads)
+        sums_b = sums_a if other_output_grads is None else token_sums(indices, grads_b)
         return torch.einsum("knud,jmud->knjm", sums_a, sums_b).reshape(k_a * n, k_b * n)
     # positions sorted by token; each position pairs with every position of its token's run
     order = torch.argsort(group, stable=True)
@@ -146,7 +150,7 @@ def token_gram(indices: Tensor, output_grads: Tensor, other_output_grads: Tensor
     second = torch.repeat_interleave(run_starts[group[order]], per_position) + offsets
     left, right = valid[order[first]], valid[order[second]]  # positions n t, flattened
     rows_a = output_grads.reshape(k_a, n * t, d_out)[:, left]
-    rows_b = other_output_grads.reshape(k_b, n * t, d_out)[:, right]
+    rows_b = grads_b.reshape(k_b, n * t, d_out)[:, right]
     products = torch.einsum("kpd,jpd->kjp", rows_a, rows_b)
     cells = (left // t) * n + right // t
     gram_matrix = products.new_zeros(k_a, k_b, n * n).index_add_(2, cells, products)

@@ -196,10 +196,9 @@ class TokenBatch(LayerBatch):
     ``g_{kn} = sum_t e_{knt} a_{nt}^T`` has a column per token, the sum of the ``e_{knt}``
     with that token (:func:`natgrad.linalg.token_sums`); the Gram ``J_a J_b^T`` sums the
     products of the output gradients of matching tokens (:func:`natgrad.linalg.token_gram`),
-    and ``J^T u`` adds
-    ``sum_k u_{kn} e_{knt}`` into the rows ``i_{nt}`` of the weight's gradient. Time and memory
-    do not depend on the vocabulary, except for :meth:`per_datapoint_grads` (used only when
-    the datapoints outnumber the parameters).
+    and ``J^T u`` adds ``sum_k u_{kn} e_{knt}`` into the rows ``i_{nt}`` of the weight's
+    gradient. Time and memory do not depend on the vocabulary, except for
+    :meth:`per_datapoint_grads` (used only when the datapoints outnumber the parameters).
     """
 
     @property
@@ -208,7 +207,7 @@ class TokenBatch(LayerBatch):
 
     def gram(self, rows: Tensor, other_rows: Tensor | None = None) -> Tensor:
         """``J_a J_b^T`` of output-gradient rows ``(K_a, N, T, d_out)`` and ``(K_b, ...)``."""
-        return token_gram(self.inputs, rows, rows if other_rows is None else other_rows)
+        return token_gram(self.inputs, rows, other_rows)
 
     def write_combination(self, rows: Tensor, coefficients: Tensor) -> None:
         """``.grad ← J^T u``: ``sum_k u_{kn} e_{knt}`` added into row ``i_{nt}``."""

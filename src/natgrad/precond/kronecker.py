@@ -223,21 +223,11 @@ class KroneckerPreconditioner(Preconditioner):
         self._settle_factors()
         return self._input_factors
 
-    @input_factors.setter
-    def input_factors(self, factors: dict[str, Tensor]) -> None:
-        self._settle_factors()
-        self._input_factors = factors
-
     @property
     def grad_factors(self) -> dict[str, Tensor]:
         """Per layer, the running (unnormalised) EMA sum of the output-gradient covariances."""
         self._settle_factors()
         return self._grad_factors
-
-    @grad_factors.setter
-    def grad_factors(self, factors: dict[str, Tensor]) -> None:
-        self._settle_factors()
-        self._grad_factors = factors
 
     def _settle_factors(self) -> None:
         """Wait for a factor average still under way (module docstring)."""
@@ -495,28 +485,22 @@ class KroneckerPreconditioner(Preconditioner):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        self._settle_factors()
         state = super().state_dict()
         state.update(
             input_factors={k: v.clone() for k, v in self.input_factors.items()},
             grad_factors={k: v.clone() for k, v in self.grad_factors.items()},
             ema_weights=dict(self.ema_weights),
-            inverses={
-                name: {k: v.clone() if isinstance(v, Tensor) else v for k, v in inv.items()}
-                for name, inv in self.inverses.items()
-            },
+            inverses=_copy_inverses(self.inverses),
         )
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.input_factors = {k: v.clone() for k, v in state["input_factors"].items()}
-        self.grad_factors = {k: v.clone() for k, v in state["grad_factors"].items()}
+        self._settle_factors()  # an average under way would land in the replaced factors
+        self._input_factors = {k: v.clone() for k, v in state["input_factors"].items()}
+        self._grad_factors = {k: v.clone() for k, v in state["grad_factors"].items()}
         self.ema_weights = dict(state["ema_weights"])
-        self.inverses = {
-            name: {k: v.clone() if isinstance(v, Tensor) else v for k, v in inv.items()}
-            for name, inv in state["inverses"].items()
-        }
+        self.inverses = _copy_inverses(state["inverses"])
         self._check_loaded_factors()
 
     def _check_loaded_factors(self) -> None:
@@ -554,6 +538,14 @@ class KroneckerPreconditioner(Preconditioner):
             f"pre_inversion_steps={self.pre_inversion_steps}, "
             f"spread_inversions={self.spread_inversions}, " + super()._settings()
         )
+
+
+def _copy_inverses(inverses: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A copy of per-layer inverse entries (tensors cloned, floats kept)."""
+    return {
+        name: {k: v.clone() if isinstance(v, Tensor) else v for k, v in inverse.items()}
+        for name, inverse in inverses.items()
+    }
 
 
 def _mean_eigenvalue(factor: Tensor) -> float:

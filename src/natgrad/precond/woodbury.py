@@ -210,9 +210,7 @@ class NGD(Preconditioner):
             scale = row_scale.repeat(rows[0].shape[0])
             if scale.shape[0] > sum(b.num_params for b in group):
                 reports.append(
-                    self._solve_in_parameter_space(
-                        group, rows, scale, weights, per_sample_output_grad
-                    )
+                    self._solve_in_parameter_space(group, rows, scale, weights, target, damping)
                 )
                 continue
             curvature = sum(b.gram(e) for b, e in zip(group, rows, strict=True))
@@ -236,10 +234,12 @@ class NGD(Preconditioner):
         rows: list[Tensor],
         row_scale: Tensor,
         weights: Tensor,
-        per_sample_output_grad: Tensor,
+        target: Tensor | None,
+        damping: float,
     ) -> SolveReport:
         """The same damped system with the ``P x P`` curvature, when ``K N > P``; returns how
-        the solve went.
+        the solve went. ``target``: the weighted target coefficients, or ``None`` when the
+        rows are extra datapoints (``mc`` / ``exact``).
 
         Small models (few parameters, many datapoints) are cheaper and better conditioned this
         way: the Woodbury form divides by ``λ`` after a subtraction that loses digits when the
@@ -248,13 +248,12 @@ class NGD(Preconditioner):
         jacobian = row_scale.unsqueeze(1) * torch.cat(
             [b.per_datapoint_grads(e) for b, e in zip(group, rows, strict=True)], dim=1
         )
-        if needs_extra_backprop(self.fisher):
+        if target is None:
             true_rows = torch.cat([b.per_datapoint_grads(b.loss_grads) for b in group], dim=1)
             rhs = weights @ true_rows
         else:
-            target = target_coefficients(self.fisher, per_sample_output_grad)
-            rhs = jacobian.T @ (weights.sqrt() * target)
-        direction, report = damped_solve(jacobian.T @ jacobian, rhs, self.current_damping())
+            rhs = jacobian.T @ target
+        direction, report = damped_solve(jacobian.T @ jacobian, rhs, damping)
         offset = 0
         for batch in group:
             batch.write_flat(direction[offset : offset + batch.num_params])
