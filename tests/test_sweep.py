@@ -53,3 +53,12 @@ def test_cli_sweep_with_two_workers(tmp_path, capsys):
     assert {t.params["lr"] for t in trials} == {1e-4, 1e-3, 1e-2, 1e-1}
     assert 4 <= len(trials) <= 4 + 2
     assert "| sgd |" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_cli_sweep_refuses_workers_under_torchrun(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    with pytest.raises(SystemExit, match="drop --workers"):
+        main([
+            "sweep", "--task", "wine-mlp", "--methods", "sgd", "--workers", "2",
+            "--storage", f"sqlite:///{tmp_path / 'sweep.db'}", "--output", str(tmp_path),
+        ])  # fmt: skip
