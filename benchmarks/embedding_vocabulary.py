@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import natgrad
-from natgrad.reproduce.cost import in_fresh_processes, peak_over
+from natgrad.lab.reproduce.cost import in_fresh_processes, peak_over
 
 BATCH, TOKENS, WIDTH, CLASSES, STEPS = 32, 32, 64, 10, 6
 VOCABULARIES = (1_000, 10_000, 100_000)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import natgrad
-from natgrad.reproduce.cost import in_fresh_processes, peak_over
+from natgrad.lab.reproduce.cost import in_fresh_processes, peak_over
 
 BATCH, TOKENS, WIDTH, STEPS = 128, 16, 32, 3
 CHUNKS = (None, 32, 8)

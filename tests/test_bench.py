@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from natgrad.bench import registry, runner
-from natgrad.bench.cli import main
+from natgrad.lab import registry, runner
+from natgrad.lab.cli import main
 
 
 def test_grid_points_and_registry():
@@ -114,7 +114,7 @@ def test_every_kind_of_task_trains_with_a_preconditioner(name):
 
 
 def test_synthetic_datasets_follow_the_seeds():
-    from natgrad.bench.datasets import load_dataset
+    from natgrad.lab.datasets import load_dataset
 
     deep = load_dataset("deep_linear")
     assert deep.train_inputs.shape == (4000, 20) and deep.test_inputs.shape == (1000, 20)

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from natgrad.bench import runner
-from natgrad.bench.sweep import study_name
+from natgrad.lab import runner
+from natgrad.lab.sweep import study_name
 
 HYPER = {"sgd": {"lr": 0.1, "momentum": 0.9}, "ief": {"lr": 0.05, "damping": 0.1}}
 
@@ -63,7 +63,7 @@ def torchrun(make_arguments, tmp_path):
         directory.mkdir()
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc_per_node", "2", "-m", "natgrad.bench.cli", *make_arguments(directory),
+            "--nproc_per_node", "2", "-m", "natgrad.lab.cli", *make_arguments(directory),
         ]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
         if done.returncode == 0:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from natgrad.bench import datasets
+from natgrad.lab import datasets
 
 
 def write_idx(path, array, code=0x08):

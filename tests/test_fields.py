@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from natgrad.analysis import fields
+from natgrad.lab import datasets, fields
 
 
 @pytest.fixture(scope="module")
 def data():
-    return fields.regression_data(num=200, seed=1)
+    return datasets.regression_data(num=200, seed=1)
 
 
 def closed_form(theta, x, y, damping=1e-8):
@@ -50,7 +50,7 @@ def test_ngd_and_ief_fields_coincide_and_ef_differs(data):
 
 
 def test_logistic_quadratic_models_are_the_fisher_and_ef_at_the_minimum():
-    x, y = fields.logistic_data("misspecified_b", num=300, seed=2)
+    x, y = datasets.logistic_data("misspecified_b", num=300, seed=2)
     quadratic = fields.logistic_quadratic_models(x, y)
     probs = torch.sigmoid(x @ quadratic.theta).unsqueeze(1)
     gradient = ((probs - y) * x).mean(dim=0)
@@ -68,15 +68,15 @@ def test_plots_are_written(tmp_path, data):
     vector_fields = fields.regression_vector_fields(x, y, grid, grid)
     trajectory = {"ngd": [fields.regression_trajectory("ngd", (1.0, 0.0), x, y, steps=10)]}
     fields.plot_regression_fields(vector_fields, x, y, trajectory, str(tmp_path / "f.png"))
-    quadratic = fields.logistic_quadratic_models(*fields.logistic_data("correct", num=100))
+    quadratic = fields.logistic_quadratic_models(*datasets.logistic_data("correct", num=100))
     fields.plot_quadratic_models({"correct": quadratic}, str(tmp_path / "q.png"))
     assert (tmp_path / "f.png").stat().st_size > 10_000
     assert (tmp_path / "q.png").stat().st_size > 10_000
 
 
 def test_unknown_names_raise():
-    x, y = fields.regression_data(num=5)
+    x, y = datasets.regression_data(num=5)
     with pytest.raises(ValueError, match="unknown method 'newton'"):
         fields.regression_direction("newton", (0.0, 0.0), x, y)
     with pytest.raises(ValueError, match="unknown dataset 'iris'"):
-        fields.logistic_data("iris")
+        datasets.logistic_data("iris")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import natgrad
-from natgrad.bench import models
+from natgrad.lab import models
 
 
 def test_mlp_widths_activation_and_bias():

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from natgrad import reproduce
-from natgrad.bench.cli import main
-from natgrad.reproduce import Finding, geometry, quality, training
+from natgrad.lab import reproduce
+from natgrad.lab.cli import main
+from natgrad.lab.reproduce import Finding, geometry, quality, training
 
 
 def test_verdict_rule_counts_checks():

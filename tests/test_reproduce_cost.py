@@ -13,7 +13,7 @@ from torch import nn
 
 import natgrad
 from natgrad.analysis.compare import method_update
-from natgrad.reproduce import cost
+from natgrad.lab.reproduce import cost
 
 TOLERANCE = 1e-9
 

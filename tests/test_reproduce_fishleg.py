@@ -9,10 +9,9 @@ from dataclasses import replace
 
 import pytest
 
-from natgrad.bench.datasets import load_dataset
-from natgrad.bench.runner import get_task
-from natgrad.reproduce import VERDICTS, Finding
-from natgrad.reproduce.fishleg_claims import (
+from natgrad.lab.datasets import load_dataset
+from natgrad.lab.reproduce import VERDICTS, Finding
+from natgrad.lab.reproduce.fishleg_claims import (
     FLOOR_FACTOR,
     converged_fraction,
     epochs_to_floor,
@@ -22,6 +21,7 @@ from natgrad.reproduce.fishleg_claims import (
     r8_autoencoder,
     tune_fishleg,
 )
+from natgrad.lab.runner import get_task
 
 TINY_R7 = {
     "sgdm": {"lr": [1e-2], "momentum": [0.9]},
@@ -89,8 +89,8 @@ def test_tune_fishleg_ties_q0_to_each_lr_and_extends_a_boundary_lr(monkeypatch):
             "diverged": False,
         }
 
-    monkeypatch.setattr("natgrad.reproduce.tuning.train_run", fake_train_run)
-    monkeypatch.setattr("natgrad.reproduce.tuning.describe", lambda runs: "")
+    monkeypatch.setattr("natgrad.lab.reproduce.tuning.train_run", fake_train_run)
+    monkeypatch.setattr("natgrad.lab.reproduce.tuning.describe", lambda runs: "")
     grid = {"lr": [1e-4, 1e-3], "damping": [1e-3]}
     runs = tune_fishleg(get_task("deep-linear-small"), None, grid, 0.02, seeds=(0, 1, 2))
     assert all(hyper["init_scale"] == pytest.approx(0.02 / hyper["lr"]) for _, hyper, _ in calls)

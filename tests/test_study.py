@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import natgrad
-from natgrad.analysis import study
+from natgrad.lab import study
 
 pytestmark = pytest.mark.usefixtures("float64")
 

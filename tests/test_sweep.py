@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from natgrad.bench import runner
-from natgrad.bench.cli import main
+from natgrad.lab import runner
+from natgrad.lab.cli import main
 
 optuna = pytest.importorskip("optuna")
 
@@ -15,14 +15,14 @@ GRID = {"lr": [0.01, 0.1], "momentum": [0.9]}
 
 
 def completed(storage, task, method):
-    from natgrad.bench.sweep import study_name
+    from natgrad.lab.sweep import study_name
 
     study = optuna.load_study(study_name=study_name(task, method), storage=storage)
     return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
 
 def test_sweep_resumes_where_it_stopped(tmp_path):
-    from natgrad.bench.sweep import collect_runs, run_sweep
+    from natgrad.lab.sweep import collect_runs, run_sweep
 
     storage = f"sqlite:///{tmp_path / 'sweep.db'}"
     task = replace(runner.get_task("wine-mlp"), epochs=1)

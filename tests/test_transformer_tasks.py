@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import natgrad
-from natgrad.bench import runner, transformer
+from natgrad.lab import runner, transformer
 
 
 @pytest.fixture(autouse=True)

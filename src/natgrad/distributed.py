@@ -77,7 +77,7 @@ import hashlib
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -87,7 +87,22 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-    from natgrad.precond.blocks import Block
+
+class RowBlock(Protocol):
+    """What the all-gather needs of a curvature block (:mod:`natgrad.precond.blocks`)."""
+
+    name: str
+
+    def row_tensors(self) -> list[tuple[Tensor, int, int | None]]:
+        """The block's row tensors with their datapoint and (optional) token dimensions."""
+        ...
+
+    def with_rows(self, tensors: Sequence[Tensor]) -> RowBlock:
+        """The same block around other row tensors (the rows of all ranks)."""
+        ...
+
+
+BlockT = TypeVar("BlockT", bound=RowBlock)
 
 DISTRIBUTED_MODES = ("auto", "off", "global", "local")
 
@@ -339,8 +354,8 @@ class Communicator:
         dist.broadcast(tensor, src=global_source, group=self.group)
 
     def gather(
-        self, batches: Sequence[Block], factor: float, per_sample_output_grad: Tensor
-    ) -> tuple[list[Block], Tensor, Tensor]:
+        self, batches: Sequence[BlockT], factor: float, per_sample_output_grad: Tensor
+    ) -> tuple[list[BlockT], Tensor, Tensor]:
         """All-gather the rows of every block: the blocks of the global batch (``"global"``).
 
         Parameters

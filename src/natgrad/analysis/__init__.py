@@ -1,6 +1,5 @@
-"""Measurements of Fisher approximations: γ indicator, cosines, imbalance, 2-D vector fields."""
+"""Measurements of Fisher approximations: γ indicator, cosines, gradient-norm imbalance."""
 
-from natgrad.analysis import fields, study
 from natgrad.analysis.compare import MethodFactory, compare_updates, method_update
 from natgrad.analysis.quality import (
     BatchFisher,
@@ -17,12 +16,10 @@ __all__ = [
     "MethodFactory",
     "compare_updates",
     "cosine_similarity",
-    "fields",
     "gamma",
     "gradient_norm_imbalance",
     "method_update",
     "natural_gradient_cg",
     "per_sample_gradient_norms",
     "per_sample_gradients",
-    "study",
 ]

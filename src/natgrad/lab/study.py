@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 import natgrad
 from natgrad.analysis.compare import MethodFactory, compare_updates
-from natgrad.plotting import pyplot
+from natgrad.lab.plotting import pyplot
 
 LossFunction = Callable[[Tensor, Tensor], Tensor]
 

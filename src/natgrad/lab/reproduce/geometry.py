@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import natgrad
-from natgrad.analysis import fields, reports
 from natgrad.analysis.compare import method_update
 from natgrad.analysis.quality import cosine_similarity
-from natgrad.bench.datasets import load_dataset
-from natgrad.reproduce.finding import Finding
+from natgrad.lab import datasets, fields, reports
+from natgrad.lab.datasets import load_dataset
+from natgrad.lab.reproduce.finding import Finding
 
 
 def r1_vector_fields(
@@ -35,7 +35,7 @@ def r1_vector_fields(
     """NGD and iEF arrows coincide on the seed's regression (every cosine within 1e-10 of 1);
     EF's differ (some cosine below 0.9)."""
     lines = reports.field_report(output, steps=steps)
-    x, y = fields.regression_data()
+    x, y = datasets.regression_data()
     grid = torch.linspace(-1.0, 5.0, 15, dtype=torch.float64)
     vector_fields = fields.regression_vector_fields(x, y, grid, grid)
     ngd_ief = vector_fields.cosine("ngd", "ief")

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from natgrad.bench.datasets import Dataset
-from natgrad.bench.runner import (
+from natgrad.lab.datasets import Dataset
+from natgrad.lab.reproduce.finding import Finding
+from natgrad.lab.runner import (
     Task,
     final_train_loss,
     grid_points,
@@ -29,7 +30,6 @@ from natgrad.bench.runner import (
     plot_curves,
     train_run,
 )
-from natgrad.reproduce.finding import Finding
 
 EXTENSIONS = 2
 

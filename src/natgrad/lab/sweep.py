@@ -28,9 +28,9 @@ from typing import Any
 
 import torch.distributed as dist
 
-from natgrad.bench.datasets import load_dataset
-from natgrad.bench.registry import get_method
-from natgrad.bench.runner import Task, get_task, grid_points, train_run
+from natgrad.lab.datasets import load_dataset
+from natgrad.lab.registry import get_method
+from natgrad.lab.runner import Task, get_task, grid_points, train_run
 
 
 def study_name(task: Task, method: str) -> str:
@@ -132,7 +132,7 @@ def run_parallel(
 ) -> None:
     """``workers`` processes sharing one study (each takes unvisited grid points).
 
-    The task must be one of :data:`natgrad.bench.runner.TASKS` (workers rebuild it by name).
+    The task must be one of :data:`natgrad.lab.runner.TASKS` (workers rebuild it by name).
     """
     get_task(task.name)
     # create the storage's tables and the study once, before workers race to do it

@@ -188,21 +188,61 @@ def deep_linear_teacher(
     return inputs[:num_train], outputs[:num_train], inputs[num_train:], outputs[num_train:]
 
 
+def regression_data(num: int = 1000, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``x ~ Lognormal(0, 3/4)``, ``y = 2 + 2x + ε`` (seed 002 eq. 49), float64, ``(N, 1)``."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.exp(0.75 * torch.randn(num, 1, generator=generator, dtype=torch.float64))
+    y = 2 + 2 * x + torch.randn(num, 1, generator=generator, dtype=torch.float64)
+    return x, y
+
+
+
+LOGISTIC_DATASETS = {
+    "correct": ((1.0, 1.0), ((2.0, 0.0), (0.0, 2.0)), (-1.0, -1.0), ((2.0, 0.0), (0.0, 2.0))),
+    "misspecified_a": (
+        (1.5, 1.5),
+        ((3.0, 0.0), (0.0, 3.0)),
+        (-1.5, -1.5),
+        ((1.0, 0.0), (0.0, 1.0)),
+    ),
+    "misspecified_b": (
+        (-1.0, -1.0),
+        ((1.5, -0.9), (-0.9, 1.5)),
+        (1.0, 1.0),
+        ((1.5, 0.9), (0.9, 1.5)),
+    ),
+}
+
+
+def logistic_data(name: str, num: int = 1000, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Seed 002 Table 2: ``p(y=0) = p(y=1) = ½``, Gaussian ``p(x | y)``; float64."""
+    if name not in LOGISTIC_DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: choose one of {sorted(LOGISTIC_DATASETS)}")
+    mean0, cov0, mean1, cov1 = LOGISTIC_DATASETS[name]
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.bernoulli(torch.full((num,), 0.5, dtype=torch.float64), generator=generator)
+    noise = torch.randn(num, 2, generator=generator, dtype=torch.float64)
+    x = torch.empty(num, 2, dtype=torch.float64)
+    for label, mean, cov in ((0.0, mean0, cov0), (1.0, mean1, cov1)):
+        chosen = labels == label
+        root = torch.linalg.cholesky(torch.tensor(cov, dtype=torch.float64))
+        x[chosen] = torch.tensor(mean, dtype=torch.float64) + noise[chosen] @ root.T
+    return x, labels.unsqueeze(1)
+
+
 def _synthetic(name: str, seed: int) -> tuple[tuple[np.ndarray, ...], str]:
     """The synthetic sets: arrays and task."""
-    from natgrad.analysis import fields
-
     if name == "deep_linear":
         return deep_linear_teacher(seed=seed), "regression"
     if name == "deep_linear_small":
         return deep_linear_teacher(num_train=40, seed=seed), "regression"
     if name == "least_squares_2d":
-        x, y = fields.regression_data(num=1000, seed=seed)
-        x_test, y_test = fields.regression_data(num=1000, seed=seed + 1)
+        x, y = regression_data(num=1000, seed=seed)
+        x_test, y_test = regression_data(num=1000, seed=seed + 1)
         return (x.numpy(), y.numpy(), x_test.numpy(), y_test.numpy()), "regression"
     dataset = name.removeprefix("logistic_")
-    x, y = fields.logistic_data(dataset, num=1000, seed=seed)
-    x_test, y_test = fields.logistic_data(dataset, num=1000, seed=seed + 1)
+    x, y = logistic_data(dataset, num=1000, seed=seed)
+    x_test, y_test = logistic_data(dataset, num=1000, seed=seed + 1)
     return (x.numpy(), y.numpy(), x_test.numpy(), y_test.numpy()), "binary"
 
 

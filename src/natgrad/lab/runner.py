@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from natgrad.bench import models, transformer
-from natgrad.bench.datasets import Dataset, load_dataset
-from natgrad.bench.registry import get_method
+from natgrad.lab import models, transformer
+from natgrad.lab.datasets import Dataset, load_dataset
+from natgrad.lab.plotting import pyplot
+from natgrad.lab.registry import get_method
 from natgrad.linalg import NumericalWarning
-from natgrad.plotting import pyplot
 from natgrad.precond.base import NonFiniteWarning
 
 

@@ -2,7 +2,7 @@
 
 Every claim is a function ``run(output, seeds=..., full=False, ...) -> Finding`` listed in
 :data:`CLAIMS`; :func:`run_claim` times it and writes ``<output>/<claim>.json``. Verdicts follow
-the rule of :mod:`natgrad.reproduce.finding`, fixed in the code before any run: each claim is
+the rule of :mod:`natgrad.lab.reproduce.finding`, fixed in the code before any run: each claim is
 split into sub-claims decided by stated comparisons of measured numbers, and the claim is
 "reproduced" (all hold), "partly" (some) or "not reproduced" (none). ``docs/reproduction.md``
 records each claim's setup, scale, numbers and verdict.
@@ -16,19 +16,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from natgrad.reproduce.cost import r11_cost_scaling
-from natgrad.reproduce.finding import VERDICTS, Finding, MissingDataError, summary_table
-from natgrad.reproduce.fishleg_claims import r7_deep_linear, r8_autoencoder
-from natgrad.reproduce.geometry import r1_vector_fields, r2_ief_matrix_is_fisher, r3_gd_ngd_efgd
-from natgrad.reproduce.quality import r10_approximation_quality
-from natgrad.reproduce.training import (
+from natgrad.lab.reproduce.cost import r11_cost_scaling
+from natgrad.lab.reproduce.finding import VERDICTS, Finding, MissingDataError, summary_table
+from natgrad.lab.reproduce.fishleg_claims import r7_deep_linear, r8_autoencoder
+from natgrad.lab.reproduce.geometry import r1_vector_fields, r2_ief_matrix_is_fisher, r3_gd_ngd_efgd
+from natgrad.lab.reproduce.quality import r10_approximation_quality
+from natgrad.lab.reproduce.training import (
     r4_kfac_vs_subsampled_ng,
     r5_kfac_damping,
     r6_foof_vs_kfac,
     r9_ef_damping,
     r12_tengrad_vs_sgd,
 )
-from natgrad.reproduce.tuning import one_torch_thread
+from natgrad.lab.reproduce.tuning import one_torch_thread
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def run_claim(
 
     ``settings`` are passed to the claim's function (e.g. ``epochs=1`` for a smoke run);
     ``data_dir`` only to claims that read user-provided files. Claims run with one torch
-    thread (:func:`natgrad.reproduce.tuning.one_torch_thread`): their models are small, and
+    thread (:func:`natgrad.lab.reproduce.tuning.one_torch_thread`): their models are small, and
     runtimes stay predictable on a machine shared with other work.
     """
     if name not in CLAIMS:

@@ -14,8 +14,8 @@ Examples::
     natgrad bench
     natgrad bench --task digits-mlp --methods sgd ief kfac --seeds 0 1 2 --epochs 10
     natgrad bench --methods sgd kfac --grid '{"kfac": {"lr": [0.01, 0.1], "damping": [0.001]}}'
-    torchrun --standalone --nproc_per_node 2 -m natgrad.bench.cli bench --task digits-mlp
-    torchrun --standalone --nproc_per_node 2 -m natgrad.bench.cli sweep --task digits-mlp
+    torchrun --standalone --nproc_per_node 2 -m natgrad.lab.cli bench --task digits-mlp
+    torchrun --standalone --nproc_per_node 2 -m natgrad.lab.cli sweep --task digits-mlp
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from natgrad.bench.registry import REGISTRY
-from natgrad.bench.runner import (
+from natgrad.lab.registry import REGISTRY
+from natgrad.lab.reproduce import CLAIMS
+from natgrad.lab.runner import (
     TASKS,
     Task,
     best_runs,
@@ -39,7 +40,6 @@ from natgrad.bench.runner import (
     sweep,
     write_csv,
 )
-from natgrad.reproduce import CLAIMS
 
 DEFAULT_METHODS = ("sgd", "adam", "kfac", "foof", "ef", "ief", "ngd")
 
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-run the seeds' findings (R1-R12) and print a verdict for each",
         description="Each claim runs at CPU scale, writes its figures and <CLAIM>.json into "
         "--output, and gets a verdict (reproduced / partly / not reproduced) from sub-claims "
-        "decided by rules fixed in natgrad.reproduce; docs/reproduction.md explains each. "
+        "decided by rules fixed in natgrad.lab.reproduce; docs/reproduction.md explains each. "
         "Claims: " + "; ".join(f"{c.name}: {c.summary}" for c in CLAIMS.values()),
     )
     reproduce.add_argument("claims", nargs="*", metavar="CLAIM", help="e.g. R1 R5")
@@ -143,13 +143,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
     if args.command == "field":
-        from natgrad.analysis.reports import field_report
+        from natgrad.lab.reports import field_report
 
         print("\n".join(field_report(args.output, args.steps, args.grid)))
         print(f"wrote {args.output}/regression_fields.png and logistic_quadratics.png")
         return 0
     if args.command == "analyze":
-        from natgrad.analysis.reports import checkpoint_report
+        from natgrad.lab.reports import checkpoint_report
 
         lines, _ = checkpoint_report(args.output, args.dataset, args.epochs, args.batches)
         print("\n".join(lines))
@@ -189,7 +189,7 @@ def _report(task: Task, runs: list, output: Path) -> None:
 
 def _sweep(args: argparse.Namespace) -> int:
     """``natgrad sweep``."""
-    from natgrad.bench.sweep import collect_runs, run_parallel, run_sweep
+    from natgrad.lab.sweep import collect_runs, run_parallel, run_sweep
 
     task = _task(args)
     if args.workers > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -215,7 +215,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _reproduce(args: argparse.Namespace) -> int:
     """``natgrad reproduce``."""
-    from natgrad.reproduce import MissingDataError, run_claim, summary_table
+    from natgrad.lab.reproduce import MissingDataError, run_claim, summary_table
 
     names = list(CLAIMS) if args.all else args.claims
     if not names:

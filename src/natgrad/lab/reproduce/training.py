@@ -4,7 +4,7 @@ Default scale (minutes on two cores): seed 001's MLP (three hidden layers, ReLU,
 with hidden width 256 instead of 1000 on MNIST-1D (4000 training points, 40 inputs) for 5
 epochs of batch 100, instead of Fashion-MNIST for 10 epochs. ``full=True`` runs seed 001's own
 scale (width 1000, 10 epochs) on Fashion-MNIST read from ``data_dir``. Hyper-parameters are
-tuned per method (:mod:`natgrad.reproduce.tuning`) over grids from seed 001 App. D.2: step
+tuned per method (:mod:`natgrad.lab.reproduce.tuning`) over grids from seed 001 App. D.2: step
 sizes ``10^i``, dampings ``10^-4 ... 10^2`` (the seed's ``10^-6 ... 10^6`` trimmed to its
 useful middle), and a boundary optimum extends the grid. Preconditioned methods use SGD with
 momentum 0.9 on the preconditioned gradient; SGD tunes momentum in {0, 0.9} as in the seed.
@@ -22,12 +22,12 @@ from torch import nn
 
 import natgrad
 from natgrad.analysis.compare import compare_updates
-from natgrad.bench import models
-from natgrad.bench.datasets import Dataset, load_dataset
-from natgrad.bench.runner import Task, get_task
-from natgrad.reproduce import tuning
-from natgrad.reproduce.finding import Finding, MissingDataError
-from natgrad.reproduce.tuning import Contender, less, mean_final
+from natgrad.lab import models
+from natgrad.lab.datasets import Dataset, load_dataset
+from natgrad.lab.reproduce import tuning
+from natgrad.lab.reproduce.finding import Finding, MissingDataError
+from natgrad.lab.reproduce.tuning import Contender, less, mean_final
+from natgrad.lab.runner import Task, get_task
 
 STEP_SIZES = [1e-3, 1e-2, 1e-1]
 DAMPINGS = [1e-4, 1e-2, 1.0, 100.0]

@@ -7,9 +7,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from natgrad.analysis import fields, study
-from natgrad.bench import models
-from natgrad.bench.datasets import load_dataset
+from natgrad.lab import datasets, fields, models, study
+from natgrad.lab.datasets import load_dataset
 
 
 def field_report(output: str | Path, steps: int = 50_000, grid: int = 15) -> list[str]:
@@ -20,7 +19,7 @@ def field_report(output: str | Path, steps: int = 50_000, grid: int = 15) -> lis
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    x, y = fields.regression_data()
+    x, y = datasets.regression_data()
     theta = torch.linspace(-1.0, 5.0, grid, dtype=torch.float64)
     vector_fields = fields.regression_vector_fields(x, y, theta, theta)
     agreement = vector_fields.cosine("ngd", "ief")
@@ -45,8 +44,8 @@ def field_report(output: str | Path, steps: int = 50_000, grid: int = 15) -> lis
         vector_fields, x, y, trajectories, str(output / "regression_fields.png")
     )
     quadratics = {}
-    for name in fields.LOGISTIC_DATASETS:
-        quadratics[name] = fields.logistic_quadratic_models(*fields.logistic_data(name))
+    for name in datasets.LOGISTIC_DATASETS:
+        quadratics[name] = fields.logistic_quadratic_models(*datasets.logistic_data(name))
         fisher, empirical = quadratics[name].fisher, quadratics[name].empirical_fisher
         gap = ((fisher - empirical).norm() / fisher.norm()).item()
         lines.append(f"logistic {name}: ||F - EF|| / ||F|| = {gap:.3f} at the minimum")

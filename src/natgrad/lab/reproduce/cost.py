@@ -89,10 +89,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 import natgrad
-from natgrad.bench import models
-from natgrad.plotting import pyplot
-from natgrad.reproduce.finding import Finding
-from natgrad.reproduce.tuning import one_torch_thread
+from natgrad.lab import models
+from natgrad.lab.plotting import pyplot
+from natgrad.lab.reproduce.finding import Finding
+from natgrad.lab.reproduce.tuning import one_torch_thread
 
 INPUTS = 20
 CLASSES = 10

@@ -25,18 +25,10 @@ from torch import Tensor, nn
 import natgrad
 from natgrad.analysis.compare import method_update
 from natgrad.analysis.quality import BatchFisher, per_sample_gradients
-from natgrad.plotting import pyplot
+from natgrad.lab.plotting import pyplot
 
 REGRESSION_STARTS = ((2.0, 4.5), (1.0, 0.0), (4.5, 3.0), (-0.5, 3.0))
 FIELD_METHODS = ("gd", "ngd", "ef", "ief")
-
-
-def regression_data(num: int = 1000, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """``x ~ Lognormal(0, 3/4)``, ``y = 2 + 2x + ε`` (seed 002 eq. 49), float64, ``(N, 1)``."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.exp(0.75 * torch.randn(num, 1, generator=generator, dtype=torch.float64))
-    y = 2 + 2 * x + torch.randn(num, 1, generator=generator, dtype=torch.float64)
-    return x, y
 
 
 def _regression_model(theta: tuple[float, float]) -> nn.Linear:
@@ -144,39 +136,6 @@ def regression_trajectory(
 
 
 # ---------------------------------------------------------------------- logistic regression
-LOGISTIC_DATASETS = {
-    "correct": ((1.0, 1.0), ((2.0, 0.0), (0.0, 2.0)), (-1.0, -1.0), ((2.0, 0.0), (0.0, 2.0))),
-    "misspecified_a": (
-        (1.5, 1.5),
-        ((3.0, 0.0), (0.0, 3.0)),
-        (-1.5, -1.5),
-        ((1.0, 0.0), (0.0, 1.0)),
-    ),
-    "misspecified_b": (
-        (-1.0, -1.0),
-        ((1.5, -0.9), (-0.9, 1.5)),
-        (1.0, 1.0),
-        ((1.5, 0.9), (0.9, 1.5)),
-    ),
-}
-
-
-def logistic_data(name: str, num: int = 1000, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Seed 002 Table 2: ``p(y=0) = p(y=1) = ½``, Gaussian ``p(x | y)``; float64."""
-    if name not in LOGISTIC_DATASETS:
-        raise ValueError(f"unknown dataset {name!r}: choose one of {sorted(LOGISTIC_DATASETS)}")
-    mean0, cov0, mean1, cov1 = LOGISTIC_DATASETS[name]
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.bernoulli(torch.full((num,), 0.5, dtype=torch.float64), generator=generator)
-    noise = torch.randn(num, 2, generator=generator, dtype=torch.float64)
-    x = torch.empty(num, 2, dtype=torch.float64)
-    for label, mean, cov in ((0.0, mean0, cov0), (1.0, mean1, cov1)):
-        chosen = labels == label
-        root = torch.linalg.cholesky(torch.tensor(cov, dtype=torch.float64))
-        x[chosen] = torch.tensor(mean, dtype=torch.float64) + noise[chosen] @ root.T
-    return x, labels.unsqueeze(1)
-
-
 @dataclass
 class QuadraticModels:
     """Minimum ``θ*`` and the Fisher and empirical Fisher there (2 x 2)."""
@@ -280,15 +239,12 @@ def plot_quadratic_models(models: dict[str, QuadraticModels], path: str) -> None
 
 __all__ = [
     "FIELD_METHODS",
-    "LOGISTIC_DATASETS",
     "REGRESSION_STARTS",
     "QuadraticModels",
     "VectorFields",
-    "logistic_data",
     "logistic_quadratic_models",
     "plot_quadratic_models",
     "plot_regression_fields",
-    "regression_data",
     "regression_direction",
     "regression_trajectory",
     "regression_vector_fields",

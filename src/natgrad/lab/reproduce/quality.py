@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from natgrad.analysis import reports, study
-from natgrad.reproduce.finding import Finding
+from natgrad.lab import reports, study
+from natgrad.lab.reproduce.finding import Finding
 
 
 def r10_approximation_quality(

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from natgrad.bench.datasets import load_dataset
+from natgrad.lab.datasets import load_dataset
 from natgrad.layers import replace_attention
 
 PRETRAIN_EPOCHS = 3
