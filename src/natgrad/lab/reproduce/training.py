@@ -220,7 +220,7 @@ def r9_ef_damping(
     curvature of the mean loss.
     """
     task = replace(get_task(task_name), epochs=epochs)
-    data = load_dataset(task.dataset)
+    data = task.load_data()
     scale = 1.0 / task.batch_size
     lr = [1e-4, 1e-3, 1e-2, 1e-1]
     selected = tuning.tune(
