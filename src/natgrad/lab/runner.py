@@ -13,7 +13,8 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,10 +186,42 @@ def full_loss(model: nn.Module, task: Task, inputs: Tensor, labels: Tensor) -> f
         return task.loss(model(inputs), task.targets(inputs, labels)).item()
 
 
+SMALL_MODEL_PARAMETERS = 1_000_000
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch threads, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def default_threads(model: nn.Module) -> int:
+    """One thread for a model below :data:`SMALL_MODEL_PARAMETERS` parameters, torch's current
+    count otherwise.
+
+    A small model's matrix products are too small to share between threads, and on a machine
+    whose cores are busy with other work every parallel region waits for a descheduled thread:
+    a tiny-model run took up to 50x longer with two threads than with one there.
+    """
+    parameters = sum(p.numel() for p in model.parameters())
+    return 1 if parameters < SMALL_MODEL_PARAMETERS else torch.get_num_threads()
+
+
 def train_run(
-    task: Task, method: str, hyper: dict[str, Any], seed: int, data: Dataset
+    task: Task,
+    method: str,
+    hyper: dict[str, Any],
+    seed: int,
+    data: Dataset,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Train one configuration.
+    """Train one configuration, with ``threads`` torch threads (default
+    :func:`default_threads` of the task's model), recorded in the run as ``threads``.
 
     Under ``torch.distributed`` (e.g. ``torchrun``) each global batch is split across the
     ranks (rank ``r`` takes every ``R``-th datapoint), natgrad's preconditioners run in their
@@ -202,10 +235,12 @@ def train_run(
     numerical warnings (solver fallbacks, skipped steps) it raised, by category
     (``warnings``); those are counted rather than printed, one per step.
     """
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be a positive count, got {threads}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", NumericalWarning)
         warnings.simplefilter("always", NonFiniteWarning)
-        run = _train(task, method, hyper, seed, data)
+        run = _train(task, method, hyper, seed, data, threads)
     counts: dict[str, int] = {}
     for warning in caught:
         if issubclass(warning.category, NumericalWarning | NonFiniteWarning):
@@ -218,10 +253,19 @@ def train_run(
 
 
 def _train(
-    task: Task, method: str, hyper: dict[str, Any], seed: int, data: Dataset
+    task: Task, method: str, hyper: dict[str, Any], seed: int, data: Dataset, threads: int | None
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = task.build_model(data)
+    threads = default_threads(model) if threads is None else threads
+    with torch_threads(threads):
+        run = _fit(task, model, method, hyper, seed, data)
+    return {**run, "threads": threads}
+
+
+def _fit(
+    task: Task, model: nn.Module, method: str, hyper: dict[str, Any], seed: int, data: Dataset
+) -> dict[str, Any]:
     optimiser, pre = get_method(method).build(model, task.likelihood, "mean", **hyper)
     generator = torch.Generator().manual_seed(seed)
     losses = [full_loss(model, task, data.train_inputs, data.train_targets)]
@@ -276,8 +320,10 @@ def sweep(
     grids: dict[str, dict[str, list[Any]]] | None = None,
     data: Dataset | None = None,
     progress: Callable[[str], None] | None = None,
+    threads: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Every method x grid point x seed on one task.
+    """Every method x grid point x seed on one task, each with ``threads`` torch threads
+    (default: :func:`default_threads`).
 
     A line per finished run goes to ``progress``; by default, under a tqdm progress bar over
     all runs (on standard error).
@@ -293,12 +339,13 @@ def sweep(
     report = progress if progress is not None else tqdm.write
     runs = []
     for method, hyper, seed in bar:
-        run = train_run(task, method, hyper, seed, data)
+        run = train_run(task, method, hyper, seed, data, threads)
         runs.append(run)
         fallbacks = ", ".join(f"{n} {c}x" for n, c in run["warnings"].items())
         report(
             f"{task.name} {method} {hyper} seed {seed}: final train loss "
-            f"{run['train_loss'][-1]:.4g} in {run['seconds'][-1]:.1f} s"
+            f"{run['train_loss'][-1]:.4g} in {run['seconds'][-1]:.1f} s, "
+            f"{run['threads']} thread{'s' if run['threads'] > 1 else ''}"
             + (f" ({fallbacks})" if fallbacks else "")
         )
     return runs

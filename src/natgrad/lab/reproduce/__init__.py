@@ -28,7 +28,7 @@ from natgrad.lab.reproduce.training import (
     r9_ef_damping,
     r12_tengrad_vs_sgd,
 )
-from natgrad.lab.reproduce.tuning import one_torch_thread
+from natgrad.lab.runner import torch_threads
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def run_claim(
 
     ``settings`` are passed to the claim's function (e.g. ``epochs=1`` for a smoke run);
     ``data_dir`` only to claims that read user-provided files. Claims run with one torch
-    thread (:func:`natgrad.lab.reproduce.tuning.one_torch_thread`): their models are small, and
+    thread (:func:`natgrad.lab.runner.torch_threads`): their models are small, and
     runtimes stay predictable on a machine shared with other work.
     """
     if name not in CLAIMS:
@@ -80,7 +80,7 @@ def run_claim(
     if data_dir is not None and "data_dir" in inspect.signature(run).parameters:
         settings["data_dir"] = data_dir
     start = time.perf_counter()
-    with one_torch_thread():
+    with torch_threads(1):
         finding = run(Path(output), seeds=tuple(seeds), full=full, **settings)
     finding.seconds = time.perf_counter() - start
     finding.save(output)

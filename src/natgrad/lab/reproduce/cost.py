@@ -92,7 +92,7 @@ import natgrad
 from natgrad.lab import models
 from natgrad.lab.plotting import pyplot
 from natgrad.lab.reproduce.finding import Finding
-from natgrad.lab.reproduce.tuning import one_torch_thread
+from natgrad.lab.runner import torch_threads
 
 INPUTS = 20
 CLASSES = 10
@@ -480,7 +480,7 @@ def r11_cost_scaling(
         for depth in depths
     }
     per_seed: dict[tuple[str, int], list[float]] = {}
-    with one_torch_thread():
+    with torch_threads(1):
         for depth in depths:
             for seed in seeds:
                 medians = _time_depth(depth, seed, batch_size, steps, measured[depth])

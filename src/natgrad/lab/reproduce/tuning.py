@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from natgrad.lab.datasets import Dataset
 from natgrad.lab.reproduce.finding import Finding
@@ -97,22 +94,6 @@ def extend_at_boundary(
             break
         best = run
     return best
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """Run the block with one torch thread, then restore the previous count.
-
-    The claims' models are small: a second thread gains little, and on a machine whose cores
-    are busy with other work the threads wait on each other (500 SGD steps of the deep linear
-    network took 74 s with two threads, 1.5 s with one, on two loaded cores).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def ms_per_step(runs: list[dict[str, Any]]) -> float:
@@ -198,7 +179,6 @@ __all__ = [
     "mean_final",
     "ms_per_step",
     "numbers",
-    "one_torch_thread",
     "plot",
     "tune",
 ]
