@@ -1,6 +1,8 @@
-"""Measurements of Fisher approximations: γ indicator, cosines, gradient-norm imbalance."""
+"""Measurements of Fisher approximations: γ indicator, cosines, gradient-norm imbalance, and
+how well FishLeg's learned ``Q`` inverts the damped Fisher."""
 
 from natgrad.analysis.compare import MethodFactory, compare_updates, method_update
+from natgrad.analysis.fishleg_quality import QQuality, q_quality
 from natgrad.analysis.quality import (
     BatchFisher,
     cosine_similarity,
@@ -14,6 +16,7 @@ from natgrad.analysis.quality import (
 __all__ = [
     "BatchFisher",
     "MethodFactory",
+    "QQuality",
     "compare_updates",
     "cosine_similarity",
     "gamma",
@@ -22,4 +25,5 @@ __all__ = [
     "natural_gradient_cg",
     "per_sample_gradient_norms",
     "per_sample_gradients",
+    "q_quality",
 ]

@@ -8,6 +8,7 @@ every epoch on the whole training set, and the wall-clock time.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import math
@@ -25,11 +26,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from natgrad.analysis import q_quality
+from natgrad.analysis.fishleg_quality import layer_matrices
 from natgrad.lab import models, transformer
 from natgrad.lab.datasets import Dataset, load_dataset
 from natgrad.lab.plotting import pyplot
 from natgrad.lab.registry import get_method
 from natgrad.linalg import NumericalWarning
+from natgrad.precond import FishLeg
 from natgrad.precond.base import NonFiniteWarning
 
 
@@ -297,9 +301,13 @@ def _fit(
         if not math.isfinite(losses[-1]):
             diverged = True
             break
+    test_loss = full_loss(model, task, data.test_inputs, data.test_targets)
+    # after the test loss: the probe's forward passes may update normalisation statistics
+    quality = fishleg_record(pre, model, task, data) if isinstance(pre, FishLeg) else {}
     if pre is not None:
         pre.remove()
     return {
+        **quality,
         "task": task.name,
         "method": method,
         "hyper": hyper,
@@ -308,9 +316,30 @@ def _fit(
         "seconds": seconds,
         "step_loss": step_losses,
         "step_seconds": step_seconds,
-        "test_loss": full_loss(model, task, data.test_inputs, data.test_targets),
+        "test_loss": test_loss,
         "diverged": diverged,
     }
+
+
+FISHLEG_PROBE_CG_ITERATIONS = 500
+
+
+def fishleg_record(pre: FishLeg, model: nn.Module, task: Task, data: Dataset) -> dict[str, Any]:
+    """How far a FishLeg run's ``Q`` moved and how well it inverts the damped Fisher
+    (:func:`natgrad.analysis.q_quality`): on a probe batch (the first ``batch_size`` training
+    datapoints), along that batch's loss gradient, with at most
+    :data:`FISHLEG_PROBE_CG_ITERATIONS` conjugate-gradient steps (the residual is recorded)."""
+    inputs = data.train_inputs[: task.batch_size]
+    targets = task.targets(inputs, data.train_targets[: task.batch_size])
+    params = [p for p in model.parameters() if p.requires_grad]
+    with pre.capture.paused():
+        loss = task.loss(model(inputs), targets)
+        gradients = dict(zip(params, torch.autograd.grad(loss, params), strict=True))
+    if not all(bool(torch.isfinite(g).all()) for g in gradients.values()):
+        return {"q_quality": None}
+    direction = layer_matrices(pre, gradients)
+    quality = q_quality(pre, inputs, direction, FISHLEG_PROBE_CG_ITERATIONS)
+    return {"q_quality": dataclasses.asdict(quality)}
 
 
 def sweep(

@@ -122,6 +122,11 @@ def numbers(selected: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "ms_per_step": ms_per_step(runs),
             "diverged_seeds": sum(run["diverged"] for run in runs),
             "numerical_warnings": [run["warnings"] for run in runs],
+            **(
+                {"q_quality_per_seed": [run["q_quality"] for run in runs]}
+                if "q_quality" in runs[0]
+                else {}
+            ),
         }
         for label, runs in selected.items()
     }
