@@ -359,3 +359,17 @@ def test_fishleg_preconditions_every_cell():
         assert relative_error(actual.reshape(-1), expected) <= 1e-10
     pre.remove()
     assert torch.isfinite(flat_grad(list(model.parameters()))).all()
+
+
+@pytest.mark.usefixtures("float64")
+def test_replace_reaches_the_decoder_layers_attentions():
+    torch.manual_seed(5)
+    decoder = nn.TransformerDecoderLayer(6, 2, dim_feedforward=8, dropout=0.0, batch_first=True)
+    replaced = replace(copy.deepcopy(decoder))
+    assert isinstance(replaced.self_attn, MultiheadAttention)
+    assert isinstance(replaced.multihead_attn, MultiheadAttention)
+    target, memory = torch.randn(2, 5, 6), torch.randn(2, 4, 6)
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    expected = decoder(target, memory, tgt_mask=causal, tgt_is_causal=True)
+    actual = replaced(target, memory, tgt_mask=causal, tgt_is_causal=True)
+    assert torch.allclose(actual, expected, atol=1e-12)
