@@ -121,6 +121,8 @@ def test_unsupported_inputs_and_options_are_named():
         layer(packed)
     with pytest.raises(ValueError, match=r"proj_size=2 \(LSTM projections\) is not supported"):
         replace(nn.LSTM(3, 4, proj_size=2))
+    with pytest.raises(ValueError, match=r"proj_size=1 \(LSTM projections\) is not supported"):
+        LSTM(3, 4, proj_size=1)
     with pytest.raises(
         ValueError, match=r"initial state of shape \(2, 2, 4\), expected \(1, 2, 4\)"
     ):

@@ -105,12 +105,6 @@ class _Recurrent(nn.Module):
     @classmethod
     def from_torch(cls, module: nn.RNNBase) -> _Recurrent:
         """The drop-in with ``module``'s configuration and weights (same outputs, same mode)."""
-        if getattr(module, "proj_size", 0) > 0:
-            raise ValueError(
-                f"proj_size={module.proj_size} (LSTM projections) is not supported by "
-                "natgrad.layers.LSTM; train this LSTM with the plain gradient instead "
-                "(overrides={name: 'plain_gradient'}, name as in model.named_modules())"
-            )
         layer = cls(
             module.input_size,
             module.hidden_size,
@@ -235,7 +229,7 @@ class _Recurrent(nn.Module):
 
 
 class LSTM(_Recurrent):
-    """``nn.LSTM`` (without ``proj_size``) from ``nn.Linear`` cells; same arguments and results.
+    """``nn.LSTM`` from ``nn.Linear`` cells; same arguments (``proj_size`` only 0) and results.
 
     ``forward(input, (h_0, c_0) = None)`` returns ``(output, (h_n, c_n))`` as torch does, for
     inputs ``(T, N, d_in)`` (``(N, T, d_in)`` if ``batch_first``) or unbatched ``(T, d_in)``.
@@ -243,6 +237,34 @@ class LSTM(_Recurrent):
 
     gates = 4
     state_count = 2
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if proj_size != 0:
+            raise ValueError(
+                f"proj_size={proj_size} (LSTM projections) is not supported by "
+                "natgrad.layers.LSTM; keep torch's nn.LSTM and train it with the plain gradient "
+                "(overrides={name: 'plain_gradient'}, name as in model.named_modules())"
+            )
+        super().__init__(
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+            device, dtype,
+        )  # fmt: skip
+
+    @staticmethod
+    def _extra_arguments(module: nn.RNNBase) -> dict[str, object]:
+        return {"proj_size": module.proj_size}
 
     def _step(self, cell: RecurrentCell, gates_x: Tensor, state: tuple[Tensor, ...]):
         hidden, memory = state
