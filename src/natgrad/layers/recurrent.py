@@ -142,7 +142,9 @@ class _Recurrent(nn.Module):
                 order += [cell.ih.bias, cell.hh.bias]
         return order
 
-    def _step(self, cell: RecurrentCell, gates_x: Tensor, state: tuple[Tensor, ...]):
+    def _step(
+        self, cell: RecurrentCell, gates_x: Tensor, state: tuple[Tensor, ...]
+    ) -> tuple[Tensor, ...]:
         """The next state from the input's gate pre-activations ``(N, G H)``."""
         raise NotImplementedError
 
@@ -266,7 +268,9 @@ class LSTM(_Recurrent):
     def _extra_arguments(module: nn.RNNBase) -> dict[str, object]:
         return {"proj_size": module.proj_size}
 
-    def _step(self, cell: RecurrentCell, gates_x: Tensor, state: tuple[Tensor, ...]):
+    def _step(
+        self, cell: RecurrentCell, gates_x: Tensor, state: tuple[Tensor, ...]
+    ) -> tuple[Tensor, ...]:
         hidden, memory = state
         in_gate, forget, candidate, out_gate = (gates_x + cell.hh(hidden)).chunk(4, dim=-1)
         memory = forget.sigmoid() * memory + in_gate.sigmoid() * candidate.tanh()
@@ -287,7 +291,9 @@ class GRU(_Recurrent):
 
     gates = 3
 
-    def _step(self, cell: RecurrentCell, gates_x: Tensor, state: tuple[Tensor, ...]):
+    def _step(
+        self, cell: RecurrentCell, gates_x: Tensor, state: tuple[Tensor, ...]
+    ) -> tuple[Tensor, ...]:
         (hidden,) = state
         reset_x, update_x, new_x = gates_x.chunk(3, dim=-1)
         reset_h, update_h, new_h = cell.hh(hidden).chunk(3, dim=-1)
@@ -334,7 +340,9 @@ class RNN(_Recurrent):
     def _extra_arguments(module: nn.RNNBase) -> dict[str, object]:
         return {"nonlinearity": module.nonlinearity}
 
-    def _step(self, cell: RecurrentCell, gates_x: Tensor, state: tuple[Tensor, ...]):
+    def _step(
+        self, cell: RecurrentCell, gates_x: Tensor, state: tuple[Tensor, ...]
+    ) -> tuple[Tensor, ...]:
         (hidden,) = state
         pre_activation = gates_x + cell.hh(hidden)
         return (pre_activation.tanh() if self.nonlinearity == "tanh" else pre_activation.relu(),)
