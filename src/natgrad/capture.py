@@ -34,6 +34,12 @@ preconditioner, at the moment the backward pass reaches it, while the graph belo
 a pre-hook records the model's arguments (positional and keyword) for the passes that re-run
 it (the torch.func fallback, FishLeg's Fisher-vector products).
 
+Under ``torch.compile`` (pass the compiled module or the original; natgrad unwraps it) every
+captured layer call splits the graph: the tensor hook that records the layer's output gradient
+writes Python state, which dynamo cannot trace into a graph, and the split is also what makes
+the layer output an autograd boundary that the hook can watch. The layers and the code between
+them are compiled; the updates equal the eager ones (``tests/test_compile.py``).
+
 Several backward passes through one forward pass add up, as ``.grad`` does; extra datapoints
 (sampled labels, Hessian columns) are back-propagated once, on the first. Those extra passes
 also reach tensor hooks that other libraries placed on the model's activations: remove

@@ -76,6 +76,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
@@ -108,10 +109,16 @@ DISTRIBUTED_MODES = ("auto", "off", "global", "local")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module a ``DistributedDataParallel`` wrapper holds, or ``model`` itself."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.module
-    return model
+    """The module inside ``DistributedDataParallel`` and ``torch.compile`` wrappers (in any
+    nesting), or ``model`` itself."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # loaded by torch.compile
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:

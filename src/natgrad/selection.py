@@ -17,6 +17,11 @@ module's own parameters (``module.parameters(recurse=False)``):
 ``plain``
     parameters left to the plain gradient (``.grad`` untouched).
 
+torch's recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) fit no group: their fused
+kernels hide the weights from hooks and have no per-sample (vmap) rule, so they are refused
+with an error naming :func:`natgrad.layers.replace` (drop-ins built from ``nn.Linear`` cells)
+unless overridden to the plain gradient (or ``unsupported="plain_gradient"``).
+
 The Woodbury preconditioners (:class:`natgrad.NGD` and its aliases) solve with all three
 structured groups. Kronecker methods and FishLeg precondition the ``layers`` only and leave
 the ``direct`` and ``fallback`` parameters to the plain gradient, an identity block
@@ -123,8 +128,9 @@ def select_layers(
     ------
     ValueError
         For a module whose per-sample gradients cannot be known (e.g. ``nn.Embedding`` with
-        ``max_norm``), naming it and the override to use; for unsupported modules with
-        ``unsupported="error"``; for bad policies or override names.
+        ``max_norm``, or torch's ``nn.LSTM``: the message names
+        :func:`natgrad.layers.replace`), naming it and the override to use; for unsupported
+        modules with ``unsupported="error"``; for bad policies or override names.
     """
     if unsupported not in UNSUPPORTED_POLICIES:
         raise ValueError(
@@ -138,6 +144,7 @@ def select_layers(
     selection = LayerSelection()
     unsupported_modules: list[str] = []
     rejected: dict[str, str] = {}
+    recurrent: dict[str, str] = {}
     assigned: set[int] = set()
     for name, module in modules:
         own = {
@@ -149,6 +156,11 @@ def select_layers(
             continue
         assigned.update(id(p) for p in own.values())
         policy = overrides.get(name)
+        if isinstance(module, nn.RNNBase) and policy != "plain_gradient":
+            if unsupported != "plain_gradient":
+                recurrent[name] = f"'{_label(name)}' ({type(module).__name__})"
+                continue
+            policy = "plain_gradient"
         if policy is None:
             shared = any(
                 owners[id(p)] > 1 for p in module.parameters(recurse=False) if p.requires_grad
@@ -172,6 +184,17 @@ def select_layers(
         else:  # "error": reported below
             continue
         selection.order.append(name)
+    if recurrent:
+        raise ValueError(
+            "natgrad has no per-sample gradients for torch's recurrent layers "
+            + ", ".join(recurrent.values())
+            + ": their fused kernels hide the weights from natgrad's hooks and have no "
+            "torch.func per-sample rule. Call model = natgrad.layers.replace(model) before "
+            "building the preconditioner (it swaps in natgrad.layers.LSTM / GRU / RNN, built "
+            "from nn.Linear cells, with the same weights and outputs), or pass overrides={"
+            + ", ".join(f"{name!r}: 'plain_gradient'" for name in recurrent)
+            + "} to train them with the plain gradient."
+        )
     if rejected:
         raise ValueError(
             "natgrad cannot know the per-sample gradients of these modules: "

@@ -1,4 +1,4 @@
-"""Drop-in layers whose parameters natgrad sees in the neuron view.
+"""natgrad.layers.MultiheadAttention: torch's attention from four ``nn.Linear`` projections.
 
 ``nn.MultiheadAttention`` applies its query/key/value projections inside
 ``F.multi_head_attention_forward`` with one fused ``in_proj_weight``, and its output projection
