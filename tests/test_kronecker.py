@@ -424,3 +424,16 @@ def test_inverse_round_trips_through_its_tensors(kind, diagonal_input):
     first = next(iter(entries))
     with pytest.raises(ValueError, match=f"lack \\['{first}'\\]"):
         inverse_type.from_tensors({k: v for k, v in entries.items() if k != first})
+
+
+def test_state_of_another_damping_mode_is_refused_by_name():
+    """A heuristic-damping state holds no eigendecompositions: loading it into KFAC with
+    correct damping names the entries instead of failing at the next step."""
+    torch.manual_seed(5)
+    model = make_model()
+    pre = natgrad.KFAC(model, damping_mode="heuristic")
+    logits = model(torch.randn(6, 4))
+    F.cross_entropy(logits, torch.randint(0, 3, (6,))).backward()
+    pre.step(logits)
+    with pytest.raises(ValueError, match=r"EigenInverse holds .* same method and damping"):
+        natgrad.KFAC(make_model(), damping_mode="correct").load_state_dict(pre.state_dict())

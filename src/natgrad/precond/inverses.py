@@ -101,7 +101,7 @@ class LayerInverse(ABC):
         missing = sorted(set(required) - set(entries))
         if unknown or missing:
             raise ValueError(
-                f"a {cls.__name__} holds {names}, but the state's entries lack {missing} and "
+                f"{cls.__name__} holds {names}, but the state's entries lack {missing} and "
                 f"add {unknown}: load a state saved with the same method and damping settings"
             )
         return cls(**{name: entries[name] for name in names if name in entries})
