@@ -244,7 +244,7 @@ def state(pre: natgrad.Preconditioner) -> Tensor:
     else:
         tensors = [*pre.input_factors.values(), *pre.grad_factors.values()]
         for inverse in pre.inverses.values():
-            tensors += [torch.as_tensor(inverse[key]) for key in sorted(inverse)]
+            tensors += [torch.as_tensor(entry) for entry in inverse.tensors().values()]
     return torch.cat([t.reshape(-1) for t in tensors])
 
 

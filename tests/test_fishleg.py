@@ -125,7 +125,7 @@ def test_auxiliary_steps_learn_the_inverse_fisher_of_linear_gaussian_regression(
     damping = 0.1
     pre = natgrad.FishLeg(
         model,
-        likelihood,
+        likelihood=likelihood,
         damping=damping,
         aux_lr=0.02,
         aux_period=1,
@@ -251,3 +251,63 @@ def test_kronecker_q_too_large_for_a_layer_names_the_alternatives():
         natgrad.FishLeg(model)
     assert natgrad.FishLeg(model, q_structure="diag").aux_params["0"][0].shape == (8, 20_000)
     natgrad.FishLeg(model, overrides={"0": "plain_gradient"})
+
+
+@pytest.mark.parametrize("q_structure", ["kron", "diag"])
+def test_callable_damping_and_aux_lr_take_their_value_at_each_step(q_structure):
+    """γ(t) and α(t) of step t are the ones used: the value of A(λ) recorded at each auxiliary
+    step is the dense ½ vᵀ(F + γ(t) I)v - uᵀv, and the auxiliary parameters follow a separate
+    Adam fed the dense gradients with learning rate α(t) (constant values would fail both)."""
+    torch.manual_seed(12)
+    model = make_model()
+    dampings, aux_lrs = [0.5, 0.02, 3.0], [0.1, 0.003, 0.05]
+    pre = natgrad.FishLeg(
+        model,
+        damping=lambda step: dampings[step],
+        aux_lr=lambda step: aux_lrs[step],
+        aux_period=1,
+        momentum=0.0,
+        q_structure=q_structure,
+    )
+    randomise(pre)
+    leaves = [
+        p.detach().clone().requires_grad_(True) for pair in pre.aux_params.values() for p in pair
+    ]
+    reference = torch.optim.Adam(leaves, lr=1.0)
+    order = matrix_order(model)
+    for step in range(3):
+        inputs, targets = torch.randn(6, 3), torch.randint(0, 2, (6,))
+        model.zero_grad()
+        logits = model(inputs)
+        F.cross_entropy(logits, targets).backward()
+        direction = torch.cat(
+            [
+                torch.cat([m.weight.grad, m.bias.grad.unsqueeze(1)], dim=1).reshape(-1)
+                for m in model
+                if isinstance(m, nn.Linear)
+            ]
+        )
+        direction = direction / direction.norm()
+        pre.step(logits)
+
+        fisher = dense_batch(model, inputs, targets, "categorical", "mean").exact_fisher()
+        fisher = fisher[order][:, order]
+        blocks = []
+        for index in range(len(pre.aux_params)):
+            if q_structure == "kron":
+                left, right = torch.tril(leaves[2 * index]), torch.tril(leaves[2 * index + 1])
+                blocks.append(torch.kron(left @ left.T, right @ right.T))
+            else:
+                blocks.append(torch.diag((leaves[index] ** 2).reshape(-1)))
+        v = torch.block_diag(*blocks) @ direction
+        curvature = fisher + dampings[step] * torch.eye(len(v))
+        objective = 0.5 * v @ curvature @ v - direction @ v
+        assert pre.aux_losses[step] == pytest.approx(objective.item(), rel=1e-10)
+        reference.zero_grad()
+        objective.backward()
+        for group in reference.param_groups:
+            group["lr"] = aux_lrs[step]
+        reference.step()
+        actual = [p.detach() for pair in pre.aux_params.values() for p in pair]
+        for a, e in zip(actual, leaves, strict=True):
+            assert torch.allclose(a, e.detach(), rtol=1e-9, atol=1e-12)

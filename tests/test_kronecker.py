@@ -11,6 +11,8 @@ from torch import nn
 
 import natgrad
 from natgrad.likelihoods import get_likelihood
+from natgrad.precond.inverses import EigenInverse, FOOFInverse, KroneckerInverse
+from natgrad.precond.layer_gradient import LayerGradient
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -341,36 +343,97 @@ def test_kfac_unsupported_layer_raises():
         natgrad.KFAC(model, unsupported="error")
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda m: natgrad.KFAC(m, damping_mode="heuristic"),
-        lambda m: natgrad.KFAC(m, damping_mode="correct"),
-        lambda m: natgrad.KFAC(m, damping_mode="none"),
-        lambda m: natgrad.FOOF(m),
-        lambda m: natgrad.FOOF(m, kfac_damping=True),
-    ],
-)
-@pytest.mark.parametrize("embedding", [False, True])
-def test_inverse_layout_describes_the_inverses(make, embedding):
-    """What a rank receives with ``spread_inversions`` is laid out as the inverse it replaces:
-    the same keys, tensor shapes, and floats where the inverse holds floats (also for the
-    diagonal input factor of an embedding)."""
-    torch.manual_seed(0)
+def random_factor(size: int, rank: int | None = None) -> torch.Tensor:
+    """A random positive semi-definite ``size x size`` factor (rank-deficient if ``rank``)."""
+    rows = torch.randn(rank or size + 2, size)
+    return rows.T @ rows / rows.shape[0]
+
+
+def dense_inverse_update(kind, input_cov, grad_cov, damping, gradient):
+    """``ΔW`` by explicit matrices on ``vec ∇W`` (column-major: ``A ⊗ G``)."""
+    d_out, d_in = gradient.shape
+    eye_in, eye_out = torch.eye(d_in), torch.eye(d_out)
+    if kind in ("heuristic", "foof-kfac"):
+        mean_a = torch.trace(input_cov) / d_in
+        mean_g = torch.trace(grad_cov) / d_out
+        input_damping = math.sqrt(damping) * math.sqrt(mean_a / mean_g)
+        grad_damping = math.sqrt(damping) / math.sqrt(mean_a / mean_g)
+    if kind == "heuristic":
+        curvature = torch.kron(
+            input_cov + input_damping * eye_in, grad_cov + grad_damping * eye_out
+        )
+    elif kind == "correct":
+        curvature = torch.kron(input_cov, grad_cov) + damping * torch.eye(d_in * d_out)
+    elif kind == "none":
+        vec = torch.linalg.pinv(torch.kron(input_cov, grad_cov)) @ gradient.T.reshape(-1)
+        return vec.reshape(d_in, d_out).T
+    elif kind == "foof":
+        return gradient @ torch.linalg.inv(input_cov + damping * eye_in)
+    else:
+        return gradient @ torch.linalg.inv(input_cov + input_damping * eye_in) / grad_damping
+    return torch.linalg.solve(curvature, gradient.T.reshape(-1)).reshape(d_in, d_out).T
+
+
+INVERSE_KINDS = {
+    "heuristic": (KroneckerInverse, True, 0.1),
+    "correct": (EigenInverse, True, 0.1),
+    "none": (EigenInverse, True, 0.0),
+    "foof": (FOOFInverse, False, 0.1),
+    "foof-kfac": (FOOFInverse, True, 0.1),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(INVERSE_KINDS))
+@pytest.mark.parametrize("diagonal_input", [False, True])
+def test_inverse_round_trips_through_its_tensors(kind, diagonal_input):
+    """Each inverse type, rebuilt from its tensors (what state_dict saves and a rank
+    broadcasts with spread_inversions), applies the dense formula; what a receiving rank fills
+    (empty_like) has the same entries, shapes and floats; an entry missing is named."""
+    torch.manual_seed(11)
+    inverse_type, two_sided, damping = INVERSE_KINDS[kind]
+    d_out, d_in, rank = 3, 5, 2
+    if diagonal_input:
+        input_cov = torch.rand(d_in) * (torch.arange(d_in) % 2)  # one-hot inputs: some unseen
+    else:
+        input_cov = random_factor(d_in, rank=3 if kind == "none" else None)
+    grad_cov = random_factor(d_out, rank=2 if kind == "none" else None) if two_sided else None
+    gradient = LayerGradient(torch.randn(rank, d_out), torch.randn(rank, d_in))
+    inverse = inverse_type.compute(input_cov, grad_cov, damping)
+
+    entries = {
+        k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inverse.tensors().items()
+    }
+    rebuilt = inverse_type.from_tensors(entries)
+    assert list(rebuilt.tensors()) == list(inverse.tensors())
+    weight, bias = rebuilt.apply(gradient, has_bias=True, out=None)
+    update = torch.cat([weight, bias.unsqueeze(1)], dim=1)
+    dense_input = torch.diag(input_cov) if diagonal_input else input_cov
+    expected = dense_inverse_update(kind, dense_input, grad_cov, damping, gradient.dense())
+    assert torch.allclose(update, expected, rtol=1e-9, atol=1e-12)
+    assert torch.equal(update, torch.cat([t.reshape(d_out, -1) for t in inverse.apply(
+        gradient, has_bias=True, out=None)], dim=1))  # fmt: skip
+
+    empty = inverse_type.empty_like(input_cov, grad_cov).tensors()
+    assert list(empty) == list(entries)
+    for key, value in entries.items():
+        if isinstance(value, torch.Tensor):
+            assert empty[key].shape == value.shape and empty[key].dtype == value.dtype
+        else:
+            assert isinstance(empty[key], float) and isinstance(value, float)
+
+    first = next(iter(entries))
+    with pytest.raises(ValueError, match=f"lack \\['{first}'\\]"):
+        inverse_type.from_tensors({k: v for k, v in entries.items() if k != first})
+
+
+def test_state_of_another_damping_mode_is_refused_by_name():
+    """A heuristic-damping state holds no eigendecompositions: loading it into KFAC with
+    correct damping names the entries instead of failing at the next step."""
+    torch.manual_seed(5)
     model = make_model()
-    inputs = torch.randn(6, 4)
-    if embedding:
-        model[0] = nn.Embedding(9, 5)
-        inputs = torch.randint(0, 9, (6,))
-    pre = make(model)
-    logits = model(inputs)
+    pre = natgrad.KFAC(model, damping_mode="heuristic")
+    logits = model(torch.randn(6, 4))
     F.cross_entropy(logits, torch.randint(0, 3, (6,))).backward()
     pre.step(logits)
-    for name, inverse in pre.inverses.items():
-        layout = pre._inverse_layout(*pre._factor_shapes(name))
-        assert set(layout) == set(inverse)
-        for key, shape in layout.items():
-            if shape is None:
-                assert isinstance(inverse[key], float)
-            else:
-                assert inverse[key].shape == shape
+    with pytest.raises(ValueError, match=r"EigenInverse holds .* same method and damping"):
+        natgrad.KFAC(make_model(), damping_mode="correct").load_state_dict(pre.state_dict())

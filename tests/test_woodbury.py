@@ -80,7 +80,9 @@ def test_least_squares_ief_matrix_equals_exact_ngd(damping):
     likelihood = natgrad.likelihoods.Gaussian(variance=1.0)
     updates = {}
     for fisher in ("ief_matrix", "exact"):
-        pre = natgrad.NGD(model, likelihood, fisher=fisher, damping=damping, reduction="sum")
+        pre = natgrad.NGD(
+            model, likelihood=likelihood, fisher=fisher, damping=damping, reduction="sum"
+        )
         model.zero_grad()
         logits = model(inputs)
         (0.5 * (logits - targets).pow(2).sum()).backward()
@@ -98,7 +100,9 @@ def test_least_squares_ief_update_approaches_ngd_when_n_below_p():
     likelihood = natgrad.likelihoods.Gaussian(variance=1.0)
     updates = {}
     for fisher in ("ief", "exact"):
-        pre = natgrad.NGD(model, likelihood, fisher=fisher, damping=1e-9, reduction="sum")
+        pre = natgrad.NGD(
+            model, likelihood=likelihood, fisher=fisher, damping=1e-9, reduction="sum"
+        )
         model.zero_grad()
         logits = model(inputs)
         (0.5 * (logits - targets).pow(2).sum()).backward()

@@ -31,12 +31,15 @@ from one extra, batched backward pass from the model output (see
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
 
 from natgrad.likelihoods import Likelihood
 
-FISHER_TYPES = ("exact", "mc", "empirical", "ief", "ief_matrix")
+FisherType = Literal["exact", "mc", "empirical", "ief", "ief_matrix"]
+FISHER_TYPES: tuple[FisherType, ...] = get_args(FisherType)
 
 
 def check_fisher(fisher: str) -> str:
@@ -104,6 +107,7 @@ def row_multipliers(fisher: str, per_sample_output_grad: Tensor) -> Tensor | Non
 
 __all__ = [
     "FISHER_TYPES",
+    "FisherType",
     "check_fisher",
     "needs_extra_backprop",
     "output_vectors",

@@ -78,7 +78,7 @@ import math
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar, get_args
 
 import numpy as np
 import torch
@@ -105,7 +105,8 @@ class RowBlock(Protocol):
 
 BlockT = TypeVar("BlockT", bound=RowBlock)
 
-DISTRIBUTED_MODES = ("auto", "off", "global", "local")
+DistributedMode = Literal["auto", "off", "global", "local"]
+DISTRIBUTED_MODES: tuple[DistributedMode, ...] = get_args(DistributedMode)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -178,7 +179,7 @@ class Communicator:
 
     def __init__(
         self,
-        mode: str,
+        mode: DistributedMode,
         process_group: ProcessGroup | None,
         supported: Sequence[str],
         method: str,
@@ -502,6 +503,7 @@ def _concatenate(parts: list[Tensor], dim: int, token_dim: int | None, label: st
 __all__ = [
     "DISTRIBUTED_MODES",
     "Communicator",
+    "DistributedMode",
     "PendingAverage",
     "check_fused_backward",
     "step_seed",

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-REDUCTIONS = ("mean", "sum")
+Reduction = Literal["mean", "sum"]
+REDUCTIONS: tuple[Reduction, ...] = get_args(Reduction)
+LikelihoodName = Literal["categorical", "gaussian", "bernoulli"]
 
 
 def check_reduction(reduction: str) -> str:
@@ -227,14 +230,14 @@ class Bernoulli(Likelihood):
         return eye.unsqueeze(1) * std.unsqueeze(0)
 
 
-LIKELIHOODS: dict[str, type[Likelihood]] = {
+LIKELIHOODS: dict[LikelihoodName, type[Likelihood]] = {
     "categorical": Categorical,
     "gaussian": Gaussian,
     "bernoulli": Bernoulli,
 }
 
 
-def get_likelihood(likelihood: str | Likelihood) -> Likelihood:
+def get_likelihood(likelihood: LikelihoodName | Likelihood) -> Likelihood:
     """Return a :class:`Likelihood` from its name or pass an instance through."""
     if isinstance(likelihood, Likelihood):
         return likelihood
@@ -253,6 +256,8 @@ __all__ = [
     "Categorical",
     "Gaussian",
     "Likelihood",
+    "LikelihoodName",
+    "Reduction",
     "check_logits",
     "check_reduction",
     "get_likelihood",

@@ -38,14 +38,17 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from torch import nn
 
 from natgrad.capture import adapter_for
 from natgrad.direct import norm_adapter_for
 
-UNSUPPORTED_POLICIES = ("fallback", "error", "plain_gradient")
-OVERRIDE_POLICIES = ("fallback", "plain_gradient")
+Unsupported = Literal["fallback", "error", "plain_gradient"]
+Override = Literal["fallback", "plain_gradient"]
+UNSUPPORTED_POLICIES: tuple[Unsupported, ...] = get_args(Unsupported)
+OVERRIDE_POLICIES: tuple[Override, ...] = get_args(Override)
 
 
 @dataclass
@@ -105,8 +108,8 @@ class LayerSelection:
 
 def select_layers(
     model: nn.Module,
-    unsupported: str = "fallback",
-    overrides: Mapping[str, str] | None = None,
+    unsupported: Unsupported = "fallback",
+    overrides: Mapping[str, Override] | None = None,
 ) -> LayerSelection:
     """Assign every trainable parameter of ``model`` to a group (module docstring).
 
@@ -270,5 +273,7 @@ __all__ = [
     "OVERRIDE_POLICIES",
     "UNSUPPORTED_POLICIES",
     "LayerSelection",
+    "Override",
+    "Unsupported",
     "select_layers",
 ]

@@ -52,7 +52,7 @@ def regression_direction(
     def make(module: nn.Module) -> natgrad.NGD | None:
         if fisher is None:
             return None
-        return natgrad.NGD(module, likelihood, fisher=fisher, damping=damping)
+        return natgrad.NGD(module, likelihood=likelihood, fisher=fisher, damping=damping)
 
     update = method_update(model, x, lambda z: 0.5 * F.mse_loss(z, y), make)
     return torch.stack([update[1], update[0]])  # (weight, bias) -> (θ_0 = bias, θ_1 = slope)

@@ -46,17 +46,32 @@ from torch import Tensor, nn
 
 from natgrad.capture import Capture, adapter_for
 from natgrad.direct import norm_adapter_for
-from natgrad.distributed import Communicator, check_fused_backward, step_seed, unwrap
+from natgrad.distributed import (
+    Communicator,
+    DistributedMode,
+    check_fused_backward,
+    step_seed,
+    unwrap,
+)
 from natgrad.fallback import DEFAULT_CHUNK_SIZE, Fallback
-from natgrad.likelihoods import Likelihood, check_logits, check_reduction, get_likelihood
+from natgrad.likelihoods import (
+    Likelihood,
+    LikelihoodName,
+    Reduction,
+    check_logits,
+    check_reduction,
+    get_likelihood,
+)
 from natgrad.linalg import SolveReport
 from natgrad.precond.blocks import Block, DirectBatch, LayerBatch, TokenBatch
-from natgrad.selection import select_layers
+from natgrad.selection import Override, Unsupported, select_layers
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 Damping = float | Callable[[int], float]
+"""A hyper-parameter that may vary: a float, or a callable of the step count ``t`` (0 at the
+first step) returning it."""
 
 
 class NonFiniteWarning(RuntimeWarning):
@@ -82,6 +97,47 @@ def check_count(value: int, name: str) -> int:
 class Preconditioner:
     """Base class: hooks, input checks, the fused backward path and ``state_dict``.
 
+    Every preconditioner takes the model, then keyword-only options: its own, and these
+    shared ones, declared here once (subclasses pass them on as ``**options``).
+
+    Parameters
+    ----------
+    model
+        The model; its forward pass must return the logits ``(N, C)``. A
+        ``DistributedDataParallel`` wrapper is unwrapped.
+    damping
+        ``λ > 0``, or a callable ``step -> λ`` (:data:`Damping`), evaluated at every step that
+        uses it.
+    likelihood
+        ``"categorical"`` (``F.cross_entropy``, default), ``"gaussian"`` (``F.mse_loss``),
+        ``"bernoulli"`` (``F.binary_cross_entropy_with_logits``) or a
+        :class:`natgrad.likelihoods.Likelihood`.
+    reduction
+        ``"mean"`` (default) or ``"sum"``: the reduction of the loss (module docstring for how
+        it scales the curvature).
+    unsupported
+        ``"fallback"`` (default: exact per-sample gradients by torch.func), ``"error"`` or
+        ``"plain_gradient"`` for trainable modules natgrad has no adapter for
+        (:func:`natgrad.selection.select_layers`).
+    overrides
+        ``{module_name: "fallback" | "plain_gradient"}``: per-module choice instead of the
+        automatic one.
+    seed
+        Seed of the generator that samples labels (saved in :meth:`state_dict`).
+    distributed
+        ``"auto"`` (default: ``"global"`` if ``torch.distributed`` is initialised, else
+        ``"off"``), ``"off"``, ``"global"`` or ``"local"`` (where the method supports it); see
+        :mod:`natgrad.distributed`.
+    process_group
+        The ``torch.distributed`` group of the data-parallel ranks (default: the whole world).
+    fallback_chunk_size
+        Datapoints the torch.func fallback re-runs at a time (default 32; ``None``: the whole
+        batch at once), which bounds the fallback's activation memory (:mod:`natgrad.fallback`).
+        Only methods with ``per_sample_blocks`` (the Woodbury family) precondition fallback
+        tensors; the others leave them to the plain gradient and ignore it.
+
+    Notes
+    -----
     Subclasses implement :meth:`_precondition` and, if their datapoints need extra
     back-propagated output vectors, :meth:`_extra_output_vectors`. With
     ``per_sample_blocks = True`` they also receive normalisation layers and fallback tensors as
@@ -97,13 +153,13 @@ class Preconditioner:
         self,
         model: nn.Module,
         *,
-        likelihood: str | Likelihood = "categorical",
-        reduction: str = "mean",
         damping: Damping = 1e-3,
-        unsupported: str = "fallback",
-        overrides: Mapping[str, str] | None = None,
+        likelihood: LikelihoodName | Likelihood = "categorical",
+        reduction: Reduction = "mean",
+        unsupported: Unsupported = "fallback",
+        overrides: Mapping[str, Override] | None = None,
         seed: int = 0,
-        distributed: str = "auto",
+        distributed: DistributedMode = "auto",
         process_group: ProcessGroup | None = None,
         fallback_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     ) -> None:

@@ -1,4 +1,4 @@
-"""FishLeg: a learned inverse Fisher (seed 003, sec. 4, Algorithm 1, App. A.5-A.7).
+"""FishLeg: a learned inverse Fisher (Garcia et al. 2023, sec. 4, Algorithm 1, App. A.5-A.7).
 
 FishLeg keeps auxiliary parameters ``λ`` of a positive semi-definite block-diagonal matrix
 ``Q(λ)`` and learns them online so that ``Q(λ) ≈ (F + γI)^{-1}`` on the directions the
@@ -41,23 +41,26 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 from natgrad.fisher_vector import fisher_vector_product
-from natgrad.likelihoods import Likelihood
-from natgrad.precond.base import NonFiniteWarning, Preconditioner, check_count, check_damping
+from natgrad.precond.base import (
+    Damping,
+    NonFiniteWarning,
+    Preconditioner,
+    check_count,
+    check_damping,
+)
 from natgrad.precond.blocks import LayerBatch, TokenBatch
-from natgrad.precond.kronecker import LayerGradient, augmented_inputs
+from natgrad.precond.layer_gradient import LayerGradient, augmented_inputs
 
-if TYPE_CHECKING:
-    from torch.distributed import ProcessGroup
-
-Q_STRUCTURES = ("kron", "diag")
-MOMENTUM_TARGETS = ("gradient", "update")
+QStructure = Literal["kron", "diag"]
+Q_STRUCTURES: tuple[QStructure, ...] = get_args(QStructure)
+MomentumTarget = Literal["gradient", "update"]
+MOMENTUM_TARGETS: tuple[MomentumTarget, ...] = get_args(MomentumTarget)
 MAX_KRON_AUX_BYTES = 2**30
 """Largest Kronecker auxiliary pair of one layer FishLeg builds (e.g. an embedding with a large
 vocabulary needs ``vocabulary x vocabulary``); beyond it, a clear error instead of an
@@ -65,17 +68,18 @@ out-of-memory failure."""
 
 
 class FishLeg(Preconditioner):
-    """FishLeg preconditioner (seed 003).
+    """FishLeg preconditioner (Garcia et al. 2023).
 
     Parameters
     ----------
-    model, likelihood, reduction, unsupported, overrides, seed
-        As for :class:`natgrad.NGD`; normalisation layers and fallback tensors keep the plain
-        gradient (an identity block, listed by :meth:`describe`).
+    model
+        The model; its forward pass must return the logits ``(N, C)``.
     damping
-        ``γ > 0`` of ``(F + γI)^{-1}``.
+        ``γ > 0`` of ``(F + γI)^{-1}``, or a callable ``step -> γ`` evaluated at every
+        auxiliary step.
     aux_lr
-        ``α > 0``, the Adam learning rate of the auxiliary parameters.
+        ``α > 0``, the Adam learning rate of the auxiliary parameters, or a callable
+        ``step -> α`` evaluated at every auxiliary step.
     aux_period
         ``k >= 1``: an auxiliary step every ``k`` steps.
     momentum
@@ -86,33 +90,27 @@ class FishLeg(Preconditioner):
         ``"kron"`` (default) or ``"diag"``.
     momentum_on
         ``"gradient"`` (Algorithm 1, line 16; default) or ``"update"`` (momentum on ``Q g``).
-    distributed, process_group
-        ``"auto"`` (default: ``"global"`` if ``torch.distributed`` is initialised, else
-        ``"off"``), ``"off"`` or ``"global"`` (module docstring), and the group of the ranks.
+    **options
+        The options every preconditioner takes (:class:`~natgrad.precond.base.Preconditioner`);
+        ``distributed`` is ``"auto"``, ``"off"`` or ``"global"`` (module docstring).
+        Normalisation layers and fallback tensors keep the plain gradient (an identity block,
+        listed by :meth:`describe`).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        likelihood: str | Likelihood = "categorical",
-        damping: float = 1e-3,
-        aux_lr: float = 1e-3,
+        *,
+        damping: Damping = 1e-3,
+        aux_lr: Damping = 1e-3,
         aux_period: int = 10,
         momentum: float = 0.9,
         init_scale: float = 1.0,
-        q_structure: str = "kron",
-        *,
-        momentum_on: str = "gradient",
-        reduction: str = "mean",
-        unsupported: str = "fallback",
-        overrides: Mapping[str, str] | None = None,
-        seed: int = 0,
-        distributed: str = "auto",
-        process_group: ProcessGroup | None = None,
+        q_structure: QStructure = "kron",
+        momentum_on: MomentumTarget = "gradient",
+        **options: Any,
     ) -> None:
-        if callable(damping):
-            raise TypeError("FishLeg's damping γ must be a positive float")
-        self.aux_lr = check_damping(aux_lr, "aux_lr")
+        self.aux_lr = aux_lr if callable(aux_lr) else check_damping(aux_lr, "aux_lr")
         check_count(aux_period, "aux_period")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
@@ -127,24 +125,23 @@ class FishLeg(Preconditioner):
         self.momentum = float(momentum)
         self.q_structure = q_structure
         self.momentum_on = momentum_on
-        super().__init__(
-            model,
-            likelihood=likelihood,
-            reduction=reduction,
-            damping=damping,
-            unsupported=unsupported,
-            overrides=overrides,
-            seed=seed,
-            distributed=distributed,
-            process_group=process_group,
-        )
+        super().__init__(model, damping=damping, **options)
         self.aux_params = self._init_aux_params()
         self.aux_optimizer = torch.optim.Adam(
-            [p for pair in self.aux_params.values() for p in pair], lr=self.aux_lr, fused=True
+            [p for pair in self.aux_params.values() for p in pair],
+            lr=self.current_aux_lr(),
+            fused=True,
         )
         self.momentum_buffers: dict[str, Tensor] = {}
         self.aux_losses: list[float] = []
         self._aux_args: tuple | None = None
+
+    def current_aux_lr(self) -> float:
+        """The auxiliary learning rate of the current step (a callable ``aux_lr`` is evaluated
+        at ``steps``)."""
+        if callable(self.aux_lr):
+            return check_damping(self.aux_lr(self.steps), "aux_lr(step)")
+        return self.aux_lr
 
     # ------------------------------------------------------------------ Q(λ)
     def _has_bias(self, name: str) -> bool:
@@ -195,7 +192,7 @@ class FishLeg(Preconditioner):
 
     def apply_q_low_rank(self, name: str, grad_rows: Tensor, inputs: Tensor) -> Tensor:
         """``Q_l (Ē^T Ā)`` as ``(Ē L L^T)^T (Ā R R^T)``: cost ``~N T d^2`` instead of ``d^3``
-        (seed 003 App. A.7); differentiable in λ."""
+        (Garcia et al. 2023, App. A.7); differentiable in λ."""
         if self.q_structure == "diag":
             return self.apply_q(name, grad_rows.T @ inputs)
         left, right = self._triangular_factors(name)
@@ -317,6 +314,7 @@ class FishLeg(Preconditioner):
             fisher_blocks = fisher_vector_product(
                 self.model, model_args, params, blocks, self.likelihood, self.reduction
             )
+        damping = self.current_damping()
         fisher_products, position = {}, 0
         for name, product in products.items():
             module = self.selection.layers[name]
@@ -325,7 +323,7 @@ class FishLeg(Preconditioner):
             if self._has_bias(name):
                 weight_part = torch.cat([weight_part, fisher_blocks[position].unsqueeze(1)], 1)
                 position += 1
-            fisher_products[name] = weight_part + self.damping * product.detach()
+            fisher_products[name] = weight_part + damping * product.detach()
         if not bool(torch.isfinite(torch.stack([h.sum() for h in fisher_products.values()])).all()):
             return None
         surrogate = sum(
@@ -372,6 +370,8 @@ class FishLeg(Preconditioner):
                 stacklevel=4,
             )
             return
+        for group in self.aux_optimizer.param_groups:
+            group["lr"] = self.current_aux_lr()
         self.aux_optimizer.step()
         self.aux_losses.append(value.item())
 
@@ -404,4 +404,4 @@ class FishLeg(Preconditioner):
         )
 
 
-__all__ = ["MOMENTUM_TARGETS", "Q_STRUCTURES", "FishLeg"]
+__all__ = ["MOMENTUM_TARGETS", "Q_STRUCTURES", "FishLeg", "MomentumTarget", "QStructure"]

@@ -1,4 +1,4 @@
-"""Kronecker-factored preconditioners: KFAC (seed 001 eq. 2-4, App. D-E) and FOOF (eq. 5-6).
+"""Kronecker-factored preconditioners: KFAC (Benzing 2022, eq. 2-4, App. D-E) and FOOF (eq. 5-6).
 
 Per layer with weight matrix ``W`` (``d_out x d_in``, bias as an extra input column), the
 curvature block is approximated by ``Σ_A ⊗ Σ_G`` with
@@ -9,7 +9,7 @@ curvature block is approximated by ``Σ_A ⊗ Σ_G`` with
   convention for weight sharing),
 
 so that ``Σ_A ⊗ Σ_G`` approximates ``c w sum_{k,n} g_{kn} g_{kn}^T``, as curvlinops' KFAC does.
-Both are exponential moving averages with decay ``m``, normalised (seed 001 App. D.1:
+Both are exponential moving averages with decay ``m``, normalised (Benzing 2022, App. D.1:
 ``x̂ ← m x̂ + (1 - m) x``, divided by ``1 - m^t``, i.e. ``x̂_1 = x_1``); ``m = 0`` is
 subsampled KFAC.
 
@@ -43,18 +43,13 @@ step, the optimiser and the next forward and backward passes go on, and is waite
 factors are next read (the next fold, an inversion, :meth:`state_dict`, ``input_factors``).
 
 By default every rank computes every inverse. With ``spread_inversions=True`` the layers due
-for inversion are dealt out over the ranks by cost (``d_in^3 + d_out^3``, largest first, each
-to the least loaded rank); each rank inverts its share and broadcasts it, so every rank ends
-with the same inverses for about ``1/R`` of the inversion work and one broadcast of every
-inverse (the size of the layer's factors: ``d_in^2 + d_out^2`` numbers for KFAC, plus
-eigenvalues for the eigen-based damping modes, ``d_in^2`` for FOOF, ``V`` for an embedding's
-diagonal factor). If an inversion fails on its rank, every rank raises (a non-finite factor
-skips the step everywhere, as without spreading). It pays when inversions are a large part
-of the step (wide layers, frequent inversions).
+for inversion are dealt out over the ranks by cost and each rank broadcasts its share
+(:mod:`natgrad.precond.assignment`), so every rank ends with the same inverses for about
+``1/R`` of the inversion work and one broadcast of every inverse. It pays when inversions are
+a large part of the step (wide layers, frequent inversions).
 
-The gradient ``∇W = Ē^T Ā`` has rank at most ``N T``; when that is below the layer widths the
-inverses are applied to ``Ē`` and ``Ā`` (cost ``~N T d^2``) instead of to the ``d_out x d_in``
-matrix (cost ``~d^3``), chosen per layer.
+The per-layer inverses are typed (:mod:`natgrad.precond.inverses`), and are applied to the
+gradient's low-rank factors when that is cheaper (:mod:`natgrad.precond.layer_gradient`).
 
 ``nn.Embedding`` (:class:`~natgrad.precond.blocks.TokenBatch`): the inputs are one-hot, so
 ``Σ_A`` is diagonal, the token frequencies ``diag(c_v) / (N T)``, and is kept as that vector
@@ -66,37 +61,28 @@ exactly, for any vocabulary size.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 from natgrad.capture import LayerAdapter
 from natgrad.datapoints import check_fisher, output_vectors, row_multipliers, row_weight
-from natgrad.likelihoods import Likelihood
-from natgrad.linalg import damped_inverse, token_frequencies, token_matrix
+from natgrad.linalg import token_frequencies
+from natgrad.precond.assignment import InversionAssignment
 from natgrad.precond.base import Damping, Preconditioner, check_count
-from natgrad.precond.blocks import Block, LayerBatch, TokenBatch
+from natgrad.precond.blocks import Block, LayerBatch
+from natgrad.precond.inverses import EigenInverse, FOOFInverse, KroneckerInverse, LayerInverse
+from natgrad.precond.layer_gradient import LayerGradient, augmented_inputs
 
 if TYPE_CHECKING:
-    from torch.distributed import ProcessGroup
-
     from natgrad.distributed import PendingAverage
 
-DAMPING_MODES = ("heuristic", "correct", "none")
-KFAC_FISHERS = ("mc", "empirical", "ief", "exact")
-PSEUDO_INVERSE_RTOL = 1e-10
-
-
-def augmented_inputs(inputs: Tensor, has_bias: bool) -> Tensor:
-    """``Ā``: layer inputs ``(N, T, d_in)`` as ``(N T, d_in [+1])`` rows, bias column of ones."""
-    rows = inputs.reshape(-1, inputs.shape[-1])
-    if has_bias:
-        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-    return rows
+DampingMode = Literal["heuristic", "correct", "none"]
+DAMPING_MODES: tuple[DampingMode, ...] = get_args(DampingMode)
+KroneckerFisher = Literal["mc", "empirical", "ief", "exact"]
+KFAC_FISHERS: tuple[KroneckerFisher, ...] = get_args(KroneckerFisher)
 
 
 def input_covariance(
@@ -108,41 +94,6 @@ def input_covariance(
         return token_frequencies(rows, module.num_embeddings, dtype)
     inputs = augmented_inputs(rows, adapter.has_bias(module))
     return inputs.T @ inputs / inputs.shape[0]
-
-
-@dataclass
-class LayerGradient:
-    """A layer's ``∇W``: low rank, ``Ē^T Ā`` from ``grad_rows`` ``(R, d_out)`` and ``inputs``
-    ``(R, d_in)``, or a dense ``matrix`` ``(d_out, d_in)`` (token inputs)."""
-
-    grad_rows: Tensor | None = None
-    inputs: Tensor | None = None
-    matrix: Tensor | None = None
-
-    @classmethod
-    def of(cls, batch: LayerBatch, grad_rows: Tensor) -> LayerGradient:
-        """The gradient of ``batch`` from its output-gradient rows ``(N T, d_out)``."""
-        if isinstance(batch, TokenBatch):
-            rows = grad_rows.reshape(*batch.inputs.shape, -1)
-            return cls(matrix=token_matrix(batch.inputs, rows, batch.module.num_embeddings).T)
-        return cls(grad_rows, augmented_inputs(batch.inputs, batch.has_bias))
-
-    def scaled(self, scale: float) -> LayerGradient:
-        """``scale ∇W``."""
-        if self.matrix is not None:
-            return LayerGradient(matrix=scale * self.matrix)
-        return LayerGradient(scale * self.grad_rows, self.inputs)
-
-    def dense(self) -> Tensor:
-        """``∇W`` as a ``(d_out, d_in)`` matrix."""
-        return self.matrix if self.matrix is not None else self.grad_rows.T @ self.inputs
-
-    def low_rank_pays(self, two_sided: bool) -> bool:
-        """Whether applying the inverses to the low-rank factors is cheaper than to ``∇W``."""
-        if self.matrix is not None:
-            return False
-        rank, d_out, d_in = self.inputs.shape[0], self.grad_rows.shape[1], self.inputs.shape[1]
-        return _low_rank_is_cheaper(rank, d_out, d_in, two_sided)
 
 
 def _check_schedule(
@@ -158,12 +109,36 @@ def _check_schedule(
         if not 1 <= pre_inversion_steps <= inv_period:
             raise ValueError(
                 f"pre_inversion_steps S={pre_inversion_steps} must satisfy 1 <= S <= T = "
-                f"inv_period={inv_period} (Algorithm 1 of seed 001)"
+                f"inv_period={inv_period} (Benzing 2022, Algorithm 1)"
             )
 
 
 class KroneckerPreconditioner(Preconditioner):
-    """Shared machinery of KFAC and FOOF: factor EMAs, schedules, low-rank application."""
+    """Shared machinery of KFAC and FOOF: factor EMAs, schedules, inversions.
+
+    Parameters
+    ----------
+    model, damping
+        As for :class:`~natgrad.precond.base.Preconditioner`.
+    fisher
+        Datapoints of the second factor ``Σ_G``: ``"mc"`` (``mc_samples`` sampled labels,
+        default), ``"empirical"``, ``"ief"`` (rows rescaled by ``1/||d l_n / d z_n||``, the
+        iEF matrix; Wu et al. 2024, sec. 5) or ``"exact"`` (Hessian square-root columns).
+    ema_decay, factor_period, inv_period, pre_inversion_steps
+        ``m`` (default 0.95), ``k`` (1), ``T`` (1) and ``S`` (None) of the schedule (module
+        docstring).
+    mc_samples
+        ``M >= 1``, the labels sampled per datapoint for ``fisher="mc"``.
+    spread_inversions
+        With communication: deal the inversions out over the ranks by cost and broadcast them
+        (:mod:`natgrad.precond.assignment`) instead of inverting every layer on every rank.
+        Ignored without communication.
+    **options
+        The options every preconditioner takes (:class:`~natgrad.precond.base.Preconditioner`);
+        ``distributed`` is ``"auto"``, ``"off"`` or ``"global"`` (factors and directions
+        averaged over the ranks; module docstring). Normalisation layers and fallback tensors
+        keep the plain gradient (an identity block, listed by :meth:`describe`).
+    """
 
     uses_grad_factor: bool = True
 
@@ -171,21 +146,15 @@ class KroneckerPreconditioner(Preconditioner):
         self,
         model: nn.Module,
         *,
-        likelihood: str | Likelihood,
-        fisher: str,
         damping: Damping,
-        ema_decay: float,
-        factor_period: int,
-        inv_period: int,
-        pre_inversion_steps: int | None,
-        mc_samples: int,
-        reduction: str,
-        unsupported: str,
-        overrides: Mapping[str, str] | None,
-        seed: int,
-        distributed: str,
-        process_group: ProcessGroup | None,
-        spread_inversions: bool,
+        fisher: KroneckerFisher = "mc",
+        ema_decay: float = 0.95,
+        factor_period: int = 1,
+        inv_period: int = 1,
+        pre_inversion_steps: int | None = None,
+        mc_samples: int = 1,
+        spread_inversions: bool = False,
+        **options: Any,
     ) -> None:
         if fisher not in KFAC_FISHERS:
             check_fisher(fisher)
@@ -199,23 +168,14 @@ class KroneckerPreconditioner(Preconditioner):
         self.pre_inversion_steps = pre_inversion_steps
         self.mc_samples = mc_samples
         self.spread_inversions = bool(spread_inversions)
-        super().__init__(
-            model,
-            likelihood=likelihood,
-            reduction=reduction,
-            damping=damping,
-            unsupported=unsupported,
-            overrides=overrides,
-            seed=seed,
-            distributed=distributed,
-            process_group=process_group,
-        )
+        super().__init__(model, damping=damping, **options)
         # per layer: running (unnormalised) sums and the EMA normaliser 1 - m^t
         self._input_factors: dict[str, Tensor] = {}
         self._grad_factors: dict[str, Tensor] = {}
         self._pending_factors: PendingAverage | None = None
         self.ema_weights: dict[str, float] = {}
-        self.inverses: dict[str, dict[str, Any]] = {}
+        self.inverses: dict[str, LayerInverse] = {}
+        self.assignment = InversionAssignment(self.communicator)
 
     @property
     def input_factors(self) -> dict[str, Tensor]:
@@ -324,11 +284,8 @@ class KroneckerPreconditioner(Preconditioner):
         for batch in batches:
             grad_rows = factor * batch.loss_grads[0].reshape(-1, batch.loss_grads.shape[-1])
             batch.write_grad(
-                *self._apply(
-                    self.inverses[batch.name],
-                    LayerGradient.of(batch, grad_rows),
-                    batch.has_bias,
-                    batch.grad_buffer(),
+                *self.inverses[batch.name].apply(
+                    LayerGradient.of(batch, grad_rows), batch.has_bias, batch.grad_buffer()
                 )
             )
 
@@ -355,132 +312,44 @@ class KroneckerPreconditioner(Preconditioner):
 
     def _invert_layers(self, names: list[str]) -> None:
         """Recompute the inverses of ``names``: all here, or dealt out over the ranks and
-        broadcast with ``spread_inversions`` (module docstring)."""
+        broadcast with ``spread_inversions`` (:mod:`natgrad.precond.assignment`)."""
         if not names:
             return
         if not (self.spread_inversions and self.communicator.active):
             for name in names:
                 self.inverses[name] = self._invert(*self.normalised_factors(name))
             return
-        owners = self.inversion_owners(names)
-        inverses, failure = {}, None
-        try:
-            for name in names:
-                if owners[name] == self.communicator.rank:
-                    inverses[name] = self._invert(*self.normalised_factors(name))
-        except Exception as error:  # agreed on below, so no rank waits for a broadcast
-            failure = error
-        self._agree_on_inversions(failure)
-        self._share_inverses(names, owners, inverses)
-        for name in names:  # in the order of names on every rank
-            self.inverses[name] = inverses[name]
-
-    def _agree_on_inversions(self, failure: Exception | None) -> None:
-        """With spread inversions: raise on every rank if an inversion failed on any.
-
-        A ``FloatingPointError`` (non-finite factors) becomes one on every rank, so the step is
-        skipped everywhere; any other error is re-raised where it happened and reported as a
-        ``RuntimeError`` on the other ranks.
-        """
-        numerical = isinstance(failure, FloatingPointError)
-        flags = self.communicator.small([numerical, failure is not None and not numerical])
-        numerical_ranks, other_ranks = self.communicator.all_reduce_sum(flags, "checks").tolist()
-        if failure is not None and not numerical:
-            raise failure
-        if other_ranks:
-            raise RuntimeError(
-                "an inversion failed on another rank (spread_inversions): see its error"
+        self.inverses.update(
+            self.assignment.invert(
+                {name: self._inversion_cost(name) for name in names},
+                lambda name: self._invert(*self.normalised_factors(name)),
+                lambda name: self.inverse_type.empty_like(
+                    self.input_factors[name], self.grad_factors.get(name)
+                ),
             )
-        if numerical_ranks:
-            raise failure or FloatingPointError(
-                "an inversion on another rank met non-finite factors (spread_inversions)"
-            )
+        )
 
-    def _factor_shapes(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
-        """The shapes of a layer's factors: ``Σ_A`` ``(d_in [+1],) * 2``, or ``(V,)`` when
-        diagonal, and ``Σ_G`` ``(d_out, d_out)`` (None without it)."""
-        grad_factor = self.grad_factors.get(name)
-        input_shape = tuple(self.input_factors[name].shape)
-        return input_shape, None if grad_factor is None else tuple(grad_factor.shape)
+    def _inversion_cost(self, name: str) -> int:
+        """``d_in^3 + d_out^3`` of a layer's factors (``d_in`` for a diagonal ``Σ_A``)."""
+        factors = [self.input_factors[name], self.grad_factors.get(name)]
+        return sum(
+            factor.shape[0] ** 3 if factor.dim() == 2 else factor.shape[0]
+            for factor in factors
+            if factor is not None
+        )
 
     def inversion_owners(self, names: list[str]) -> dict[str, int]:
-        """The rank that inverts each layer with ``spread_inversions``: layers by decreasing
-        cost ``d_in^3 + d_out^3`` (``d_in`` for a diagonal ``Σ_A``; ties in the given order),
-        each to the least loaded rank (ties to the lowest). The same on every rank, as the
-        layer shapes are."""
-        costs = {
-            name: sum(
-                shape[0] ** 3 if len(shape) == 2 else shape[0]
-                for shape in self._factor_shapes(name)
-                if shape
-            )
-            for name in names
-        }
-        loads = [0] * self.communicator.world_size
-        owners = {}
-        for name in sorted(names, key=lambda n: -costs[n]):
-            rank = loads.index(min(loads))
-            owners[name] = rank
-            loads[rank] += costs[name]
-        return owners
+        """The rank that inverts each layer with ``spread_inversions``
+        (:meth:`natgrad.precond.assignment.InversionAssignment.owners`)."""
+        return self.assignment.owners({name: self._inversion_cost(name) for name in names})
 
-    def _share_inverses(
-        self, names: list[str], owners: dict[str, int], inverses: dict[str, dict[str, Any]]
-    ) -> None:
-        """Complete ``inverses`` (this rank's own) with the other ranks': each rank broadcasts
-        the tensors of the inverses it computed (one buffer per rank); one all-reduce carries
-        their floats (damping values, scales) in float64."""
-        communicator = self.communicator
-        layouts = {name: self._inverse_layout(*self._factor_shapes(name)) for name in names}
-        floats = {name: [k for k, s in layouts[name].items() if s is None] for name in names}
-        float_values = torch.zeros(
-            len(names), max(len(keys) for keys in floats.values()), dtype=torch.float64,
-            device=communicator.device,
-        )  # fmt: skip
-        for source in range(communicator.world_size):
-            owned = [name for name in names if owners[name] == source]
-            entries = [(n, k, s) for n in owned for k, s in layouts[n].items() if s is not None]
-            if not entries:
-                continue
-            sizes = [math.prod(shape) for *_, shape in entries]
-            dtype = self.input_factors[owned[0]].dtype  # one buffer, one dtype
-            if source == communicator.rank:
-                buffer = torch.cat([inverses[n][k].reshape(-1).to(dtype) for n, k, _ in entries])
-            else:
-                buffer = self.input_factors[owned[0]].new_empty(sum(sizes))
-            communicator.broadcast_(buffer, source, "inverses")
-            if source != communicator.rank:
-                for (name, key, shape), part in zip(entries, buffer.split(sizes), strict=True):
-                    layer_dtype = self.input_factors[name].dtype
-                    inverses.setdefault(name, {})[key] = part.view(shape).to(layer_dtype)
-        for row, name in enumerate(names):
-            if owners[name] == communicator.rank:
-                for column, key in enumerate(floats[name]):
-                    float_values[row, column] = inverses[name][key]
-        if float_values.numel():
-            communicator.all_reduce_sum(float_values, "inverses")
-        for row, name in enumerate(names):
-            for column, key in enumerate(floats[name]):
-                inverses[name][key] = float_values[row, column].item()
-
-    def _invert(self, input_cov: Tensor, grad_cov: Tensor | None) -> dict[str, Any]:
+    def _invert(self, input_cov: Tensor, grad_cov: Tensor | None) -> LayerInverse:
+        """The inverse of a layer's normalised factors at the current damping."""
         raise NotImplementedError
 
-    def _inverse_layout(
-        self, input_shape: tuple[int, ...], grad_shape: tuple[int, ...] | None
-    ) -> dict[str, Any]:
-        """The entries of :meth:`_invert`'s result for factors of these shapes, ``{key: tensor
-        shape, or None for a float}``, for broadcasting the inverses (``spread_inversions``)."""
-        raise NotImplementedError
-
-    def _apply(
-        self,
-        inverse: dict[str, Any],
-        gradient: LayerGradient,
-        has_bias: bool,
-        out: Tensor | None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """The update as ``(weight (d_out, d_in), bias or None)``, the weight into ``out``."""
+    @property
+    def inverse_type(self) -> type[LayerInverse]:
+        """The type of the method's per-layer inverses (:mod:`natgrad.precond.inverses`)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ state
@@ -490,7 +359,7 @@ class KroneckerPreconditioner(Preconditioner):
             input_factors={k: v.clone() for k, v in self.input_factors.items()},
             grad_factors={k: v.clone() for k, v in self.grad_factors.items()},
             ema_weights=dict(self.ema_weights),
-            inverses=_copy_inverses(self.inverses),
+            inverses={name: _cloned(inverse.tensors()) for name, inverse in self.inverses.items()},
         )
         return state
 
@@ -500,7 +369,10 @@ class KroneckerPreconditioner(Preconditioner):
         self._input_factors = {k: v.clone() for k, v in state["input_factors"].items()}
         self._grad_factors = {k: v.clone() for k, v in state["grad_factors"].items()}
         self.ema_weights = dict(state["ema_weights"])
-        self.inverses = _copy_inverses(state["inverses"])
+        self.inverses = {
+            name: self.inverse_type.from_tensors(_cloned(entries))
+            for name, entries in state["inverses"].items()
+        }
         self._check_loaded_factors()
 
     def _check_loaded_factors(self) -> None:
@@ -516,12 +388,8 @@ class KroneckerPreconditioner(Preconditioner):
                 expected: tuple[int, ...] = (module.num_embeddings,)
                 if factor.dim() == 2 and tuple(factor.shape) == expected * 2:
                     self._input_factors[name] = factor.diagonal().clone()
-                    inverse = self.inverses.get(name, {})
-                    if "input" in inverse:  # the inverse of a diagonal is diagonal
-                        inverse["input"] = inverse["input"].diagonal().clone()
-                    if "input_vectors" in inverse:  # diag(V Λ V^T), in the tokens' order
-                        vectors = inverse.pop("input_vectors")
-                        inverse["input_values"] = vectors.pow(2) @ inverse["input_values"]
+                    if name in self.inverses:
+                        self.inverses[name] = self.inverses[name].with_diagonal_input()
                     continue
             else:
                 expected = (adapter.matrix_shape(module)[1] + int(adapter.has_bias(module)),) * 2
@@ -540,291 +408,93 @@ class KroneckerPreconditioner(Preconditioner):
         )
 
 
-def _copy_inverses(inverses: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """A copy of per-layer inverse entries (tensors cloned, floats kept)."""
-    return {
-        name: {k: v.clone() if isinstance(v, Tensor) else v for k, v in inverse.items()}
-        for name, inverse in inverses.items()
-    }
-
-
-def _mean_eigenvalue(factor: Tensor) -> float:
-    """``tr F / dim``, of a matrix or of a diagonal kept as a vector."""
-    diagonal = factor if factor.dim() == 1 else factor.diagonal()
-    return diagonal.sum().item() / factor.shape[0]
-
-
-def _damped_inverse(factor: Tensor, damping: float) -> Tensor:
-    """``(F + λ I)^{-1}``; elementwise for a diagonal kept as a vector (entries ``>= 0``)."""
-    if factor.dim() == 1:
-        return 1.0 / (factor + damping)
-    return damped_inverse(factor, damping)[0]
-
-
-def _heuristic_split(input_cov: Tensor, grad_cov: Tensor, damping: float) -> tuple[float, float]:
-    """``(λ_A, λ_E)`` with ``λ_A λ_E = λ`` and ``λ_A/λ_E = (d_out tr A)/(d_in tr G)`` (eq. 2)."""
-    mean_input = _mean_eigenvalue(input_cov)
-    mean_grad = _mean_eigenvalue(grad_cov)
-    ratio = math.sqrt(mean_input / mean_grad) if mean_input > 0 and mean_grad > 0 else 1.0
-    root = math.sqrt(damping)
-    return root * ratio, root / ratio
-
-
-def _eigen(matrix: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Eigenvalues (clamped at 0) and eigenvectors; a diagonal kept as a vector is its own
-    eigenvalues, with the identity (``None``) as eigenvectors."""
-    if matrix.dim() == 1:
-        return matrix.clamp_min(0), None
-    values, vectors = torch.linalg.eigh(matrix.to(torch.float64))
-    return values.clamp_min(0).to(matrix.dtype), vectors.to(matrix.dtype)
-
-
-def _times_right(matrix: Tensor, right: Tensor | None) -> Tensor:
-    """``matrix @ right``: ``right`` a matrix, a diagonal kept as a vector, or the identity."""
-    if right is None:
-        return matrix
-    return matrix * right if right.dim() == 1 else matrix @ right
-
-
-def _sandwich(left: Tensor | None, gradient: LayerGradient, right: Tensor | None) -> Tensor:
-    """``left^T ∇W right``, as ``(Ē left)^T (Ā right)`` when the rank ``N T`` is small."""
-    if gradient.low_rank_pays(left is not None):
-        mapped_grads = gradient.grad_rows if left is None else gradient.grad_rows @ left
-        return mapped_grads.T @ _times_right(gradient.inputs, right)
-    matrix = gradient.dense()
-    if left is not None:
-        matrix = left.T @ matrix
-    return _times_right(matrix, right)
-
-
-def _low_rank_is_cheaper(rank: int, d_out: int, d_in: int, two_sided: bool) -> bool:
-    left_cost = d_out * d_out if two_sided else 0
-    low_rank = rank * (left_cost + d_in * d_in + d_out * d_in)
-    dense = rank * d_out * d_in + d_out * d_in * d_in + (d_out**2 * d_in if two_sided else 0)
-    return low_rank <= dense
-
-
-def _split_sandwich(
-    left: Tensor | None,
-    gradient: LayerGradient,
-    right: Tensor | None,
-    has_bias: bool,
-    out: Tensor | None,
-) -> tuple[Tensor, Tensor | None]:
-    """:func:`_sandwich` split into weight and bias parts, the weight written into ``out``.
-
-    In the low-rank form the two parts are separate products, so the weight lands in the
-    existing ``.grad`` without an intermediate ``d_out x d_in`` copy.
-    """
-    if gradient.low_rank_pays(left is not None):
-        grad_rows, inputs = gradient.grad_rows, gradient.inputs
-        d_weight = inputs.shape[1] - int(has_bias)
-        mapped_grads = (grad_rows if left is None else grad_rows @ left).T
-        mapped_inputs = inputs @ right
-        weight = torch.mm(mapped_grads, mapped_inputs[:, :d_weight], out=out)
-        return weight, (mapped_grads @ mapped_inputs[:, d_weight]) if has_bias else None
-    full = _sandwich(left, gradient, right)
-    d_weight = full.shape[1] - int(has_bias)
-    return full[:, :d_weight], (full[:, d_weight] if has_bias else None)
+def _cloned(entries: Mapping[str, Tensor | float]) -> dict[str, Tensor | float]:
+    """A copy of an inverse's entries (tensors cloned, floats kept)."""
+    return {k: v.clone() if isinstance(v, Tensor) else v for k, v in entries.items()}
 
 
 class KFAC(KroneckerPreconditioner):
-    """Kronecker-factored approximate curvature (seed 001 eq. 2-4, App. D-E).
+    """Kronecker-factored approximate curvature (Benzing 2022, eq. 2-4, App. D-E).
 
     Parameters
     ----------
-    model, likelihood, reduction, unsupported, overrides, seed
-        As for :class:`natgrad.NGD`; normalisation layers and fallback tensors keep the plain
-        gradient (an identity block, listed by :meth:`describe`).
-    fisher
-        Datapoints of the second factor: ``"mc"`` (``mc_samples`` sampled labels, default),
-        ``"empirical"``, ``"ief"`` (rows rescaled by ``1/||d l_n / d z_n||``, the iEF matrix;
-        seed 000 sec. 5) or ``"exact"`` (Hessian square-root columns).
+    model
+        The model; its forward pass must return the logits ``(N, C)``.
     damping
         ``λ > 0`` (or a callable of the step): split into ``λ_A, λ_E`` (heuristic) or added to
         the Kronecker product (correct); ignored for ``damping_mode="none"``.
     damping_mode
         ``"heuristic"`` (default), ``"correct"`` or ``"none"``.
-    ema_decay, factor_period, inv_period, pre_inversion_steps
-        ``m``, ``k``, ``T`` and ``S`` of the schedule (module docstring).
-    distributed, process_group
-        ``"auto"`` (default: ``"global"`` if ``torch.distributed`` is initialised, else
-        ``"off"``), ``"off"`` or ``"global"`` (factors and directions averaged over the ranks;
-        :mod:`natgrad.distributed`), and the group of the ranks.
-    spread_inversions
-        With communication: deal the inversions out over the ranks by cost and broadcast them
-        (module docstring) instead of inverting every layer on every rank. Ignored without
-        communication.
+    **options
+        ``fisher``, the schedule (``ema_decay``, ``factor_period``, ``inv_period``,
+        ``pre_inversion_steps``), ``mc_samples`` and ``spread_inversions`` as for
+        :class:`KroneckerPreconditioner`, and the options every preconditioner takes
+        (:class:`~natgrad.precond.base.Preconditioner`).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        likelihood: str | Likelihood = "categorical",
-        fisher: str = "mc",
-        damping: Damping = 1e-3,
-        damping_mode: str = "heuristic",
-        ema_decay: float = 0.95,
-        factor_period: int = 1,
-        inv_period: int = 1,
-        pre_inversion_steps: int | None = None,
-        mc_samples: int = 1,
         *,
-        reduction: str = "mean",
-        unsupported: str = "fallback",
-        overrides: Mapping[str, str] | None = None,
-        seed: int = 0,
-        distributed: str = "auto",
-        process_group: ProcessGroup | None = None,
-        spread_inversions: bool = False,
+        damping: Damping = 1e-3,
+        damping_mode: DampingMode = "heuristic",
+        **options: Any,
     ) -> None:
         if damping_mode not in DAMPING_MODES:
             raise ValueError(
                 f"unknown damping_mode={damping_mode!r}: choose one of {DAMPING_MODES}"
             )
         self.damping_mode = damping_mode
-        super().__init__(
-            model,
-            likelihood=likelihood,
-            fisher=fisher,
-            damping=damping,
-            ema_decay=ema_decay,
-            factor_period=factor_period,
-            inv_period=inv_period,
-            pre_inversion_steps=pre_inversion_steps,
-            mc_samples=mc_samples,
-            reduction=reduction,
-            unsupported=unsupported,
-            overrides=overrides,
-            seed=seed,
-            distributed=distributed,
-            process_group=process_group,
-            spread_inversions=spread_inversions,
-        )
+        super().__init__(model, damping=damping, **options)
 
     def _settings(self) -> str:
         return f"damping_mode={self.damping_mode}, " + super()._settings()
 
-    def _invert(self, input_cov: Tensor, grad_cov: Tensor | None) -> dict[str, Any]:
+    def _invert(self, input_cov: Tensor, grad_cov: Tensor | None) -> LayerInverse:
         if self.damping_mode == "heuristic":
-            input_damping, grad_damping = _heuristic_split(
-                input_cov, grad_cov, self.current_damping()
-            )
-            return {
-                "input": _damped_inverse(input_cov, input_damping),
-                "grad": _damped_inverse(grad_cov, grad_damping),
-                "input_damping": input_damping,
-                "grad_damping": grad_damping,
-            }
-        input_values, input_vectors = _eigen(input_cov)
-        grad_values, grad_vectors = _eigen(grad_cov)
-        inverse = {
-            "input_values": input_values,
-            "grad_values": grad_values,
-            "grad_vectors": grad_vectors,
-            "damping": self.current_damping() if self.damping_mode == "correct" else 0.0,
-        }
-        if input_vectors is not None:  # none for a diagonal Σ_A: its eigenvectors are I
-            inverse["input_vectors"] = input_vectors
-        return inverse
+            return KroneckerInverse.compute(input_cov, grad_cov, self.current_damping())
+        damping = self.current_damping() if self.damping_mode == "correct" else 0.0
+        return EigenInverse.compute(input_cov, grad_cov, damping)
 
-    def _inverse_layout(
-        self, input_shape: tuple[int, ...], grad_shape: tuple[int, ...] | None
-    ) -> dict[str, Any]:
-        if self.damping_mode == "heuristic":
-            return {
-                "input": input_shape,
-                "grad": grad_shape,
-                "input_damping": None,
-                "grad_damping": None,
-            }
-        layout: dict[str, Any] = {
-            "input_values": input_shape[:1],
-            "grad_values": grad_shape[:1],
-            "grad_vectors": grad_shape,
-            "damping": None,
-        }
-        if len(input_shape) == 2:
-            layout["input_vectors"] = input_shape
-        return layout
-
-    def _apply(
-        self,
-        inverse: dict[str, Any],
-        gradient: LayerGradient,
-        has_bias: bool,
-        out: Tensor | None,
-    ) -> tuple[Tensor, Tensor | None]:
-        if self.damping_mode == "heuristic":
-            return _split_sandwich(inverse["grad"], gradient, inverse["input"], has_bias, out)
-        input_vectors, grad_vectors = inverse.get("input_vectors"), inverse["grad_vectors"]
-        rotated = _sandwich(grad_vectors, gradient, input_vectors)
-        eigenvalues = torch.outer(inverse["grad_values"], inverse["input_values"])
-        if self.damping_mode == "correct":
-            scaled = rotated / (eigenvalues + inverse["damping"])
-        else:
-            floor = PSEUDO_INVERSE_RTOL * eigenvalues.max().clamp_min(
-                torch.finfo(rotated.dtype).tiny
-            )
-            scaled = torch.where(eigenvalues > floor, rotated / eigenvalues.clamp_min(floor), 0.0)
-        update = grad_vectors @ scaled
-        if input_vectors is not None:
-            update = update @ input_vectors.T
-        d_weight = update.shape[1] - int(has_bias)
-        return update[:, :d_weight], (update[:, d_weight] if has_bias else None)
+    @property
+    def inverse_type(self) -> type[LayerInverse]:
+        return KroneckerInverse if self.damping_mode == "heuristic" else EigenInverse
 
 
 class FOOF(KroneckerPreconditioner):
-    """First-order optimisation on neurons, FOOF (seed 001 eq. 5-6, Algorithm 1, App. K).
+    """First-order optimisation on neurons, FOOF (Benzing 2022, eq. 5-6, Algorithm 1, App. K).
 
     ``ΔW = ∇W (Σ_A + λ I)^{-1}`` per layer, ``Σ_A`` the normalised EMA of the input covariance.
     With ``kfac_damping=True`` it is the variant of App. D.8 used in Fig. 3: ``Σ_G`` and the
     heuristic ``λ_A, λ_E`` are computed as in :class:`KFAC` (with ``fisher`` and
-    ``mc_samples``), and the update is ``∇W (Σ_A + λ_A I)^{-1} / λ_E``. ``distributed``,
-    ``process_group`` and ``spread_inversions`` as for :class:`KFAC`.
+    ``mc_samples``), and the update is ``∇W (Σ_A + λ_A I)^{-1} / λ_E``.
+
+    Parameters
+    ----------
+    model
+        The model; its forward pass must return the logits ``(N, C)``.
+    damping
+        ``λ > 0`` (default 1), or a callable of the step.
+    kfac_damping
+        Whether to use KFAC's damping split (App. D.8).
+    **options
+        The schedule (``ema_decay``, ``factor_period``, ``inv_period``,
+        ``pre_inversion_steps``), ``spread_inversions`` and, with ``kfac_damping``, ``fisher``
+        and ``mc_samples``, as for :class:`KroneckerPreconditioner`; and the options every
+        preconditioner takes (:class:`~natgrad.precond.base.Preconditioner`).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        damping: Damping = 1.0,
-        ema_decay: float = 0.95,
-        inv_period: int = 1,
-        pre_inversion_steps: int | None = None,
-        factor_period: int = 1,
         *,
+        damping: Damping = 1.0,
         kfac_damping: bool = False,
-        likelihood: str | Likelihood = "categorical",
-        fisher: str = "mc",
-        mc_samples: int = 1,
-        reduction: str = "mean",
-        unsupported: str = "fallback",
-        overrides: Mapping[str, str] | None = None,
-        seed: int = 0,
-        distributed: str = "auto",
-        process_group: ProcessGroup | None = None,
-        spread_inversions: bool = False,
+        **options: Any,
     ) -> None:
         self.kfac_damping = bool(kfac_damping)
         self.uses_grad_factor = self.kfac_damping
-        super().__init__(
-            model,
-            likelihood=likelihood,
-            fisher=fisher,
-            damping=damping,
-            ema_decay=ema_decay,
-            factor_period=factor_period,
-            inv_period=inv_period,
-            pre_inversion_steps=pre_inversion_steps,
-            mc_samples=mc_samples,
-            reduction=reduction,
-            unsupported=unsupported,
-            overrides=overrides,
-            seed=seed,
-            distributed=distributed,
-            process_group=process_group,
-            spread_inversions=spread_inversions,
-        )
+        super().__init__(model, damping=damping, **options)
 
     def _settings(self) -> str:
         return f"kfac_damping={self.kfac_damping}, " + super()._settings()
@@ -875,36 +545,20 @@ class FOOF(KroneckerPreconditioner):
             self.communicator.average_(list(self.input_factors.values()), "factors")
         self.invert_all()
 
-    def _invert(self, input_cov: Tensor, grad_cov: Tensor | None) -> dict[str, Any]:
-        damping = self.current_damping()
-        if not self.kfac_damping:
-            return {"input": _damped_inverse(input_cov, damping), "scale": 1.0}
-        input_damping, grad_damping = _heuristic_split(input_cov, grad_cov, damping)
-        return {
-            "input": _damped_inverse(input_cov, input_damping),
-            "scale": 1.0 / grad_damping,
-            "input_damping": input_damping,
-            "grad_damping": grad_damping,
-        }
+    def _invert(self, input_cov: Tensor, grad_cov: Tensor | None) -> LayerInverse:
+        return FOOFInverse.compute(input_cov, grad_cov, self.current_damping())
 
-    def _inverse_layout(
-        self, input_shape: tuple[int, ...], grad_shape: tuple[int, ...] | None
-    ) -> dict[str, Any]:
-        layout: dict[str, Any] = {"input": input_shape, "scale": None}
-        if self.kfac_damping:
-            layout.update(input_damping=None, grad_damping=None)
-        return layout
-
-    def _apply(
-        self,
-        inverse: dict[str, Any],
-        gradient: LayerGradient,
-        has_bias: bool,
-        out: Tensor | None,
-    ) -> tuple[Tensor, Tensor | None]:
-        if inverse["scale"] != 1.0:
-            gradient = gradient.scaled(inverse["scale"])
-        return _split_sandwich(None, gradient, inverse["input"], has_bias, out)
+    @property
+    def inverse_type(self) -> type[LayerInverse]:
+        return FOOFInverse
 
 
-__all__ = ["DAMPING_MODES", "FOOF", "KFAC", "KFAC_FISHERS", "KroneckerPreconditioner"]
+__all__ = [
+    "DAMPING_MODES",
+    "FOOF",
+    "KFAC",
+    "KFAC_FISHERS",
+    "DampingMode",
+    "KroneckerFisher",
+    "KroneckerPreconditioner",
+]

@@ -5,15 +5,15 @@ by ``sqrt(c w)``, ``c`` the reduction factor, ``w`` the row weight of the Fisher
 update direction is computed in the ``K N``-dimensional datapoint space, never in parameter
 space:
 
-* right-hand side in the span of the rows (``empirical``, ``ief``, ``ief_matrix``; seed 000
-  eq. 17, 19 and 5)::
+* right-hand side in the span of the rows (``empirical``, ``ief``, ``ief_matrix``; Wu et al.
+  2024, eq. 17, 19 and 5)::
 
       Δ = (J̃^T J̃ + λI)^{-1} J̃^T b = J̃^T (J̃ J̃^T + λI)^{-1} b,
 
   with ``b = sqrt(c) 1`` (EF: ``J̃^T b = ∇L``), ``b = sqrt(c) s_iEF`` (iEF), or rows divided
   by ``sqrt(s_n)`` and ``b = sqrt(c s_iEF)`` (iEF matrix: ``J̃^T b = ∇L`` again);
-* right-hand side the loss gradient (``mc``, ``exact``; seed 000 eq. 24, seed 001 eq. 19-23,
-  seed 004 eq. 40)::
+* right-hand side the loss gradient (``mc``, ``exact``; Wu et al. 2024, eq. 24; Benzing 2022,
+  eq. 19-23; Shrestha 2023, eq. 40)::
 
       Δ = (J̃^T J̃ + λI)^{-1} ∇L = λ^{-1} [∇L - J̃^T (J̃ J̃^T + λI)^{-1} J̃ ∇L],
 
@@ -21,17 +21,17 @@ space:
   never formed either.
 
 When the datapoints outnumber the parameters of a solve (``K N > P``, small models such as
-the two-parameter problems of seed 002) the same damped system is solved in parameter space
-instead, with the ``P x P`` matrix built from the materialised datapoint gradients: cheaper,
-and better conditioned at tiny damping.
+the two-parameter problems of Kunstner et al. 2019) the same damped system is solved in
+parameter space instead, with the ``P x P`` matrix built from the materialised datapoint
+gradients: cheaper, and better conditioned at tiny damping.
 
 With data parallelism (:mod:`natgrad.distributed`) the datapoints of the global batch carry
 weights ``c_n`` (``c_r / R`` for the datapoints of rank ``r``) instead of one factor ``c``:
 the rows are scaled by ``sqrt(c_n w)`` and ``b`` by ``sqrt(c_n)``, and ``∇L = sum_n c_n g_n``.
 
 ``structure="full"`` solves one system over all blocks (``J̃ J̃^T`` summed over blocks);
-``structure="layer"`` solves one per block (block-diagonal NGD; TENGraD, seed 004 eq. 39-43).
-A block is a neuron-view layer, whose direction is a single product ``E_u^T A`` (see
+``structure="layer"`` solves one per block (block-diagonal NGD; TENGraD, Shrestha 2023,
+eq. 39-43). A block is a neuron-view layer, whose direction is a single product ``E_u^T A`` (see
 :func:`natgrad.linalg.jtu`), or a module whose per-sample gradient rows ``G_b`` are
 materialised (normalisation layers, the torch.func fallback), which adds ``G_b G_b^T`` to the
 Gram and whose direction is ``G_b^T u`` (:mod:`natgrad.precond.blocks`). The updates are exact
@@ -40,14 +40,14 @@ for models mixing both kinds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 from natgrad.datapoints import (
+    FisherType,
     check_fisher,
     needs_extra_backprop,
     output_vectors,
@@ -55,16 +55,12 @@ from natgrad.datapoints import (
     row_weight,
     target_coefficients,
 )
-from natgrad.fallback import DEFAULT_CHUNK_SIZE
-from natgrad.likelihoods import Likelihood
 from natgrad.linalg import SolveReport, damped_solve, damped_solves, furthest_fallback
 from natgrad.precond.base import Damping, Preconditioner, check_count
 from natgrad.precond.blocks import Block
 
-if TYPE_CHECKING:
-    from torch.distributed import ProcessGroup
-
-STRUCTURES = ("full", "layer")
+Structure = Literal["full", "layer"]
+STRUCTURES: tuple[Structure, ...] = get_args(Structure)
 BATCHED_SOLVE_ENTRIES = 2**20
 """Matrix entries (float64: 8 MiB) of the layer systems solved together in one batch."""
 
@@ -80,15 +76,11 @@ class NGD(Preconditioner):
     ----------
     model
         The model; its forward pass must return the logits ``(N, C)``.
-    likelihood
-        ``"categorical"`` (``F.cross_entropy``), ``"gaussian"`` (``F.mse_loss``),
-        ``"bernoulli"`` (``F.binary_cross_entropy_with_logits``) or a
-        :class:`natgrad.likelihoods.Likelihood`.
     fisher
-        ``"empirical"`` (EF), ``"ief"`` (the iEF update, seed 000 eq. 19), ``"ief_matrix"``
-        (the gradient preconditioned by the damped iEF matrix), ``"mc"`` (``F(M)`` with
-        ``mc_samples`` sampled labels per datapoint) or ``"exact"`` (the exact Fisher / GGN of
-        the batch). See :mod:`natgrad.datapoints`.
+        ``"empirical"`` (EF), ``"ief"`` (the iEF update, Wu et al. 2024, eq. 19),
+        ``"ief_matrix"`` (the gradient preconditioned by the damped iEF matrix), ``"mc"``
+        (``F(M)`` with ``mc_samples`` sampled labels per datapoint) or ``"exact"`` (the exact
+        Fisher / GGN of the batch). See :mod:`natgrad.datapoints`.
     structure
         ``"full"`` (one solve over all preconditioned modules) or ``"layer"`` (block-diagonal,
         one block per module).
@@ -96,28 +88,13 @@ class NGD(Preconditioner):
         ``λ > 0``, or a callable ``step -> λ``.
     mc_samples
         ``M >= 1``, the labels sampled per datapoint for ``fisher="mc"``.
-    reduction
-        ``"mean"`` or ``"sum"``: the reduction of the loss (see
-        :mod:`natgrad.precond.base` for how it scales the curvature).
-    unsupported
-        ``"fallback"`` (default: exact per-sample gradients by torch.func), ``"error"`` or
-        ``"plain_gradient"`` for trainable modules natgrad has no adapter for
-        (:func:`natgrad.selection.select_layers`).
-    overrides
-        ``{module_name: "fallback" | "plain_gradient"}``: per-module choice instead of the
-        automatic one.
-    seed
-        Seed of the generator that samples labels (saved in :meth:`state_dict`).
-    distributed
-        ``"auto"`` (default: ``"global"`` if ``torch.distributed`` is initialised, else
-        ``"off"``), ``"off"``, ``"global"`` (every rank solves the system of the global batch
-        from all-gathered rows) or ``"local"`` (each rank solves its shard, the directions are
+    **options
+        The options every preconditioner takes (:class:`~natgrad.precond.base.Preconditioner`:
+        ``likelihood``, ``reduction``, ``unsupported``, ``overrides``, ``seed``,
+        ``process_group``, ``fallback_chunk_size``), and ``distributed``: ``"auto"``,
+        ``"off"``, ``"global"`` (every rank solves the system of the global batch from
+        all-gathered rows) or ``"local"`` (each rank solves its shard, the directions are
         averaged); see :mod:`natgrad.distributed`.
-    process_group
-        The ``torch.distributed`` group of the data-parallel ranks (default: the whole world).
-    fallback_chunk_size
-        Datapoints the torch.func fallback re-runs at a time (default 32; ``None``: the whole
-        batch at once), which bounds the fallback's activation memory (:mod:`natgrad.fallback`).
     """
 
     per_sample_blocks = True
@@ -126,37 +103,19 @@ class NGD(Preconditioner):
     def __init__(
         self,
         model: nn.Module,
-        likelihood: str | Likelihood = "categorical",
-        fisher: str = "empirical",
-        structure: str = "full",
+        *,
+        fisher: FisherType = "empirical",
+        structure: Structure = "full",
         damping: Damping = 1e-3,
         mc_samples: int = 1,
-        *,
-        reduction: str = "mean",
-        unsupported: str = "fallback",
-        overrides: Mapping[str, str] | None = None,
-        seed: int = 0,
-        distributed: str = "auto",
-        process_group: ProcessGroup | None = None,
-        fallback_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+        **options: Any,
     ) -> None:
         self.fisher = check_fisher(fisher)
         if structure not in STRUCTURES:
             raise ValueError(f"unknown structure={structure!r}: choose one of {STRUCTURES}")
         self.structure = structure
         self.mc_samples = check_count(mc_samples, "mc_samples")
-        super().__init__(
-            model,
-            likelihood=likelihood,
-            reduction=reduction,
-            damping=damping,
-            unsupported=unsupported,
-            overrides=overrides,
-            seed=seed,
-            distributed=distributed,
-            process_group=process_group,
-            fallback_chunk_size=fallback_chunk_size,
-        )
+        super().__init__(model, damping=damping, **options)
 
     def _settings(self) -> str:
         settings = f"fisher={self.fisher}, structure={self.structure}, " + super()._settings()
@@ -307,50 +266,65 @@ def _curvature_rows(batch: Block, multipliers: Tensor | None) -> Tensor:
 
 
 class EF(NGD):
-    """Empirical-Fisher natural gradient (seed 000 eq. 17): ``NGD(fisher="empirical")``."""
+    """Empirical-Fisher natural gradient (Wu et al. 2024, eq. 17): ``NGD(fisher="empirical")``.
 
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: str | Likelihood = "categorical",
-        structure: str = "full",
-        damping: Damping = 1e-3,
-        **kwargs,
-    ) -> None:
-        super().__init__(model, likelihood, "empirical", structure, damping, **kwargs)
-
-
-class IEF(NGD):
-    """Improved empirical Fisher (seed 000 eq. 19): ``NGD(fisher="ief")``."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        likelihood: str | Likelihood = "categorical",
-        structure: str = "full",
-        damping: Damping = 1e-3,
-        **kwargs,
-    ) -> None:
-        super().__init__(model, likelihood, "ief", structure, damping, **kwargs)
-
-
-class TENGraD(NGD):
-    """Exact per-layer (block-diagonal) natural gradient, seed 004 App. A.5 eq. 39-43.
-
-    ``NGD(structure="layer")``; the seed uses the empirical Fisher (eq. 37), the default here,
-    and any other ``fisher`` gives block-diagonal NGD of that type.
+    Options as for :class:`NGD`, without ``fisher`` and ``mc_samples``.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        likelihood: str | Likelihood = "categorical",
-        fisher: str = "empirical",
+        *,
+        structure: Structure = "full",
+        damping: Damping = 1e-3,
+        **options: Any,
+    ) -> None:
+        super().__init__(model, fisher="empirical", structure=structure, damping=damping, **options)
+
+
+class IEF(NGD):
+    """Improved empirical Fisher (Wu et al. 2024, eq. 19): ``NGD(fisher="ief")``.
+
+    Options as for :class:`NGD`, without ``fisher`` and ``mc_samples``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        structure: Structure = "full",
+        damping: Damping = 1e-3,
+        **options: Any,
+    ) -> None:
+        super().__init__(model, fisher="ief", structure=structure, damping=damping, **options)
+
+
+class TENGraD(NGD):
+    """Exact per-layer (block-diagonal) natural gradient, Shrestha 2023, App. A.5 eq. 39-43
+    (TENGraD: Soori et al. 2021).
+
+    ``NGD(structure="layer")``; the paper uses the empirical Fisher (eq. 37), the default here,
+    and any other ``fisher`` gives block-diagonal NGD of that type. Options as for
+    :class:`NGD`, without ``structure``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        fisher: FisherType = "empirical",
         damping: Damping = 1e-3,
         mc_samples: int = 1,
-        **kwargs,
+        **options: Any,
     ) -> None:
-        super().__init__(model, likelihood, fisher, "layer", damping, mc_samples, **kwargs)
+        super().__init__(
+            model,
+            fisher=fisher,
+            structure="layer",
+            damping=damping,
+            mc_samples=mc_samples,
+            **options,
+        )
 
 
-__all__ = ["EF", "IEF", "NGD", "STRUCTURES", "TENGraD"]
+__all__ = ["EF", "IEF", "NGD", "STRUCTURES", "Structure", "TENGraD"]

@@ -130,7 +130,7 @@ def _r3_run(
     def make(fisher: str | None, lam: float):
         if fisher is None:
             return lambda m: None
-        return lambda m: natgrad.NGD(m, natgrad_likelihood, fisher=fisher, damping=lam)
+        return lambda m: natgrad.NGD(m, likelihood=natgrad_likelihood, fisher=fisher, damping=lam)
 
     fisher = {"gd": None, "ngd": "exact", "ef": "empirical"}[method]
     losses, cosines = [], []
