@@ -28,7 +28,8 @@ from torch import Tensor, nn
 import natgrad
 from natgrad.distributed import step_seed
 from natgrad.likelihoods import get_likelihood
-from oracle import damped_direction, dense_batch, expected_update
+from oracle import damped_direction, dense_batch, expected_update, relative_error
+from problems import MeanOverTokens
 
 WORLD = 2
 DAMPING = 1e-2
@@ -77,11 +78,6 @@ def make_model(seed: int = 0, width: int = 6) -> nn.Module:
         nn.Tanh(),
         nn.Linear(4, 3),
     )
-
-
-class MeanOverTokens(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return x.mean(dim=1)
 
 
 def make_sequence_model() -> nn.Module:
@@ -485,10 +481,6 @@ def result(ranks: list[dict[str, object]], name: str) -> list:
         if isinstance(value, RuntimeError):
             pytest.fail(f"rank {rank} failed in {name}:\n{value}")
     return values
-
-
-def relative_error(actual: Tensor, expected: Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 def single(build: Callable[[nn.Module], natgrad.Preconditioner], data: list, **kwargs) -> Tensor:

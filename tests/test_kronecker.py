@@ -11,6 +11,7 @@ from torch import nn
 
 import natgrad
 from natgrad.likelihoods import get_likelihood
+from oracle import relative_error
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -116,10 +117,6 @@ def one_step(model, pre, inputs, targets, reduction="mean"):
     plain = weight_matrix_grads(model)
     pre.step(logits)
     return plain, weight_matrix_grads(model), logits.detach()
-
-
-def relative_error(actual, expected):
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
