@@ -164,6 +164,7 @@ def test_surrogate_gradient_equals_dense_auxiliary_gradient(q_structure):
     assert value == pytest.approx(objective.item(), rel=1e-10)
 
 
+@pytest.mark.slow  # 1500 steps
 def test_auxiliary_steps_learn_the_inverse_fisher_of_linear_gaussian_regression():
     """Fixed θ: repeated auxiliary steps drive Q u to (F + γI)^{-1} u (seed 003 App. A.9)."""
     torch.manual_seed(3)

@@ -38,6 +38,7 @@ def test_r2_reproduces_exactly(tmp_path):
     assert finding.verdict == "reproduced" and len(finding.numbers["relative_errors"]) == 2
 
 
+@pytest.mark.slow  # trains GD, NGD and EFGD with line searches
 def test_r1_and_r3_run_and_report(tmp_path):
     r1 = geometry.r1_vector_fields(tmp_path, steps=5)
     assert r1.verdict == "reproduced" and (tmp_path / "regression_fields.png").exists()
@@ -153,6 +154,7 @@ def test_r9_stores_the_runs_it_tuned(tmp_path):
     assert all(-1 <= c <= 1 for values in finding.numbers["cos_sgd_ef"].values() for c in values)
 
 
+@pytest.mark.slow  # tunes and trains R4-R6
 def test_training_claims_run_tiny(tmp_path, monkeypatch):
     """R4-R6 on one epoch with one-point grids: the checks and the JSON come out."""
     grid = {"lr": [1e-2], "damping": [1.0]}

@@ -21,6 +21,7 @@ def completed(storage, task, method):
     return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
 
+@pytest.mark.slow  # trains six runs
 def test_sweep_resumes_where_it_stopped(tmp_path):
     from natgrad.lab.sweep import collect_runs, run_sweep
 
