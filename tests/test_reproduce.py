@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import replace
 
 import pytest
+import scipy.stats
 import torch
 
 from natgrad.lab import reproduce, runner
@@ -69,11 +71,47 @@ def test_full_scale_without_data_names_the_fix(tmp_path):
 
 
 def test_r10_reports_both_sub_claims(tmp_path):
+    """The real claim, tiny: its rows are the study's rows of every seed, written next to it."""
     finding = quality.r10_approximation_quality(
         tmp_path, seeds=(0,), dataset="wine", epochs=2, batches=2
     )
-    assert len(finding.checks) == 2 and finding.numbers["rows"]
+    rows = finding.numbers["rows"]
+    assert [(r["checkpoint"], r["seed"]) for r in rows] == [(c, 0) for c in (0, 0, 1, 1, 2, 2)]
+    assert all(r["gamma_ratio_sgd"] == 1.0 for r in rows)
     assert (tmp_path / "R10_seed0" / "rows.csv").exists()
+
+
+R10_ORDERED = [(0.5, 0.8, 2.0, 1.0), (0.4, 0.9, 3.0, 2.0), (0.6, 0.7, 4.0, 3.0)]
+
+
+@pytest.mark.parametrize(
+    ("later", "held"),
+    [
+        (R10_ORDERED, [True, True]),
+        ([(i, 5.0, e, b) for i, _, e, b in R10_ORDERED], [False, True]),  # F(1) above EF
+        ([(i, 5.0, e, -b) for i, _, e, b in R10_ORDERED], [False, False]),  # and anti-correlated
+    ],
+)
+def test_r10_decides_by_its_rule_on_constructed_rows(tmp_path, monkeypatch, later, held):
+    """Rows (γ_iEF, γ_F(1), γ_EF relative to SGD, imbalance) after the first checkpoint; the
+    first checkpoint's row is ignored by the ordering but counted by the correlation."""
+    first = {"checkpoint": 0, "gamma_ratio_ief": 9.0, "gamma_ratio_mc": 0.1}
+    first |= {"gamma_ratio_ef": 0.5, "imbalance": 0.5 if held[1] else 9.0}
+    rows = [first] + [
+        {"checkpoint": 1, "gamma_ratio_ief": i, "gamma_ratio_mc": m, "gamma_ratio_ef": e}
+        | {"imbalance": b}
+        for i, m, e, b in later
+    ]
+    monkeypatch.setattr(quality.reports, "checkpoint_report", lambda *args, **kwargs: (None, rows))
+    finding = quality.r10_approximation_quality(tmp_path, seeds=(0,))
+    assert list(finding.checks.values()) == held
+    medians = finding.numbers["median_gamma_ratio"]
+    for index, method in enumerate(("ief", "mc", "ef")):
+        assert medians[method] == pytest.approx(statistics.median(r[index] for r in later))
+    spearman = scipy.stats.spearmanr(
+        [r["imbalance"] for r in rows], [r["gamma_ratio_ef"] for r in rows]
+    )
+    assert finding.numbers["spearman"] == pytest.approx(spearman.statistic)
 
 
 def fake_tune(finals):
