@@ -192,6 +192,28 @@ def test_r9_stores_the_runs_it_tuned(tmp_path):
     assert all(-1 <= c <= 1 for values in finding.numbers["cos_sgd_ef"].values() for c in values)
 
 
+@pytest.mark.parametrize(
+    ("finals", "held"),
+    [
+        ({"sgd": 1.0, "kfac heuristic": 0.3, "kfac correct": 1.5}, [True, True, True]),
+        ({"sgd": 1.0, "kfac heuristic": 0.3, "kfac correct": 2.5}, [True, True, False]),
+        ({"sgd": 1.0, "kfac heuristic": 0.3, "kfac correct": 0.4}, [True, True, False]),
+        ({"sgd": 1.0, "kfac heuristic": 5.0, "kfac correct": 3.0}, [False, False, False]),
+        ({"sgd": 1.0, "kfac heuristic": math.nan, "kfac correct": 1.0}, [False, False, True]),
+    ],
+)
+def test_r5_decides_by_its_rule_on_constructed_runs(tmp_path, monkeypatch, finals, held):
+    """Heuristic below correct damping and below SGD; correct damping within 2x of SGD (either
+    way); a diverged run (NaN) never wins a comparison."""
+    monkeypatch.setattr(training, "mlp_problem", lambda *args: (runner.get_task("wine-mlp"), None))
+    monkeypatch.setattr(training.tuning, "tune", fake_tune(finals))
+    monkeypatch.setattr(training.tuning, "plot", lambda selected, path: [])
+    finding = training.r5_kfac_damping(tmp_path, seeds=(0, 1))
+    assert list(finding.checks.values()) == held
+    verdict = {3: "reproduced", 0: "not reproduced"}.get(sum(held), "partly")
+    assert finding.verdict == verdict
+
+
 @pytest.mark.slow  # tunes and trains R4-R6
 def test_training_claims_run_tiny(tmp_path, monkeypatch):
     """R4-R6 on one epoch with one-point grids: the checks and the JSON come out."""
