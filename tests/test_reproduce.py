@@ -114,9 +114,10 @@ def test_r10_decides_by_its_rule_on_constructed_rows(tmp_path, monkeypatch, late
     assert finding.numbers["spearman"] == pytest.approx(spearman.statistic)
 
 
-def fake_tune(finals):
+def fake_tune(finals, step_seconds=None):
     """A stand-in for tuning.tune: per contender, runs (one per seed) whose final training loss
-    is ``finals[(task name, label)]`` (or ``finals[label]``), without training."""
+    is ``finals[(task name, label)]`` (or ``finals[label]``) and whose steps take
+    ``step_seconds[label]`` (default 1 ms), without training."""
 
     def tune(task, data, contenders, seeds, progress=print):
         selected = {}
@@ -129,7 +130,7 @@ def fake_tune(finals):
                     "hyper": {"lr": 0.1},
                     "seed": seed,
                     "train_loss": [2.0, final],
-                    "step_seconds": [1e-3],
+                    "step_seconds": [(step_seconds or {}).get(contender.label, 1e-3)] * 3,
                     "diverged": not math.isfinite(final),
                     "warnings": [],
                 }
@@ -212,6 +213,53 @@ def test_r5_decides_by_its_rule_on_constructed_runs(tmp_path, monkeypatch, final
     assert list(finding.checks.values()) == held
     verdict = {3: "reproduced", 0: "not reproduced"}.get(sum(held), "partly")
     assert finding.verdict == verdict
+
+
+FULL_BATCH = "wine-mlp-100-full-batch"  # the task name R4 gives its full-batch runs
+
+
+@pytest.mark.parametrize(
+    ("kfac", "kfac_m0", "full_batch_ng", "held"),
+    [
+        (0.1, 0.2, 0.3, [True, True, True, True, True]),
+        (0.1, 0.6, 0.3, [True, True, True, False, True]),  # m = 0 between SGD and NG
+        (0.1, 0.2, 0.9, [True, True, True, True, False]),  # full-batch NG behind SGD
+        (0.8, 0.8, math.inf, [False, False, False, False, False]),
+    ],
+)
+def test_r4_decides_by_its_rule_on_constructed_runs(
+    tmp_path, monkeypatch, kfac, kfac_m0, full_batch_ng, held
+):
+    """KFAC and subsampled KFAC below subsampled NG (0.7) and SGD (0.5); full-batch NG below
+    full-batch SGD (0.4)."""
+    finals = {"sgd": 0.5, "kfac": kfac, "kfac m=0": kfac_m0, "ng (mc, batch)": 0.7}
+    finals |= {(FULL_BATCH, "sgd"): 0.4, "ng (mc, full batch)": full_batch_ng}
+    monkeypatch.setattr(training, "mlp_problem", lambda *args: (runner.get_task("wine-mlp"), None))
+    monkeypatch.setattr(training, "_subset", lambda data, size: data)
+    monkeypatch.setattr(training.tuning, "tune", fake_tune(finals))
+    monkeypatch.setattr(training.tuning, "plot", lambda selected, path: [])
+    finding = training.r4_kfac_vs_subsampled_ng(tmp_path, seeds=(0, 1), full_batch_points=100)
+    assert list(finding.checks.values()) == held
+    assert finding.numbers["full_batch"]["sgd"]["final_train_loss_mean"] == 0.4
+    assert finding.numbers["minibatch"]["sgd"]["final_train_loss_mean"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("finals", "seconds", "held"),
+    [
+        ({"kfac": 0.5, "foof": 0.5}, {"kfac": 2e-3, "foof": 1e-3}, [True, True]),
+        ({"kfac": 0.5, "foof": 0.6}, {"kfac": 2e-3, "foof": 1e-3}, [False, True]),
+        ({"kfac": 0.5, "foof": math.nan}, {"kfac": 1e-3, "foof": 1e-3}, [False, False]),
+    ],
+)
+def test_r6_decides_by_its_rule_on_constructed_runs(tmp_path, monkeypatch, finals, seconds, held):
+    """FOOF's final loss at most KFAC's (a diverged FOOF fails) and its median step time below."""
+    monkeypatch.setattr(training, "mlp_problem", lambda *args: (runner.get_task("wine-mlp"), None))
+    monkeypatch.setattr(training.tuning, "tune", fake_tune(finals, seconds))
+    monkeypatch.setattr(training.tuning, "plot", lambda selected, path: [])
+    finding = training.r6_foof_vs_kfac(tmp_path, seeds=(0,))
+    assert list(finding.checks.values()) == held
+    assert finding.numbers["foof"]["ms_per_step"] == pytest.approx(1e3 * seconds["foof"])
 
 
 @pytest.mark.slow  # tunes and trains R4-R6
