@@ -24,3 +24,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The figures natgrad saves, kept open so a test can read the data they show.
+
+    natgrad's plotting functions save a figure and then ``plt.close(figure)``; here that close
+    records the figure instead (all are closed after the test).
+    """
+    plt = pytest.importorskip("natgrad.lab.plotting").pyplot()
+    close, kept = plt.close, []
+    monkeypatch.setattr(plt, "close", kept.append)
+    yield kept
+    for figure in kept:
+        close(figure)
+
+
+def pytest_collection_modifyitems(items):
+    """The tests reading test_distributed.py's ``ranks`` fixture wait for its two spawned gloo
+    processes: slow, and ``flaky_launch`` (a start-up failure of the spawn was seen once)."""
+    for item in items:
+        if "ranks" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.flaky_launch)

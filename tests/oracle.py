@@ -131,6 +131,11 @@ def dense_batch(
     )
 
 
+def relative_error(actual: Tensor, expected: Tensor) -> float:
+    """``||actual - expected|| / ||expected||``: the tests' measure of agreement."""
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
 def damped_direction(curvature: Tensor, rhs: Tensor, damping: float) -> Tensor:
     """``(C + λI)^{-1} rhs`` by a dense solve."""
     eye = torch.eye(curvature.shape[0], dtype=curvature.dtype)

@@ -71,7 +71,3 @@ def run_natgrad(model, inputs, targets, likelihood, reduction, fused=False, **kw
     pre.step(logits)
     pre.remove()
     return flat_grad([p for p in model.parameters() if p.requires_grad]), logits.detach()
-
-
-def relative_error(actual, expected):
-    return ((actual - expected).norm() / expected.norm()).item()

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from figures import line_data
 from natgrad.lab import registry, runner
 from natgrad.lab.cli import main
 
@@ -49,7 +50,7 @@ def test_best_runs_selects_lowest_mean_final_loss_and_skips_divergence():
     assert table.index("| sgd |") < table.index("| adam |")
 
 
-def test_cli_bench_writes_runs_summary_and_curves(tmp_path, capsys):
+def test_cli_bench_writes_runs_summary_and_curves(tmp_path, capsys, saved_figures):
     grid = {"sgd": {"lr": [0.1], "momentum": [0.9]}, "ief": {"lr": [0.1], "damping": [0.1]}}
     status = main([
         "bench", "--task", "wine-mlp", "--methods", "sgd", "ief", "--epochs", "2",
@@ -61,7 +62,18 @@ def test_cli_bench_writes_runs_summary_and_curves(tmp_path, capsys):
     assert all(r["train_loss"][-1] < r["train_loss"][0] for r in runs)
     summary = (tmp_path / "summary.md").read_text()
     assert "| sgd |" in summary and "| ief |" in summary
-    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert (tmp_path / "curves.png").exists()
+    (figure,) = saved_figures  # per method the mean over seeds, by epoch and by seconds
+    by_epoch, by_seconds = line_data(figure.axes[0]), line_data(figure.axes[1])
+    for method in ("sgd", "ief"):
+        group = [r for r in runs if r["method"] == method]
+        mean = [sum(values) / 2 for values in zip(*(r["train_loss"] for r in group), strict=True)]
+        seconds = [sum(values) / 2 for values in zip(*(r["seconds"] for r in group), strict=True)]
+        assert by_epoch[method] == ([0.0, 1.0, 2.0], pytest.approx(mean, rel=1e-6))
+        assert by_seconds[method] == (
+            pytest.approx(seconds, rel=1e-6),
+            pytest.approx(mean, rel=1e-6),
+        )
     assert "final train loss" in capsys.readouterr().out
     rows = (tmp_path / "runs.csv").read_text().splitlines()
     assert rows[0] == "task,method,hyper,seed,epoch,train_loss,seconds,diverged"

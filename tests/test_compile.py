@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import natgrad
-from problems import relative_error
+from oracle import relative_error
 
 pytestmark = pytest.mark.usefixtures("float64")
 

@@ -101,6 +101,7 @@ def test_bundled_sets(name, features, outputs, task):
     assert torch.equal(again.test_inputs, data.test_inputs)
 
 
+@pytest.mark.slow  # generates MNIST-1D twice
 def test_mnist1d_is_generated_cached_and_leaves_global_rngs_alone(tmp_path):
     random.seed(3)
     state = np.random.get_state()  # noqa: NPY002 - the global RNG is what mnist1d touches

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from figures import line_data
 from natgrad.lab import datasets, fields
 
 
@@ -61,17 +62,39 @@ def test_logistic_quadratic_models_are_the_fisher_and_ef_at_the_minimum():
     assert torch.allclose(quadratic.empirical_fisher, empirical, rtol=1e-8)
 
 
-def test_plots_are_written(tmp_path, data):
-    pytest.importorskip("matplotlib")
+def test_plots_show_the_fields_trajectories_and_level_sets(tmp_path, data, saved_figures):
+    """The arrows are the closed-form directions (unit length), the drawn path is the
+    trajectory, and every point of a drawn ellipse lies on ½ dᵀ M d = ½ of its matrix."""
     x, y = data
     grid = torch.linspace(0.0, 4.0, 3, dtype=torch.float64)
     vector_fields = fields.regression_vector_fields(x, y, grid, grid)
-    trajectory = {"ngd": [fields.regression_trajectory("ngd", (1.0, 0.0), x, y, steps=10)]}
-    fields.plot_regression_fields(vector_fields, x, y, trajectory, str(tmp_path / "f.png"))
+    path = fields.regression_trajectory("ngd", (1.0, 0.0), x, y, steps=10)
+    fields.plot_regression_fields(vector_fields, x, y, {"ngd": [path]}, str(tmp_path / "f.png"))
     quadratic = fields.logistic_quadratic_models(*datasets.logistic_data("correct", num=100))
     fields.plot_quadratic_models({"correct": quadratic}, str(tmp_path / "q.png"))
-    assert (tmp_path / "f.png").stat().st_size > 10_000
-    assert (tmp_path / "q.png").stat().st_size > 10_000
+    assert (tmp_path / "f.png").exists() and (tmp_path / "q.png").exists()
+    regression, quadratics = saved_figures
+
+    for axis, method in zip(regression.axes[1:], ("gd", "ngd", "ef"), strict=True):
+        arrows = axis.collections[0]
+        for (theta0, theta1), u, v in zip(arrows.get_offsets(), arrows.U, arrows.V, strict=True):
+            expected = -closed_form((float(theta0), float(theta1)), x, y)[method]
+            expected = expected / expected.norm()
+            assert torch.allclose(torch.tensor([u, v], dtype=x.dtype), expected, atol=1e-6)
+    assert len(regression.axes[1].collections[0].get_offsets()) == 9
+    drawn = regression.axes[2].get_lines()[0]
+    assert torch.allclose(torch.tensor(drawn.get_xdata()), path[:, 0].detach())
+    assert torch.allclose(torch.tensor(drawn.get_ydata()), path[:, 1].detach())
+
+    curves = line_data(quadratics.axes[0])
+    assert set(curves) == {"Fisher", "empirical Fisher"}
+    for label, matrix in (
+        ("Fisher", quadratic.fisher),
+        ("empirical Fisher", quadratic.empirical_fisher),
+    ):
+        offsets = torch.tensor(curves[label], dtype=matrix.dtype).T - quadratic.theta
+        levels = torch.einsum("ni,ij,nj->n", offsets, matrix, offsets)
+        assert torch.allclose(levels, torch.ones_like(levels), rtol=1e-8)
 
 
 def test_unknown_names_raise():

@@ -11,8 +11,8 @@ from torch import nn
 
 import natgrad
 from natgrad.layers import MultiheadAttention, replace_attention
-from oracle import dense_batch, expected_update
-from problems import MeanOverTokens, relative_error, run_natgrad
+from oracle import dense_batch, expected_update, relative_error
+from problems import MeanOverTokens, run_natgrad
 
 pytestmark = pytest.mark.usefixtures("float64")
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import natgrad
 from natgrad.lab import models
+from oracle import dense_batch, expected_update, relative_error
 
 
 def test_mlp_widths_activation_and_bias():
@@ -40,6 +41,7 @@ def test_small_cnn_output():
     assert model(torch.randn(2, 1, 7, 7)).shape == (2, 10)
 
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize(
     "make",
     [
@@ -48,15 +50,66 @@ def test_small_cnn_output():
         lambda: (models.small_cnn(1, 3, 6, width=2), torch.randn(4, 1, 6, 6)),
     ],
 )
-def test_preconditioners_accept_every_model(make):
+def test_preconditioners_give_the_oracle_update_on_every_model(make):
+    """iEF against the dense float64 oracle; KFAC against curvlinops' KFAC inverse (heuristic
+    damping); FOOF as ∇W (A + λI)^{-1} with curvlinops' input covariance A."""
+    from curvlinops import KFACInverseLinearOperator, KFACLinearOperator
+
+    torch.manual_seed(0)
     model, inputs = make()
-    for pre in (natgrad.IEF(model), natgrad.KFAC(model, fisher="empirical"), natgrad.FOOF(model)):
+    params = list(model.parameters())
+    targets = torch.randint(0, model(inputs).shape[1], (inputs.shape[0],))
+    damping = 0.1
+
+    def update(pre):
+        model.zero_grad()
         logits = model(inputs)
-        targets = torch.randint(0, logits.shape[1], (inputs.shape[0],))
         F.cross_entropy(logits, targets).backward()
+        gradient = [p.grad.clone() for p in params]
         pre.step(logits)
         pre.remove()
-        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        return gradient, [p.grad.clone() for p in params]
+
+    _, ief = update(natgrad.IEF(model, damping=damping))
+    batch = dense_batch(model, inputs, targets, "categorical", "mean")
+    expected = expected_update(batch, "ief", "full", damping, blocks=None)
+    assert relative_error(torch.cat([u.reshape(-1) for u in ief]), expected) <= 1e-8
+
+    kfac = KFACLinearOperator(
+        model,
+        torch.nn.CrossEntropyLoss(),
+        params,
+        [(inputs, targets)],
+        fisher_type="empirical",
+        separate_weight_and_bias=False,
+        check_deterministic=False,
+    )
+    kfac.compute_kronecker_factors()
+    inverse = KFACInverseLinearOperator(kfac, damping=damping, use_heuristic_damping=True)
+    gradient, actual = update(natgrad.KFAC(model, fisher="empirical", damping=damping, ema_decay=0))
+    for a, e in zip(actual, inverse @ gradient, strict=True):
+        assert relative_error(a, e) <= 1e-8
+
+    gradient, actual = update(natgrad.FOOF(model, damping=damping, ema_decay=0))
+    grads = dict(zip(params, gradient, strict=True))
+    updates = dict(zip(params, actual, strict=True))
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+            continue
+        input_cov = kfac._input_covariances[name]
+        inverse = torch.linalg.inv(input_cov + damping * torch.eye(len(input_cov)))
+        assert (
+            relative_error(weight_matrix(module, updates), weight_matrix(module, grads) @ inverse)
+            <= 1e-8
+        )
+
+
+def weight_matrix(module, values):
+    """``[W | b]`` of a layer (a convolution's kernel flattened) from ``parameter -> tensor``."""
+    matrix = values[module.weight].reshape(module.weight.shape[0], -1)
+    if module.bias is None:
+        return matrix
+    return torch.cat([matrix, values[module.bias][:, None]], dim=1)
 
 
 def test_bad_model_settings():

@@ -20,8 +20,8 @@ from torch import nn
 import natgrad
 from natgrad.analysis.quality import per_sample_gradients
 from natgrad.likelihoods import get_likelihood
-from oracle import damped_direction, dense_batch, expected_update, flat_grad
-from problems import MeanOverTokens, relative_error, run_natgrad
+from oracle import damped_direction, dense_batch, expected_update, flat_grad, relative_error
+from problems import MeanOverTokens, run_natgrad
 
 FISHERS = ["empirical", "ief", "ief_matrix", "mc", "exact"]
 STRUCTURES = ["full", "layer"]

@@ -20,8 +20,8 @@ import natgrad
 from natgrad.fisher_vector import fisher_vector_product, flatten
 from natgrad.layers import GRU, LSTM, RNN, MultiheadAttention, replace
 from natgrad.likelihoods import get_likelihood
-from oracle import dense_batch, expected_update, flat_grad
-from problems import relative_error, run_natgrad
+from oracle import dense_batch, expected_update, flat_grad, relative_error
+from problems import run_natgrad
 
 TORCH_CLASSES = {
     "lstm": (nn.LSTM, {}),

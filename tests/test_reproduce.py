@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
+from dataclasses import replace
 
 import pytest
+import scipy.stats
 import torch
 
-from natgrad.lab import reproduce
+from natgrad.lab import reproduce, runner
 from natgrad.lab.cli import main
-from natgrad.lab.reproduce import Finding, geometry, quality, training
+from natgrad.lab.reproduce import Finding, geometry, quality, summary_table, training
 
 
 def test_verdict_rule_counts_checks():
@@ -37,6 +40,7 @@ def test_r2_reproduces_exactly(tmp_path):
     assert finding.verdict == "reproduced" and len(finding.numbers["relative_errors"]) == 2
 
 
+@pytest.mark.slow  # trains GD, NGD and EFGD with line searches
 def test_r1_and_r3_run_and_report(tmp_path):
     r1 = geometry.r1_vector_fields(tmp_path, steps=5)
     assert r1.verdict == "reproduced" and (tmp_path / "regression_fields.png").exists()
@@ -67,20 +71,198 @@ def test_full_scale_without_data_names_the_fix(tmp_path):
 
 
 def test_r10_reports_both_sub_claims(tmp_path):
+    """The real claim, tiny: its rows are the study's rows of every seed, written next to it."""
     finding = quality.r10_approximation_quality(
         tmp_path, seeds=(0,), dataset="wine", epochs=2, batches=2
     )
-    assert len(finding.checks) == 2 and finding.numbers["rows"]
+    rows = finding.numbers["rows"]
+    assert [(r["checkpoint"], r["seed"]) for r in rows] == [(c, 0) for c in (0, 0, 1, 1, 2, 2)]
+    assert all(r["gamma_ratio_sgd"] == 1.0 for r in rows)
     assert (tmp_path / "R10_seed0" / "rows.csv").exists()
 
 
+R10_ORDERED = [(0.5, 0.8, 2.0, 1.0), (0.4, 0.9, 3.0, 2.0), (0.6, 0.7, 4.0, 3.0)]
+
+
+@pytest.mark.parametrize(
+    ("later", "held"),
+    [
+        (R10_ORDERED, [True, True]),
+        ([(i, 5.0, e, b) for i, _, e, b in R10_ORDERED], [False, True]),  # F(1) above EF
+        ([(i, 5.0, e, -b) for i, _, e, b in R10_ORDERED], [False, False]),  # and anti-correlated
+    ],
+)
+def test_r10_decides_by_its_rule_on_constructed_rows(tmp_path, monkeypatch, later, held):
+    """Rows (γ_iEF, γ_F(1), γ_EF relative to SGD, imbalance) after the first checkpoint; the
+    first checkpoint's row is ignored by the ordering but counted by the correlation."""
+    first = {"checkpoint": 0, "gamma_ratio_ief": 9.0, "gamma_ratio_mc": 0.1}
+    first |= {"gamma_ratio_ef": 0.5, "imbalance": 0.5 if held[1] else 9.0}
+    rows = [first] + [
+        {"checkpoint": 1, "gamma_ratio_ief": i, "gamma_ratio_mc": m, "gamma_ratio_ef": e}
+        | {"imbalance": b}
+        for i, m, e, b in later
+    ]
+    monkeypatch.setattr(quality.reports, "checkpoint_report", lambda *args, **kwargs: (None, rows))
+    finding = quality.r10_approximation_quality(tmp_path, seeds=(0,))
+    assert list(finding.checks.values()) == held
+    medians = finding.numbers["median_gamma_ratio"]
+    for index, method in enumerate(("ief", "mc", "ef")):
+        assert medians[method] == pytest.approx(statistics.median(r[index] for r in later))
+    spearman = scipy.stats.spearmanr(
+        [r["imbalance"] for r in rows], [r["gamma_ratio_ef"] for r in rows]
+    )
+    assert finding.numbers["spearman"] == pytest.approx(spearman.statistic)
+
+
+def fake_tune(finals, step_seconds=None):
+    """A stand-in for tuning.tune: per contender, runs (one per seed) whose final training loss
+    is ``finals[(task name, label)]`` (or ``finals[label]``) and whose steps take
+    ``step_seconds[label]`` (default 1 ms), without training."""
+
+    def tune(task, data, contenders, seeds, progress=print):
+        selected = {}
+        for contender in contenders:
+            final = finals.get((task.name, contender.label), finals.get(contender.label))
+            selected[contender.label] = [
+                {
+                    "method": contender.label,
+                    "registry_method": contender.method,
+                    "hyper": {"lr": 0.1},
+                    "seed": seed,
+                    "train_loss": [2.0, final],
+                    "step_seconds": [(step_seconds or {}).get(contender.label, 1e-3)] * 3,
+                    "diverged": not math.isfinite(final),
+                    "warnings": [],
+                }
+                for seed in seeds
+            ]
+        return selected
+
+    return tune
+
+
+@pytest.mark.parametrize(
+    ("finals", "cosines", "held", "verdict"),
+    [
+        (
+            {"sgd": 0.5, "ef 1e-7": 0.9, "ef 1e-4": 0.55, "ief 1e-7": 0.3},
+            (0.2, 0.97),
+            3,
+            "reproduced",
+        ),
+        ({"sgd": 0.5, "ef 1e-7": 0.9, "ef 1e-4": 0.55, "ief 1e-7": 0.6}, (0.2, 0.97), 2, "partly"),
+        ({"sgd": 0.5, "ef 1e-7": 0.4, "ef 1e-4": 0.55, "ief 1e-7": 0.6}, (0.2, 0.97), 1, "partly"),
+        (
+            {"sgd": 0.5, "ef 1e-7": 0.4, "ef 1e-4": 0.55, "ief 1e-7": math.inf},
+            (0.99, 0.97),  # EF(1e-4) close to SGD, but not closer than EF(1e-7)
+            0,
+            "not reproduced",
+        ),
+    ],
+)
+def test_r9_decides_by_its_rule_on_constructed_runs(
+    tmp_path, monkeypatch, finals, cosines, held, verdict
+):
+    """EF(1e-7) worse than SGD; mean cos(EF(1e-4), SGD) >= 0.95 and above EF(1e-7)'s; iEF best."""
+    monkeypatch.setattr(training.tuning, "tune", fake_tune(finals))
+    monkeypatch.setattr(training.tuning, "plot", lambda selected, path: [])
+    monkeypatch.setattr(
+        training,
+        "compare_updates",
+        lambda *args, **kwargs: {"cos_sgd_ef7": cosines[0], "cos_sgd_ef4": cosines[1]},
+    )
+    finding = training.r9_ef_damping(tmp_path, seeds=(0, 1), task_name="wine-mlp", epochs=1)
+    assert sum(finding.checks.values()) == held and finding.verdict == verdict
+    for label, final in finals.items():
+        assert finding.numbers[label]["final_train_loss_mean"] == final
+    assert finding.numbers["cos_sgd_ef"] == {
+        "ef 1e-7": [cosines[0]] * 2,
+        "ef 1e-4": [cosines[1]] * 2,
+    }
+
+
 @pytest.mark.filterwarnings("ignore::natgrad.NumericalWarning")  # damping 3e-9: fallbacks expected
-def test_r9_reports_its_three_sub_claims(tmp_path):
+def test_r9_stores_the_runs_it_tuned(tmp_path):
+    """The real claim, tiny: the SGD losses it stores are those of training the selected
+    configuration again (runner.train_run), and its cosines are cosines."""
     finding = training.r9_ef_damping(tmp_path, seeds=(0,), task_name="wine-mlp", epochs=1)
-    assert len(finding.checks) == 3
-    assert set(finding.numbers) >= {"sgd", "ef 1e-7", "ef 1e-4", "ief 1e-7", "cos_sgd_ef"}
+    task = replace(runner.get_task("wine-mlp"), epochs=1)
+    sgd = finding.numbers["sgd"]
+    again = runner.train_run(task, "sgd", sgd["hyper"], 0, runner.load_dataset("wine"))
+    assert sgd["train_loss_curves"] == [again["train_loss"]]
+    assert all(-1 <= c <= 1 for values in finding.numbers["cos_sgd_ef"].values() for c in values)
 
 
+@pytest.mark.parametrize(
+    ("finals", "held"),
+    [
+        ({"sgd": 1.0, "kfac heuristic": 0.3, "kfac correct": 1.5}, [True, True, True]),
+        ({"sgd": 1.0, "kfac heuristic": 0.3, "kfac correct": 2.5}, [True, True, False]),
+        ({"sgd": 1.0, "kfac heuristic": 0.3, "kfac correct": 0.4}, [True, True, False]),
+        ({"sgd": 1.0, "kfac heuristic": 5.0, "kfac correct": 3.0}, [False, False, False]),
+        ({"sgd": 1.0, "kfac heuristic": math.nan, "kfac correct": 1.0}, [False, False, True]),
+    ],
+)
+def test_r5_decides_by_its_rule_on_constructed_runs(tmp_path, monkeypatch, finals, held):
+    """Heuristic below correct damping and below SGD; correct damping within 2x of SGD (either
+    way); a diverged run (NaN) never wins a comparison."""
+    monkeypatch.setattr(training, "mlp_problem", lambda *args: (runner.get_task("wine-mlp"), None))
+    monkeypatch.setattr(training.tuning, "tune", fake_tune(finals))
+    monkeypatch.setattr(training.tuning, "plot", lambda selected, path: [])
+    finding = training.r5_kfac_damping(tmp_path, seeds=(0, 1))
+    assert list(finding.checks.values()) == held
+    verdict = {3: "reproduced", 0: "not reproduced"}.get(sum(held), "partly")
+    assert finding.verdict == verdict
+
+
+FULL_BATCH = "wine-mlp-100-full-batch"  # the task name R4 gives its full-batch runs
+
+
+@pytest.mark.parametrize(
+    ("kfac", "kfac_m0", "full_batch_ng", "held"),
+    [
+        (0.1, 0.2, 0.3, [True, True, True, True, True]),
+        (0.1, 0.6, 0.3, [True, True, True, False, True]),  # m = 0 between SGD and NG
+        (0.1, 0.2, 0.9, [True, True, True, True, False]),  # full-batch NG behind SGD
+        (0.8, 0.8, math.inf, [False, False, False, False, False]),
+    ],
+)
+def test_r4_decides_by_its_rule_on_constructed_runs(
+    tmp_path, monkeypatch, kfac, kfac_m0, full_batch_ng, held
+):
+    """KFAC and subsampled KFAC below subsampled NG (0.7) and SGD (0.5); full-batch NG below
+    full-batch SGD (0.4)."""
+    finals = {"sgd": 0.5, "kfac": kfac, "kfac m=0": kfac_m0, "ng (mc, batch)": 0.7}
+    finals |= {(FULL_BATCH, "sgd"): 0.4, "ng (mc, full batch)": full_batch_ng}
+    monkeypatch.setattr(training, "mlp_problem", lambda *args: (runner.get_task("wine-mlp"), None))
+    monkeypatch.setattr(training, "_subset", lambda data, size: data)
+    monkeypatch.setattr(training.tuning, "tune", fake_tune(finals))
+    monkeypatch.setattr(training.tuning, "plot", lambda selected, path: [])
+    finding = training.r4_kfac_vs_subsampled_ng(tmp_path, seeds=(0, 1), full_batch_points=100)
+    assert list(finding.checks.values()) == held
+    assert finding.numbers["full_batch"]["sgd"]["final_train_loss_mean"] == 0.4
+    assert finding.numbers["minibatch"]["sgd"]["final_train_loss_mean"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("finals", "seconds", "held"),
+    [
+        ({"kfac": 0.5, "foof": 0.5}, {"kfac": 2e-3, "foof": 1e-3}, [True, True]),
+        ({"kfac": 0.5, "foof": 0.6}, {"kfac": 2e-3, "foof": 1e-3}, [False, True]),
+        ({"kfac": 0.5, "foof": math.nan}, {"kfac": 1e-3, "foof": 1e-3}, [False, False]),
+    ],
+)
+def test_r6_decides_by_its_rule_on_constructed_runs(tmp_path, monkeypatch, finals, seconds, held):
+    """FOOF's final loss at most KFAC's (a diverged FOOF fails) and its median step time below."""
+    monkeypatch.setattr(training, "mlp_problem", lambda *args: (runner.get_task("wine-mlp"), None))
+    monkeypatch.setattr(training.tuning, "tune", fake_tune(finals, seconds))
+    monkeypatch.setattr(training.tuning, "plot", lambda selected, path: [])
+    finding = training.r6_foof_vs_kfac(tmp_path, seeds=(0,))
+    assert list(finding.checks.values()) == held
+    assert finding.numbers["foof"]["ms_per_step"] == pytest.approx(1e3 * seconds["foof"])
+
+
+@pytest.mark.slow  # tunes and trains R4-R6
 def test_training_claims_run_tiny(tmp_path, monkeypatch):
     """R4-R6 on one epoch with one-point grids: the checks and the JSON come out."""
     grid = {"lr": [1e-2], "damping": [1.0]}
@@ -98,10 +280,42 @@ def test_training_claims_run_tiny(tmp_path, monkeypatch):
     assert r6.numbers["foof"]["ms_per_step"] > 0
 
 
-def test_r12_one_dataset_tiny(tmp_path):
+def test_r12_one_check_per_cell_on_constructed_runs(tmp_path, monkeypatch):
+    """The seed's winners on wine are SGD, SGD, TENGraD; constructed runs in which TENGraD wins
+    every cell hold the third check only."""
+    finals = {"sgd": 0.5, "tengrad": 0.2}
+    monkeypatch.setattr(training.tuning, "tune", fake_tune(finals))
     finding = training.r12_tengrad_vs_sgd(tmp_path, seeds=(0,), epochs=1, datasets=("wine",))
-    assert len(finding.checks) == len(training.R12_HIDDEN)
-    assert set(finding.numbers["wine"]) == {"[4]", "[32, 16]", "[32, 16, 16]"}
+    assert list(finding.checks.values()) == [False, False, True] and finding.verdict == "partly"
+    assert [line.split(":")[0] for line in finding.lines] == [
+        "wine [4]",
+        "wine [32, 16]",
+        "wine [32, 16, 16]",
+    ]
+    assert all(f"SGD {math.log(0.5):.3f}, TENGraD {math.log(0.2):.3f}" in x for x in finding.lines)
+    for hidden in ("[4]", "[32, 16]", "[32, 16, 16]"):
+        cell = finding.numbers["wine"][hidden]
+        assert {k: v["final_train_loss_mean"] for k, v in cell.items()} == finals
+
+
+def test_verdict_summary_table_and_report_on_constructed_findings():
+    findings = [
+        Finding("R1", "all hold", {"a": True, "b": True}, seconds=3.4),
+        Finding("R2", "one of three", {"a": True, "b": False, "c": False}, seconds=12.6),
+        Finding("R3", "none", {"a": False}),
+    ]
+    assert [f.verdict for f in findings] == ["reproduced", "partly", "not reproduced"]
+    assert summary_table(findings).splitlines()[2:] == [
+        "| R1 | all hold | reproduced | 2/2 | 3 |",
+        "| R2 | one of three | partly | 1/3 | 13 |",
+        "| R3 | none | not reproduced | 0/1 | 0 |",
+    ]
+    assert findings[1].report().splitlines() == [
+        "R2 one of three: PARTLY (13 s)",
+        "  [x] a",
+        "  [ ] b",
+        "  [ ] c",
+    ]
 
 
 def test_run_claim_times_saves_and_runs_on_one_thread(tmp_path, monkeypatch):

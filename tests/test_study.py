@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import natgrad
+from figures import line_data
 from natgrad.lab import study
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -58,10 +60,23 @@ def test_tables_round_trip(rows, tmp_path):
         study.write_rows(rows, tmp_path / "rows.txt")
 
 
-def test_plot_is_written(rows, tmp_path):
-    pytest.importorskip("matplotlib")
+def test_plot_shows_the_median_ratios_and_the_imbalance(rows, tmp_path, saved_figures):
+    """Left: per method but SGD, the median over batches of γ_m / γ_SGD at each checkpoint
+    (the lower median of an even count: torch.median's); right: imbalance vs γ_EF / γ_SGD."""
     study.plot_study(rows, tmp_path / "study.png")
-    assert (tmp_path / "study.png").stat().st_size > 10_000
+    assert (tmp_path / "study.png").exists()
+    (figure,) = saved_figures
+    curves = line_data(figure.axes[0])
+    assert set(curves) == {"ngd", "ef", "ief", "kfac"}
+    for method, (progress, medians) in curves.items():
+        assert progress == [0.0, 0.5, 1.0]
+        expected = [
+            statistics.median_low(r[f"gamma_ratio_{method}"] for r in rows if r["progress"] == p)
+            for p in progress
+        ]
+        assert medians == pytest.approx(expected, rel=1e-12)
+    points = figure.axes[1].collections[0].get_offsets()
+    assert [tuple(p) for p in points] == [(r["imbalance"], r["gamma_ratio_ef"]) for r in rows]
 
 
 def test_rank_correlation():

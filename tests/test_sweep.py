@@ -21,6 +21,7 @@ def completed(storage, task, method):
     return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
 
+@pytest.mark.slow  # trains six runs
 def test_sweep_resumes_where_it_stopped(tmp_path):
     from natgrad.lab.sweep import collect_runs, run_sweep
 
@@ -40,6 +41,7 @@ def test_sweep_resumes_where_it_stopped(tmp_path):
     assert sum(r["train_loss"][-1] for r in best) / 2 == pytest.approx(value)
 
 
+@pytest.mark.slow  # two spawned workers import torch and train
 def test_cli_sweep_with_two_workers(tmp_path, capsys):
     storage = f"sqlite:///{tmp_path / 'db' / 'sweep.db'}"
     status = main([
@@ -49,10 +51,20 @@ def test_cli_sweep_with_two_workers(tmp_path, capsys):
     assert status == 0
     task = replace(runner.get_task("wine-mlp"), epochs=1)
     trials = completed(storage, task, "sgd")
-    # the whole default lr grid; racing workers may each repeat at most one point at the end
-    assert {t.params["lr"] for t in trials} == {1e-4, 1e-3, 1e-2, 1e-1}
-    assert 4 <= len(trials) <= 4 + 2
-    assert "| sgd |" in (tmp_path / "out" / "summary.md").read_text()
+    # The whole default lr grid. How many trials there are depends on timing: two workers
+    # asking for a point at the same moment may both get the same one (sweep.py documents
+    # it), at most once each (2 workers). What does not depend on timing: training is
+    # deterministic, so a repeated point has the same value, and the summary is the best
+    # point's mean whatever was repeated.
+    by_lr = {}
+    for trial in trials:
+        by_lr.setdefault(trial.params["lr"], []).append(trial.value)
+    assert sorted(by_lr) == [1e-4, 1e-3, 1e-2, 1e-1]
+    assert all(len(values) <= 2 and len(set(values)) == 1 for values in by_lr.values())
+    best_lr = min(by_lr, key=lambda lr: by_lr[lr][0])
+    best = next(t for t in trials if t.params["lr"] == best_lr)
+    row = f"| sgd | {best.params} | {best.value:.4g} |"
+    assert row in (tmp_path / "out" / "summary.md").read_text()
 
 
 def test_cli_sweep_refuses_workers_under_torchrun(tmp_path, monkeypatch):

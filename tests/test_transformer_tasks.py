@@ -24,6 +24,7 @@ def data_slice():
     return replace(data, train_inputs=data.train_inputs[:64], train_targets=data.train_targets[:64])
 
 
+@pytest.mark.slow  # trains each method on each transformer task
 @pytest.mark.parametrize(
     ("task", "groups"),
     [

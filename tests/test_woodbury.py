@@ -9,8 +9,8 @@ from torch import nn
 
 import natgrad
 from natgrad.likelihoods import get_likelihood
-from oracle import dense_batch, expected_update, flat_grad
-from problems import MODELS, make_mlp, make_targets, relative_error, run_natgrad
+from oracle import dense_batch, expected_update, flat_grad, relative_error
+from problems import MODELS, make_mlp, make_targets, run_natgrad
 
 FISHERS = ["empirical", "ief", "ief_matrix", "mc", "exact"]
 STRUCTURES = ["full", "layer"]
