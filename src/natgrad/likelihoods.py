@@ -219,6 +219,32 @@ class Bernoulli(Likelihood):
         labels = torch.bernoulli(expanded, generator=generator)
         return probs.unsqueeze(0) - labels
 
+    def check_output_grad(self, logits: Tensor, output_grad: Tensor, reduction: str) -> None:
+        """Check that the implied targets ``y = sigma(z) - g / c`` lie in ``[0, 1]``.
+
+        A gradient ``g = c (sigma(z) - y)`` of ``F.binary_cross_entropy_with_logits`` implies
+        its targets; outside ``[0, 1]`` (beyond round-off) the loss is another one (a
+        ``pos_weight``, extra terms) or its reduction is not the declared one. A necessary
+        condition only: a mean-reduced loss declared as ``"sum"`` implies targets close to
+        ``sigmoid(z)`` and passes.
+        """
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        probs = torch.sigmoid(logits.detach().to(dtype))
+        grad = output_grad.detach().to(dtype)
+        tolerance = 1e-4 + 8 * torch.finfo(logits.dtype).eps
+
+        targets = probs - grad / self.reduction_factor(logits, reduction)
+        if bool(((targets >= -tolerance) & (targets <= 1 + tolerance)).all()):
+            return
+        hint = "reduction='sum' for a summed loss" if reduction == "mean" else "reduction='mean'"
+        raise ValueError(
+            "the gradient w.r.t. the logits is not that of F.binary_cross_entropy_with_logits "
+            f"with reduction={reduction!r}: the targets it implies, sigmoid(z) - grad / c, lie "
+            f"outside [0, 1]. Pass the reduction your loss uses ({hint}) and use "
+            "likelihood='bernoulli' only with that loss on these logits, without pos_weight, "
+            "per-element weights or extra terms"
+        )
+
     def hessian_sqrt(self, logits: Tensor) -> Tensor:
         probs = torch.sigmoid(logits.detach())
         dim = probs.shape[1]

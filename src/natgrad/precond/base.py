@@ -109,6 +109,7 @@ class Preconditioner:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_not_meta(model)
         # a DistributedDataParallel wrapper: the capture hooks its forward pass, everything
         # else (selection, parameter names, functional calls) uses the wrapped module
         self.wrapper = model
@@ -162,6 +163,8 @@ class Preconditioner:
     def _on_output_grad(self, output: Tensor, grad: Tensor) -> None:
         self._extra_grads = None
         self._extra_vectors = None
+        if output.is_meta:
+            return  # step() says why nothing can be computed on the meta device
         if not bool(torch.isfinite(output.detach().sum())):
             return  # step() skips this batch; no labels can be sampled from NaN logits
         if self.communicator.active:  # per rank and step, so any rank's state_dict resumes
@@ -194,6 +197,7 @@ class Preconditioner:
                 "backward() found no captured forward pass: call model(x) with gradients "
                 "enabled before computing the loss"
             )
+        check_not_broadcast(loss, self.capture.output)
         outputs = list(self.capture.layer_outputs())
         plain = list(self.selection.plain.values())
         # the model output is a target too, so that the backward pass reaches it (and natgrad
@@ -352,10 +356,29 @@ class Preconditioner:
 
     def _checked_output_grad(self, logits: Tensor) -> Tensor:
         check_logits(logits)
+        if logits.is_meta:
+            check_not_meta(self.model)
+            raise ValueError(
+                "the logits are on the meta device (shapes without values): natgrad computes "
+                "with the values, so run the model on a real device"
+            )
         if self.capture.output is None:
+            if self.capture.consumed(logits):
+                raise RuntimeError(
+                    "step() was already called for these logits: natgrad forgets a forward "
+                    "pass once it has preconditioned its gradients, so each step() needs a new "
+                    "logits = model(x) and loss.backward()"
+                )
             raise RuntimeError(
                 "step() found no captured forward pass: call logits = model(x) with gradients "
                 "enabled, then loss.backward(), then pre.step(logits)"
+            )
+        if logits is not self.capture.output and not logits.requires_grad:
+            raise ValueError(
+                "the logits passed to step() were computed without gradients (under "
+                "torch.no_grad() or torch.inference_mode(), or detached): pass the logits of "
+                "the forward pass whose loss you back-propagated; a forward pass without "
+                "gradients (e.g. for logging) may run at any time and is ignored"
             )
         if logits is not self.capture.output:
             raise ValueError(
@@ -486,6 +509,46 @@ class Preconditioner:
             NonFiniteWarning,
             stacklevel=3,
         )
+
+
+def check_not_meta(model: nn.Module) -> None:
+    """Raise if a trainable parameter of ``model`` is on the meta device (no values)."""
+    meta = [name for name, p in model.named_parameters() if p.requires_grad and p.is_meta]
+    if meta:
+        raise ValueError(
+            f"the model's parameters are on the meta device (shapes without values, e.g. "
+            f"'{meta[0]}'): natgrad computes with the values; materialise the model first "
+            "(model.to_empty(device=...) and load or initialise its weights), then build the "
+            "preconditioner"
+        )
+
+
+def check_not_broadcast(loss: Tensor, logits: Tensor, max_nodes: int = 1000) -> None:
+    """Raise if the loss graph expands the logits before the loss (a broadcast target).
+
+    ``F.mse_loss`` (and ``F.l1_loss``...) broadcasts a target of shape ``(N,)`` against outputs
+    ``(N, 1)`` to ``N x N`` pairs through an expand of the outputs: a valid loss of the mean
+    target whose gradient natgrad cannot tell apart from a Gaussian one. The graph between the
+    loss and the logits shows it; it is searched up to ``max_nodes`` nodes, not into the model.
+    """
+    source = logits.grad_fn
+    if source is None or loss.grad_fn is None:
+        return
+    seen, frontier = set(), [loss.grad_fn]
+    while frontier and len(seen) < max_nodes:
+        node = frontier.pop()
+        if node is None or node is source or node in seen:
+            continue
+        seen.add(node)
+        children = [child for child, _ in node.next_functions]
+        if node.name() == "ExpandBackward0" and source in children:
+            raise ValueError(
+                f"the loss broadcasts the logits of shape {tuple(logits.shape)} to a larger "
+                "shape (a target of shape (N,) against outputs (N, 1) makes F.mse_loss "
+                "average over all N x N pairs): give the target the logits' shape, e.g. "
+                "F.mse_loss(logits, y.view_as(logits))"
+            )
+        frontier.extend(children)
 
 
 def _concat(tensors: list[Tensor], dim: int) -> Tensor:
