@@ -111,7 +111,10 @@ class Categorical(Likelihood):
         self, logits: Tensor, num_samples: int, generator: torch.Generator | None
     ) -> Tensor:
         probs = torch.softmax(logits.detach(), dim=1)
-        labels = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+        labels = torch.multinomial(
+            probs.to(_device_of(generator, probs)), num_samples, replacement=True,
+            generator=generator,
+        ).to(probs.device)  # fmt: skip
         onehot = torch.nn.functional.one_hot(labels.T, probs.shape[1]).to(probs.dtype)
         return probs.unsqueeze(0) - onehot
 
@@ -130,27 +133,31 @@ class Categorical(Likelihood):
         far from the subnormal range only), recovers ``c``, which must match the declared
         reduction.
         """
-        grad = output_grad.detach()
+        # float32 at least: a bfloat16 gradient (autocast) is checked at its own precision
+        dtype = torch.promote_types(output_grad.dtype, torch.float32)
+        grad = output_grad.detach().to(dtype)
         expected = self.reduction_factor(logits, reduction)
-        if grad.sum(dim=1).abs().max() > 1e-3 * expected:
+        # round-off of the gradient's dtype: 2^-7 relative in bfloat16, 2^-10 in float16
+        precision = max(1e-3, 4 * torch.finfo(output_grad.dtype).eps)
+        if grad.sum(dim=1).abs().max() > precision * expected:
             raise ValueError(
                 "the gradient w.r.t. the logits is not that of a softmax cross-entropy loss "
                 "(its rows do not sum to zero): use likelihood='categorical' only with "
                 "F.cross_entropy on these logits, without label smoothing or extra terms"
             )
-        probs = torch.softmax(logits.detach(), dim=1)
+        probs = torch.softmax(logits.detach().to(dtype), dim=1)
         # entries near the subnormal range carry few significant bits (a very confident row's
         # c * pi_k of 1e-40 in float32): they would bias the ratio, so only clearly normal ones
         # vote; a batch with none (every row certain) cannot reveal c and passes
-        finfo = torch.finfo(probs.dtype)
+        finfo = torch.finfo(output_grad.dtype)
         positive = (grad > 0) & (probs > finfo.tiny / finfo.eps)
         if not bool(positive.any()):
             return
         inferred = (grad[positive].sum() / probs[positive].sum()).item()
-        if math.isclose(inferred, expected, rel_tol=1e-2):
+        if math.isclose(inferred, expected, rel_tol=10 * precision):
             return
         other = "sum" if reduction == "mean" else "mean"
-        if math.isclose(inferred, self.reduction_factor(logits, other), rel_tol=1e-2):
+        if math.isclose(inferred, self.reduction_factor(logits, other), rel_tol=10 * precision):
             raise ValueError(
                 f"the loss looks {other}-reduced but the preconditioner was built with "
                 f"reduction={reduction!r}: pass reduction={other!r}"
@@ -189,8 +196,8 @@ class Gaussian(Likelihood):
             (num_samples, *logits.shape),
             generator=generator,
             dtype=logits.dtype,
-            device=logits.device,
-        )
+            device=_device_of(generator, logits),
+        ).to(logits.device)
         return -noise / math.sqrt(self.variance)
 
     def hessian_sqrt(self, logits: Tensor) -> Tensor:
@@ -216,7 +223,9 @@ class Bernoulli(Likelihood):
     ) -> Tensor:
         probs = torch.sigmoid(logits.detach())
         expanded = probs.unsqueeze(0).expand(num_samples, *probs.shape)
-        labels = torch.bernoulli(expanded, generator=generator)
+        labels = torch.bernoulli(
+            expanded.to(_device_of(generator, probs)), generator=generator
+        ).to(probs.device)
         return probs.unsqueeze(0) - labels
 
     def check_output_grad(self, logits: Tensor, output_grad: Tensor, reduction: str) -> None:
@@ -251,6 +260,12 @@ class Bernoulli(Likelihood):
         std = (probs * (1 - probs)).sqrt()
         eye = torch.eye(dim, dtype=probs.dtype, device=probs.device)
         return eye.unsqueeze(1) * std.unsqueeze(0)
+
+
+def _device_of(generator: torch.Generator | None, tensor: Tensor) -> torch.device:
+    """Where to sample: on the generator's device (natgrad's is a CPU generator, so a run
+    samples the same labels on any device), on the tensor's without a generator."""
+    return tensor.device if generator is None else generator.device
 
 
 LIKELIHOODS: dict[str, type[Likelihood]] = {

@@ -169,10 +169,10 @@ class Preconditioner:
             return  # step() skips this batch; no labels can be sampled from NaN logits
         if self.communicator.active:  # per rank and step, so any rank's state_dict resumes
             self.generator.manual_seed(step_seed(self.seed, self.communicator.rank, self.steps))
-        vectors = self._extra_output_vectors(output.detach())
+        vectors = self._extra_output_vectors(at_least_float32(output.detach()))
         if vectors is not None:
             self._extra_vectors = vectors
-            self._extra_grads = self.capture.backprop_to_layers(vectors)
+            self._extra_grads = self.capture.backprop_to_layers(vectors.to(output.dtype))
 
     # ------------------------------------------------------------------ public API
     def current_damping(self) -> float:
@@ -242,7 +242,7 @@ class Preconditioner:
                 )
                 return
             self.likelihood.check_output_grad(logits, output_grad, self.reduction)
-            per_sample_output_grad = (output_grad / factor).detach()
+            per_sample_output_grad = at_least_float32(output_grad.detach()) / factor
             batches += self._fallback_batches(logits.detach(), per_sample_output_grad)
             if not batches:
                 raise RuntimeError(
@@ -401,9 +401,12 @@ class Preconditioner:
             if not calls or any(call.output_grad is None for call in calls):
                 continue  # the layer did not take part in this loss: its .grad stays as is
             adapter = self.adapters[name]
-            inputs = _concat([adapter.input_rows(module, c.layer_input) for c in calls], dim=1)
+            inputs = _concat(
+                [at_least_float32(adapter.input_rows(module, c.layer_input)) for c in calls], dim=1
+            )
             loss_grads = _concat(
-                [adapter.output_rows(module, c.output_grad, lead=0) for c in calls], dim=1
+                [at_least_float32(adapter.output_rows(module, c.output_grad, 0)) for c in calls],
+                dim=1,
             )
             if inputs.shape[0] != num_datapoints or loss_grads.shape[0] != num_datapoints:
                 raise ValueError(
@@ -416,7 +419,9 @@ class Preconditioner:
                 parts = self._extra_grads[name]
                 if any(part is None for part in parts):
                     continue
-                extra = _concat([adapter.output_rows(module, p, lead=1) for p in parts], dim=2)
+                extra = _concat(
+                    [at_least_float32(adapter.output_rows(module, p, lead=1)) for p in parts], dim=2
+                )
             batch_class = TokenBatch if adapter.token_inputs else LayerBatch
             batches.append(
                 batch_class(
@@ -451,7 +456,9 @@ class Preconditioner:
                 "unchanged through the model"
             )
         loss_rows = sum(
-            adapter.per_sample_rows(module, c.layer_input, c.output_grad.unsqueeze(0))
+            adapter.per_sample_rows(
+                module, at_least_float32(c.layer_input), at_least_float32(c.output_grad)[None]
+            )
             for c in calls
         )
         extra = None
@@ -460,7 +467,9 @@ class Preconditioner:
             if any(part is None for part in parts):
                 return None
             extra = sum(
-                adapter.per_sample_rows(module, c.layer_input, part)
+                adapter.per_sample_rows(
+                    module, at_least_float32(c.layer_input), at_least_float32(part)
+                )
                 for c, part in zip(calls, parts, strict=True)
             )
         params = [p for p in module.parameters(recurse=False) if p.requires_grad]
@@ -509,6 +518,14 @@ class Preconditioner:
             NonFiniteWarning,
             stacklevel=3,
         )
+
+
+def at_least_float32(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32 if it is in a lower floating-point precision (bfloat16 or float16
+    rows of an autocast forward pass: natgrad forms its curvature in float32), else as is."""
+    if tensor.is_floating_point() and torch.finfo(tensor.dtype).bits < 32:
+        return tensor.float()
+    return tensor
 
 
 def check_not_meta(model: nn.Module) -> None:
