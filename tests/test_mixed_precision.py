@@ -9,6 +9,7 @@ by at most its conditioning, kept moderate here (damping 0.1).
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -64,7 +65,7 @@ def update(model, make, inputs, targets, autocast: bool, steps: int = 2) -> torc
             pre.step(logits)
     if pre is not None:
         pre.remove()
-    return torch.cat([p.grad.reshape(-1).float() for p in model.parameters()])
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
 
 @pytest.mark.parametrize("float_logits", [False, True])
@@ -93,3 +94,97 @@ def test_cuda_update_is_the_cpu_update(method):
         copy.deepcopy(model).cuda(), METHODS[method], inputs.cuda(), targets.cuda(), False
     )
     assert torch.allclose(actual.cpu(), expected, rtol=1e-9, atol=1e-12)
+
+
+def scaled_step(model, pre, opt, scaler, inputs, targets) -> None:
+    opt.zero_grad()
+    logits = model(inputs)
+    scaler.scale(F.cross_entropy(logits, targets)).backward()
+    pre.step(logits, grad_scaler=scaler)
+    scaler.unscale_(opt)
+
+
+def state_tensors(state) -> list[torch.Tensor]:
+    """Every tensor and number of a (nested) state dict, in order."""
+    if isinstance(state, dict):
+        return [t for key in sorted(state, key=str) for t in state_tensors(state[key])]
+    if isinstance(state, (list, tuple)):
+        return [t for item in state for t in state_tensors(item)]
+    if isinstance(state, torch.Tensor):
+        return [state.detach().clone()]
+    if isinstance(state, (int, float)):
+        return [torch.tensor(state)]
+    return []
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_grad_scaler_gives_the_unscaled_update(method, fused):
+    """``scaler.scale(loss)``: natgrad divides its captured rows by the scale and writes the
+    directions in the scaled units, so after ``unscale_`` they are the unscaled update."""
+    model = make_model().double()
+    inputs, targets = torch.randn(32, 10), torch.randint(0, 4, (32,))
+    expected = update(copy.deepcopy(model), METHODS[method], inputs, targets, autocast=False)
+    model = copy.deepcopy(model)
+    pre = METHODS[method](model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    for _ in range(2):  # as update(): the second step's direction
+        opt.zero_grad()
+        logits = model(inputs)
+        loss = scaler.scale(F.cross_entropy(logits, targets))
+        pre.backward(loss) if fused else loss.backward()
+        pre.step(logits, grad_scaler=scaler)
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        if _ == 0:
+            continue
+        actual = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert torch.allclose(actual, expected, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_grad_scaler_overflow_is_skipped_without_touching_the_state(method):
+    model = make_model()
+    inputs, targets = torch.randn(32, 10), torch.randint(0, 4, (32,))
+    pre = METHODS[method](model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaled_step(model, pre, opt, scaler, inputs, targets)
+    scaler.step(opt)
+    scaler.update()
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(pre.state_dict())
+    opt.zero_grad()
+    logits = model(inputs)
+    scale = scaler.get_scale()
+    scaler.scale(1e36 * F.cross_entropy(logits, targets)).backward()  # overflows float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflow is routine under a scaler: no warning
+        pre.step(logits, grad_scaler=scaler)
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() < scale  # the scaler saw the overflow and lowered the scale
+    for param, weight in zip(model.parameters(), weights, strict=True):
+        assert torch.equal(param, weight)
+    after = pre.state_dict()
+    assert after.pop("skipped_steps") == 1 + state.pop("skipped_steps")
+    # labels were sampled (fisher="mc") in the backward pass, before the overflow was known
+    after.pop("generator"), state.pop("generator")
+    before, after = state_tensors(state), state_tensors(after)
+    assert len(before) == len(after)
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_grad_scaler_unscaled_before_step_is_refused():
+    model = make_model()
+    pre = natgrad.EF(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    logits = model(torch.randn(8, 10))
+    scaler.scale(F.cross_entropy(logits, torch.randint(0, 4, (8,)))).backward()
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match=r"unscale_\(optimizer\) was called before step"):
+        pre.step(logits, grad_scaler=scaler)

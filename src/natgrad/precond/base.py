@@ -219,7 +219,7 @@ class Preconditioner:
                 continue
             param.grad = grad.detach() if param.grad is None else param.grad + grad
 
-    def step(self, logits: Tensor) -> None:
+    def step(self, logits: Tensor, grad_scaler: torch.amp.GradScaler | None = None) -> None:
         """Replace the captured layers' ``.grad`` with the preconditioned direction.
 
         Parameters
@@ -227,22 +227,35 @@ class Preconditioner:
         logits
             The tensor the model's forward pass returned, after ``loss.backward()`` (or
             :meth:`backward`) on a loss computed from it.
+        grad_scaler
+            The ``torch.amp.GradScaler`` whose ``scale(loss)`` was back-propagated. natgrad
+            divides what it captured by the scale, so its curvature is that of the loss, and
+            writes the directions multiplied by the scale, in the units of the other
+            gradients, for ``grad_scaler.step(optimizer)`` to unscale (call
+            ``grad_scaler.unscale_(optimizer)`` after this step, not before). A step whose
+            scaled gradients overflowed leaves the curvature state alone and writes Inf into
+            the preconditioned gradients, so that ``grad_scaler.step`` skips it and lowers the
+            scale.
         """
         self.communicator.check_mode()
         output_grad = self._checked_output_grad(logits)
+        scale = loss_scale(grad_scaler)
         factor = self.likelihood.reduction_factor(logits, self.reduction)
-        batches = self._layer_batches(logits.shape[0], factor)
+        batches = self._layer_batches(logits.shape[0], factor * scale)
         try:
             finite = self._all_finite([logits.detach(), output_grad], batches)
             finite, plain = self._agree(finite, batches)
+            if not finite and scale != 1.0:
+                self._leave_overflow_to_scaler()
+                return
             if not finite:
                 self._skip_step(
                     "the logits, the loss gradient or the captured layer rows contain NaN/Inf"
                     + (" (on some rank)" if self.communicator.active else "")
                 )
                 return
-            self.likelihood.check_output_grad(logits, output_grad, self.reduction)
-            per_sample_output_grad = at_least_float32(output_grad.detach()) / factor
+            self.likelihood.check_output_grad(logits, output_grad / scale, self.reduction)
+            per_sample_output_grad = at_least_float32(output_grad.detach()) / (factor * scale)
             batches += self._fallback_batches(logits.detach(), per_sample_output_grad)
             if not batches:
                 raise RuntimeError(
@@ -259,6 +272,10 @@ class Preconditioner:
             if failure is not None:
                 self._skip_step(failure)
                 return
+            if scale != 1.0:  # back into the units of the scaled gradients
+                for batch in batches:
+                    for param in batch.parameters():
+                        param.grad.mul_(scale)
             self.steps += 1
         finally:
             self.capture.clear()
@@ -504,6 +521,13 @@ class Preconditioner:
             tensors += batch.captured()
         return bool(torch.isfinite(torch.stack([t.sum() for t in tensors])).all())
 
+    def _leave_overflow_to_scaler(self) -> None:
+        """An overflow of the scaled loss: Inf in every preconditioned gradient, so that
+        ``GradScaler.step`` skips the step and lowers the scale; no state changes."""
+        for param in self.selection.structured_parameters():
+            param.grad = torch.full_like(param, math.inf)
+        self.skipped_steps += 1
+
     def _skip_step(self, reason: str) -> None:
         """Zero every trainable gradient of the model so no NaN reaches the weights."""
         for param in self.model.parameters():
@@ -526,6 +550,24 @@ def at_least_float32(tensor: Tensor) -> Tensor:
     if tensor.is_floating_point() and torch.finfo(tensor.dtype).bits < 32:
         return tensor.float()
     return tensor
+
+
+def loss_scale(grad_scaler: torch.amp.GradScaler | None) -> float:
+    """The scale of the loss that was back-propagated: ``grad_scaler``'s, or 1."""
+    if grad_scaler is None or not grad_scaler.is_enabled():
+        return 1.0
+    if not isinstance(grad_scaler, torch.amp.GradScaler):
+        raise TypeError(
+            f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
+        )
+    states = getattr(grad_scaler, "_per_optimizer_states", {})
+    if any(getattr(state.get("stage"), "name", "") == "UNSCALED" for state in states.values()):
+        raise RuntimeError(
+            "grad_scaler.unscale_(optimizer) was called before step(): natgrad writes the "
+            "directions in the scaled units for grad_scaler.step(optimizer) to unscale, so "
+            "call unscale_ (e.g. for gradient clipping) after pre.step(logits, grad_scaler)"
+        )
+    return float(grad_scaler.get_scale())
 
 
 def check_not_meta(model: nn.Module) -> None:
