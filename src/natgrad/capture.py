@@ -39,6 +39,12 @@ Several backward passes through one forward pass add up, as ``.grad`` does; extr
 also reach tensor hooks that other libraries placed on the model's activations: remove
 natgrad's hooks (``pre.remove()``) before running another hook-based curvature tool on the
 same model.
+
+The hooks live on the model but hold only weak references to their :class:`Capture`, which
+holds only a weak one to its preconditioner: a preconditioner that is deleted takes its hooks
+with it (a finalizer removes them). A module can carry the hooks of one live capture at a
+time; a second is refused, since each would record the other's extra backward passes. Forward
+passes without gradients (``torch.no_grad()``, for logging or evaluation) are ignored.
 """
 
 from __future__ import annotations
