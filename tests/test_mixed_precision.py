@@ -1,5 +1,6 @@
-"""Mixed precision and devices: every preconditioner under ``torch.autocast`` (bfloat16 on the
-CPU) gives the float32 update to bfloat16 accuracy, and on CUDA the CPU update.
+"""Mixed precision and devices: every preconditioner under ``torch.autocast`` (bfloat16 and
+float16 on the CPU) gives the float32 update to the autocast dtype's accuracy, with a
+``GradScaler`` the unscaled update, and on CUDA the CPU update.
 
 natgrad forms its curvature from the captured rows in float32 at least; the bfloat16 forward
 pass only perturbs the rows (relative error about ``2^-8``), and the damped solve amplifies that
@@ -29,7 +30,6 @@ METHODS = {
     "foof": lambda model: natgrad.FOOF(model, damping=0.1),
     "fishleg": lambda model: natgrad.FishLeg(model, damping=0.1, aux_period=1),
 }
-BF16_TOLERANCE = 2.0**-5  # four bfloat16 epsilons
 
 
 class FloatLogits(nn.Module):
@@ -51,13 +51,15 @@ def make_model() -> nn.Module:
     )  # fmt: skip
 
 
-def update(model, make, inputs, targets, autocast: bool, steps: int = 2) -> torch.Tensor:
+def update(
+    model, make, inputs, targets, autocast: bool, steps: int = 2, dtype=torch.bfloat16
+) -> torch.Tensor:
     """The direction written by the last of ``steps`` steps (a second step uses the state the
     first built: moving averages, FishLeg's learned Q)."""
     pre = make(model)
     for _ in range(steps):
         model.zero_grad()
-        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(inputs.device.type, dtype=dtype, enabled=autocast):
             logits = model(inputs)
             loss = F.cross_entropy(logits, targets)
         loss.backward()
@@ -68,18 +70,22 @@ def update(model, make, inputs, targets, autocast: bool, steps: int = 2) -> torc
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
 
-@pytest.mark.parametrize("float_logits", [False, True])
+@pytest.mark.parametrize(
+    ("dtype", "float_logits"),
+    [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, False)],
+)
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_autocast_bfloat16_update_is_the_float32_update(method, float_logits):
+def test_autocast_update_is_the_float32_update(method, dtype, float_logits):
+    """Within four epsilons of the autocast dtype (2^-5 for bfloat16, 2^-8 for float16)."""
     body = make_model()
     model = FloatLogits(body) if float_logits else body
     inputs, targets = torch.randn(32, 10), torch.randint(0, 4, (32,))
     expected = update(copy.deepcopy(model), METHODS[method], inputs, targets, autocast=False)
-    actual = update(copy.deepcopy(model), METHODS[method], inputs, targets, autocast=True)
+    actual = update(copy.deepcopy(model), METHODS[method], inputs, targets, True, dtype=dtype)
     gradient = update(copy.deepcopy(model), lambda m: None, inputs, targets, autocast=False)
     assert not torch.allclose(expected, gradient, rtol=0.1)  # the method preconditions
     error = ((actual - expected).norm() / expected.norm()).item()
-    assert error < BF16_TOLERANCE
+    assert error < 4 * torch.finfo(dtype).eps
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
