@@ -7,6 +7,7 @@ neuron-view code, so the tests can compare natgrad's updates with it.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +135,32 @@ def dense_batch(
 def relative_error(actual: Tensor, expected: Tensor) -> float:
     """``||actual - expected|| / ||expected||``: the tests' measure of agreement."""
     return ((actual - expected).norm() / expected.norm()).item()
+
+
+def batch_fisher(model: nn.Module, inputs: Tensor, params: list[str], reduction: str) -> Tensor:
+    """``c sum_n J_n^T H_n J_n`` over the named parameters, ``J_n`` the rows of the Jacobian
+    of the whole batch's output: the Fisher of a model whose datapoints interact (BatchNorm in
+    train mode), for the categorical likelihood. Runs a copy of the model (its buffers are
+    left alone)."""
+    model = copy.deepcopy(model)
+    params = [dict(model.named_parameters())[name] for name in params]
+    logits = model(inputs)
+    jacobian = torch.stack(
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(z, params, retain_graph=True)])
+            for z in logits.reshape(-1)
+        ]
+    ).reshape(*logits.shape, -1)
+    hessians = torch.stack(
+        [
+            torch.autograd.functional.hessian(
+                lambda z: per_sample_loss("categorical", z, torch.tensor(0), 0.5), row
+            )
+            for row in logits.detach()
+        ]
+    )
+    factor = reduction_constant("categorical", reduction, logits)
+    return factor * torch.einsum("nca,ncd,ndb->ab", jacobian, hessians, jacobian)
 
 
 def damped_direction(curvature: Tensor, rhs: Tensor, damping: float) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ from torch import nn
 
 import natgrad
 from natgrad.precond import fishleg
-from oracle import dense_batch, relative_error
+from oracle import batch_fisher, dense_batch, relative_error
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -361,3 +363,56 @@ def test_callable_damping_and_aux_lr_take_their_value_at_each_step(q_structure):
         actual = [p.detach() for pair in pre.aux_params.values() for p in pair]
         for a, e in zip(actual, leaves, strict=True):
             assert torch.allclose(a, e.detach(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("q_structure", ["kron", "diag"])
+def test_train_mode_batchnorm_auxiliary_gradient_equals_dense_and_keeps_statistics(q_structure):
+    """FishLeg's Fisher-vector products run the train-mode model (batch statistics, the
+    batch's Fisher with its coupled datapoints) without touching the running statistics."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2))
+    inputs, targets = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    damping = 0.1
+    pre = natgrad.FishLeg(model, damping=damping, q_structure=q_structure, aux_period=1)
+    randomise(pre)
+    probe = {
+        name: torch.randn(m.weight.shape[0], m.weight.shape[1] + 1)
+        for name, m in pre.selection.layers.items()
+    }
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    surrogate, value = pre.auxiliary_loss(probe, (inputs,))
+    surrogate.backward()
+    actual = [p.grad.clone() for pair in pre.aux_params.values() for p in pair]
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+
+    order = matrix_order(model)
+    fisher = batch_fisher(model, inputs, ["0.weight", "0.bias", "3.weight", "3.bias"], "mean")
+    fisher = fisher[order][:, order]
+    direction = torch.cat([p.reshape(-1) for p in probe.values()])
+    direction = direction / direction.norm()
+    leaves = [
+        p.detach().clone().requires_grad_(True) for pair in pre.aux_params.values() for p in pair
+    ]
+    blocks = []
+    for index in range(len(pre.aux_params)):
+        if q_structure == "kron":
+            left, right = torch.tril(leaves[2 * index]), torch.tril(leaves[2 * index + 1])
+            blocks.append(torch.kron(left @ left.T, right @ right.T))
+        else:
+            blocks.append(torch.diag((leaves[index] ** 2).reshape(-1)))
+    v = torch.block_diag(*blocks) @ direction
+    objective = 0.5 * v @ (fisher + damping * torch.eye(len(v))) @ v - direction @ v
+    expected = torch.autograd.grad(objective, leaves)
+    for a, e in zip(actual, expected, strict=True):
+        assert torch.allclose(a, e, rtol=1e-9, atol=1e-12)
+    assert value == pytest.approx(objective.item(), rel=1e-10)
+
+    # a training step with an auxiliary step: the running statistics are those of the
+    # user's forward pass alone, as in a twin model trained without natgrad
+    twin = copy.deepcopy(model)
+    forward_backward(model, pre, inputs, targets)
+    twin(inputs)
+    assert pre.aux_losses  # the auxiliary step ran
+    for (name, buffer), expected_buffer in zip(model.named_buffers(), twin.buffers(), strict=True):
+        assert torch.equal(buffer, expected_buffer), name

@@ -229,6 +229,25 @@ def test_fallback_in_chunks_matches_dense_oracle(model_name, chunk_size):
     assert relative_error(actual, expected) <= TOLERANCE
 
 
+@pytest.mark.parametrize("fisher", ["mc", "exact"])
+def test_fallback_pulls_vectors_back_one_by_one_without_a_nested_vmap_rule(fisher):
+    """PReLU's backward has no batching rule for the second vmap level (datapoints, then the
+    extra output vectors of mc / exact): the fallback pulls the vectors back one by one."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 5), nn.PReLU(5), nn.Linear(5, 3))
+    inputs = torch.randn(6, 4)
+    targets = torch.randint(0, 3, (inputs.shape[0],))
+    settings = dict(fisher=fisher, structure="full", damping=DAMPING, mc_samples=SAMPLES)
+    actual, logits = run_natgrad(
+        model, inputs, targets, "categorical", "mean", seed=SEED, **settings
+    )
+    assert "torch.func per-sample rows: 1.weight" in natgrad.NGD(model).describe()
+    vectors = mc_vectors(logits) if fisher == "mc" else None
+    batch = dense_batch(model, inputs, targets, "categorical", "mean")
+    expected = expected_update(batch, fisher, "full", DAMPING, module_blocks(model), vectors)
+    assert relative_error(actual, expected) <= TOLERANCE
+
+
 @pytest.mark.parametrize("chunk_size", [0, 2.5, True])
 def test_fallback_chunk_size_must_be_a_positive_integer(chunk_size):
     with pytest.raises(ValueError, match="fallback_chunk_size must be an integer >= 1"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,17 +164,18 @@ def test_callable_damping_is_evaluated_per_step():
     model, inputs = make_mlp(3)
     targets = make_targets("categorical", inputs.shape[0], 3)
     schedule = [1e-1, 1e-3]
+    twins = [copy.deepcopy(model) for _ in schedule]  # one live preconditioner per model
     pre = natgrad.EF(model, damping=lambda step: schedule[step])
-    fixed = [natgrad.EF(model, damping=value) for value in schedule]
+    fixed = [natgrad.EF(twin, damping=value) for twin, value in zip(twins, schedule, strict=True)]
     for step, value in enumerate(schedule):
         assert pre.current_damping() == value
         results = []
-        for preconditioner in (pre, fixed[step]):
-            model.zero_grad()
-            logits = model(inputs)
+        for net, preconditioner in ((model, pre), (twins[step], fixed[step])):
+            net.zero_grad()
+            logits = net(inputs)
             F.cross_entropy(logits, targets).backward()
             preconditioner.step(logits)
-            results.append(flat_grad(list(model.parameters())))
+            results.append(flat_grad(list(net.parameters())))
         assert torch.allclose(results[0], results[1], rtol=1e-12, atol=0), value
 
 

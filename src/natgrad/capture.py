@@ -45,10 +45,18 @@ Several backward passes through one forward pass add up, as ``.grad`` does; extr
 also reach tensor hooks that other libraries placed on the model's activations: remove
 natgrad's hooks (``pre.remove()``) before running another hook-based curvature tool on the
 same model.
+
+The hooks live on the model but hold only weak references to their :class:`Capture`, which
+holds only a weak one to its preconditioner: a preconditioner that is deleted takes its hooks
+with it (a finalizer removes them). A module can carry the hooks of one live capture at a
+time; a second is refused, since each would record the other's extra backward passes. Forward
+passes without gradients (``torch.no_grad()``, for logging or evaluation) are ignored.
 """
 
 from __future__ import annotations
 
+import gc
+import inspect
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -267,33 +275,69 @@ class Capture:
         layers: dict[str, nn.Module],
         on_output_grad: Callable[[Tensor, Tensor], None],
     ) -> None:
+        hooked = {"": model, **layers}
+        for name, module in hooked.items():
+            _check_not_captured(module, name)
         self.layers = layers
         self.calls: dict[str, list[LayerCall]] = {name: [] for name in layers}
         self.output: Tensor | None = None
         self.output_grad: Tensor | None = None
         self.model_args: tuple = ()
         self.model_kwargs: dict = {}
-        self._on_output_grad = on_output_grad
+        # The hooks stay on the model, which outlives the preconditioner: they hold only weak
+        # references to this capture and it only a weak one to its owner, so a preconditioner
+        # that is deleted (or garbage-collected) takes its hooks with it.
+        self._on_output_grad = (
+            weakref.WeakMethod(on_output_grad)
+            if inspect.ismethod(on_output_grad)
+            else lambda: on_output_grad
+        )
         self._in_forward = False
         self._nested = False
         self._paused = False
-        self._handles = [model.register_forward_pre_hook(self._start_forward, with_kwargs=True)]
+        self._stepped: weakref.ref[Tensor] | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        this = weakref.ref(self)
+        self._handles.append(
+            model.register_forward_pre_hook(
+                _forward_hook(this, model, "_start_forward"), with_kwargs=True
+            )
+        )
         for name, module in layers.items():
-            self._handles.append(module.register_forward_hook(self._layer_hook(name)))
+            self._handles.append(module.register_forward_hook(_layer_hook(this, module, name)))
         # registered last so that it runs after the layer hooks when the model is itself a layer
-        self._handles.append(model.register_forward_hook(self._end_forward))
+        end_forward = _forward_hook(this, model, "_end_forward")
+        self._handles.append(model.register_forward_hook(end_forward))
+        weakref.finalize(self, _remove_handles, self._handles)
+        for module in hooked.values():
+            _CAPTURED[module] = this
+
+    @property
+    def owner(self) -> object | None:
+        """The object whose ``on_output_grad`` this capture calls, if it is alive."""
+        method = self._on_output_grad()
+        return getattr(method, "__self__", None)
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are still on the model."""
+        return bool(self._handles)
 
     def remove(self) -> None:
         """Remove every hook; the model is left as it was."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        _remove_handles(self._handles)
         self.clear()
+
+    def consumed(self, output: Tensor) -> bool:
+        """Whether ``output`` is the model output of the last :meth:`clear` (a finished step)."""
+        return self._stepped is not None and self._stepped() is output
 
     def clear(self) -> None:
         """Forget the recorded tensors (frees the activations they hold)."""
         for calls in self.calls.values():
             calls.clear()
+        if self.output is not None:
+            self._stepped = weakref.ref(self.output)
         self.output = None
         self.output_grad = None
         self.model_args = ()
@@ -309,7 +353,9 @@ class Capture:
             self._paused = previous
 
     def _start_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._paused:
+        # a pass without gradients (logging, evaluation) has nothing to precondition: it
+        # leaves the recorded pass in place
+        if self._paused or not torch.is_grad_enabled():
             return
         self.clear()
         self.model_args = args
@@ -317,7 +363,7 @@ class Capture:
         self._in_forward = True
 
     def _end_forward(self, module: nn.Module, args: tuple, output: object) -> None:
-        if self._paused:
+        if self._paused or not torch.is_grad_enabled():
             return
         self._in_forward = False
         if not (isinstance(output, Tensor) and output.requires_grad):
@@ -326,41 +372,42 @@ class Capture:
         # The hook lives on the tensor; a strong reference back to the tensor would make a
         # cycle through autograd that Python's garbage collector cannot see (a leak per step).
         output_ref = weakref.ref(output)
+        this = weakref.ref(self)
 
         def output_hook(grad: Tensor) -> None:
-            watched = output_ref()
-            if self._nested or watched is None or watched is not self.output:
+            capture, watched = this(), output_ref()
+            if capture is None or capture._nested or watched is None:
                 return
-            if self.output_grad is not None:  # a further backward pass: gradients add up
-                self.output_grad = self.output_grad + grad.detach()
+            if watched is not capture.output:
                 return
-            self.output_grad = grad.detach()
-            self._on_output_grad(watched, grad.detach())
+            if capture.output_grad is not None:  # a further backward pass: gradients add up
+                capture.output_grad = capture.output_grad + grad.detach()
+                return
+            capture.output_grad = grad.detach()
+            on_output_grad = capture._on_output_grad()
+            if on_output_grad is not None:
+                on_output_grad(watched, grad.detach())
 
         output.register_hook(output_hook)
 
-    def _layer_hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if self._paused or not (
-                self._in_forward and torch.is_grad_enabled() and output.requires_grad
-            ):
+    def _record_layer_call(self, name: str, args: tuple, output: Tensor) -> None:
+        if self._paused or not (
+            self._in_forward and torch.is_grad_enabled() and output.requires_grad
+        ):
+            return
+        call = LayerCall(layer_input=args[0].detach(), output=output)
+        self.calls[name].append(call)
+        call_ref = weakref.ref(call)  # no cycle tensor -> hook -> call -> tensor
+        this = weakref.ref(self)
+
+        def grad_hook(grad: Tensor) -> None:
+            capture, recorded = this(), call_ref()
+            if capture is None or capture._nested or recorded is None:
                 return
-            call = LayerCall(layer_input=args[0].detach(), output=output)
-            self.calls[name].append(call)
-            call_ref = weakref.ref(call)  # no cycle tensor -> hook -> call -> tensor
+            previous = recorded.output_grad
+            recorded.output_grad = grad.detach() if previous is None else previous + grad.detach()
 
-            def grad_hook(grad: Tensor) -> None:
-                recorded = call_ref()
-                if self._nested or recorded is None:
-                    return
-                previous = recorded.output_grad
-                recorded.output_grad = (
-                    grad.detach() if previous is None else previous + grad.detach()
-                )
-
-            output.register_hook(grad_hook)
-
-        return hook
+        output.register_hook(grad_hook)
 
     def layer_outputs(self) -> Iterator[Tensor]:
         """Every captured layer call's output, in layer order then call order."""
@@ -426,6 +473,69 @@ class Capture:
             ]
             position += len(calls)
         return result
+
+
+# Every module carrying a live capture's hooks, to refuse a second preconditioner on it.
+_CAPTURED: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Capture]] = weakref.WeakKeyDictionary()
+
+
+def _forward_hook(capture: weakref.ref[Capture], model: nn.Module, method: str) -> Callable:
+    """A hook of ``model`` that calls ``capture.<method>`` while the capture is alive.
+
+    The hook ignores any other module: ``copy.deepcopy(model)`` copies the hook dictionaries,
+    and the copy's hooks must not record into this capture.
+    """
+    hooked = weakref.ref(model)
+
+    def hook(module: nn.Module, *args: object) -> None:
+        target = capture()
+        if target is not None and module is hooked():
+            getattr(target, method)(module, *args)
+
+    return hook
+
+
+def _layer_hook(capture: weakref.ref[Capture], layer: nn.Module, name: str) -> Callable:
+    """A layer's forward hook that records the call while the capture is alive (and only
+    for this layer, not a deep copy of it)."""
+    hooked = weakref.ref(layer)
+
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+        target = capture()
+        if target is not None and module is hooked():
+            target._record_layer_call(name, args, output)
+
+    return hook
+
+
+def _remove_handles(handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+def _check_not_captured(module: nn.Module, name: str) -> None:
+    """Raise if ``module`` carries the hooks of another live preconditioner.
+
+    Two preconditioners on one model would each record the other's extra backward passes
+    (sampled labels, Hessian columns) as loss gradients and diagnose a wrong loss.
+    """
+    existing = _CAPTURED.get(module)
+    capture = existing() if existing is not None else None
+    if capture is not None and capture.active and capture.owner is not None:
+        gc.collect()  # an owner deleted by the user but held in a reference cycle goes now
+        capture = existing()
+    if capture is None or not capture.active or capture.owner is None:
+        return
+    owner = capture.owner
+    where = "the model" if name == "" else f"its module '{name}'"
+    description = owner.describe() if hasattr(owner, "describe") else repr(owner)
+    raise RuntimeError(
+        f"{where} already has a live natgrad preconditioner, {description}: two "
+        "preconditioners on one model would see each other's backward passes. Call "
+        f"remove() on the existing {type(owner).__name__} (or delete every reference to it) "
+        "before building another one"
+    )
 
 
 __all__ = [

@@ -35,7 +35,7 @@ dimension has the batch size is split into datapoints; other arguments are passe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -113,25 +113,40 @@ class Fallback:
         arg_dims = tuple(_batch_dim(a, num) for a in args)
         kwarg_dims = {key: _batch_dim(value, num) for key, value in kwargs.items()}
 
-        def one_datapoint(sample_args: tuple, sample_kwargs: dict, sample_vectors: Tensor):
-            call_args = tuple(_as_batch(a, d) for a, d in zip(sample_args, arg_dims, strict=True))
-            call_kwargs = {k: _as_batch(v, kwarg_dims[k]) for k, v in sample_kwargs.items()}
+        def per_datapoint(batched_vectors: bool) -> Callable:
+            def one_datapoint(sample_args: tuple, sample_kwargs: dict, sample_vectors: Tensor):
+                call_args = tuple(
+                    _as_batch(a, d) for a, d in zip(sample_args, arg_dims, strict=True)
+                )
+                call_kwargs = {k: _as_batch(v, kwarg_dims[k]) for k, v in sample_kwargs.items()}
 
-            def output(params: dict[str, Tensor]) -> Tensor:
-                return functional_call(self.model, params, call_args, call_kwargs).squeeze(0)
+                def output(params: dict[str, Tensor]) -> Tensor:
+                    return functional_call(self.model, params, call_args, call_kwargs).squeeze(0)
 
-            value, pullback = vjp(output, weights)
-            (grads,) = vmap(pullback)(sample_vectors)
-            return value, grads
+                value, pullback = vjp(output, weights)
+                if batched_vectors:
+                    (grads,) = vmap(pullback)(sample_vectors)
+                else:  # one vector at a time
+                    pulled = [pullback(vector)[0] for vector in sample_vectors]
+                    grads = {name: torch.stack([g[name] for g in pulled]) for name in weights}
+                return value, grads
+
+            return vmap(
+                one_datapoint,
+                in_dims=(arg_dims, kwarg_dims, 1),
+                randomness="error",
+                chunk_size=self.chunk_size,
+            )
 
         try:
             with torch.no_grad():
-                outputs, grads = vmap(
-                    one_datapoint,
-                    in_dims=(arg_dims, kwarg_dims, 1),
-                    randomness="error",
-                    chunk_size=self.chunk_size,
-                )(args, kwargs, vectors)
+                try:
+                    outputs, grads = per_datapoint(True)(args, kwargs, vectors)
+                except RuntimeError as error:
+                    # some backward formulas (PReLU's) have no rule for a second vmap level
+                    if vectors.shape[0] == 1 or "random operation" in str(error):
+                        raise
+                    outputs, grads = per_datapoint(False)(args, kwargs, vectors)
         except RuntimeError as error:
             if "random operation" in str(error):
                 reason = (

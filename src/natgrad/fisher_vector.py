@@ -32,7 +32,9 @@ def fisher_vector_product(
     Parameters
     ----------
     model
-        The model; parameters not in ``params`` and buffers are taken from it unchanged.
+        The model; parameters not in ``params`` are taken from it unchanged, buffers as
+        copies (a train-mode BatchNorm normalises by the batch statistics and leaves its
+        running statistics untouched).
     model_args
         Positional arguments of the model's forward pass (the inputs of the batch).
     params
@@ -57,7 +59,14 @@ def fisher_vector_product(
             )
 
     def outputs(*values: Tensor) -> Tensor:
-        return functional_call(model, dict(zip(names, values, strict=True)), model_args)
+        # copies of the buffers, made inside the transform: a module in train mode that
+        # updates its buffers (BatchNorm's running statistics and num_batches_tracked) updates
+        # the copies, so the product leaves the model as it was and torch.func sees no
+        # mutation of a captured tensor; the outputs are those of the train-mode forward
+        buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+        return functional_call(
+            model, {**buffers, **dict(zip(names, values, strict=True))}, model_args
+        )
 
     primals = tuple(params[name].detach() for name in names)
     logits, output_tangent = jvp(outputs, primals, tuple(vector))

@@ -114,7 +114,10 @@ class Categorical(Likelihood):
         self, logits: Tensor, num_samples: int, generator: torch.Generator | None
     ) -> Tensor:
         probs = torch.softmax(logits.detach(), dim=1)
-        labels = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+        labels = torch.multinomial(
+            probs.to(_device_of(generator, probs)), num_samples, replacement=True,
+            generator=generator,
+        ).to(probs.device)  # fmt: skip
         onehot = torch.nn.functional.one_hot(labels.T, probs.shape[1]).to(probs.dtype)
         return probs.unsqueeze(0) - onehot
 
@@ -133,27 +136,31 @@ class Categorical(Likelihood):
         far from the subnormal range only), recovers ``c``, which must match the declared
         reduction.
         """
-        grad = output_grad.detach()
+        # float32 at least: a bfloat16 gradient (autocast) is checked at its own precision
+        dtype = torch.promote_types(output_grad.dtype, torch.float32)
+        grad = output_grad.detach().to(dtype)
         expected = self.reduction_factor(logits, reduction)
-        if grad.sum(dim=1).abs().max() > 1e-3 * expected:
+        # round-off of the gradient's dtype: 2^-7 relative in bfloat16, 2^-10 in float16
+        precision = max(1e-3, 4 * torch.finfo(output_grad.dtype).eps)
+        if grad.sum(dim=1).abs().max() > precision * expected:
             raise ValueError(
                 "the gradient w.r.t. the logits is not that of a softmax cross-entropy loss "
                 "(its rows do not sum to zero): use likelihood='categorical' only with "
                 "F.cross_entropy on these logits, without label smoothing or extra terms"
             )
-        probs = torch.softmax(logits.detach(), dim=1)
+        probs = torch.softmax(logits.detach().to(dtype), dim=1)
         # entries near the subnormal range carry few significant bits (a very confident row's
         # c * pi_k of 1e-40 in float32): they would bias the ratio, so only clearly normal ones
         # vote; a batch with none (every row certain) cannot reveal c and passes
-        finfo = torch.finfo(probs.dtype)
+        finfo = torch.finfo(output_grad.dtype)
         positive = (grad > 0) & (probs > finfo.tiny / finfo.eps)
         if not bool(positive.any()):
             return
         inferred = (grad[positive].sum() / probs[positive].sum()).item()
-        if math.isclose(inferred, expected, rel_tol=1e-2):
+        if math.isclose(inferred, expected, rel_tol=10 * precision):
             return
         other = "sum" if reduction == "mean" else "mean"
-        if math.isclose(inferred, self.reduction_factor(logits, other), rel_tol=1e-2):
+        if math.isclose(inferred, self.reduction_factor(logits, other), rel_tol=10 * precision):
             raise ValueError(
                 f"the loss looks {other}-reduced but the preconditioner was built with "
                 f"reduction={reduction!r}: pass reduction={other!r}"
@@ -192,8 +199,8 @@ class Gaussian(Likelihood):
             (num_samples, *logits.shape),
             generator=generator,
             dtype=logits.dtype,
-            device=logits.device,
-        )
+            device=_device_of(generator, logits),
+        ).to(logits.device)
         return -noise / math.sqrt(self.variance)
 
     def hessian_sqrt(self, logits: Tensor) -> Tensor:
@@ -219,8 +226,36 @@ class Bernoulli(Likelihood):
     ) -> Tensor:
         probs = torch.sigmoid(logits.detach())
         expanded = probs.unsqueeze(0).expand(num_samples, *probs.shape)
-        labels = torch.bernoulli(expanded, generator=generator)
+        labels = torch.bernoulli(
+            expanded.to(_device_of(generator, probs)), generator=generator
+        ).to(probs.device)
         return probs.unsqueeze(0) - labels
+
+    def check_output_grad(self, logits: Tensor, output_grad: Tensor, reduction: str) -> None:
+        """Check that the implied targets ``y = sigma(z) - g / c`` lie in ``[0, 1]``.
+
+        A gradient ``g = c (sigma(z) - y)`` of ``F.binary_cross_entropy_with_logits`` implies
+        its targets; outside ``[0, 1]`` (beyond round-off) the loss is another one (a
+        ``pos_weight``, extra terms) or its reduction is not the declared one. A necessary
+        condition only: a mean-reduced loss declared as ``"sum"`` implies targets close to
+        ``sigmoid(z)`` and passes.
+        """
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        probs = torch.sigmoid(logits.detach().to(dtype))
+        grad = output_grad.detach().to(dtype)
+        tolerance = 1e-4 + 8 * torch.finfo(logits.dtype).eps
+
+        targets = probs - grad / self.reduction_factor(logits, reduction)
+        if bool(((targets >= -tolerance) & (targets <= 1 + tolerance)).all()):
+            return
+        hint = "reduction='sum' for a summed loss" if reduction == "mean" else "reduction='mean'"
+        raise ValueError(
+            "the gradient w.r.t. the logits is not that of F.binary_cross_entropy_with_logits "
+            f"with reduction={reduction!r}: the targets it implies, sigmoid(z) - grad / c, lie "
+            f"outside [0, 1]. Pass the reduction your loss uses ({hint}) and use "
+            "likelihood='bernoulli' only with that loss on these logits, without pos_weight, "
+            "per-element weights or extra terms"
+        )
 
     def hessian_sqrt(self, logits: Tensor) -> Tensor:
         probs = torch.sigmoid(logits.detach())
@@ -228,6 +263,12 @@ class Bernoulli(Likelihood):
         std = (probs * (1 - probs)).sqrt()
         eye = torch.eye(dim, dtype=probs.dtype, device=probs.device)
         return eye.unsqueeze(1) * std.unsqueeze(0)
+
+
+def _device_of(generator: torch.Generator | None, tensor: Tensor) -> torch.device:
+    """Where to sample: on the generator's device (natgrad's is a CPU generator, so a run
+    samples the same labels on any device), on the tensor's without a generator."""
+    return tensor.device if generator is None else generator.device
 
 
 LIKELIHOODS: dict[LikelihoodName, type[Likelihood]] = {

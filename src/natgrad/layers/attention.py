@@ -133,7 +133,9 @@ class MultiheadAttention(nn.Module):
         v = split(self.v_proj(value), source_len)
         scores = q @ k.transpose(-2, -1) / math.sqrt(head_dim)
         if attn_mask is None and is_causal:
-            attn_mask = torch.ones(target_len, source_len, dtype=torch.bool).triu(1)
+            attn_mask = torch.ones(
+                target_len, source_len, dtype=torch.bool, device=scores.device
+            ).triu(1)
         if attn_mask is not None:
             mask = _additive(attn_mask, scores.dtype)
             scores = scores + (mask.reshape(batch, heads, target_len, source_len)
@@ -153,7 +155,9 @@ class MultiheadAttention(nn.Module):
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """A boolean mask (``True`` = masked) as ``-inf`` / ``0``; a float mask as it is."""
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype).masked_fill(mask, float("-inf"))
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            mask, float("-inf")
+        )
     return mask.to(dtype)
 
 

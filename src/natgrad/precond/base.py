@@ -165,6 +165,7 @@ class Preconditioner:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_not_meta(model)
         # a DistributedDataParallel wrapper: the capture hooks its forward pass, everything
         # else (selection, parameter names, functional calls) uses the wrapped module
         self.wrapper = model
@@ -218,14 +219,16 @@ class Preconditioner:
     def _on_output_grad(self, output: Tensor, grad: Tensor) -> None:
         self._extra_grads = None
         self._extra_vectors = None
+        if output.is_meta:
+            return  # step() says why nothing can be computed on the meta device
         if not bool(torch.isfinite(output.detach().sum())):
             return  # step() skips this batch; no labels can be sampled from NaN logits
         if self.communicator.active:  # per rank and step, so any rank's state_dict resumes
             self.generator.manual_seed(step_seed(self.seed, self.communicator.rank, self.steps))
-        vectors = self._extra_output_vectors(output.detach())
+        vectors = self._extra_output_vectors(at_least_float32(output.detach()))
         if vectors is not None:
             self._extra_vectors = vectors
-            self._extra_grads = self.capture.backprop_to_layers(vectors)
+            self._extra_grads = self.capture.backprop_to_layers(vectors.to(output.dtype))
 
     # ------------------------------------------------------------------ public API
     def current_damping(self) -> float:
@@ -250,6 +253,7 @@ class Preconditioner:
                 "backward() found no captured forward pass: call model(x) with gradients "
                 "enabled before computing the loss"
             )
+        check_not_broadcast(loss, self.capture.output)
         outputs = list(self.capture.layer_outputs())
         plain = list(self.selection.plain.values())
         # the model output is a target too, so that the backward pass reaches it (and natgrad
@@ -271,7 +275,7 @@ class Preconditioner:
                 continue
             param.grad = grad.detach() if param.grad is None else param.grad + grad
 
-    def step(self, logits: Tensor) -> None:
+    def step(self, logits: Tensor, grad_scaler: torch.amp.GradScaler | None = None) -> None:
         """Replace the captured layers' ``.grad`` with the preconditioned direction.
 
         Parameters
@@ -279,22 +283,35 @@ class Preconditioner:
         logits
             The tensor the model's forward pass returned, after ``loss.backward()`` (or
             :meth:`backward`) on a loss computed from it.
+        grad_scaler
+            The ``torch.amp.GradScaler`` whose ``scale(loss)`` was back-propagated. natgrad
+            divides what it captured by the scale, so its curvature is that of the loss, and
+            writes the directions multiplied by the scale, in the units of the other
+            gradients, for ``grad_scaler.step(optimizer)`` to unscale (call
+            ``grad_scaler.unscale_(optimizer)`` after this step, not before). A step whose
+            scaled gradients overflowed leaves the curvature state alone and writes Inf into
+            the preconditioned gradients, so that ``grad_scaler.step`` skips it and lowers the
+            scale.
         """
         self.communicator.check_mode()
         output_grad = self._checked_output_grad(logits)
+        scale = loss_scale(grad_scaler)
         factor = self.likelihood.reduction_factor(logits, self.reduction)
-        batches = self._layer_batches(logits.shape[0], factor)
+        batches = self._layer_batches(logits.shape[0], factor * scale)
         try:
             finite = self._all_finite([logits.detach(), output_grad], batches)
             finite, plain = self._agree(finite, batches)
+            if not finite and scale != 1.0:
+                self._leave_overflow_to_scaler()
+                return
             if not finite:
                 self._skip_step(
                     "the logits, the loss gradient or the captured layer rows contain NaN/Inf"
                     + (" (on some rank)" if self.communicator.active else "")
                 )
                 return
-            self.likelihood.check_output_grad(logits, output_grad, self.reduction)
-            per_sample_output_grad = (output_grad / factor).detach()
+            self.likelihood.check_output_grad(logits, output_grad / scale, self.reduction)
+            per_sample_output_grad = at_least_float32(output_grad.detach()) / (factor * scale)
             batches += self._fallback_batches(logits.detach(), per_sample_output_grad)
             if not batches:
                 raise RuntimeError(
@@ -311,6 +328,10 @@ class Preconditioner:
             if failure is not None:
                 self._skip_step(failure)
                 return
+            if scale != 1.0:  # back into the units of the scaled gradients
+                for batch in batches:
+                    for param in batch.parameters():
+                        param.grad.mul_(scale)
             self.steps += 1
         finally:
             self.capture.clear()
@@ -408,10 +429,29 @@ class Preconditioner:
 
     def _checked_output_grad(self, logits: Tensor) -> Tensor:
         check_logits(logits)
+        if logits.is_meta:
+            check_not_meta(self.model)
+            raise ValueError(
+                "the logits are on the meta device (shapes without values): natgrad computes "
+                "with the values, so run the model on a real device"
+            )
         if self.capture.output is None:
+            if self.capture.consumed(logits):
+                raise RuntimeError(
+                    "step() was already called for these logits: natgrad forgets a forward "
+                    "pass once it has preconditioned its gradients, so each step() needs a new "
+                    "logits = model(x) and loss.backward()"
+                )
             raise RuntimeError(
                 "step() found no captured forward pass: call logits = model(x) with gradients "
                 "enabled, then loss.backward(), then pre.step(logits)"
+            )
+        if logits is not self.capture.output and not logits.requires_grad:
+            raise ValueError(
+                "the logits passed to step() were computed without gradients (under "
+                "torch.no_grad() or torch.inference_mode(), or detached): pass the logits of "
+                "the forward pass whose loss you back-propagated; a forward pass without "
+                "gradients (e.g. for logging) may run at any time and is ignored"
             )
         if logits is not self.capture.output:
             raise ValueError(
@@ -434,9 +474,12 @@ class Preconditioner:
             if not calls or any(call.output_grad is None for call in calls):
                 continue  # the layer did not take part in this loss: its .grad stays as is
             adapter = self.adapters[name]
-            inputs = _concat([adapter.input_rows(module, c.layer_input) for c in calls], dim=1)
+            inputs = _concat(
+                [at_least_float32(adapter.input_rows(module, c.layer_input)) for c in calls], dim=1
+            )
             loss_grads = _concat(
-                [adapter.output_rows(module, c.output_grad, lead=0) for c in calls], dim=1
+                [at_least_float32(adapter.output_rows(module, c.output_grad, 0)) for c in calls],
+                dim=1,
             )
             if inputs.shape[0] != num_datapoints or loss_grads.shape[0] != num_datapoints:
                 raise ValueError(
@@ -449,7 +492,9 @@ class Preconditioner:
                 parts = self._extra_grads[name]
                 if any(part is None for part in parts):
                     continue
-                extra = _concat([adapter.output_rows(module, p, lead=1) for p in parts], dim=2)
+                extra = _concat(
+                    [at_least_float32(adapter.output_rows(module, p, lead=1)) for p in parts], dim=2
+                )
             batch_class = TokenBatch if adapter.token_inputs else LayerBatch
             batches.append(
                 batch_class(
@@ -484,7 +529,9 @@ class Preconditioner:
                 "unchanged through the model"
             )
         loss_rows = sum(
-            adapter.per_sample_rows(module, c.layer_input, c.output_grad.unsqueeze(0))
+            adapter.per_sample_rows(
+                module, at_least_float32(c.layer_input), at_least_float32(c.output_grad)[None]
+            )
             for c in calls
         )
         extra = None
@@ -493,7 +540,9 @@ class Preconditioner:
             if any(part is None for part in parts):
                 return None
             extra = sum(
-                adapter.per_sample_rows(module, c.layer_input, part)
+                adapter.per_sample_rows(
+                    module, at_least_float32(c.layer_input), at_least_float32(part)
+                )
                 for c, part in zip(calls, parts, strict=True)
             )
         params = [p for p in module.parameters(recurse=False) if p.requires_grad]
@@ -528,6 +577,13 @@ class Preconditioner:
             tensors += batch.captured()
         return bool(torch.isfinite(torch.stack([t.sum() for t in tensors])).all())
 
+    def _leave_overflow_to_scaler(self) -> None:
+        """An overflow of the scaled loss: Inf in every preconditioned gradient, so that
+        ``GradScaler.step`` skips the step and lowers the scale; no state changes."""
+        for param in self.selection.structured_parameters():
+            param.grad = torch.full_like(param, math.inf)
+        self.skipped_steps += 1
+
     def _skip_step(self, reason: str) -> None:
         """Zero every trainable gradient of the model so no NaN reaches the weights."""
         for param in self.model.parameters():
@@ -542,6 +598,72 @@ class Preconditioner:
             NonFiniteWarning,
             stacklevel=3,
         )
+
+
+def at_least_float32(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32 if it is in a lower floating-point precision (bfloat16 or float16
+    rows of an autocast forward pass: natgrad forms its curvature in float32), else as is."""
+    if tensor.is_floating_point() and torch.finfo(tensor.dtype).bits < 32:
+        return tensor.float()
+    return tensor
+
+
+def loss_scale(grad_scaler: torch.amp.GradScaler | None) -> float:
+    """The scale of the loss that was back-propagated: ``grad_scaler``'s, or 1."""
+    if grad_scaler is None or not grad_scaler.is_enabled():
+        return 1.0
+    if not isinstance(grad_scaler, torch.amp.GradScaler):
+        raise TypeError(
+            f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
+        )
+    states = getattr(grad_scaler, "_per_optimizer_states", {})
+    if any(getattr(state.get("stage"), "name", "") == "UNSCALED" for state in states.values()):
+        raise RuntimeError(
+            "grad_scaler.unscale_(optimizer) was called before step(): natgrad writes the "
+            "directions in the scaled units for grad_scaler.step(optimizer) to unscale, so "
+            "call unscale_ (e.g. for gradient clipping) after pre.step(logits, grad_scaler)"
+        )
+    return float(grad_scaler.get_scale())
+
+
+def check_not_meta(model: nn.Module) -> None:
+    """Raise if a trainable parameter of ``model`` is on the meta device (no values)."""
+    meta = [name for name, p in model.named_parameters() if p.requires_grad and p.is_meta]
+    if meta:
+        raise ValueError(
+            f"the model's parameters are on the meta device (shapes without values, e.g. "
+            f"'{meta[0]}'): natgrad computes with the values; materialise the model first "
+            "(model.to_empty(device=...) and load or initialise its weights), then build the "
+            "preconditioner"
+        )
+
+
+def check_not_broadcast(loss: Tensor, logits: Tensor, max_nodes: int = 1000) -> None:
+    """Raise if the loss graph expands the logits before the loss (a broadcast target).
+
+    ``F.mse_loss`` (and ``F.l1_loss``...) broadcasts a target of shape ``(N,)`` against outputs
+    ``(N, 1)`` to ``N x N`` pairs through an expand of the outputs: a valid loss of the mean
+    target whose gradient natgrad cannot tell apart from a Gaussian one. The graph between the
+    loss and the logits shows it; it is searched up to ``max_nodes`` nodes, not into the model.
+    """
+    source = logits.grad_fn
+    if source is None or loss.grad_fn is None:
+        return
+    seen, frontier = set(), [loss.grad_fn]
+    while frontier and len(seen) < max_nodes:
+        node = frontier.pop()
+        if node is None or node is source or node in seen:
+            continue
+        seen.add(node)
+        children = [child for child, _ in node.next_functions]
+        if node.name() == "ExpandBackward0" and source in children:
+            raise ValueError(
+                f"the loss broadcasts the logits of shape {tuple(logits.shape)} to a larger "
+                "shape (a target of shape (N,) against outputs (N, 1) makes F.mse_loss "
+                "average over all N x N pairs): give the target the logits' shape, e.g. "
+                "F.mse_loss(logits, y.view_as(logits))"
+            )
+        frontier.extend(children)
 
 
 def _concat(tensors: list[Tensor], dim: int) -> Tensor:

@@ -208,12 +208,17 @@ class FishLeg(Preconditioner):
             return torch.kron(left @ left.T, right @ right.T)
 
     # ------------------------------------------------------------------ steps
-    def step(self, logits: Tensor, aux_args: tuple | None = None) -> None:
+    def step(
+        self,
+        logits: Tensor,
+        aux_args: tuple | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
         """As :meth:`Preconditioner.step`; ``aux_args`` are model inputs for the auxiliary
         Fisher-vector product (default: the inputs of the current forward pass)."""
         self._aux_args = aux_args
         try:
-            super().step(logits)
+            super().step(logits, grad_scaler)
         finally:
             self._aux_args = None
 
