@@ -210,7 +210,9 @@ class Laplace:
         self._pending: dict[str, Part] = {}
         self._block_columns: dict[str, Tensor] = {}
         self._collector = collector
-        saved_grads = [p.grad for p in self._params]
+        saved_grads = [p.grad for p in self._params]  # backward would add into them
+        for param in self._params:
+            param.grad = None
         training = self.model.training
         self.model.eval()
         total = torch.zeros((), dtype=torch.float64)
