@@ -88,6 +88,7 @@ class LowRankPart:
         self._num_rows = 0
         self._gram: Tensor | None = None  # G^T G once the rows outnumber the parameters
         self.rows: Tensor | None = None
+        self._cache: tuple[Tensor, Tensor | None, Tensor] | None = None
 
     @property
     def size(self) -> int:
@@ -135,29 +136,38 @@ class LowRankPart:
         gram = self._gram if self.rows is None else self.rows.T @ self.rows
         return torch.diag(prior) + gram
 
-    def _inner(self, prior: Tensor) -> tuple[Tensor, Tensor]:
-        """``(G diag(τ)^{-1/2}, cholesky(U))`` of the Woodbury form."""
-        scaled = self.rows * prior.rsqrt()
-        inner = torch.eye(scaled.shape[0], dtype=scaled.dtype) + scaled @ scaled.T
-        return scaled, _cholesky(inner, "Woodbury system I + V^T V")
+    def _factors(self, prior: Tensor) -> tuple[Tensor | None, Tensor]:
+        """``(G diag(τ)^{-1/2}, cholesky(U))`` of the Woodbury form, or ``(None,
+        cholesky(Λ_b))`` of the ``p x p`` form; kept for the last ``τ`` (sampling and
+        predictions reuse them; the evidence, differentiated in ``τ``, does not)."""
+        if self._cache is not None and torch.equal(self._cache[0], prior):
+            return self._cache[1], self._cache[2]
+        prior = prior.detach()
+        if self.rows is None:
+            scaled = None
+            factor = _cholesky(self.precision_matrix(prior), "posterior precision")
+        else:
+            scaled = self.rows * prior.rsqrt()
+            inner = torch.eye(scaled.shape[0], dtype=scaled.dtype) + scaled @ scaled.T
+            factor = _cholesky(inner, "Woodbury system I + V^T V")
+        self._cache = (prior.clone(), scaled, factor)
+        return scaled, factor
 
     def sample(self, num: int, prior: Tensor, generator: torch.Generator | None) -> Tensor:
         dtype = prior.dtype
-        if self.rows is None:
-            factor = _cholesky(self.precision_matrix(prior), "posterior precision")
+        scaled, factor = self._factors(prior)
+        if scaled is None:
             noise = torch.randn(self.size, num, generator=generator, dtype=dtype)
             return torch.linalg.solve_triangular(factor.T, noise, upper=True).T
-        scaled, factor = self._inner(prior)
         y = torch.randn(num, self.size, generator=generator, dtype=dtype)
         z = torch.randn(num, scaled.shape[0], generator=generator, dtype=dtype)
         coefficients = torch.cholesky_solve((y @ scaled.T + z).T, factor).T
         return (y - coefficients @ scaled) * prior.rsqrt()
 
     def covariance_times(self, matrix: Tensor, prior: Tensor) -> Tensor:
-        if self.rows is None:
-            factor = _cholesky(self.precision_matrix(prior), "posterior precision")
+        scaled, factor = self._factors(prior)
+        if scaled is None:
             return torch.cholesky_solve(matrix.T, factor).T
-        scaled, factor = self._inner(prior)
         projected = (matrix * prior.rsqrt()) @ scaled.T
         correction = torch.cholesky_solve(projected.T, factor).T @ scaled
         return (matrix * prior.rsqrt() - correction) * prior.rsqrt()
