@@ -179,7 +179,7 @@ def test_woodbury_sampler_equals_the_dense_sampler_covariance_exactly(float64, m
     part = la.parts[0]
     assert part.woodbury
     prior = la._prior_vector()
-    size, rows = part.size, part.rows.shape[0]
+    size, rows = part.size, part.num_rows
     basis = torch.eye(size + rows)
     draws = iter([basis[:, :size], basis[:, size:]])  # y, then z
     monkeypatch.setattr(torch, "randn", lambda *shape, **kwargs: next(draws))

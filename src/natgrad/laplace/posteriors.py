@@ -84,15 +84,18 @@ class LowRankPart:
     def __init__(self, index: Tensor, max_entries: int) -> None:
         self.index = index
         self.max_entries = max_entries
-        self._chunks: list[Tensor] = []
+        self._chunks: list[Tensor] = []  # the rows of G, one tensor per batch (never joined)
         self._num_rows = 0
         self._gram: Tensor | None = None  # G^T G once the rows outnumber the parameters
-        self.rows: Tensor | None = None
-        self._cache: tuple[Tensor, Tensor | None, Tensor] | None = None
+        self._cache: tuple[Tensor, Tensor] | None = None
 
     @property
     def size(self) -> int:
         return self.index.numel()
+
+    @property
+    def num_rows(self) -> int:
+        return self._num_rows
 
     @property
     def woodbury(self) -> bool:
@@ -116,69 +119,80 @@ class LowRankPart:
             return
         self._chunks.append(rows)
         if self._num_rows > self.size:  # the p x p system is now the smaller one
-            stacked = torch.cat(self._chunks)
-            self._gram = stacked.T @ stacked
+            self._gram = sum(chunk.T @ chunk for chunk in self._chunks)
             self._chunks.clear()
 
     def finish(self, dtype: torch.dtype) -> None:
         """Settle the rows after the last batch."""
-        if self._gram is None:
-            self.rows = (
-                torch.cat(self._chunks) if self._chunks else torch.zeros(0, self.size, dtype=dtype)
-            )
-            self._chunks.clear()
+        if self._gram is None and not self._chunks:
+            self._chunks.append(torch.zeros(0, self.size, dtype=dtype))
 
-    @property
-    def num_rows(self) -> int:
-        return self._num_rows
+    # ------------------------------------------------------------------ products with G
+    def _times_rows(self, matrix: Tensor) -> Tensor:
+        """``M G^T`` for ``M`` ``(k, p)``: ``(k, R)``."""
+        return torch.cat([matrix @ chunk.T for chunk in self._chunks], dim=1)
+
+    def _rows_combination(self, coefficients: Tensor) -> Tensor:
+        """``C G`` for ``C`` ``(k, R)``: ``(k, p)``."""
+        result, start = None, 0
+        for chunk in self._chunks:
+            part = coefficients[:, start : start + chunk.shape[0]] @ chunk
+            result = part if result is None else result + part
+            start += chunk.shape[0]
+        return result
+
+    def _woodbury_matrix(self, prior: Tensor) -> Tensor:
+        """``U = I + G diag(τ)^{-1} G^T`` (``R x R``), one chunk of ``G`` copied at a time."""
+        inverse = 1 / prior
+        rows = torch.cat([self._times_rows(chunk * inverse) for chunk in self._chunks])
+        return torch.eye(self._num_rows, dtype=rows.dtype) + rows
 
     def precision_matrix(self, prior: Tensor) -> Tensor:
-        gram = self._gram if self.rows is None else self.rows.T @ self.rows
-        return torch.diag(prior) + gram
+        if self._gram is not None:
+            return torch.diag(prior) + self._gram
+        return torch.diag(prior) + sum(chunk.T @ chunk for chunk in self._chunks)
 
-    def _factors(self, prior: Tensor) -> tuple[Tensor | None, Tensor]:
-        """``(G diag(τ)^{-1/2}, cholesky(U))`` of the Woodbury form, or ``(None,
-        cholesky(Λ_b))`` of the ``p x p`` form; kept for the last ``τ`` (sampling and
-        predictions reuse them; the evidence, differentiated in ``τ``, does not)."""
+    def _factor(self, prior: Tensor) -> Tensor:
+        """The Cholesky factor of ``U`` (Woodbury form) or of ``Λ_b`` (``p x p`` form), kept
+        for the last ``τ`` (sampling and predictions reuse it; the evidence, differentiated
+        in ``τ``, does not)."""
         if self._cache is not None and torch.equal(self._cache[0], prior):
-            return self._cache[1], self._cache[2]
+            return self._cache[1]
         prior = prior.detach()
-        if self.rows is None:
-            scaled = None
-            factor = _cholesky(self.precision_matrix(prior), "posterior precision")
+        if self.woodbury:
+            factor = _cholesky(self._woodbury_matrix(prior), "Woodbury system I + V^T V")
         else:
-            scaled = self.rows * prior.rsqrt()
-            inner = torch.eye(scaled.shape[0], dtype=scaled.dtype) + scaled @ scaled.T
-            factor = _cholesky(inner, "Woodbury system I + V^T V")
-        self._cache = (prior.clone(), scaled, factor)
-        return scaled, factor
+            factor = _cholesky(self.precision_matrix(prior), "posterior precision")
+        self._cache = (prior.clone(), factor)
+        return factor
 
     def sample(self, num: int, prior: Tensor, generator: torch.Generator | None) -> Tensor:
+        factor = self._factor(prior)
         dtype = prior.dtype
-        scaled, factor = self._factors(prior)
-        if scaled is None:
+        if not self.woodbury:
             noise = torch.randn(self.size, num, generator=generator, dtype=dtype)
             return torch.linalg.solve_triangular(factor.T, noise, upper=True).T
+        root = prior.rsqrt()
         y = torch.randn(num, self.size, generator=generator, dtype=dtype)
-        z = torch.randn(num, scaled.shape[0], generator=generator, dtype=dtype)
-        coefficients = torch.cholesky_solve((y @ scaled.T + z).T, factor).T
-        return (y - coefficients @ scaled) * prior.rsqrt()
+        z = torch.randn(num, self._num_rows, generator=generator, dtype=dtype)
+        # x = y - V U^{-1} (V^T y + z), V = diag(τ)^{-1/2} G^T; the sample is diag(τ)^{-1/2} x
+        coefficients = torch.cholesky_solve((self._times_rows(y * root) + z).T, factor).T
+        return (y - self._rows_combination(coefficients) * root) * root
 
     def covariance_times(self, matrix: Tensor, prior: Tensor) -> Tensor:
-        scaled, factor = self._factors(prior)
-        if scaled is None:
+        factor = self._factor(prior)
+        if not self.woodbury:
             return torch.cholesky_solve(matrix.T, factor).T
-        projected = (matrix * prior.rsqrt()) @ scaled.T
-        correction = torch.cholesky_solve(projected.T, factor).T @ scaled
-        return (matrix * prior.rsqrt() - correction) * prior.rsqrt()
+        # M Λ^{-1} = M D - M D G^T U^{-1} G D with D = diag(τ)^{-1}
+        scaled = matrix / prior
+        projected = torch.cholesky_solve(self._times_rows(scaled).T, factor).T
+        return scaled - self._rows_combination(projected) / prior
 
     def log_det_ratio(self, prior: Tensor) -> Tensor:
-        if self.rows is None:
+        if not self.woodbury:
             precision = self.precision_matrix(prior)
             return _logdet_spd(precision, "posterior precision") - prior.log().sum()
-        scaled = self.rows * prior.rsqrt()
-        inner = torch.eye(scaled.shape[0], dtype=scaled.dtype) + scaled @ scaled.T
-        return _logdet_spd(inner, "Woodbury system I + V^T V")
+        return _logdet_spd(self._woodbury_matrix(prior), "Woodbury system I + V^T V")
 
 
 class DiagonalPart:
