@@ -522,3 +522,67 @@ def test_fit_leaves_the_model_as_it_was(float64):
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
     handles = [m._forward_hooks for m in model.modules()]
     assert all(len(h) == 0 for h in handles)
+
+
+# ---------------------------------------------------------------------------------- subsample
+
+
+@pytest.mark.parametrize("structure", ["full", "layer"])
+def test_subsample_keeps_a_stated_subset_scaled_by_d_over_s(float64, structure):
+    """``Λ = τ I + (D / S) Σ_{n ∈ subset} J_n^T H_n J_n`` for the subset the fit reports
+    (Benzing 2022 App. C's ``Λ_prior + D F`` with a subsampled Fisher)."""
+    torch.manual_seed(9)
+    model = make_model()
+    inputs, targets = make_data("categorical", 20)
+    la = natgrad.Laplace(model, structure=structure, subsample=6, prior_precision=0.4)
+    la.fit(loader(inputs, targets, size=4))
+    subset = la.subset
+    assert subset.shape == (6,) and len(set(subset.tolist())) == 6
+    assert subset.max() < 20 and la.num_datapoints == 20
+    curvature = (20 / 6) * dense_curvature(
+        model, inputs[subset], targets[subset], "categorical", "exact"
+    )
+    if structure == "layer":
+        batch = dense_batch(model, inputs, targets, "categorical", "sum")
+        layers = [m for m in model if isinstance(m, nn.Linear)]
+        curvature = curvature * batch.block_mask([list(m.parameters()) for m in layers])
+    precision = curvature + 0.4 * torch.eye(la.num_params)
+    torch.testing.assert_close(la.posterior_precision(), precision, rtol=1e-10, atol=1e-10)
+    log_lik = dense_log_likelihood(model, inputs, targets, "categorical")
+    expected = dense_log_evidence(
+        log_lik, flat_params(model), precision, torch.full((la.num_params,), 0.4)
+    )
+    assert abs(la.log_marginal_likelihood().item() - expected.item()) < 1e-9
+    whole = natgrad.Laplace(model, subsample=25, prior_precision=0.4)
+    whole.fit(loader(inputs, targets, size=4))
+    full = dense_curvature(model, inputs, targets, "categorical", "exact")
+    torch.testing.assert_close(
+        whole.posterior_precision(), full + 0.4 * torch.eye(la.num_params), rtol=1e-10, atol=1e-10
+    )
+
+
+def test_reservoir_draws_every_datapoint_equally_often():
+    """Algorithm R is uniform: over 4000 runs keeping 3 of 10 datapoints (batches of 4),
+    each datapoint is kept ``1200`` times in expectation, standard deviation
+    ``sqrt(4000 · 0.3 · 0.7) ≈ 29``; all ten within 6 standard deviations."""
+    from natgrad.laplace.subsample import Reservoir
+
+    counts = torch.zeros(10)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(4000):
+        reservoir = Reservoir(3, generator)
+        for size in (4, 4, 2):
+            reservoir.assign(size)
+        counts[reservoir.indices()] += 1
+    assert bool(((counts - 1200).abs() < 6 * 29).all()), counts
+
+
+def test_subsample_errors(float64):
+    model = make_model()
+    with pytest.raises(ValueError, match="subsample applies to structure='full' or 'layer'"):
+        natgrad.Laplace(model, structure="kron", subsample=5)
+    with pytest.raises(ValueError, match="integer >= 1"):
+        natgrad.Laplace(model, subsample=0)
+    inputs, targets = make_data("categorical", 6)
+    with pytest.raises(MemoryError, match="smaller subsample"):
+        natgrad.Laplace(model, subsample=5, max_entries=100).fit(loader(inputs, targets))

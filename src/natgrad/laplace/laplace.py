@@ -56,6 +56,7 @@ from natgrad.laplace.rows import (
     log_likelihood,
     loss_sum,
 )
+from natgrad.laplace.subsample import Reservoir
 from natgrad.likelihoods import Likelihood, get_likelihood
 from natgrad.precond.blocks import Block, LayerBatch
 from natgrad.selection import select_layers
@@ -89,6 +90,12 @@ class Laplace:
     kron_damping
         How ``structure="kron"`` adds the prior: ``"correct"`` (``B ⊗ A + τ I``),
         ``"heuristic"`` (KFAC's split) or ``"a_only"`` (FOOF-like).
+    subsample
+        ``structure="full"`` or ``"layer"`` only: keep the rows of ``S`` datapoints drawn
+        uniformly without replacement from the data set (reservoir sampling in one pass over
+        the loader, with the generator of ``seed``; :attr:`subset` lists them), scaled by
+        ``sqrt(D / S)``, so that ``Λ = diag(τ) + D F_S`` with ``F_S`` the subset's mean
+        curvature (Benzing 2022 App. C). ``None`` (default): every datapoint.
     max_entries
         The most numbers a full or per-layer part keeps (``min(rows, params) x params``);
         beyond, :meth:`fit` raises a ``MemoryError`` naming the alternatives.
@@ -110,6 +117,7 @@ class Laplace:
         prior_precision: float | Sequence[float] | Tensor = 1.0,
         *,
         kron_damping: KronDamping = "correct",
+        subsample: int | None = None,
         mc_samples: int = 1,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         seed: int = 0,
@@ -126,6 +134,16 @@ class Laplace:
         self.likelihood = check_laplace_likelihood(get_likelihood(likelihood))
         self.fisher, self.structure, self.kron_damping = fisher, structure, kron_damping
         self.max_entries = max_entries
+        if subsample is not None:
+            if structure not in ("full", "layer"):
+                raise ValueError(
+                    f"subsample applies to structure='full' or 'layer' (which keep rows), not "
+                    f"{structure!r}, whose statistics cost the same for every datapoint"
+                )
+            if isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 1:
+                raise ValueError(f"subsample must be an integer >= 1, got {subsample!r}")
+        self.subsample = subsample
+        self.subset: Tensor | None = None
         self._collector_options = dict(
             mc_samples=mc_samples,
             unsupported=unsupported,
@@ -209,6 +227,13 @@ class Laplace:
         )
         self._pending: dict[str, Part] = {}
         self._block_columns: dict[str, Tensor] = {}
+        self._reservoir = (
+            None
+            if self.subsample is None
+            else Reservoir(
+                self.subsample, torch.Generator().manual_seed(self.generator.initial_seed())
+            )
+        )
         self._collector = collector
         saved_grads = [p.grad for p in self._params]  # backward would add into them
         for param in self._params:
@@ -244,8 +269,15 @@ class Laplace:
         self.mean = torch.cat([p.detach().reshape(-1) for p in self._params]).clone()
         self.log_likelihood = total.to(self.mean.dtype)
         parts = list(self._pending.values())
-        for part in parts:
-            part.finish(self.mean.dtype)
+        if self._reservoir is None:
+            for part in parts:
+                part.finish(self.mean.dtype)
+        else:
+            kept = self._reservoir.kept
+            scale = (self._reservoir.seen / kept) ** 0.5
+            for part in parts:
+                part.finish(self.mean.dtype, kept, scale)
+            self.subset = self._reservoir.indices()
         covered = torch.zeros(self.num_params, dtype=torch.bool)
         for part in parts:
             covered[part.index] = True
@@ -264,6 +296,12 @@ class Laplace:
     def _add_batch(self, blocks: list[Block], row_weight: float) -> None:
         """The collector's sink: fold one batch's blocks into the parts."""
         scale = row_weight**0.5
+        assignments = None
+        if self._reservoir is not None:
+            num_datapoints = blocks[0].loss_grads.shape[1]
+            assignments = self._reservoir.assign(num_datapoints)
+            if not assignments:
+                return
         if self.structure == "full":
             rows = None
             for block in blocks:
@@ -274,9 +312,9 @@ class Laplace:
             part = self._pending.get("")
             if part is None:
                 part = self._pending[""] = LowRankPart(
-                    torch.arange(self.num_params), self.max_entries
+                    torch.arange(self.num_params), self.max_entries, self.subsample
                 )
-            part.add(rows)
+            self._add_rows(part, rows, assignments, num_datapoints if assignments else 0)
             return
         for block in blocks:
             part = self._pending.get(block.name)
@@ -290,11 +328,21 @@ class Laplace:
                 continue
             if part is None:
                 part = self._pending[block.name] = (
-                    LowRankPart(index, self.max_entries)
+                    LowRankPart(index, self.max_entries, self.subsample)
                     if self.structure == "layer"
                     else DiagonalPart(index)
                 )
-            part.add(self._block_rows(block, scale))
+            rows = self._block_rows(block, scale)
+            self._add_rows(part, rows, assignments, num_datapoints if assignments else 0)
+
+    @staticmethod
+    def _add_rows(
+        part: Part, rows: Tensor, assignments: list[tuple[int, int]] | None, num: int
+    ) -> None:
+        if assignments is None:
+            part.add(rows)
+        else:
+            part.keep(rows, num, assignments)
 
     def _block_index(self, block: Block) -> Tensor:
         if block.name not in self._block_columns:

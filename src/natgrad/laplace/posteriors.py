@@ -81,13 +81,15 @@ class LowRankPart:
         The most numbers the part may keep (``min(R, p) * p``); beyond, :meth:`add` raises.
     """
 
-    def __init__(self, index: Tensor, max_entries: int) -> None:
+    def __init__(self, index: Tensor, max_entries: int, capacity: int | None = None) -> None:
         self.index = index
         self.max_entries = max_entries
+        self.capacity = capacity
         self._chunks: list[Tensor] = []  # the rows of G, one tensor per batch (never joined)
         self._num_rows = 0
         self._gram: Tensor | None = None  # G^T G once the rows outnumber the parameters
         self._cache: tuple[Tensor, Tensor] | None = None
+        self._reservoir: Tensor | None = None  # (capacity, K, p) rows of the kept datapoints
 
     @property
     def size(self) -> int:
@@ -122,8 +124,30 @@ class LowRankPart:
             self._gram = sum(chunk.T @ chunk for chunk in self._chunks)
             self._chunks.clear()
 
-    def finish(self, dtype: torch.dtype) -> None:
-        """Settle the rows after the last batch."""
+    def keep(self, rows: Tensor, num_datapoints: int, assignments: list[tuple[int, int]]) -> None:
+        """Subsample mode: of the batch's rows ``(K N, p)`` (row ``k N + n``), store those of
+        datapoint ``n`` in reservoir slot ``s`` for each ``(n, s)`` of ``assignments``."""
+        per_datapoint = rows.reshape(-1, num_datapoints, self.size)
+        if self._reservoir is None:
+            kept = self.capacity * per_datapoint.shape[0] * self.size
+            if kept > self.max_entries:
+                raise MemoryError(
+                    f"subsample={self.capacity} datapoints of {per_datapoint.shape[0]} rows "
+                    f"and {self.size} parameters need {kept} numbers beyond max_entries="
+                    f"{self.max_entries}: use a smaller subsample, fisher='empirical', another "
+                    "structure, or raise max_entries"
+                )
+            self._reservoir = rows.new_zeros(self.capacity, per_datapoint.shape[0], self.size)
+        for datapoint, slot in assignments:
+            self._reservoir[slot] = per_datapoint[:, datapoint]
+
+    def finish(self, dtype: torch.dtype, kept: int | None = None, scale: float = 1.0) -> None:
+        """Settle the rows after the last batch; in subsample mode the first ``kept``
+        reservoir slots, their rows multiplied by ``scale``."""
+        if self._reservoir is not None:
+            rows = self._reservoir[:kept].reshape(-1, self.size) * scale
+            self._reservoir = None
+            self.add(rows)
         if self._gram is None and not self._chunks:
             self._chunks.append(torch.zeros(0, self.size, dtype=dtype))
 
