@@ -586,3 +586,28 @@ def test_subsample_errors(float64):
     inputs, targets = make_data("categorical", 6)
     with pytest.raises(MemoryError, match="smaller subsample"):
         natgrad.Laplace(model, subsample=5, max_entries=100).fit(loader(inputs, targets))
+
+
+def test_mc_rows_weigh_each_sampled_label_by_one_over_m(float64, monkeypatch):
+    """``fisher="mc"`` with ``M`` labels: ``Λ = τ I + 1/M Σ_{n,m} J_n^T v_nm v_nm^T J_n``. The
+    label sampler is replaced by a deterministic one (``v = π - e_y`` for ``y`` the arg-max
+    class and the next one), so the dense oracle can use the same vectors."""
+    from natgrad.likelihoods import Categorical
+
+    def labels(self, logits, num_samples, generator):
+        probs = logits.softmax(dim=1)
+        top = probs.argmax(dim=1)
+        chosen = torch.stack([(top + m) % probs.shape[1] for m in range(num_samples)])
+        return probs.unsqueeze(0) - torch.nn.functional.one_hot(chosen, probs.shape[1])
+
+    monkeypatch.setattr(Categorical, "sampled_output_grads", labels)
+    torch.manual_seed(10)
+    model = make_model()
+    inputs, targets = make_data("categorical", 8)
+    la = natgrad.Laplace(model, fisher="mc", mc_samples=2, prior_precision=0.5)
+    la.fit(loader(inputs, targets))
+    batch = dense_batch(model, inputs, targets, "categorical", "sum")
+    with torch.no_grad():
+        vectors = labels(None, model(inputs), 2, None)
+    precision = batch.sampled_fisher(vectors) + 0.5 * torch.eye(la.num_params)
+    torch.testing.assert_close(la.posterior_precision(), precision, rtol=1e-10, atol=1e-10)

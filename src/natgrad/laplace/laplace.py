@@ -297,8 +297,8 @@ class Laplace:
         """The collector's sink: fold one batch's blocks into the parts."""
         scale = row_weight**0.5
         assignments = None
+        num_datapoints = blocks[0].loss_grads.shape[1]
         if self._reservoir is not None:
-            num_datapoints = blocks[0].loss_grads.shape[1]
             assignments = self._reservoir.assign(num_datapoints)
             if not assignments:
                 return
@@ -314,7 +314,7 @@ class Laplace:
                 part = self._pending[""] = LowRankPart(
                     torch.arange(self.num_params), self.max_entries, self.subsample
                 )
-            self._add_rows(part, rows, assignments, num_datapoints if assignments else 0)
+            self._add_rows(part, rows, assignments, num_datapoints)
             return
         for block in blocks:
             part = self._pending.get(block.name)
@@ -333,12 +333,13 @@ class Laplace:
                     else DiagonalPart(index)
                 )
             rows = self._block_rows(block, scale)
-            self._add_rows(part, rows, assignments, num_datapoints if assignments else 0)
+            self._add_rows(part, rows, assignments, num_datapoints)
 
     @staticmethod
     def _add_rows(
         part: Part, rows: Tensor, assignments: list[tuple[int, int]] | None, num: int
     ) -> None:
+        """All rows of the batch, or (subsample) those of the kept datapoints."""
         if assignments is None:
             part.add(rows)
         else:
