@@ -611,3 +611,71 @@ def test_mc_rows_weigh_each_sampled_label_by_one_over_m(float64, monkeypatch):
         vectors = labels(None, model(inputs), 2, None)
     precision = batch.sampled_fisher(vectors) + 0.5 * torch.eye(la.num_params)
     torch.testing.assert_close(la.posterior_precision(), precision, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("structure", ["kron", "full"])
+def test_embedding_posterior_equals_linear_on_one_hot_inputs(float64, structure):
+    """An ``nn.Embedding`` is a bias-free ``nn.Linear`` on one-hot inputs (weight transposed):
+    both give the same posterior, its input factor the token frequencies, up to the layout
+    of the weight (``(V, d)`` against ``(d, V)``)."""
+    torch.manual_seed(11)
+    vocabulary, width, tokens = 6, 3, 4
+
+    class Pool(nn.Module):
+        def forward(self, x):
+            return x.mean(dim=1)
+
+    embed = nn.Embedding(vocabulary, width)
+    linear = nn.Linear(vocabulary, width, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(embed.weight.T)
+    head = nn.Linear(width, 3)
+    by_index = nn.Sequential(embed, Pool(), head)
+    by_one_hot = nn.Sequential(linear, Pool(), head)
+    indices = torch.randint(0, vocabulary, (9, tokens))
+    one_hot = nn.functional.one_hot(indices, vocabulary).double()
+    targets = torch.randint(0, 3, (9,))
+    precisions = [
+        natgrad.Laplace(model, structure=structure, prior_precision=[0.5, 2.0])
+        .fit(loader(inputs, targets))
+        .posterior_precision()
+        for model, inputs in ((by_index, indices), (by_one_hot, one_hot))
+    ]
+    size = vocabulary * width
+    transpose = torch.arange(size).reshape(width, vocabulary).T.reshape(-1)
+    order = torch.cat([transpose, torch.arange(size, precisions[0].shape[0])])
+    torch.testing.assert_close(
+        precisions[0], precisions[1][order][:, order], rtol=1e-10, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("structure", ["kron", "full"])
+def test_conv_posterior_equals_linear_on_unfolded_patches(float64, structure):
+    """An ``nn.Conv2d`` is an ``nn.Linear`` shared over the unfolded patches (same weight
+    layout): both give the same posterior."""
+    torch.manual_seed(12)
+    conv = nn.Conv2d(2, 3, kernel_size=2, stride=1, padding=1)
+    linear = nn.Linear(8, 3)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.reshape(3, -1))
+        linear.bias.copy_(conv.bias)
+
+    class Patches(nn.Module):
+        def forward(self, x):
+            return nn.functional.unfold(x, kernel_size=2, padding=1).transpose(1, 2)
+
+    class ToImage(nn.Module):
+        def forward(self, x):
+            return x.transpose(1, 2).reshape(x.shape[0], 3, 4, 4)
+
+    head = nn.Linear(48, 2)
+    by_conv = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), head)
+    by_linear = nn.Sequential(Patches(), linear, ToImage(), nn.Tanh(), nn.Flatten(), head)
+    inputs, targets = torch.randn(7, 2, 3, 3), torch.randint(0, 2, (7,))
+    precisions = [
+        natgrad.Laplace(model, structure=structure, prior_precision=[0.5, 2.0])
+        .fit(loader(inputs, targets))
+        .posterior_precision()
+        for model in (by_conv, by_linear)
+    ]
+    torch.testing.assert_close(precisions[0], precisions[1], rtol=1e-10, atol=1e-12)
