@@ -507,8 +507,11 @@ def test_clear_errors(float64):
     with pytest.raises(ValueError, match="no batches"):
         natgrad.Laplace(model).fit([])
     bad = [(inputs.clone().fill_(float("nan")), targets)]
+    refit = natgrad.Laplace(model).fit(loader(inputs, targets))
     with pytest.raises(FloatingPointError, match="non-finite"):
-        natgrad.Laplace(model).fit(bad)
+        refit.fit(bad)
+    with pytest.raises(RuntimeError, match="call la.fit"):  # no stale posterior is left
+        refit.sample(2)
 
 
 def test_fit_leaves_the_model_as_it_was(float64):

@@ -218,6 +218,7 @@ class Laplace:
         """Accumulate the curvature over ``loader``'s ``(inputs, targets)`` batches; the MAP is
         the current weights. The model runs in eval mode (its mode is restored), and the
         parameters' ``.grad`` are left as they were."""
+        self.parts, self.mean, self.log_likelihood, self.subset = None, None, None, None
         collector = RowCollector(
             self.wrapper,
             self.likelihood,
