@@ -510,7 +510,7 @@ def test_clear_errors(float64):
     refit = natgrad.Laplace(model).fit(loader(inputs, targets))
     with pytest.raises(FloatingPointError, match="non-finite"):
         refit.fit(bad)
-    with pytest.raises(RuntimeError, match="call la.fit"):  # no stale posterior is left
+    with pytest.raises(RuntimeError, match=r"call la\.fit"):  # no stale posterior is left
         refit.sample(2)
 
 
