@@ -34,7 +34,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
         "natgrad.distributed",
     ),
     ("natgrad.precond",),
-    ("natgrad.analysis",),
+    ("natgrad.analysis", "natgrad.laplace"),
     ("natgrad",),
     ("natgrad.lab.plotting", "natgrad.lab.datasets", "natgrad.lab.models"),
     ("natgrad.lab.transformer",),

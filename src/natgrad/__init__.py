@@ -8,11 +8,13 @@ from natgrad import (
     distributed,
     fallback,
     fisher_vector,
+    laplace,
     layers,
     likelihoods,
     linalg,
     selection,
 )
+from natgrad.laplace import Laplace
 from natgrad.linalg import NumericalWarning
 from natgrad.precond import (
     EF,
@@ -35,6 +37,7 @@ __all__ = [
     "KFAC",
     "NGD",
     "FishLeg",
+    "Laplace",
     "NonFiniteWarning",
     "NumericalWarning",
     "Preconditioner",
@@ -46,6 +49,7 @@ __all__ = [
     "distributed",
     "fallback",
     "fisher_vector",
+    "laplace",
     "layers",
     "likelihoods",
     "linalg",

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     reproduce = commands.add_parser(
         "reproduce",
-        help="re-run the seeds' findings (R1-R12) and print a verdict for each",
+        help="re-run the seeds' findings (R1-R13) and print a verdict for each",
         description="Each claim runs at CPU scale, writes its figures and <CLAIM>.json into "
         "--output, and gets a verdict (reproduced / partly / not reproduced) from sub-claims "
         "decided by rules fixed in natgrad.lab.reproduce; docs/reproduction.md explains each. "

@@ -20,6 +20,7 @@ from natgrad.lab.reproduce.cost import r11_cost_scaling
 from natgrad.lab.reproduce.finding import VERDICTS, Finding, MissingDataError, summary_table
 from natgrad.lab.reproduce.fishleg_claims import r7_deep_linear, r8_autoencoder
 from natgrad.lab.reproduce.geometry import r1_vector_fields, r2_ief_matrix_is_fisher, r3_gd_ngd_efgd
+from natgrad.lab.reproduce.laplace_claims import r13_laplace_posteriors
 from natgrad.lab.reproduce.quality import r10_approximation_quality
 from natgrad.lab.reproduce.training import (
     r4_kfac_vs_subsampled_ng,
@@ -55,6 +56,7 @@ CLAIMS: dict[str, Claim] = {
         Claim("R10", "γ_iEF < γ_F(1) < γ_EF, imbalance ~ γ_EF/γ_SGD", r10_approximation_quality),
         Claim("R11", "time and memory vs P: exact, blockwise NGD, TENGraD, SGD", r11_cost_scaling),
         Claim("R12", "TENGraD vs SGD on small DNNs (batch 128)", r12_tengrad_vs_sgd),
+        Claim("R13", "Laplace: A-only vs KFAC vs full posterior", r13_laplace_posteriors),
     )
 }
 
