@@ -58,7 +58,7 @@ def output_vectors(
     mc_samples: int,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """Output gradients to back-propagate for ``mc`` or ``exact``, shape ``(K, N, C)``.
+    """Output gradients to back-propagate for ``mc`` or ``exact``, shape ``(K, *logits.shape)``.
 
     They are gradients of the per-datapoint loss ``l_n`` (no reduction factor).
     """
@@ -83,7 +83,7 @@ def target_coefficients(fisher: str, per_sample_output_grad: Tensor) -> Tensor:
     ``sqrt(s_n)``, so ``b = sqrt(s)`` gives back ``J^T 1``.
     """
     if fisher == "empirical":
-        return torch.ones_like(per_sample_output_grad[:, 0])
+        return per_sample_output_grad.new_ones(per_sample_output_grad.shape[0])
     if fisher == "ief":
         return Likelihood.logits_grad_norms_sq(per_sample_output_grad)
     if fisher == "ief_matrix":

@@ -22,6 +22,12 @@ structured groups. Kronecker methods and FishLeg precondition the ``layers`` onl
 the ``direct`` and ``fallback`` parameters to the plain gradient, an identity block
 (:meth:`LayerSelection.without_per_sample_blocks`). ``pre.describe()`` lists the groups.
 
+Module types are recognised by their adapters (:func:`natgrad.capture.adapter_for`,
+:func:`natgrad.direct.norm_adapter_for`); :func:`register_adapter` adds one for a module type
+of one's own, e.g. a linear layer storing its weight transposed::
+
+    natgrad.register_adapter(MyLinear, natgrad.capture.TransposedLinearAdapter())
+
 The automatic choice is overridden per module with ``overrides={module_name: policy}``,
 ``policy`` one of ``"fallback"`` or ``"plain_gradient"`` (module names as in
 ``model.named_modules()``; ``""`` is the model itself, e.g. for a prompt parameter defined on
@@ -36,8 +42,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from natgrad.capture import adapter_for
-from natgrad.direct import norm_adapter_for
+from natgrad.capture import ADAPTERS, LayerAdapter, adapter_for
+from natgrad.direct import NORM_ADAPTERS, NormAdapter, norm_adapter_for
 
 UNSUPPORTED_POLICIES = ("fallback", "error", "plain_gradient")
 OVERRIDE_POLICIES = ("fallback", "plain_gradient")
@@ -98,6 +104,38 @@ class LayerSelection:
         )
 
 
+def register_adapter(module_type: type[nn.Module], adapter: LayerAdapter | NormAdapter) -> None:
+    """Let natgrad precondition modules of exactly ``module_type`` through ``adapter``.
+
+    Parameters
+    ----------
+    module_type
+        An ``nn.Module`` subclass (matched exactly, not its subclasses).
+    adapter
+        A :class:`natgrad.capture.LayerAdapter` for a layer whose per-sample gradients are sums
+        of outer products ``e a^T`` (a linear layer: :class:`~natgrad.capture.LinearAdapter`
+        for a ``(d_out, d_in)`` weight, :class:`~natgrad.capture.TransposedLinearAdapter` for a
+        ``(d_in, d_out)`` one; the module's ``forward`` takes the input as its first argument
+        and its parameters are ``weight`` and an optional ``bias``), or a
+        :class:`natgrad.direct.NormAdapter` for a normalisation layer
+        (:class:`~natgrad.direct.RMSNormAdapter`, ...). Replaces any earlier registration of
+        the type; preconditioners built afterwards use it.
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+    if isinstance(adapter, LayerAdapter):
+        ADAPTERS[module_type] = adapter
+        NORM_ADAPTERS.pop(module_type, None)
+    elif isinstance(adapter, NormAdapter):
+        NORM_ADAPTERS[module_type] = adapter
+        ADAPTERS.pop(module_type, None)
+    else:
+        raise TypeError(
+            "adapter must be a natgrad.capture.LayerAdapter (linear-like layers) or a "
+            f"natgrad.direct.NormAdapter (normalisation layers), got {type(adapter).__name__}"
+        )
+
+
 def select_layers(
     model: nn.Module,
     unsupported: str = "fallback",
@@ -135,6 +173,7 @@ def select_layers(
     owners = Counter(
         id(p) for _, m in modules for p in m.parameters(recurse=False) if p.requires_grad
     )
+    claimed = _claimed_by_layers(modules, owners)
     selection = LayerSelection()
     unsupported_modules: list[str] = []
     rejected: dict[str, str] = {}
@@ -143,7 +182,7 @@ def select_layers(
         own = {
             _join(name, pname): p
             for pname, p in module.named_parameters(recurse=False)
-            if p.requires_grad and id(p) not in assigned
+            if p.requires_grad and id(p) not in assigned and claimed.get(id(p), name) == name
         }
         if not own:
             continue
@@ -151,7 +190,9 @@ def select_layers(
         policy = overrides.get(name)
         if policy is None:
             shared = any(
-                owners[id(p)] > 1 for p in module.parameters(recurse=False) if p.requires_grad
+                owners[id(p)] > 1 and id(p) not in claimed
+                for p in module.parameters(recurse=False)
+                if p.requires_grad
             )
             policy, reason = _automatic(module, shared)
             if policy == "rejected":
@@ -191,6 +232,25 @@ def select_layers(
     if not selection.order:
         raise ValueError("the model has no trainable parameter for natgrad to precondition")
     return selection
+
+
+def _claimed_by_layers(modules: list[tuple[str, nn.Module]], owners: Counter) -> dict[int, str]:
+    """Parameters registered on several modules of which exactly one has an adapter: the
+    name of that module, by parameter id.
+
+    HuggingFace heads hold the output bias twice (``self.bias`` and ``self.decoder.bias`` are
+    one tensor, e.g. BERT's ``cls.predictions``): the parent only keeps a reference and the
+    layer uses it. natgrad assigns such a parameter to the layer; a parent that also used it
+    in its own forward pass would need ``overrides={parent: "fallback"}``.
+    """
+    holders: dict[int, list[str]] = {}
+    for name, module in modules:
+        if adapter_for(module) is None and norm_adapter_for(module) is None:
+            continue
+        for param in module.parameters(recurse=False):
+            if param.requires_grad and owners[id(param)] > 1:
+                holders.setdefault(id(param), []).append(name)
+    return {key: names[0] for key, names in holders.items() if len(names) == 1}
 
 
 def _automatic(module: nn.Module, shared: bool) -> tuple[str, str | None]:
@@ -247,5 +307,6 @@ __all__ = [
     "OVERRIDE_POLICIES",
     "UNSUPPORTED_POLICIES",
     "LayerSelection",
+    "register_adapter",
     "select_layers",
 ]

@@ -168,6 +168,9 @@ class Preconditioner:
             self.generator.manual_seed(step_seed(self.seed, self.communicator.rank, self.steps))
         vectors = self._extra_output_vectors(output.detach())
         if vectors is not None:
+            counted = self.likelihood.counted(output.detach(), grad)
+            if counted is not None:  # positions outside the loss (label -100) have no datapoint
+                vectors = vectors * counted.unsqueeze(-1).to(vectors.dtype)
             self._extra_vectors = vectors
             self._extra_grads = self.capture.backprop_to_layers(vectors)
 
@@ -226,7 +229,10 @@ class Preconditioner:
         """
         self.communicator.check_mode()
         output_grad = self._checked_output_grad(logits)
-        factor = self.likelihood.reduction_factor(logits, self.reduction)
+        counted = self.likelihood.counted(logits, output_grad)
+        factor = self.likelihood.reduction_factor(
+            logits, self.reduction, *(() if counted is None else (counted,))
+        )
         batches = self._layer_batches(logits.shape[0], factor)
         try:
             finite = self._all_finite([logits.detach(), output_grad], batches)
@@ -362,6 +368,12 @@ class Preconditioner:
                 "the logits passed to step() are not the tensor returned by the model's last "
                 "forward pass: natgrad reads the gradient of that tensor, so pass it unchanged "
                 "and compute the loss from it"
+                + (
+                    ""
+                    if self.capture.returned == "Tensor"
+                    else f" (the model returned a {self.capture.returned}: natgrad watches its "
+                    "'logits' entry, or the first non-scalar tensor of a tuple)"
+                )
             )
         if self.capture.output_grad is None:
             raise RuntimeError(

@@ -1,0 +1,222 @@
+"""Unmodified HuggingFace transformers (GPT-2, BERT, Llama; random weights from tiny configs):
+every natgrad update against the dense per-sequence oracle of :mod:`hf_oracle`, in float64."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import natgrad
+from hf_oracle import (
+    KINDS,
+    TASKS,
+    counted_mask,
+    dense_sequence_batch,
+    hf_loss,
+    make_batch,
+    make_model,
+)
+from natgrad.likelihoods import get_likelihood
+from oracle import dense_batch, expected_update, flat_grad
+
+pytest.importorskip("transformers")
+
+DAMPING, SAMPLES, SEED = 1e-2, 2, 3
+TOLERANCE = 1e-8
+# Llama's RMSNorm computes in float32 (also in a float64 model) and rounds the gradient it
+# passes back to float32: the model's own batch gradient differs from the sum of its
+# per-sequence gradients by about 4e-8, which the damped solves amplify up to 5e-6 here.
+TOLERANCES = {"gpt2": TOLERANCE, "bert": TOLERANCE, "llama": 1e-5}
+FISHERS = ("empirical", "ief", "mc", "exact")
+
+
+def module_blocks(model: nn.Module) -> list[list[nn.Parameter]]:
+    """One block per module, its own trainable parameters (``structure="layer"``)."""
+    return [
+        own
+        for module in model.modules()
+        if (own := [p for p in module.parameters(recurse=False) if p.requires_grad])
+    ]
+
+
+@functools.cache
+def oracle_case(kind: str, task: str):
+    torch.manual_seed(0)
+    model = make_model(kind, task)
+    inputs, labels = make_batch(task)
+    return model, inputs, labels, dense_sequence_batch(model, task, inputs, labels)
+
+
+def natgrad_step(model, task, inputs, labels, fused=False, **settings):
+    pre = natgrad.NGD(model, **settings)
+    model.zero_grad()
+    out = model(**inputs)
+    loss = hf_loss(task, out.logits, labels)
+    if fused:
+        pre.backward(loss)
+    else:
+        loss.backward()
+    pre.step(out.logits)
+    pre.remove()
+    return pre, flat_grad(list(model.parameters())), out.logits.detach()
+
+
+def relative_error(actual, expected):
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def masked_mc_vectors(task, logits, labels):
+    """The labels natgrad samples (same seed), zero at positions outside the loss."""
+    generator = torch.Generator().manual_seed(SEED)
+    vectors = get_likelihood("categorical").sampled_output_grads(logits, SAMPLES, generator)
+    vectors = vectors * counted_mask(task, labels).unsqueeze(-1)
+    return vectors.reshape(SAMPLES, logits.shape[0], -1)
+
+
+@pytest.mark.parametrize("structure", ["full", "layer"])
+@pytest.mark.parametrize("fisher", FISHERS)
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_update_matches_dense_per_sequence_oracle(kind, task, fisher, structure):
+    """Sequence = datapoint, -100 labels ignored, HF's causal shift; every weight is
+    preconditioned in the neuron view or by normalisation rows (no fallback, no plain)."""
+    model, inputs, labels, batch = oracle_case(kind, task)
+    pre, actual, logits = natgrad_step(
+        model,
+        task,
+        inputs,
+        labels,
+        fisher=fisher,
+        structure=structure,
+        damping=DAMPING,
+        mc_samples=SAMPLES,
+        seed=SEED,
+    )
+    assert not pre.selection.plain
+    # untied, BERT's LM head keeps an output bias of its own that its forward never uses
+    unused = {"cls.predictions"} if (kind, task) == ("bert", "causal") else set()
+    assert set(pre.selection.fallback) == unused
+    vectors = masked_mc_vectors(task, logits, labels) if fisher == "mc" else None
+    expected = expected_update(batch, fisher, structure, DAMPING, module_blocks(model), vectors)
+    assert relative_error(actual, expected) <= TOLERANCES[kind]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_backward_equals_standard_path(kind):
+    model, inputs, labels, _ = oracle_case(kind, "causal")
+    _, standard, _ = natgrad_step(model, "causal", inputs, labels, fisher="ief")
+    _, fused, _ = natgrad_step(model, "causal", inputs, labels, fisher="ief", fused=True)
+    assert relative_error(fused, standard) <= 1e-12
+
+
+def test_tuple_and_dict_outputs_give_the_model_output_update():
+    """return_dict=False with labels returns (loss, logits, ...); natgrad watches the logits."""
+    model, inputs, labels, batch = oracle_case("gpt2", "classification")
+    pre = natgrad.IEF(model, damping=DAMPING)
+    model.zero_grad()
+    loss, logits = model(**inputs, labels=labels, return_dict=False)[:2]
+    loss.backward()
+    pre.step(logits)
+    pre.remove()
+    expected = expected_update(batch, "ief", "full", DAMPING, [], None)
+    assert relative_error(flat_grad(list(model.parameters())), expected) <= TOLERANCE
+
+    class AsDict(nn.Module):
+        def __init__(self, body):
+            super().__init__()
+            self.body = body
+
+        def forward(self, **kwargs):
+            return {"hidden": None, "logits": self.body(**kwargs).logits}
+
+    wrapped = AsDict(model)
+    pre = natgrad.IEF(wrapped, damping=DAMPING)
+    model.zero_grad()
+    out = wrapped(**inputs)
+    hf_loss("classification", out["logits"], labels).backward()
+    pre.step(out["logits"])
+    pre.remove()
+    assert relative_error(flat_grad(list(model.parameters())), expected) <= TOLERANCE
+
+
+def test_another_output_tensor_is_refused_naming_what_natgrad_watches():
+    model, inputs, labels, _ = oracle_case("gpt2", "causal")
+    pre = natgrad.EF(model)
+    out = model(**inputs, output_hidden_states=True)
+    hf_loss("causal", out.logits, labels).backward()
+    with pytest.raises(ValueError, match="returned a CausalLMOutputWithCrossAttentions"):
+        pre.step(out.hidden_states[-1])
+    pre.remove()
+
+
+def test_models_own_causal_loss_in_float32_is_followed():
+    """HF's causal-LM loss upcasts to float32 (a float64 model's logits are rounded to
+    float32 in the loss): the update matches the oracle to that precision."""
+    model, inputs, labels, batch = oracle_case("llama", "causal")
+    pre = natgrad.EF(model, damping=DAMPING)
+    model.zero_grad()
+    out = model(**inputs, labels=labels)
+    assert out.loss.dtype == torch.float32
+    out.loss.backward()
+    pre.step(out.logits)
+    pre.remove()
+    expected = expected_update(batch, "empirical", "full", DAMPING, [], None)
+    assert relative_error(flat_grad(list(model.parameters())), expected) <= 1e-5
+
+
+def test_loss_normalised_by_another_count_is_refused():
+    """Dividing by all positions instead of the counted labels is not HF's mean."""
+    model, inputs, labels, _ = oracle_case("gpt2", "causal")
+    pre = natgrad.EF(model)
+    out = model(**inputs)
+    from hf_oracle import sequence_losses
+
+    (sequence_losses("causal", out.logits, labels).sum() / labels.numel()).backward()
+    with pytest.raises(ValueError, match="averaged over the labels that count"):
+        pre.step(out.logits)
+    pre.remove()
+
+
+class TransposedLinear(nn.Module):
+    """A user's own linear layer storing its weight as (d_in, d_out)."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_in, d_out))
+        self.bias = nn.Parameter(torch.randn(d_out))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "exact"])
+def test_registered_adapter_and_rms_norm_match_dense_oracle(fisher):
+    torch.manual_seed(1)
+    natgrad.register_adapter(TransposedLinear, natgrad.capture.TransposedLinearAdapter())
+    try:
+        model = nn.Sequential(
+            TransposedLinear(4, 5), nn.Tanh(), nn.RMSNorm(5), TransposedLinear(5, 3)
+        ).double()
+        inputs, targets = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+        pre = natgrad.NGD(model, fisher=fisher, damping=DAMPING, unsupported="error")
+        assert set(pre.selection.layers) == {"0", "3"} and set(pre.selection.direct) == {"2"}
+        logits = model(inputs)
+        F.cross_entropy(logits, targets).backward()
+        pre.step(logits)
+        pre.remove()
+    finally:
+        natgrad.capture.ADAPTERS.pop(TransposedLinear)
+    batch = dense_batch(model, inputs, targets, "categorical", "mean")
+    expected = expected_update(batch, fisher, "full", DAMPING, [], None)
+    assert relative_error(flat_grad(list(model.parameters())), expected) <= TOLERANCE
+
+
+def test_register_adapter_refuses_what_is_not_an_adapter():
+    with pytest.raises(TypeError, match=r"LayerAdapter .* or a natgrad\.direct\.NormAdapter"):
+        natgrad.register_adapter(TransposedLinear, "linear")
+    with pytest.raises(TypeError, match=r"nn\.Module subclass"):
+        natgrad.register_adapter(int, natgrad.capture.LinearAdapter())
