@@ -220,3 +220,105 @@ def test_register_adapter_refuses_what_is_not_an_adapter():
         natgrad.register_adapter(TransposedLinear, "linear")
     with pytest.raises(TypeError, match=r"nn\.Module subclass"):
         natgrad.register_adapter(int, natgrad.capture.LinearAdapter())
+
+
+def explicit_conv1d_factors(model, task, inputs, labels, batch, name, fisher):
+    """``Σ_A = Ā^T Ā / (N T)`` and ``Σ_G`` of one Conv1D, summed explicitly: EF from the
+    layer-output gradients of the loss, the exact Fisher as ``c Σ_{n,t} Jy^T H_n Jy`` with
+    ``Jy = d z_n / d y_{nt}`` by autograd and ``H_n`` the oracle's output Hessian."""
+    module = model.get_submodule(name)
+    seen = {}
+
+    def record(module, args, output):
+        seen["input"], seen["output"] = args[0].detach(), output
+
+    handle = module.register_forward_hook(record)
+    logits = model(**inputs).logits
+    handle.remove()
+    layer_input, output = seen["input"], seen["output"]
+    rows = layer_input.reshape(-1, layer_input.shape[-1])
+    rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], dim=1)
+    input_cov = rows.T @ rows / rows.shape[0]
+    if fisher == "empirical":
+        (grad,) = torch.autograd.grad(hf_loss(task, logits, labels), output)
+        e = grad.reshape(-1, grad.shape[-1]) / batch.factor
+        return input_cov, batch.factor * e.T @ e
+    num, width = logits.shape[0], logits[0].numel()
+    grad_cov = torch.zeros(output.shape[-1], output.shape[-1], dtype=torch.float64)
+    for n in range(num):
+        flat = logits[n].reshape(-1)
+        jac = torch.stack(
+            [torch.autograd.grad(flat[i], output, retain_graph=True)[0][n] for i in range(width)]
+        )  # (T V, T, d_out): logits of sequence n w.r.t. its layer outputs
+        for t in range(jac.shape[1]):
+            grad_cov += batch.factor * jac[:, t].T @ batch.output_hessians[n] @ jac[:, t]
+    return input_cov, grad_cov
+
+
+@pytest.mark.usefixtures("float64")  # kron_solve's identity matrices
+@pytest.mark.parametrize("fisher", ["empirical", "exact"])
+def test_kfac_factors_and_update_of_gpt2_conv1d_layers_match_explicit_sums(fisher):
+    """Token positions as in weight sharing's "expand" setting; the weight is (d_in, d_out)."""
+    from test_kronecker import kron_solve
+
+    model, inputs, labels, batch = oracle_case("gpt2", "causal")
+    pre = natgrad.KFAC(model, fisher=fisher, damping=DAMPING, ema_decay=0.0)
+    conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    assert len(conv1d) == 8 and set(conv1d) <= set(pre.selection.layers)
+    model.zero_grad()
+    out = model(**inputs)
+    hf_loss("causal", out.logits, labels).backward()
+    plain = {
+        name: torch.cat([m.weight.grad.T, m.bias.grad.unsqueeze(1)], dim=1)
+        for name in conv1d
+        if (m := model.get_submodule(name))
+    }
+    pre.step(out.logits)
+    pre.remove()
+    for name in conv1d:
+        input_cov, grad_cov = explicit_conv1d_factors(
+            model, "causal", inputs, labels, batch, name, fisher
+        )
+        natgrad_a, natgrad_g = pre.normalised_factors(name)
+        assert relative_error(natgrad_a, input_cov) <= TOLERANCE
+        assert relative_error(natgrad_g, grad_cov) <= TOLERANCE
+        module = model.get_submodule(name)
+        actual = torch.cat([module.weight.grad.T, module.bias.grad.unsqueeze(1)], dim=1)
+        expected = kron_solve(grad_cov, input_cov, plain[name], "heuristic", DAMPING)
+        assert relative_error(actual, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize(("kind", "task"), [("gpt2", "causal"), ("bert", "classification")])
+def test_fisher_vector_product_of_keyword_inputs_counts_only_the_loss_positions(kind, task):
+    """FishLeg's Fisher-vector product: keyword inputs, a ModelOutput, ignored labels."""
+    from natgrad.fisher_vector import fisher_vector_product
+
+    model, inputs, labels, batch = oracle_case(kind, task)
+    params = dict(model.named_parameters())
+    vector = [torch.randn_like(p) for p in params.values()]
+    counted = counted_mask(task, labels)
+    product = fisher_vector_product(
+        model, (), params, vector, get_likelihood("categorical"), "mean", inputs, counted
+    )
+    expected = batch.exact_fisher() @ torch.cat([v.reshape(-1) for v in vector])
+    assert relative_error(torch.cat([p.reshape(-1) for p in product]), expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fishleg_trains_every_adapted_layer_of_a_causal_lm(kind):
+    """FishLeg's auxiliary steps run on the model's own keyword inputs: the auxiliary
+    parameters of every neuron-view layer learn, and the directions are finite."""
+    model, inputs, labels, _ = oracle_case(kind, "causal")
+    pre = natgrad.FishLeg(model, aux_period=1)
+    initial = {name: [p.detach().clone() for p in pair] for name, pair in pre.aux_params.items()}
+    assert set(initial) == set(pre.selection.layers)
+    for _ in range(2):
+        model.zero_grad()
+        out = model(**inputs)
+        hf_loss("causal", out.logits, labels).backward()
+        pre.step(out.logits)
+    pre.remove()
+    for name, module in pre.selection.layers.items():
+        assert torch.isfinite(module.weight.grad).all()
+        pairs = zip(pre.aux_params[name], initial[name], strict=True)
+        assert all(not torch.equal(p, q) for p, q in pairs), name
