@@ -17,11 +17,12 @@ KINDS = ("gpt2", "bert", "llama")
 TASKS = ("classification", "causal")
 
 
-def make_model(kind: str, task: str) -> nn.Module:
-    """A two-layer float64 model in eval mode, hidden size 8, no dropout, untied weights."""
+def make_model(kind: str, task: str, tie: bool = False) -> nn.Module:
+    """A two-layer float64 model in eval mode, hidden size 8, no dropout; ``tie``: the LM head
+    shares the token embedding's weight (HF's default for GPT-2 and BERT)."""
     import transformers as hf
 
-    common = dict(vocab_size=VOCAB, tie_word_embeddings=False, pad_token_id=0, num_labels=CLASSES)
+    common = dict(vocab_size=VOCAB, tie_word_embeddings=tie, pad_token_id=0, num_labels=CLASSES)
     if kind == "gpt2":
         config = hf.GPT2Config(
             n_positions=8,

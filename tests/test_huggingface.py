@@ -62,7 +62,7 @@ def natgrad_step(model, task, inputs, labels, fused=False, **settings):
         loss.backward()
     pre.step(out.logits)
     pre.remove()
-    return pre, flat_grad(list(model.parameters())), out.logits.detach()
+    return pre, flat_grad([p for p in model.parameters() if p.requires_grad]), out.logits.detach()
 
 
 def relative_error(actual, expected):
@@ -322,3 +322,72 @@ def test_fishleg_trains_every_adapted_layer_of_a_causal_lm(kind):
         assert torch.isfinite(module.weight.grad).all()
         pairs = zip(pre.aux_params[name], initial[name], strict=True)
         assert all(not torch.equal(p, q) for p, q in pairs), name
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fisher", FISHERS)
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_tied_input_and_output_embeddings_match_dense_oracle(kind, fisher, fused):
+    """HF's default configs tie the LM head to the token embedding (and BERT's decoder bias
+    to its head's bias): one block whose rows add both layers' per-sample gradients."""
+    model, inputs, labels, batch = tied_case(kind)
+    pre, actual, logits = natgrad_step(
+        model,
+        "causal",
+        inputs,
+        labels,
+        fused=fused,
+        fisher=fisher,
+        damping=DAMPING,
+        mc_samples=SAMPLES,
+        seed=SEED,
+        unsupported="error",
+    )
+    assert len(pre.selection.tied) == 1 and not pre.selection.plain
+    vectors = masked_mc_vectors("causal", logits, labels) if fisher == "mc" else None
+    expected = expected_update(batch, fisher, "full", DAMPING, [], vectors)
+    assert relative_error(actual, expected) <= TOLERANCE
+
+
+@functools.cache
+def tied_case(kind: str):
+    torch.manual_seed(0)
+    model = make_model(kind, "causal", tie=True)
+    inputs, labels = make_batch("causal")
+    return model, inputs, labels, dense_sequence_batch(model, "causal", inputs, labels)
+
+
+def test_kronecker_methods_give_tied_weights_the_plain_gradient():
+    model, inputs, labels, _ = tied_case("gpt2")
+    pre = natgrad.KFAC(model)
+    assert "lm_head" not in pre.selection.layers and "transformer.wte" not in pre.selection.layers
+    assert "transformer.wte.weight" in pre.selection.plain
+    model.zero_grad()
+    out = model(**inputs)
+    hf_loss("causal", out.logits, labels).backward()
+    plain = model.transformer.wte.weight.grad.clone()
+    pre.step(out.logits)
+    pre.remove()
+    assert torch.equal(model.transformer.wte.weight.grad, plain)
+
+
+@pytest.mark.parametrize("fisher", ["ief", "exact"])
+def test_lora_adapters_from_peft_match_dense_oracle(fisher):
+    """peft's LoRA on GPT-2's Conv1D attention: only the rank-2 factors train, each an
+    nn.Linear in the neuron view."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = make_model("gpt2", "causal")
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], lora_dropout=0.0)
+    model = peft.get_peft_model(base, config)
+    for name, param in model.named_parameters():  # B starts at zero: give it values
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    inputs, labels = make_batch("causal")
+    batch = dense_sequence_batch(model, "causal", inputs, labels)
+    pre, actual, _ = natgrad_step(
+        model, "causal", inputs, labels, fisher=fisher, damping=DAMPING, unsupported="error"
+    )
+    assert len(pre.selection.layers) == 4 and not pre.selection.plain
+    expected = expected_update(batch, fisher, "full", DAMPING, [], None)
+    assert relative_error(actual, expected) <= TOLERANCE

@@ -59,6 +59,9 @@ class LayerSelection:
     plain: dict[str, nn.Parameter] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
     """Names of the ``layers``, ``direct`` and ``fallback`` modules, in model order."""
+    tied: dict[str, str] = field(default_factory=dict)
+    """``{embedding: linear}``: ``layers`` that share one weight (a language model's input
+    embedding and output layer); the Woodbury methods add their per-sample gradients."""
 
     def describe(self) -> str:
         """One clause per non-empty group, for ``Preconditioner.describe()``."""
@@ -70,6 +73,9 @@ class LayerSelection:
         if self.fallback:
             names = [name for params in self.fallback.values() for name in params]
             parts.append(f"torch.func per-sample rows: {', '.join(names)}")
+        if self.tied:
+            pairs = ", ".join(f"{a} = {b}" for a, b in self.tied.items())
+            parts.append(f"tied weights (per-sample gradients materialised): {pairs}")
         if self.plain:
             parts.append(f"plain gradient: {', '.join(self.plain)}")
         return "; ".join(parts)
@@ -91,6 +97,18 @@ class LayerSelection:
                 "natgrad.NGD, EF, IEF, also take normalisation layers and any other tensor)"
             )
         plain = dict(self.plain)
+        layers = dict(self.layers)
+        for embedding, linear in self.tied.items():  # no Kronecker structure for their sum
+            for name in (embedding, linear):
+                for pname, param in layers.pop(name).named_parameters(recurse=False):
+                    if param.requires_grad and all(param is not q for q in plain.values()):
+                        plain[_join(name, pname)] = param
+        if not layers:
+            raise ValueError(
+                "the model's only nn.Linear / nn.Embedding layers share their weight: Kronecker "
+                "methods and FishLeg give tied weights the plain gradient, leaving nothing to "
+                "precondition (the Woodbury methods, natgrad.NGD, EF, IEF, take tied weights)"
+            )
         for name, module in self.direct.items():
             for pname, param in module.named_parameters(recurse=False):
                 if param.requires_grad:
@@ -98,9 +116,7 @@ class LayerSelection:
         for params in self.fallback.values():
             plain.update(params)
         return LayerSelection(
-            layers=dict(self.layers),
-            plain=plain,
-            order=[name for name in self.order if name in self.layers],
+            layers=layers, plain=plain, order=[name for name in self.order if name in layers]
         )
 
 
@@ -174,6 +190,8 @@ def select_layers(
         id(p) for _, m in modules for p in m.parameters(recurse=False) if p.requires_grad
     )
     claimed = _claimed_by_layers(modules, owners)
+    tied = _tied_weights(modules, owners)
+    tied_names = {name for pair in tied.values() for name in pair}
     selection = LayerSelection()
     unsupported_modules: list[str] = []
     rejected: dict[str, str] = {}
@@ -184,6 +202,11 @@ def select_layers(
             for pname, p in module.named_parameters(recurse=False)
             if p.requires_grad and id(p) not in assigned and claimed.get(id(p), name) == name
         }
+        if name in tied_names and name not in overrides:
+            assigned.update(id(p) for p in own.values())
+            selection.layers[name] = module
+            selection.order.append(name)
+            continue
         if not own:
             continue
         assigned.update(id(p) for p in own.values())
@@ -213,6 +236,11 @@ def select_layers(
         else:  # "error": reported below
             continue
         selection.order.append(name)
+    selection.tied = {
+        embedding: linear
+        for embedding, linear in tied.values()
+        if embedding in selection.layers and linear in selection.layers
+    }
     if rejected:
         raise ValueError(
             "natgrad cannot know the per-sample gradients of these modules: "
@@ -251,6 +279,27 @@ def _claimed_by_layers(modules: list[tuple[str, nn.Module]], owners: Counter) ->
             if param.requires_grad and owners[id(param)] > 1:
                 holders.setdefault(id(param), []).append(name)
     return {key: names[0] for key, names in holders.items() if len(names) == 1}
+
+
+def _tied_weights(
+    modules: list[tuple[str, nn.Module]], owners: Counter
+) -> dict[int, tuple[str, str]]:
+    """Weights shared by exactly an ``nn.Embedding`` and a linear layer (a language model's
+    tied input and output embeddings): ``(embedding name, linear name)`` by parameter id."""
+    embeddings: dict[int, str] = {}
+    linears: dict[int, str] = {}
+    for name, module in modules:
+        adapter = adapter_for(module)
+        weight = getattr(module, "weight", None)
+        if adapter is None or not isinstance(weight, nn.Parameter) or owners[id(weight)] != 2:
+            continue
+        if not weight.requires_grad or adapter.check(module) or adapter.rejects(module):
+            continue
+        if isinstance(module, nn.Embedding):
+            embeddings[id(weight)] = name
+        elif not adapter.token_inputs:
+            linears[id(weight)] = name
+    return {key: (name, linears[key]) for key, name in embeddings.items() if key in linears}
 
 
 def _automatic(module: nn.Module, shared: bool) -> tuple[str, str | None]:

@@ -50,7 +50,7 @@ from natgrad.distributed import Communicator, check_fused_backward, step_seed, u
 from natgrad.fallback import DEFAULT_CHUNK_SIZE, Fallback
 from natgrad.likelihoods import Likelihood, check_logits, check_reduction, get_likelihood
 from natgrad.linalg import SolveReport
-from natgrad.precond.blocks import Block, DirectBatch, LayerBatch, TokenBatch
+from natgrad.precond.blocks import Block, DirectBatch, LayerBatch, TokenBatch, tied_batches
 from natgrad.selection import select_layers
 
 if TYPE_CHECKING:
@@ -422,6 +422,11 @@ class Preconditioner:
             batch = self._norm_batch(name, module, num_datapoints, factor)
             if batch is not None:
                 batches.append(batch)
+        for embedding, linear in self.selection.tied.items():  # one block per shared weight
+            pair = {b.name: b for b in batches if b.name in (embedding, linear)}
+            if len(pair) == 2:
+                batches = [b for b in batches if b.name not in pair]
+                batches += tied_batches(pair[embedding], pair[linear])
         return batches
 
     def _norm_batch(
