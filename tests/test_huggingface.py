@@ -391,3 +391,22 @@ def test_lora_adapters_from_peft_match_dense_oracle(fisher):
     assert len(pre.selection.layers) == 4 and not pre.selection.plain
     expected = expected_update(batch, fisher, "full", DAMPING, [], None)
     assert relative_error(actual, expected) <= TOLERANCE
+
+
+def test_token_level_outputs_of_other_likelihoods_are_refused_for_the_exact_fisher():
+    model = nn.Sequential(nn.Linear(4, 3))
+    pre = natgrad.NGD(model, likelihood="gaussian", fisher="exact")
+    outputs = model(torch.randn(2, 5, 4))
+    with pytest.raises(ValueError, match=r"token-level outputs .* likelihood='categorical'"):
+        F.mse_loss(outputs, torch.zeros_like(outputs)).backward()
+    pre.remove()
+
+
+def test_logits_with_more_than_a_token_dimension_are_refused():
+    model = nn.Sequential(nn.Linear(4, 3))
+    pre = natgrad.EF(model)
+    logits = model(torch.randn(2, 5, 6, 4))
+    F.cross_entropy(logits.flatten(0, 2), torch.zeros(60, dtype=torch.long)).backward()
+    with pytest.raises(ValueError, match=r"\(N, T, C\) with T tokens per datapoint"):
+        pre.step(logits)
+    pre.remove()

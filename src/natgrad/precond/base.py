@@ -13,8 +13,10 @@ plain SGD step with learning rate η applies the seed equations' ``θ ← θ - �
 
 Conventions
 -----------
-* The logits are the tensor the model's forward returns, of shape ``(N, C)``; natgrad reads its
-  gradient during the backward pass, so the same tensor must be passed to ``step``.
+* The logits are the tensor the model's forward returns (or its ``"logits"`` entry:
+  :func:`natgrad.capture.model_logits`), of shape ``(N, C)``, or ``(N, T, C)`` for token-level
+  categorical losses (:mod:`natgrad.likelihoods`); natgrad reads its gradient during the
+  backward pass, so the same tensor must be passed to ``step``.
 * The loss is ``c * sum_n l_n`` with ``l_n`` the likelihood's per-datapoint loss and ``c`` the
   reduction factor (``reduction="mean"`` as torch's default, or ``"sum"``). The curvature is
   that of this loss, ``C = c * sum(datapoint outer products)``, so with a mean-reduced loss the
