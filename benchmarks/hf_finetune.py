@@ -41,7 +41,7 @@ def make_model(task: str, lora: bool = False) -> torch.nn.Module:
         import peft
 
         config = peft.LoraConfig(
-            r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0,
+            r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True,
             modules_to_save=["score"],  # the classification head trains too
         )  # fmt: skip
         model = peft.get_peft_model(model, config)

@@ -371,6 +371,7 @@ def test_kronecker_methods_give_tied_weights_the_plain_gradient():
     assert torch.equal(model.transformer.wte.weight.grad, plain)
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 @pytest.mark.parametrize("fisher", ["ief", "exact"])
 def test_lora_adapters_from_peft_match_dense_oracle(fisher):
     """peft's LoRA on GPT-2's Conv1D attention: only the rank-2 factors train, each an
@@ -378,7 +379,9 @@ def test_lora_adapters_from_peft_match_dense_oracle(fisher):
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     base = make_model("gpt2", "causal")
-    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], lora_dropout=0.0)
+    config = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True
+    )
     model = peft.get_peft_model(base, config)
     for name, param in model.named_parameters():  # B starts at zero: give it values
         if "lora_B" in name:
