@@ -149,3 +149,36 @@ def dense_sequence_batch(model: nn.Module, task: str, inputs: dict, labels: Tens
         output_grads=torch.stack(output_grads),
         output_hessians=torch.stack(hessians),
     )
+
+
+def dense_token_batch(model: nn.Module, inputs: dict, labels: Tensor) -> DenseBatch:
+    """Per-token datapoints of a causal LM: for every token in the loss, the gradient of its
+    own cross-entropy ``l_{nt}``, the Jacobian ``d z_{nt} / d θ`` and the Hessian
+    ``d^2 l_{nt} / d z_{nt}^2``, each sequence run alone through the model."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    counted = counted_mask("causal", labels)
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    loss_grads, jacobians, output_grads, hessians = [], [], [], []
+    for n in range(labels.shape[0]):
+        logits = model(**{key: value[n : n + 1] for key, value in inputs.items()}).logits[0]
+        for t in range(logits.shape[0]):
+            if not counted[n, t]:
+                continue
+            label = shifted[n, t]
+
+            def loss_of(z: Tensor, label: Tensor = label) -> Tensor:
+                return F.cross_entropy(z, label)
+
+            loss_grads.append(_flat_grad(loss_of(logits[t]), params))
+            jacobians.append(torch.stack([_flat_grad(z, params) for z in logits[t]]))
+            detached = logits[t].detach().requires_grad_(True)
+            output_grads.append(torch.autograd.grad(loss_of(detached), detached)[0])
+            hessians.append(torch.autograd.functional.hessian(loss_of, logits[t].detach()))
+    return DenseBatch(
+        params=params,
+        factor=1.0 / int(counted.sum()),
+        loss_grads=torch.stack(loss_grads),
+        output_jacobians=torch.stack(jacobians),
+        output_grads=torch.stack(output_grads),
+        output_hessians=torch.stack(hessians),
+    )

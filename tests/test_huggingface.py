@@ -16,6 +16,7 @@ from hf_oracle import (
     TASKS,
     counted_mask,
     dense_sequence_batch,
+    dense_token_batch,
     hf_loss,
     make_batch,
     make_model,
@@ -413,3 +414,48 @@ def test_logits_with_more_than_a_token_dimension_are_refused():
     with pytest.raises(ValueError, match=r"\(N, T, C\) with T tokens per datapoint"):
         pre.step(logits)
     pre.remove()
+
+
+@functools.cache
+def token_case(kind: str):
+    model, inputs, labels, _ = oracle_case(kind, "causal")
+    return dense_token_batch(model, inputs, labels)
+
+
+@pytest.mark.parametrize("structure", ["full", "layer"])
+@pytest.mark.parametrize("fisher", ("empirical", "ief", "ief_matrix", "mc", "exact"))
+@pytest.mark.parametrize("kind", KINDS)
+def test_per_token_datapoints_match_dense_per_token_oracle(kind, fisher, structure):
+    """``Categorical(datapoint="token")``: every token in the loss is a datapoint."""
+    model, inputs, labels, _ = oracle_case(kind, "causal")
+    batch = token_case(kind)
+    likelihood = natgrad.likelihoods.Categorical(datapoint="token")
+    _, actual, logits = natgrad_step(
+        model, "causal", inputs, labels, likelihood=likelihood, fisher=fisher,
+        structure=structure, damping=DAMPING, mc_samples=SAMPLES, seed=SEED,
+    )  # fmt: skip
+    vectors = None
+    if fisher == "mc":  # natgrad's samples (same seed), the rows of the tokens in the loss
+        generator = torch.Generator().manual_seed(SEED)
+        sampled = get_likelihood("categorical").sampled_output_grads(logits, SAMPLES, generator)
+        vectors = sampled[:, counted_mask("causal", labels)]
+    expected = expected_update(batch, fisher, structure, DAMPING, module_blocks(model), vectors)
+    assert relative_error(actual, expected) <= TOLERANCES[kind]
+
+
+def test_per_token_datapoints_are_refused_by_kronecker_methods():
+    model, _, _, _ = oracle_case("gpt2", "causal")
+    likelihood = natgrad.likelihoods.Categorical(datapoint="token")
+    with pytest.raises(ValueError, match=r"per-token datapoints .* Woodbury methods"):
+        natgrad.KFAC(model, likelihood=likelihood)
+
+
+@pytest.mark.parametrize("fisher", ["ief", "mc"])
+def test_per_token_fused_backward_equals_standard_path(fisher):
+    model, inputs, labels, _ = oracle_case("llama", "causal")
+    settings = dict(
+        likelihood=natgrad.likelihoods.Categorical(datapoint="token"), fisher=fisher, seed=SEED
+    )
+    _, standard, _ = natgrad_step(model, "causal", inputs, labels, **settings)
+    _, fused, _ = natgrad_step(model, "causal", inputs, labels, fused=True, **settings)
+    assert relative_error(fused, standard) <= 1e-12

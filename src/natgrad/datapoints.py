@@ -69,6 +69,17 @@ def output_vectors(
     raise ValueError(f"fisher={fisher!r} uses the true-label gradients, not extra vectors")
 
 
+def per_token(vectors: Tensor) -> Tensor:
+    """Output vectors ``(K, N, T, C)`` split by token position: ``(K T, N, T, C)``, vector
+    ``k T + τ`` equal to vector ``k`` at token ``τ`` and zero elsewhere, so that each
+    back-propagated vector gives every sequence's row of its token ``τ`` (per-token
+    datapoints, :attr:`natgrad.likelihoods.Likelihood.datapoint`)."""
+    sets, num, tokens, classes = vectors.shape
+    at_token = torch.eye(tokens, dtype=vectors.dtype, device=vectors.device)
+    split = vectors.unsqueeze(1) * at_token.reshape(1, tokens, 1, tokens, 1)
+    return split.reshape(sets * tokens, num, tokens, classes)
+
+
 def row_weight(fisher: str, mc_samples: int) -> float:
     """Weight of each datapoint's outer product in the curvature matrix."""
     return 1.0 / mc_samples if fisher == "mc" else 1.0
@@ -107,6 +118,7 @@ __all__ = [
     "check_fisher",
     "needs_extra_backprop",
     "output_vectors",
+    "per_token",
     "row_multipliers",
     "row_weight",
     "target_coefficients",

@@ -59,10 +59,16 @@ def check_logits(logits: Tensor) -> None:
         raise TypeError(f"logits must be floating point, got dtype {logits.dtype}")
 
 
+DATAPOINTS = ("sequence", "token")
+
+
 class Likelihood(ABC):
     """A per-datapoint negative log-likelihood ``l_n(z_n, y_n)`` of a model output ``z_n``."""
 
     name: str
+    datapoint: str = "sequence"
+    """For token-level outputs ``(N, T, C)``: whether a datapoint is a sequence (its loss the sum
+    of its tokens') or a token."""
 
     @abstractmethod
     def reduction_factor(
@@ -123,9 +129,22 @@ class Categorical(Likelihood):
     Hessian's square root has ``T C`` columns per sequence, column ``(t, c)`` being token
     ``t``'s column ``c`` and zero at the other tokens (an exact-Fisher solve over ``N T C``
     rows: use ``fisher="mc"`` for real vocabularies).
+
+    Parameters
+    ----------
+    datapoint
+        ``"sequence"`` (default): a datapoint of token-level logits is a sequence, its gradient
+        the sum of its tokens'. ``"token"``: every token in the loss is a datapoint of its own
+        (the Woodbury methods only; its rows cost one extra backward pass per token position,
+        batched). The exact Fisher is the same either way.
     """
 
     name = "categorical"
+
+    def __init__(self, datapoint: str = "sequence") -> None:
+        if datapoint not in DATAPOINTS:
+            raise ValueError(f"unknown datapoint={datapoint!r}: choose one of {DATAPOINTS}")
+        self.datapoint = datapoint
 
     def reduction_factor(
         self, logits: Tensor, reduction: str, counted: Tensor | None = None
@@ -319,6 +338,7 @@ def get_likelihood(likelihood: str | Likelihood) -> Likelihood:
 
 
 __all__ = [
+    "DATAPOINTS",
     "LIKELIHOODS",
     "REDUCTIONS",
     "Bernoulli",

@@ -116,6 +116,11 @@ class Preconditioner:
         self.wrapper = model
         self.model = model = unwrap(model)
         self.likelihood = get_likelihood(likelihood)
+        if self.likelihood.datapoint == "token" and not self.per_sample_blocks:
+            raise ValueError(
+                f"{type(self).__name__} takes sequences as datapoints: per-token datapoints "
+                "(datapoint='token') are offered by the Woodbury methods (natgrad.NGD, EF, IEF)"
+            )
         self.reduction = check_reduction(reduction)
         self.damping = damping if callable(damping) else check_damping(damping)
         selection = select_layers(model, unsupported, overrides)
