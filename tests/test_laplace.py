@@ -17,9 +17,7 @@ import torch
 from torch import nn
 
 import natgrad
-from natgrad.laplace.posteriors import heuristic_split
 from natgrad.likelihoods import Gaussian, Likelihood
-from natgrad.precond.kronecker import _heuristic_split
 from oracle import dense_batch, per_sample_loss
 
 VARIANCE = 0.5
@@ -306,15 +304,6 @@ def test_kron_equals_its_dense_kronecker_form(float64, damping, problem):
     expected = log_lik - 0.5 * (scatter + log_det)
     assert abs(la.log_marginal_likelihood().item() - expected) < 1e-8
     assert_normal_samples(la.sample(20000), theta, precision)
-
-
-def test_heuristic_split_is_kfacs(float64):
-    """The differentiable split of the kron posterior is KFAC's (precond.kronecker)."""
-    a, b = torch.diag(torch.tensor([1.0, 3.0, 2.0])), torch.diag(torch.tensor([0.5, 0.1]))
-    tau = torch.tensor(0.7, dtype=torch.float64)
-    ours = heuristic_split(a.diagonal().mean(), b.diagonal().mean(), tau)
-    theirs = _heuristic_split(a, b, 0.7)
-    assert abs(ours[0].item() - theirs[0]) < 1e-12 and abs(ours[1].item() - theirs[1]) < 1e-12
 
 
 # ---------------------------------------------------------------------------------- predictive

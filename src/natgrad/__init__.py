@@ -27,6 +27,7 @@ from natgrad.precond import (
     Preconditioner,
     TENGraD,
 )
+from natgrad.selection import register_adapter
 
 __version__ = "0.1.0"
 
@@ -53,5 +54,6 @@ __all__ = [
     "layers",
     "likelihoods",
     "linalg",
+    "register_adapter",
     "selection",
 ]

@@ -22,6 +22,13 @@ Adapters turn a module's input and output gradient into rows:
   frequencies, and they and FishLeg form the embedding's gradient by index.
   The weight matrix in the neuron view is ``(embedding_dim, num_embeddings)``, the transpose
   of ``Embedding.weight``; the adapter converts (:meth:`LayerAdapter.to_weight`).
+* A linear layer that stores its weight transposed, ``(d_in, d_out)``
+  (:class:`TransposedLinearAdapter`): HuggingFace's ``transformers.pytorch_utils.Conv1D``
+  (GPT-2's attention and MLP), recognised by its import path so that natgrad never imports
+  transformers.
+
+Adapters are looked up by the module's exact type (:func:`adapter_for`); a user registers
+one for a module type of their own with :func:`natgrad.register_adapter`.
 
 Normalisation layers and any other trainable tensor are not ``(A, E)`` pairs: see
 :mod:`natgrad.direct` and :mod:`natgrad.fallback`, and :mod:`natgrad.selection` for which
@@ -39,6 +46,18 @@ captured layer call splits the graph: the tensor hook that records the layer's o
 writes Python state, which dynamo cannot trace into a graph, and the split is also what makes
 the layer output an autograd boundary that the hook can watch. The layers and the code between
 them are compiled; the updates equal the eager ones (``tests/test_compile.py``).
+
+The model may return the logits as a tensor or inside a structure: a ``dict`` or HuggingFace
+``ModelOutput`` (its ``"logits"`` entry), or a tuple (its first non-scalar tensor that requires
+a gradient; :func:`model_logits`).
+
+Broadcast inputs: a captured module called on a batch of one while the model's batch has
+``N > 1`` datapoints (GPT-2's and BERT's position embeddings, looked up with position ids of
+shape ``(1, T)`` and added to every sequence) has its input and output expanded to ``N``
+(views of the same values), so that the gradient reaching the output keeps one row per
+datapoint instead of their sum. The model's batch size ``N`` is the largest first dimension
+among the tensors passed to the model. This assumes the output is broadcast over the batch,
+which is what a batch of one added to a batch of ``N`` means.
 
 Several backward passes through one forward pass add up, as ``.grad`` does; extra datapoints
 (sampled labels, Hessian columns) are back-propagated once, on the first. Those extra passes
@@ -58,7 +77,7 @@ from __future__ import annotations
 import gc
 import inspect
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -159,6 +178,25 @@ class LinearAdapter(LayerAdapter):
         return output_grad.reshape(*shape[: lead + 1], -1, shape[-1])
 
 
+class TransposedLinearAdapter(LinearAdapter):
+    """A linear layer whose weight is stored as ``(d_in, d_out)``: ``y = x W + b``.
+
+    HuggingFace's ``transformers.pytorch_utils.Conv1D`` (GPT-2) is one. The neuron-view
+    weight matrix is ``weight.T``; a module type of one's own with this layout and a ``weight``
+    (and optional ``bias``) attribute is registered with
+    ``natgrad.register_adapter(MyModule, TransposedLinearAdapter())``.
+    """
+
+    def matrix_shape(self, module: nn.Module) -> tuple[int, int]:
+        return module.weight.shape[1], module.weight.shape[0]
+
+    def to_weight(self, module: nn.Module, matrix: Tensor) -> Tensor:
+        return matrix.transpose(-1, -2)
+
+    def to_matrix(self, module: nn.Module, weight: Tensor) -> Tensor:
+        return weight.T
+
+
 class Conv2dAdapter(LayerAdapter):
     """``nn.Conv2d`` with ``groups=1`` and zero padding; the weight is shared over positions."""
 
@@ -239,9 +277,55 @@ ADAPTERS: dict[type[nn.Module], LayerAdapter] = {
 }
 
 
+ADAPTERS_BY_PATH: dict[str, LayerAdapter] = {
+    "transformers.pytorch_utils.Conv1D": TransposedLinearAdapter(),
+}
+"""Adapters of other libraries' module types, by import path (``module.qualname``), so that
+natgrad does not import those libraries."""
+
+
+def type_path(module_type: type) -> str:
+    """``"package.module.QualName"`` of a class."""
+    return f"{module_type.__module__}.{module_type.__qualname__}"
+
+
 def adapter_for(module: nn.Module) -> LayerAdapter | None:
     """The adapter of ``module``'s exact type, or ``None`` if natgrad has none."""
-    return ADAPTERS.get(type(module))
+    adapter = ADAPTERS.get(type(module))
+    return adapter if adapter is not None else ADAPTERS_BY_PATH.get(type_path(type(module)))
+
+
+def model_logits(output: object) -> Tensor | None:
+    """The logits in what a model returned: the tensor itself, the ``"logits"`` entry of a
+    ``dict`` or HuggingFace ``ModelOutput``, else the first non-scalar floating-point tensor
+    that requires a gradient among the entries of a mapping or a tuple; ``None`` if none."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        logits = output.get("logits")
+        if isinstance(logits, Tensor):
+            return logits
+        output = tuple(output.values())
+    if isinstance(output, (tuple, list)):
+        for value in output:
+            if (
+                isinstance(value, Tensor)
+                and value.dim() > 0
+                and value.is_floating_point()
+                and value.requires_grad
+            ):
+                return value
+    return None
+
+
+def batch_size(args: tuple, kwargs: Mapping[str, object]) -> int | None:
+    """The batch size of a model call: the largest first dimension of its tensor arguments."""
+    sizes = [
+        value.shape[0]
+        for value in (*args, *kwargs.values())
+        if isinstance(value, Tensor) and value.dim() > 0
+    ]
+    return max(sizes) if sizes else None
 
 
 @dataclass
@@ -284,6 +368,9 @@ class Capture:
         self.output_grad: Tensor | None = None
         self.model_args: tuple = ()
         self.model_kwargs: dict = {}
+        self.batch_size: int | None = None
+        self.returned: str | None = None
+        """Type name of what the model's last forward pass returned (for error messages)."""
         # The hooks stay on the model, which outlives the preconditioner: they hold only weak
         # references to this capture and it only a weak one to its owner, so a preconditioner
         # that is deleted (or garbage-collected) takes its hooks with it.
@@ -342,6 +429,8 @@ class Capture:
         self.output_grad = None
         self.model_args = ()
         self.model_kwargs = {}
+        self.batch_size = None
+        self.returned = None
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -360,12 +449,15 @@ class Capture:
         self.clear()
         self.model_args = args
         self.model_kwargs = kwargs
+        self.batch_size = batch_size(args, kwargs)
         self._in_forward = True
 
     def _end_forward(self, module: nn.Module, args: tuple, output: object) -> None:
         if self._paused or not torch.is_grad_enabled():
             return
         self._in_forward = False
+        self.returned = type(output).__name__
+        output = model_logits(output)
         if not (isinstance(output, Tensor) and output.requires_grad):
             return
         self.output = output
@@ -390,12 +482,20 @@ class Capture:
 
         output.register_hook(output_hook)
 
-    def _record_layer_call(self, name: str, args: tuple, output: Tensor) -> None:
+    def _record_layer_call(self, name: str, args: tuple, output: Tensor) -> Tensor | None:
+        """Record one call of a captured layer; return the output expanded to the model's
+        batch when the layer saw a batch of one (the forward hook's replacement output)."""
         if self._paused or not (
             self._in_forward and torch.is_grad_enabled() and output.requires_grad
         ):
-            return
-        call = LayerCall(layer_input=args[0].detach(), output=output)
+            return None
+        layer_input = args[0].detach()
+        size = self.batch_size
+        broadcast = layer_input.shape[0] == 1 and size is not None and size > 1
+        if broadcast:  # one row for the whole batch: give each datapoint its own view
+            layer_input = layer_input.expand(size, *layer_input.shape[1:])
+            output = output.expand(size, *output.shape[1:])
+        call = LayerCall(layer_input=layer_input, output=output)
         self.calls[name].append(call)
         call_ref = weakref.ref(call)  # no cycle tensor -> hook -> call -> tensor
         this = weakref.ref(self)
@@ -408,6 +508,7 @@ class Capture:
             recorded.output_grad = grad.detach() if previous is None else previous + grad.detach()
 
         output.register_hook(grad_hook)
+        return output if broadcast else None
 
     def layer_outputs(self) -> Iterator[Tensor]:
         """Every captured layer call's output, in layer order then call order."""
@@ -500,10 +601,11 @@ def _layer_hook(capture: weakref.ref[Capture], layer: nn.Module, name: str) -> C
     for this layer, not a deep copy of it)."""
     hooked = weakref.ref(layer)
 
-    def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
         target = capture()
         if target is not None and module is hooked():
-            target._record_layer_call(name, args, output)
+            return target._record_layer_call(name, args, output)
+        return None
 
     return hook
 
@@ -540,11 +642,16 @@ def _check_not_captured(module: nn.Module, name: str) -> None:
 
 __all__ = [
     "ADAPTERS",
+    "ADAPTERS_BY_PATH",
     "Capture",
     "Conv2dAdapter",
     "EmbeddingAdapter",
     "LayerAdapter",
     "LayerCall",
     "LinearAdapter",
+    "TransposedLinearAdapter",
     "adapter_for",
+    "batch_size",
+    "model_logits",
+    "type_path",
 ]

@@ -61,7 +61,7 @@ def output_vectors(
     mc_samples: int,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """Output gradients to back-propagate for ``mc`` or ``exact``, shape ``(K, N, C)``.
+    """Output gradients to back-propagate for ``mc`` or ``exact``, shape ``(K, *logits.shape)``.
 
     They are gradients of the per-datapoint loss ``l_n`` (no reduction factor).
     """
@@ -70,6 +70,17 @@ def output_vectors(
     if fisher == "exact":
         return likelihood.hessian_sqrt(logits)
     raise ValueError(f"fisher={fisher!r} uses the true-label gradients, not extra vectors")
+
+
+def per_token(vectors: Tensor) -> Tensor:
+    """Output vectors ``(K, N, T, C)`` split by token position: ``(K T, N, T, C)``, vector
+    ``k T + τ`` equal to vector ``k`` at token ``τ`` and zero elsewhere, so that each
+    back-propagated vector gives every sequence's row of its token ``τ`` (per-token
+    datapoints, :attr:`natgrad.likelihoods.Likelihood.datapoint`)."""
+    sets, num, tokens, classes = vectors.shape
+    at_token = torch.eye(tokens, dtype=vectors.dtype, device=vectors.device)
+    split = vectors.unsqueeze(1) * at_token.reshape(1, tokens, 1, tokens, 1)
+    return split.reshape(sets * tokens, num, tokens, classes)
 
 
 def row_weight(fisher: str, mc_samples: int) -> float:
@@ -86,7 +97,7 @@ def target_coefficients(fisher: str, per_sample_output_grad: Tensor) -> Tensor:
     ``sqrt(s_n)``, so ``b = sqrt(s)`` gives back ``J^T 1``.
     """
     if fisher == "empirical":
-        return torch.ones_like(per_sample_output_grad[:, 0])
+        return per_sample_output_grad.new_ones(per_sample_output_grad.shape[0])
     if fisher == "ief":
         return Likelihood.logits_grad_norms_sq(per_sample_output_grad)
     if fisher == "ief_matrix":
@@ -111,6 +122,7 @@ __all__ = [
     "check_fisher",
     "needs_extra_backprop",
     "output_vectors",
+    "per_token",
     "row_multipliers",
     "row_weight",
     "target_coefficients",

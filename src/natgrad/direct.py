@@ -16,7 +16,14 @@ the captured input with the module's own statistics and ``eps``:
 * ``nn.LayerNorm``: mean and biased variance over the ``normalized_shape`` trailing dimensions;
 * ``nn.GroupNorm``: over each group of channels and all positions, per datapoint;
 * ``nn.BatchNorm1d/2d/3d``: per channel, the running statistics in eval mode, else the batch
-  mean and biased variance of the input (what torch normalises with).
+  mean and biased variance of the input (what torch normalises with);
+* RMSNorm (``nn.RMSNorm``, HuggingFace's ``LlamaRMSNorm``): ``x̂ = x / sqrt(mean(x^2) + eps)``
+  over the trailing dimensions of the weight, no mean removed and usually no bias
+  (:class:`RMSNormAdapter`; ``LlamaRMSNorm`` computes ``x̂`` in float32 whatever the input's
+  dtype, and so does its adapter, so that the rows are those of the model as it runs).
+
+Other libraries' norms are recognised by import path (:data:`NORM_ADAPTERS_BY_PATH`), so natgrad
+does not import them; :func:`natgrad.register_adapter` adds a module type of one's own.
 
 BatchNorm in train mode: the batch statistics couple the datapoints, so a per-sample gradient is
 not defined by the model alone. natgrad's rows are those of the batch's own backward pass: the
@@ -119,6 +126,38 @@ class BatchNormAdapter(ChannelNormAdapter):
         return (layer_input - mean) * torch.rsqrt(variance + module.eps)
 
 
+class RMSNormAdapter(NormAdapter):
+    """Root-mean-square norms ``y = w ⊙ x / sqrt(mean(x^2) + eps)``, weight shared over tokens.
+
+    Parameters
+    ----------
+    eps_attribute
+        The module attribute holding ``eps`` (``"eps"`` for ``nn.RMSNorm``,
+        ``"variance_epsilon"`` for HuggingFace's RMSNorms); ``None`` in it means the machine
+        epsilon of the input's dtype, as ``nn.RMSNorm`` does.
+    compute_dtype
+        The dtype the module normalises in (HuggingFace's RMSNorms: ``torch.float32``, then
+        cast back to the input's dtype), or ``None`` for the input's own dtype.
+    """
+
+    def __init__(self, eps_attribute: str = "eps", compute_dtype: torch.dtype | None = None):
+        self.eps_attribute = eps_attribute
+        self.compute_dtype = compute_dtype
+
+    def normalised(self, module: nn.Module, layer_input: Tensor) -> Tensor:
+        values = layer_input if self.compute_dtype is None else layer_input.to(self.compute_dtype)
+        eps = getattr(module, self.eps_attribute)
+        if eps is None:
+            eps = torch.finfo(values.dtype).eps
+        dims = tuple(range(-module.weight.dim(), 0))
+        mean_square = values.pow(2).mean(dim=dims, keepdim=True)
+        return (values * torch.rsqrt(mean_square + eps)).to(layer_input.dtype)
+
+    def sum_positions(self, module: nn.Module, values: Tensor) -> Tensor:
+        width = module.weight.numel()
+        return values.reshape(*values.shape[:2], -1, width).sum(dim=2)
+
+
 NORM_ADAPTERS: dict[type[nn.Module], NormAdapter] = {
     nn.LayerNorm: LayerNormAdapter(),
     nn.GroupNorm: GroupNormAdapter(),
@@ -126,19 +165,33 @@ NORM_ADAPTERS: dict[type[nn.Module], NormAdapter] = {
     nn.BatchNorm2d: BatchNormAdapter(),
     nn.BatchNorm3d: BatchNormAdapter(),
 }
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    NORM_ADAPTERS[nn.RMSNorm] = RMSNormAdapter("eps")
+
+NORM_ADAPTERS_BY_PATH: dict[str, NormAdapter] = {
+    "transformers.models.llama.modeling_llama.LlamaRMSNorm": RMSNormAdapter(
+        "variance_epsilon", torch.float32
+    ),
+}
+"""Adapters of other libraries' norms, by import path (``module.qualname``)."""
 
 
 def norm_adapter_for(module: nn.Module) -> NormAdapter | None:
     """The adapter of ``module``'s exact type, or ``None`` if it is not a supported norm."""
-    return NORM_ADAPTERS.get(type(module))
+    adapter = NORM_ADAPTERS.get(type(module))
+    if adapter is not None:
+        return adapter
+    return NORM_ADAPTERS_BY_PATH.get(f"{type(module).__module__}.{type(module).__qualname__}")
 
 
 __all__ = [
     "NORM_ADAPTERS",
+    "NORM_ADAPTERS_BY_PATH",
     "BatchNormAdapter",
     "ChannelNormAdapter",
     "GroupNormAdapter",
     "LayerNormAdapter",
     "NormAdapter",
+    "RMSNormAdapter",
     "norm_adapter_for",
 ]

@@ -42,6 +42,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from natgrad.capture import model_logits
+
 DEFAULT_CHUNK_SIZE = 32
 """Datapoints the fallback re-runs at a time unless told otherwise."""
 
@@ -121,7 +123,8 @@ class Fallback:
                 call_kwargs = {k: _as_batch(v, kwarg_dims[k]) for k, v in sample_kwargs.items()}
 
                 def output(params: dict[str, Tensor]) -> Tensor:
-                    return functional_call(self.model, params, call_args, call_kwargs).squeeze(0)
+                    returned = functional_call(self.model, params, call_args, call_kwargs)
+                    return model_logits(returned).squeeze(0)
 
                 value, pullback = vjp(output, weights)
                 if batched_vectors:

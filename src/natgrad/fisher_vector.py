@@ -10,12 +10,13 @@ the model, and no per-sample gradient.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp
 
+from natgrad.capture import model_logits
 from natgrad.likelihoods import Likelihood, check_logits
 
 
@@ -26,6 +27,8 @@ def fisher_vector_product(
     vector: Sequence[Tensor],
     likelihood: Likelihood,
     reduction: str,
+    model_kwargs: Mapping[str, object] | None = None,
+    counted: Tensor | None = None,
 ) -> list[Tensor]:
     """``F v`` for the parameters ``params`` (a subset of the model's, by name).
 
@@ -43,6 +46,13 @@ def fisher_vector_product(
         One tensor per parameter, of the parameter's shape.
     likelihood, reduction
         The loss the Fisher belongs to (see :mod:`natgrad.likelihoods`).
+    model_kwargs
+        Keyword arguments of the model's forward pass (a HuggingFace model's ``input_ids``,
+        ``attention_mask``, ...). The model may return the logits inside a structure
+        (:func:`natgrad.capture.model_logits`).
+    counted
+        Boolean ``logits.shape[:-1]``: the positions in the loss
+        (:meth:`natgrad.likelihoods.Likelihood.counted`); ``None``: all of them.
 
     Returns
     -------
@@ -64,15 +74,24 @@ def fisher_vector_product(
         # the copies, so the product leaves the model as it was and torch.func sees no
         # mutation of a captured tensor; the outputs are those of the train-mode forward
         buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
-        return functional_call(
-            model, {**buffers, **dict(zip(names, values, strict=True))}, model_args
+        returned = functional_call(
+            model,
+            {**buffers, **dict(zip(names, values, strict=True))},
+            model_args,
+            dict(model_kwargs or {}),
         )
+        return model_logits(returned)
 
     primals = tuple(params[name].detach() for name in names)
     logits, output_tangent = jvp(outputs, primals, tuple(vector))
     check_logits(logits)
-    factor = likelihood.reduction_factor(logits, reduction)
-    weighted = factor * likelihood.hessian_vector_product(logits.detach(), output_tangent)
+    if counted is None:
+        factor = likelihood.reduction_factor(logits, reduction)
+        weighted = factor * likelihood.hessian_vector_product(logits.detach(), output_tangent)
+    else:
+        factor = likelihood.reduction_factor(logits, reduction, counted)
+        product = likelihood.hessian_vector_product(logits.detach(), output_tangent)
+        weighted = factor * product * counted.unsqueeze(-1).to(product.dtype)
     _, pullback = vjp(outputs, *primals)
     return list(pullback(weighted))
 

@@ -14,7 +14,15 @@ A likelihood fixes the per-datapoint loss ``l_n(z_n, y_n)`` as a function of the
 * the squared logits-gradient norms ``s_n = ||d l_n / d z_n||^2`` of the iEF scaling vector
   (seed 000 eq. 6).
 
-Outputs are two-dimensional, ``(N, C)``: one row per datapoint.
+Outputs are ``(N, C)``, one row per datapoint, or, for the categorical likelihood, token-level
+``(N, T, C)``: a datapoint is a sequence, its loss the sum of its tokens' cross-entropies,
+``l_n = sum_{t counted} l_{nt}``, and a mean-reduced loss divides by the number ``K`` of tokens
+that count, ``c = 1 / K`` (``F.cross_entropy`` on the flattened tokens with
+``ignore_index``, as HuggingFace's causal-LM loss computes it). Which positions count is read
+from the gradient of the loss with respect to the logits (:meth:`Likelihood.counted`): a
+cross-entropy gradient ``c (softmax(z) - e_y)`` is zero only at positions outside the loss
+(label ``-100``, the last position of HuggingFace's causal shift). The same holds for
+classification logits ``(N, C)`` with ignored labels.
 """
 
 from __future__ import annotations
@@ -42,26 +50,40 @@ def check_reduction(reduction: str) -> str:
 
 
 def check_logits(logits: Tensor) -> None:
-    """Raise unless ``logits`` is a floating-point tensor of shape ``(N, C)``."""
+    """Raise unless ``logits`` is a floating-point tensor of shape ``(N, C)`` or ``(N, T, C)``."""
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() != 2:
+    if logits.dim() not in (2, 3):
         raise ValueError(
-            f"logits must have shape (N, C) with one row per datapoint, got shape "
-            f"{tuple(logits.shape)}; flatten or reshape the model output to (N, C)"
+            f"logits must have shape (N, C) with one row per datapoint, or (N, T, C) with T "
+            f"tokens per datapoint, got shape {tuple(logits.shape)}; reshape the model output"
         )
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got dtype {logits.dtype}")
+
+
+DATAPOINTS = ("sequence", "token")
 
 
 class Likelihood(ABC):
     """A per-datapoint negative log-likelihood ``l_n(z_n, y_n)`` of a model output ``z_n``."""
 
     name: str
+    datapoint: str = "sequence"
+    """For token-level outputs ``(N, T, C)``: whether a datapoint is a sequence (its loss the sum
+    of its tokens') or a token."""
 
     @abstractmethod
-    def reduction_factor(self, logits: Tensor, reduction: str) -> float:
-        """Return ``c`` such that the batch loss is ``c * sum_n l_n``."""
+    def reduction_factor(
+        self, logits: Tensor, reduction: str, counted: Tensor | None = None
+    ) -> float:
+        """Return ``c`` such that the batch loss is ``c * sum_n l_n``; ``counted`` (from
+        :meth:`counted`) marks the positions in the loss, all of them if ``None``."""
+
+    def counted(self, logits: Tensor, output_grad: Tensor) -> Tensor | None:
+        """Boolean ``logits.shape[:-1]``: the positions (datapoints, or tokens) that take part
+        in the loss, judged from its gradient; ``None``: all of them (the default)."""
+        return None
 
     @abstractmethod
     def sampled_output_grads(
@@ -92,8 +114,9 @@ class Likelihood(ABC):
 
     @staticmethod
     def logits_grad_norms_sq(per_sample_output_grad: Tensor) -> Tensor:
-        """``s_n = ||d l_n / d z_n||^2`` for each row (seed 000 eq. 6), shape ``(N,)``."""
-        return per_sample_output_grad.pow(2).sum(dim=1)
+        """``s_n = ||d l_n / d z_n||^2`` for each datapoint (seed 000 eq. 6), shape ``(N,)``;
+        for token-level logits the norm runs over all the datapoint's tokens."""
+        return per_sample_output_grad.pow(2).flatten(start_dim=1).sum(dim=1)
 
 
 class Categorical(Likelihood):
@@ -102,30 +125,77 @@ class Categorical(Likelihood):
     Output Hessian ``diag(pi) - pi pi^T`` with ``pi = softmax(z)``; its square root used here is
     ``S = diag(sqrt(pi)) - pi sqrt(pi)^T``, whose column ``c`` is ``sqrt(pi_c) (e_c - pi)``:
     the exact Fisher is the expectation over labels written as ``C`` weighted datapoints.
+
+    Token-level logits ``(N, T, C)`` (module docstring): each token has its own labels and
+    output Hessian, and the sequence's Hessian is block-diagonal over its tokens. Sampled
+    labels are drawn per token (one output vector ``(T, C)`` per sequence and sample); the
+    Hessian's square root has ``T C`` columns per sequence, column ``(t, c)`` being token
+    ``t``'s column ``c`` and zero at the other tokens (an exact-Fisher solve over ``N T C``
+    rows: use ``fisher="mc"`` for real vocabularies).
+
+    Parameters
+    ----------
+    datapoint
+        ``"sequence"`` (default): a datapoint of token-level logits is a sequence, its gradient
+        the sum of its tokens'. ``"token"``: every token in the loss is a datapoint of its own
+        (the Woodbury methods only; its rows cost one extra backward pass per token position,
+        batched). The exact Fisher is the same either way.
     """
 
     name = "categorical"
 
-    def reduction_factor(self, logits: Tensor, reduction: str) -> float:
+    def __init__(self, datapoint: str = "sequence") -> None:
+        if datapoint not in DATAPOINTS:
+            raise ValueError(f"unknown datapoint={datapoint!r}: choose one of {DATAPOINTS}")
+        self.datapoint = datapoint
+
+    def reduction_factor(
+        self, logits: Tensor, reduction: str, counted: Tensor | None = None
+    ) -> float:
         check_reduction(reduction)
-        return 1.0 / logits.shape[0] if reduction == "mean" else 1.0
+        if reduction == "sum":
+            return 1.0
+        count = logits.shape[:-1].numel() if counted is None else int(counted.sum())
+        return 1.0 / max(count, 1)
+
+    def counted(self, logits: Tensor, output_grad: Tensor) -> Tensor:
+        """Positions whose logits receive a gradient, or whose softmax is exactly one-hot
+        (a saturated position, whose gradient and Hessian vanish whether it counts or not)."""
+        probs = torch.softmax(logits.detach(), dim=-1)
+        return (output_grad != 0).any(dim=-1) | (probs.amax(dim=-1) == 1)
 
     def sampled_output_grads(
         self, logits: Tensor, num_samples: int, generator: torch.Generator | None
     ) -> Tensor:
-        probs = torch.softmax(logits.detach(), dim=1)
+        probs = torch.softmax(logits.detach(), dim=-1)
+        flat = probs.reshape(-1, probs.shape[-1])
         labels = torch.multinomial(
-            probs.to(_device_of(generator, probs)), num_samples, replacement=True,
+            flat.to(_device_of(generator, flat)), num_samples, replacement=True,
             generator=generator,
-        ).to(probs.device)  # fmt: skip
-        onehot = torch.nn.functional.one_hot(labels.T, probs.shape[1]).to(probs.dtype)
-        return probs.unsqueeze(0) - onehot
+        ).to(flat.device)  # fmt: skip
+        onehot = torch.nn.functional.one_hot(labels.T, flat.shape[1]).to(probs.dtype)
+        return probs.unsqueeze(0) - onehot.reshape(num_samples, *probs.shape)
 
     def hessian_sqrt(self, logits: Tensor) -> Tensor:
-        probs = torch.softmax(logits.detach(), dim=1)
-        eye = torch.eye(probs.shape[1], dtype=probs.dtype, device=probs.device)
-        # column c of S_n: sqrt(pi_c) (e_c - pi), laid out as (c, n, :)
-        return probs.sqrt().T.unsqueeze(-1) * (eye.unsqueeze(1) - probs.unsqueeze(0))
+        probs = torch.softmax(logits.detach(), dim=-1)
+        eye = torch.eye(probs.shape[-1], dtype=probs.dtype, device=probs.device)
+        if probs.dim() == 2:
+            # column c of S_n: sqrt(pi_c) (e_c - pi), laid out as (c, n, :)
+            return probs.sqrt().T.unsqueeze(-1) * (eye.unsqueeze(1) - probs.unsqueeze(0))
+        num, tokens, classes = probs.shape
+        # per token: columns (c, n, t, :); then column (t, c) lives at token t only
+        columns = probs.permute(2, 0, 1).sqrt().unsqueeze(-1) * (
+            eye.reshape(classes, 1, 1, classes) - probs.unsqueeze(0)
+        )
+        at_token = torch.eye(tokens, dtype=probs.dtype, device=probs.device)
+        return torch.einsum("cntd,ts->tcnsd", columns, at_token).reshape(
+            tokens * classes, num, tokens, classes
+        )
+
+    def hessian_vector_product(self, logits: Tensor, vectors: Tensor) -> Tensor:
+        """``(diag(pi) - pi pi^T) v`` at every position."""
+        probs = torch.softmax(logits.detach(), dim=-1)
+        return probs * vectors - probs * (probs * vectors).sum(dim=-1, keepdim=True)
 
     def check_output_grad(self, logits: Tensor, output_grad: Tensor, reduction: str) -> None:
         """Check that ``output_grad = c (softmax(z) - e_y)`` with the declared reduction.
@@ -139,16 +209,17 @@ class Categorical(Likelihood):
         # float32 at least: a bfloat16 gradient (autocast) is checked at its own precision
         dtype = torch.promote_types(output_grad.dtype, torch.float32)
         grad = output_grad.detach().to(dtype)
-        expected = self.reduction_factor(logits, reduction)
+        counted = self.counted(logits, grad)
+        expected = self.reduction_factor(logits, reduction, counted)
         # round-off of the gradient's dtype: 2^-7 relative in bfloat16, 2^-10 in float16
         precision = max(1e-3, 4 * torch.finfo(output_grad.dtype).eps)
-        if grad.sum(dim=1).abs().max() > precision * expected:
+        if grad.sum(dim=-1).abs().max() > precision * expected:
             raise ValueError(
                 "the gradient w.r.t. the logits is not that of a softmax cross-entropy loss "
                 "(its rows do not sum to zero): use likelihood='categorical' only with "
                 "F.cross_entropy on these logits, without label smoothing or extra terms"
             )
-        probs = torch.softmax(logits.detach().to(dtype), dim=1)
+        probs = torch.softmax(logits.detach().to(dtype), dim=-1)
         # entries near the subnormal range carry few significant bits (a very confident row's
         # c * pi_k of 1e-40 in float32): they would bias the ratio, so only clearly normal ones
         # vote; a batch with none (every row certain) cannot reveal c and passes
@@ -160,15 +231,22 @@ class Categorical(Likelihood):
         if math.isclose(inferred, expected, rel_tol=10 * precision):
             return
         other = "sum" if reduction == "mean" else "mean"
-        if math.isclose(inferred, self.reduction_factor(logits, other), rel_tol=10 * precision):
+        if math.isclose(
+            inferred, self.reduction_factor(logits, other, counted), rel_tol=10 * precision
+        ):
             raise ValueError(
                 f"the loss looks {other}-reduced but the preconditioner was built with "
                 f"reduction={reduction!r}: pass reduction={other!r}"
             )
+        count, positions = int(counted.sum()), counted.numel()
         raise ValueError(
             "the gradient w.r.t. the logits does not match F.cross_entropy with "
-            f"reduction={reduction!r} (inferred scale {inferred:.3g}, expected {expected:.3g}): "
-            "the loss must be exactly the cross-entropy of these logits"
+            f"reduction={reduction!r} over the {count} of {positions} positions whose logits "
+            f"receive a gradient (inferred scale {inferred:.3g}, expected {expected:.3g}): the "
+            "loss must be exactly the cross-entropy of these logits, averaged over the labels "
+            "that count (ignored ones marked by ignore_index, e.g. -100), not divided by a "
+            "count from elsewhere (such as HuggingFace's num_items_in_batch over accumulated "
+            "batches: use reduction='sum' with the sum of the token losses instead)"
         )
 
 
@@ -187,7 +265,9 @@ class Gaussian(Likelihood):
             raise ValueError(f"variance must be positive, got {variance}")
         self.variance = float(variance)
 
-    def reduction_factor(self, logits: Tensor, reduction: str) -> float:
+    def reduction_factor(
+        self, logits: Tensor, reduction: str, counted: Tensor | None = None
+    ) -> float:
         check_reduction(reduction)
         return 1.0 / logits.numel() if reduction == "mean" else 1.0
 
@@ -204,6 +284,7 @@ class Gaussian(Likelihood):
         return -noise / math.sqrt(self.variance)
 
     def hessian_sqrt(self, logits: Tensor) -> Tensor:
+        _two_dimensional(logits, self.name)
         num, dim = logits.shape
         eye = torch.eye(dim, dtype=logits.dtype, device=logits.device) / math.sqrt(self.variance)
         return eye.unsqueeze(1).expand(dim, num, dim).clone()
@@ -217,7 +298,9 @@ class Bernoulli(Likelihood):
 
     name = "bernoulli"
 
-    def reduction_factor(self, logits: Tensor, reduction: str) -> float:
+    def reduction_factor(
+        self, logits: Tensor, reduction: str, counted: Tensor | None = None
+    ) -> float:
         check_reduction(reduction)
         return 1.0 / logits.numel() if reduction == "mean" else 1.0
 
@@ -258,6 +341,7 @@ class Bernoulli(Likelihood):
         )
 
     def hessian_sqrt(self, logits: Tensor) -> Tensor:
+        _two_dimensional(logits, self.name)
         probs = torch.sigmoid(logits.detach())
         dim = probs.shape[1]
         std = (probs * (1 - probs)).sqrt()
@@ -269,6 +353,15 @@ def _device_of(generator: torch.Generator | None, tensor: Tensor) -> torch.devic
     """Where to sample: on the generator's device (natgrad's is a CPU generator, so a run
     samples the same labels on any device), on the tensor's without a generator."""
     return tensor.device if generator is None else generator.device
+
+
+def _two_dimensional(logits: Tensor, name: str) -> None:
+    if logits.dim() != 2:
+        raise ValueError(
+            f"the exact Fisher of likelihood={name!r} needs outputs of shape (N, D), got "
+            f"{tuple(logits.shape)}: token-level outputs (N, T, C) are supported for "
+            "likelihood='categorical'; use fisher='mc' or reshape the outputs"
+        )
 
 
 LIKELIHOODS: dict[LikelihoodName, type[Likelihood]] = {
@@ -291,6 +384,7 @@ def get_likelihood(likelihood: LikelihoodName | Likelihood) -> Likelihood:
 
 
 __all__ = [
+    "DATAPOINTS",
     "LIKELIHOODS",
     "REDUCTIONS",
     "Bernoulli",

@@ -27,6 +27,12 @@ structured groups. Kronecker methods and FishLeg precondition the ``layers`` onl
 the ``direct`` and ``fallback`` parameters to the plain gradient, an identity block
 (:meth:`LayerSelection.without_per_sample_blocks`). ``pre.describe()`` lists the groups.
 
+Module types are recognised by their adapters (:func:`natgrad.capture.adapter_for`,
+:func:`natgrad.direct.norm_adapter_for`); :func:`register_adapter` adds one for a module type
+of one's own, e.g. a linear layer storing its weight transposed::
+
+    natgrad.register_adapter(MyLinear, natgrad.capture.TransposedLinearAdapter())
+
 The automatic choice is overridden per module with ``overrides={module_name: policy}``,
 ``policy`` one of ``"fallback"`` or ``"plain_gradient"`` (module names as in
 ``model.named_modules()``; ``""`` is the model itself, e.g. for a prompt parameter defined on
@@ -42,8 +48,8 @@ from typing import Literal, get_args
 
 from torch import nn
 
-from natgrad.capture import adapter_for
-from natgrad.direct import norm_adapter_for
+from natgrad.capture import ADAPTERS, LayerAdapter, adapter_for
+from natgrad.direct import NORM_ADAPTERS, NormAdapter, norm_adapter_for
 
 Unsupported = Literal["fallback", "error", "plain_gradient"]
 Override = Literal["fallback", "plain_gradient"]
@@ -61,6 +67,9 @@ class LayerSelection:
     plain: dict[str, nn.Parameter] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
     """Names of the ``layers``, ``direct`` and ``fallback`` modules, in model order."""
+    tied: dict[str, str] = field(default_factory=dict)
+    """``{embedding: linear}``: ``layers`` that share one weight (a language model's input
+    embedding and output layer); the Woodbury methods add their per-sample gradients."""
 
     def describe(self) -> str:
         """One clause per non-empty group, for ``Preconditioner.describe()``."""
@@ -72,6 +81,9 @@ class LayerSelection:
         if self.fallback:
             names = [name for params in self.fallback.values() for name in params]
             parts.append(f"torch.func per-sample rows: {', '.join(names)}")
+        if self.tied:
+            pairs = ", ".join(f"{a} = {b}" for a, b in self.tied.items())
+            parts.append(f"tied weights (per-sample gradients materialised): {pairs}")
         if self.plain:
             parts.append(f"plain gradient: {', '.join(self.plain)}")
         return "; ".join(parts)
@@ -93,6 +105,18 @@ class LayerSelection:
                 "natgrad.NGD, EF, IEF, also take normalisation layers and any other tensor)"
             )
         plain = dict(self.plain)
+        layers = dict(self.layers)
+        for embedding, linear in self.tied.items():  # no Kronecker structure for their sum
+            for name in (embedding, linear):
+                for pname, param in layers.pop(name).named_parameters(recurse=False):
+                    if param.requires_grad and all(param is not q for q in plain.values()):
+                        plain[_join(name, pname)] = param
+        if not layers:
+            raise ValueError(
+                "the model's only nn.Linear / nn.Embedding layers share their weight: Kronecker "
+                "methods and FishLeg give tied weights the plain gradient, leaving nothing to "
+                "precondition (the Woodbury methods, natgrad.NGD, EF, IEF, take tied weights)"
+            )
         for name, module in self.direct.items():
             for pname, param in module.named_parameters(recurse=False):
                 if param.requires_grad:
@@ -100,9 +124,39 @@ class LayerSelection:
         for params in self.fallback.values():
             plain.update(params)
         return LayerSelection(
-            layers=dict(self.layers),
-            plain=plain,
-            order=[name for name in self.order if name in self.layers],
+            layers=layers, plain=plain, order=[name for name in self.order if name in layers]
+        )
+
+
+def register_adapter(module_type: type[nn.Module], adapter: LayerAdapter | NormAdapter) -> None:
+    """Let natgrad precondition modules of exactly ``module_type`` through ``adapter``.
+
+    Parameters
+    ----------
+    module_type
+        An ``nn.Module`` subclass (matched exactly, not its subclasses).
+    adapter
+        A :class:`natgrad.capture.LayerAdapter` for a layer whose per-sample gradients are sums
+        of outer products ``e a^T`` (a linear layer: :class:`~natgrad.capture.LinearAdapter`
+        for a ``(d_out, d_in)`` weight, :class:`~natgrad.capture.TransposedLinearAdapter` for a
+        ``(d_in, d_out)`` one; the module's ``forward`` takes the input as its first argument
+        and its parameters are ``weight`` and an optional ``bias``), or a
+        :class:`natgrad.direct.NormAdapter` for a normalisation layer
+        (:class:`~natgrad.direct.RMSNormAdapter`, ...). Replaces any earlier registration of
+        the type; preconditioners built afterwards use it.
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+    if isinstance(adapter, LayerAdapter):
+        ADAPTERS[module_type] = adapter
+        NORM_ADAPTERS.pop(module_type, None)
+    elif isinstance(adapter, NormAdapter):
+        NORM_ADAPTERS[module_type] = adapter
+        ADAPTERS.pop(module_type, None)
+    else:
+        raise TypeError(
+            "adapter must be a natgrad.capture.LayerAdapter (linear-like layers) or a "
+            f"natgrad.direct.NormAdapter (normalisation layers), got {type(adapter).__name__}"
         )
 
 
@@ -144,6 +198,9 @@ def select_layers(
     owners = Counter(
         id(p) for _, m in modules for p in m.parameters(recurse=False) if p.requires_grad
     )
+    claimed = _claimed_by_layers(modules, owners)
+    tied = _tied_weights(modules, owners)
+    tied_names = {name for pair in tied.values() for name in pair}
     selection = LayerSelection()
     unsupported_modules: list[str] = []
     rejected: dict[str, str] = {}
@@ -153,8 +210,13 @@ def select_layers(
         own = {
             _join(name, pname): p
             for pname, p in module.named_parameters(recurse=False)
-            if p.requires_grad and id(p) not in assigned
+            if p.requires_grad and id(p) not in assigned and claimed.get(id(p), name) == name
         }
+        if name in tied_names and name not in overrides:
+            assigned.update(id(p) for p in own.values())
+            selection.layers[name] = module
+            selection.order.append(name)
+            continue
         if not own:
             continue
         assigned.update(id(p) for p in own.values())
@@ -166,7 +228,9 @@ def select_layers(
             policy = "plain_gradient"
         if policy is None:
             shared = any(
-                owners[id(p)] > 1 for p in module.parameters(recurse=False) if p.requires_grad
+                owners[id(p)] > 1 and id(p) not in claimed
+                for p in module.parameters(recurse=False)
+                if p.requires_grad
             )
             policy, reason = _automatic(module, shared)
             if policy == "rejected":
@@ -198,6 +262,11 @@ def select_layers(
             + ", ".join(f"{name!r}: 'plain_gradient'" for name in recurrent)
             + "} to train them with the plain gradient."
         )
+    selection.tied = {
+        embedding: linear
+        for embedding, linear in tied.values()
+        if embedding in selection.layers and linear in selection.layers
+    }
     if rejected:
         raise ValueError(
             "natgrad cannot know the per-sample gradients of these modules: "
@@ -217,6 +286,46 @@ def select_layers(
     if not selection.order:
         raise ValueError("the model has no trainable parameter for natgrad to precondition")
     return selection
+
+
+def _claimed_by_layers(modules: list[tuple[str, nn.Module]], owners: Counter) -> dict[int, str]:
+    """Parameters registered on several modules of which exactly one has an adapter: the
+    name of that module, by parameter id.
+
+    HuggingFace heads hold the output bias twice (``self.bias`` and ``self.decoder.bias`` are
+    one tensor, e.g. BERT's ``cls.predictions``): the parent only keeps a reference and the
+    layer uses it. natgrad assigns such a parameter to the layer; a parent that also used it
+    in its own forward pass would need ``overrides={parent: "fallback"}``.
+    """
+    holders: dict[int, list[str]] = {}
+    for name, module in modules:
+        if adapter_for(module) is None and norm_adapter_for(module) is None:
+            continue
+        for param in module.parameters(recurse=False):
+            if param.requires_grad and owners[id(param)] > 1:
+                holders.setdefault(id(param), []).append(name)
+    return {key: names[0] for key, names in holders.items() if len(names) == 1}
+
+
+def _tied_weights(
+    modules: list[tuple[str, nn.Module]], owners: Counter
+) -> dict[int, tuple[str, str]]:
+    """Weights shared by exactly an ``nn.Embedding`` and a linear layer (a language model's
+    tied input and output embeddings): ``(embedding name, linear name)`` by parameter id."""
+    embeddings: dict[int, str] = {}
+    linears: dict[int, str] = {}
+    for name, module in modules:
+        adapter = adapter_for(module)
+        weight = getattr(module, "weight", None)
+        if adapter is None or not isinstance(weight, nn.Parameter) or owners[id(weight)] != 2:
+            continue
+        if not weight.requires_grad or adapter.check(module) or adapter.rejects(module):
+            continue
+        if isinstance(module, nn.Embedding):
+            embeddings[id(weight)] = name
+        elif not adapter.token_inputs:
+            linears[id(weight)] = name
+    return {key: (name, linears[key]) for key, name in embeddings.items() if key in linears}
 
 
 def _automatic(module: nn.Module, shared: bool) -> tuple[str, str | None]:
@@ -275,5 +384,6 @@ __all__ = [
     "LayerSelection",
     "Override",
     "Unsupported",
+    "register_adapter",
     "select_layers",
 ]

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from natgrad.capture import LayerAdapter
 from natgrad.precond.blocks import LayerBatch
+from natgrad.precond.inverses import split_damping
 from natgrad.precond.kronecker import input_covariance
 
 KronDamping = Literal["correct", "heuristic", "a_only"]
@@ -248,16 +249,6 @@ class DiagonalPart:
         return torch.log1p(self.diagonal / prior).sum()
 
 
-def heuristic_split(mean_input: Tensor, mean_grad: Tensor, prior: Tensor) -> tuple[Tensor, Tensor]:
-    """``(τ_A, τ_B)`` with ``τ_A τ_B = τ`` and ``τ_A / τ_B = mean(a) / mean(b)``: KFAC's
-    heuristic damping split (Benzing 2022 eq. 2; ``_heuristic_split`` of
-    :mod:`natgrad.precond.kronecker`), in torch operations so that it is differentiable in
-    ``τ``. A zero factor gives the even split ``τ_A = τ_B = sqrt(τ)``."""
-    ratio = (mean_input / mean_grad).sqrt() if mean_input > 0 and mean_grad > 0 else 1.0
-    root = prior.sqrt()
-    return root * ratio, root / ratio
-
-
 class KroneckerPart:
     """One neuron-view layer's Kronecker-factored precision (module docstring)."""
 
@@ -332,7 +323,7 @@ class KroneckerPart:
         if self.damping == "a_only":
             beta = b.sum() / b.numel()
             return beta * a.unsqueeze(0).expand(b.numel(), -1) + tau
-        tau_a, tau_b = heuristic_split(a.mean(), b.mean(), tau)
+        tau_a, tau_b = split_damping(a.mean(), b.mean(), tau)  # KFAC's heuristic split
         return (b + tau_b).unsqueeze(1) * (a + tau_a).unsqueeze(0)
 
     def _in_basis(self, matrix: Tensor, scale: Tensor) -> Tensor:
@@ -384,5 +375,4 @@ __all__ = [
     "KroneckerPart",
     "LowRankPart",
     "Part",
-    "heuristic_split",
 ]

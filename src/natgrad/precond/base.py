@@ -13,8 +13,10 @@ plain SGD step with learning rate η applies the seed equations' ``θ ← θ - �
 
 Conventions
 -----------
-* The logits are the tensor the model's forward returns, of shape ``(N, C)``; natgrad reads its
-  gradient during the backward pass, so the same tensor must be passed to ``step``.
+* The logits are the tensor the model's forward returns (or its ``"logits"`` entry:
+  :func:`natgrad.capture.model_logits`), of shape ``(N, C)``, or ``(N, T, C)`` for token-level
+  categorical losses (:mod:`natgrad.likelihoods`); natgrad reads its gradient during the
+  backward pass, so the same tensor must be passed to ``step``.
 * The loss is ``c * sum_n l_n`` with ``l_n`` the likelihood's per-datapoint loss and ``c`` the
   reduction factor (``reduction="mean"`` as torch's default, or ``"sum"``). The curvature is
   that of this loss, ``C = c * sum(datapoint outer products)``, so with a mean-reduced loss the
@@ -63,7 +65,7 @@ from natgrad.likelihoods import (
     get_likelihood,
 )
 from natgrad.linalg import SolveReport
-from natgrad.precond.blocks import Block, DirectBatch, LayerBatch, TokenBatch
+from natgrad.precond.blocks import Block, DirectBatch, LayerBatch, TokenBatch, tied_batches
 from natgrad.selection import Override, Unsupported, select_layers
 
 if TYPE_CHECKING:
@@ -171,6 +173,11 @@ class Preconditioner:
         self.wrapper = model
         self.model = model = unwrap(model)
         self.likelihood = get_likelihood(likelihood)
+        if self.likelihood.datapoint == "token" and not self.per_sample_blocks:
+            raise ValueError(
+                f"{type(self).__name__} takes sequences as datapoints: per-token datapoints "
+                "(datapoint='token') are offered by the Woodbury methods (natgrad.NGD, EF, IEF)"
+            )
         self.reduction = check_reduction(reduction)
         self.damping = damping if callable(damping) else check_damping(damping)
         selection = select_layers(model, unsupported, overrides)
@@ -227,6 +234,9 @@ class Preconditioner:
             self.generator.manual_seed(step_seed(self.seed, self.communicator.rank, self.steps))
         vectors = self._extra_output_vectors(at_least_float32(output.detach()))
         if vectors is not None:
+            counted = self.likelihood.counted(output.detach(), grad)
+            if counted is not None:  # positions outside the loss (label -100) have no datapoint
+                vectors = vectors * counted.unsqueeze(-1).to(vectors.dtype)
             self._extra_vectors = vectors
             self._extra_grads = self.capture.backprop_to_layers(vectors.to(output.dtype))
 
@@ -296,7 +306,10 @@ class Preconditioner:
         self.communicator.check_mode()
         output_grad = self._checked_output_grad(logits)
         scale = loss_scale(grad_scaler)
-        factor = self.likelihood.reduction_factor(logits, self.reduction)
+        counted = self.likelihood.counted(logits, output_grad)
+        factor = self.likelihood.reduction_factor(
+            logits, self.reduction, *(() if counted is None else (counted,))
+        )
         batches = self._layer_batches(logits.shape[0], factor * scale)
         try:
             finite = self._all_finite([logits.detach(), output_grad], batches)
@@ -458,6 +471,12 @@ class Preconditioner:
                 "the logits passed to step() are not the tensor returned by the model's last "
                 "forward pass: natgrad reads the gradient of that tensor, so pass it unchanged "
                 "and compute the loss from it"
+                + (
+                    ""
+                    if self.capture.returned == "Tensor"
+                    else f" (the model returned a {self.capture.returned}: natgrad watches its "
+                    "'logits' entry, or the first non-scalar tensor of a tuple)"
+                )
             )
         if self.capture.output_grad is None:
             raise RuntimeError(
@@ -511,6 +530,11 @@ class Preconditioner:
             batch = self._norm_batch(name, module, num_datapoints, factor)
             if batch is not None:
                 batches.append(batch)
+        for embedding, linear in self.selection.tied.items():  # one block per shared weight
+            pair = {b.name: b for b in batches if b.name in (embedding, linear)}
+            if len(pair) == 2:
+                batches = [b for b in batches if b.name not in pair]
+                batches += tied_batches(pair[embedding], pair[linear])
         return batches
 
     def _norm_batch(

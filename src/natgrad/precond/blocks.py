@@ -226,7 +226,44 @@ class TokenBatch(LayerBatch):
         return sums.reshape(rows.shape[0] * rows.shape[1], -1)
 
 
+def tied_batches(embedding: TokenBatch, linear: LayerBatch) -> list[DirectBatch]:
+    """Blocks for a weight shared by an embedding and a linear layer (tied input and output
+    embeddings): the weight's per-sample gradient is the sum of both layers' ``g_{kn}``
+    (materialised, ``K N x V d`` numbers); the linear layer's bias, if trained, is a block of
+    its own (as every module's own parameters are), named after the linear layer."""
+    weight_size = embedding.module.weight.numel()
+
+    def rows(embedding_rows: Tensor, linear_rows: Tensor) -> Tensor:
+        sets, num = linear_rows.shape[:2]
+        summed = linear.per_datapoint_grads(linear_rows)
+        summed[:, :weight_size] += embedding.per_datapoint_grads(embedding_rows)
+        return summed.reshape(sets, num, -1)
+
+    loss_rows = rows(embedding.loss_grads, linear.loss_grads)
+    extra = None
+    if linear.extra_grads is not None:
+        extra = rows(embedding.extra_grads, linear.extra_grads)
+    blocks = [
+        DirectBatch(
+            embedding.name,
+            [embedding.module.weight],
+            loss_rows[..., :weight_size],
+            None if extra is None else extra[..., :weight_size],
+        )
+    ]
+    if linear.has_bias:
+        blocks.append(
+            DirectBatch(
+                linear.name,
+                [linear.module.bias],
+                loss_rows[..., weight_size:],
+                None if extra is None else extra[..., weight_size:],
+            )
+        )
+    return blocks
+
+
 Block = LayerBatch | DirectBatch
 
 
-__all__ = ["Block", "DirectBatch", "LayerBatch", "TokenBatch"]
+__all__ = ["Block", "DirectBatch", "LayerBatch", "TokenBatch", "tied_batches"]

@@ -279,9 +279,16 @@ class FishLeg(Preconditioner):
                 batch.write_grad(update, None)
 
     def auxiliary_loss(
-        self, probe: dict[str, Tensor | tuple[Tensor, Tensor]], model_args: tuple
+        self,
+        probe: dict[str, Tensor | tuple[Tensor, Tensor]],
+        model_args: tuple,
+        model_kwargs: dict | None = None,
+        counted: Tensor | None = None,
     ) -> tuple[Tensor, float] | None:
         """The surrogate ``v · (h - u)`` (differentiable in λ) and the value of ``A(λ)``.
+
+        ``model_args``, ``model_kwargs``: the inputs of the Fisher-vector product's batch;
+        ``counted``: its positions in the loss (token-level logits with ignored labels).
 
         ``probe`` holds, per layer, the direction ``ḡ`` as a layer-shaped matrix, or as its
         low-rank rows ``(Ē, Ā)`` with ``ḡ = Ē^T Ā`` (then ``Q u`` costs ``~N d^2``, not
@@ -317,7 +324,14 @@ class FishLeg(Preconditioner):
         # inside, and no graph is kept towards parameters FishLeg leaves to the plain gradient
         with self.capture.paused(), torch.no_grad():
             fisher_blocks = fisher_vector_product(
-                self.model, model_args, params, blocks, self.likelihood, self.reduction
+                self.model,
+                model_args,
+                params,
+                blocks,
+                self.likelihood,
+                self.reduction,
+                model_kwargs,
+                counted,
             )
         damping = self.current_damping()
         fisher_products, position = {}, 0
@@ -342,8 +356,15 @@ class FishLeg(Preconditioner):
         return surrogate, float(value)
 
     def _auxiliary_step(self, probe: dict[str, Tensor | tuple[Tensor, Tensor]]) -> None:
-        model_args = self._aux_args if self._aux_args is not None else self.capture.model_args
-        result = self.auxiliary_loss(probe, model_args)
+        if self._aux_args is not None:
+            result = self.auxiliary_loss(probe, self._aux_args)
+        else:  # the current batch, with the positions its loss counts
+            counted = self.likelihood.counted(
+                self.capture.output.detach(), self.capture.output_grad
+            )
+            result = self.auxiliary_loss(
+                probe, self.capture.model_args, self.capture.model_kwargs, counted
+            )
         self.aux_optimizer.zero_grad()
         params = [p for pair in self.aux_params.values() for p in pair]
         value = torch.zeros(1, dtype=torch.float64, device=params[0].device)

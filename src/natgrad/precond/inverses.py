@@ -27,7 +27,6 @@ an inverse of the right layout to fill.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -43,6 +42,8 @@ from natgrad.precond.layer_gradient import (
     split_bias,
     split_sandwich,
 )
+
+Number = TypeVar("Number", float, Tensor)
 
 PSEUDO_INVERSE_RTOL = 1e-10
 """Eigenvalues of ``Σ_A ⊗ Σ_G`` below this fraction of the largest are zero for the
@@ -266,10 +267,15 @@ def damped_factor_inverse(factor: Tensor, damping: float) -> Tensor:
 def heuristic_split(input_cov: Tensor, grad_cov: Tensor, damping: float) -> tuple[float, float]:
     """``(λ_A, λ_E)`` with ``λ_A λ_E = λ`` and ``λ_A/λ_E = (d_out tr A)/(d_in tr G)``
     (Benzing 2022, eq. 2)."""
-    mean_input = mean_eigenvalue(input_cov)
-    mean_grad = mean_eigenvalue(grad_cov)
-    ratio = math.sqrt(mean_input / mean_grad) if mean_input > 0 and mean_grad > 0 else 1.0
-    root = math.sqrt(damping)
+    return split_damping(mean_eigenvalue(input_cov), mean_eigenvalue(grad_cov), damping)
+
+
+def split_damping(mean_input: Number, mean_grad: Number, damping: Number) -> tuple[Number, Number]:
+    """``(λ_A, λ_E)`` with ``λ_A λ_E = λ`` and ``λ_A / λ_E = mean_input / mean_grad``, the
+    factors' mean eigenvalues (an even split if one is zero); floats or scalar tensors, so the
+    Kronecker Laplace posterior can differentiate it in ``λ``."""
+    ratio = (mean_input / mean_grad) ** 0.5 if mean_input > 0 and mean_grad > 0 else 1.0
+    root = damping**0.5
     return root * ratio, root / ratio
 
 
@@ -288,4 +294,6 @@ __all__ = [
     "FOOFInverse",
     "KroneckerInverse",
     "LayerInverse",
+    "heuristic_split",
+    "split_damping",
 ]

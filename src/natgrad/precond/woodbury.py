@@ -20,6 +20,11 @@ space:
   where ``J̃ ∇L`` is a cross-Gram of the curvature rows with the true-label rows, so ``∇L`` is
   never formed either.
 
+Per-token datapoints of token-level logits (``Categorical(datapoint="token")``): the
+true-label rows are back-propagated as extra rows, one output vector per token position
+(:func:`natgrad.datapoints.per_token`), and ``b`` has one entry per (token, sequence); sampled
+labels are split by position the same way.
+
 When the datapoints outnumber the parameters of a solve (``K N > P``, small models such as
 the two-parameter problems of Kunstner et al. 2019) the same damped system is solved in
 parameter space instead, with the ``P x P`` matrix built from the materialised datapoint
@@ -51,6 +56,7 @@ from natgrad.datapoints import (
     check_fisher,
     needs_extra_backprop,
     output_vectors,
+    per_token,
     row_multipliers,
     row_weight,
     target_coefficients,
@@ -115,6 +121,7 @@ class NGD(Preconditioner):
             raise ValueError(f"unknown structure={structure!r}: choose one of {STRUCTURES}")
         self.structure = structure
         self.mc_samples = check_count(mc_samples, "mc_samples")
+        self._loss_output_grad: Tensor | None = None
         super().__init__(model, damping=damping, **options)
 
     def _settings(self) -> str:
@@ -123,10 +130,35 @@ class NGD(Preconditioner):
             settings += f", mc_samples={self.mc_samples}"
         return settings
 
+    def _on_output_grad(self, output: Tensor, grad: Tensor) -> None:
+        self._loss_output_grad = grad  # per-token true-label rows are built from it
+        try:
+            super()._on_output_grad(output, grad)
+        finally:
+            self._loss_output_grad = None
+
+    def _per_token(self, logits: Tensor) -> bool:
+        """Whether each token of token-level logits is a datapoint of its own."""
+        return self.likelihood.datapoint == "token" and logits.dim() == 3
+
     def _extra_output_vectors(self, logits: Tensor) -> Tensor | None:
-        if not needs_extra_backprop(self.fisher):
+        if needs_extra_backprop(self.fisher):
+            vectors = output_vectors(
+                self.fisher, self.likelihood, logits, self.mc_samples, self.generator
+            )
+            # the exact Fisher's columns are per token already; sampled labels are split
+            return (
+                per_token(vectors) if self._per_token(logits) and self.fisher == "mc" else vectors
+            )
+        if not self._per_token(logits):
             return None
-        return output_vectors(self.fisher, self.likelihood, logits, self.mc_samples, self.generator)
+        # per-token datapoints: the loss gradient of each token position, back-propagated alone
+        grad = self._loss_output_grad
+        counted = self.likelihood.counted(logits, grad)
+        factor = self.likelihood.reduction_factor(
+            logits, self.reduction, *(() if counted is None else (counted,))
+        )
+        return per_token((grad / factor).unsqueeze(0))
 
     def _exchange(
         self, batches: list[Block], factor: float, per_sample_output_grad: Tensor
@@ -149,11 +181,16 @@ class NGD(Preconditioner):
         groups = [batches] if self.structure == "full" else [[batch] for batch in batches]
         damping = self.current_damping()
         weights = _datapoint_weights(factor, per_sample_output_grad)
-        multipliers = row_multipliers(self.fisher, per_sample_output_grad)
         row_scale = (weights * row_weight(self.fisher, self.mc_samples)).sqrt()
+        # the true-label rows' output gradients: one per datapoint, or per (token, sequence)
+        row_grads, row_weights = per_sample_output_grad, weights
+        if self._per_token(per_sample_output_grad):
+            row_grads = per_sample_output_grad.transpose(0, 1).flatten(0, 1)
+            row_weights = weights.repeat(per_sample_output_grad.shape[1])
+        multipliers = row_multipliers(self.fisher, row_grads)
         target = None
         if not needs_extra_backprop(self.fisher):
-            target = weights.sqrt() * target_coefficients(self.fisher, per_sample_output_grad)
+            target = row_weights.sqrt() * target_coefficients(self.fisher, row_grads)
         pending: list[_System] = []
         reports: list[SolveReport] = []
 
@@ -242,7 +279,7 @@ class _System:
             for batch, rows in zip(self.group, self.rows, strict=True):
                 batch.write_combination(torch.cat([batch.loss_grads, rows]), coefficients)
         else:
-            coefficients = (self.scale * solution).unsqueeze(0)
+            coefficients = (self.scale * solution).reshape(self.rows[0].shape[0], -1)
             for batch, rows in zip(self.group, self.rows, strict=True):
                 batch.write_combination(rows, coefficients)
 
@@ -255,14 +292,14 @@ def _datapoint_weights(factor: float | Tensor, per_sample_output_grad: Tensor) -
 
 
 def _curvature_rows(batch: Block, multipliers: Tensor | None) -> Tensor:
-    """The rows of the curvature: extra datapoints, or the true-label rows, each scaled by its
-    datapoint's multiplier (``ief_matrix``)."""
-    if batch.extra_grads is not None:
-        return batch.extra_grads
+    """The rows of the curvature: extra datapoints (``mc``, ``exact``, per-token true-label
+    rows), or the true-label rows, each scaled by its datapoint's multiplier (``ief_matrix``,
+    one per row in row order)."""
+    rows = batch.extra_grads if batch.extra_grads is not None else batch.loss_grads
     if multipliers is None:
-        return batch.loss_grads
-    trailing = (1,) * (batch.loss_grads.dim() - 2)
-    return batch.loss_grads * multipliers.reshape(1, -1, *trailing)
+        return rows
+    trailing = (1,) * (rows.dim() - 2)
+    return rows * multipliers.reshape(rows.shape[0], rows.shape[1], *trailing)
 
 
 class EF(NGD):
