@@ -66,11 +66,11 @@ class DenseBatch:
         return self.factor / vectors.shape[0] * rows.T @ rows
 
     def ief_scaling(self) -> Tensor:
-        """``s_n = ||d l_n / d z_n||^2`` (seed 000 eq. 6)."""
+        """``s_n = ||d l_n / d z_n||^2`` (Wu et al. 2024, eq. 6)."""
         return self.output_grads.pow(2).sum(dim=1)
 
     def ief_matrix(self) -> Tensor:
-        """``c J^T diag(s)^{-1} J`` (seed 000 eq. 5)."""
+        """``c J^T diag(s)^{-1} J`` (Wu et al. 2024, eq. 5)."""
         scaled = self.loss_grads / self.ief_scaling().sqrt().unsqueeze(1)
         return self.factor * scaled.T @ scaled
 

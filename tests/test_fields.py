@@ -1,4 +1,5 @@
-"""Two-parameter problems of seed 002: library directions against closed forms; plots."""
+"""Two-parameter problems of Kunstner et al. 2019: library directions against closed forms;
+plots."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FishLeg (seed 003) against dense float64 computations."""
+"""FishLeg (Garcia et al. 2023) against dense float64 computations."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def randomise(pre: natgrad.FishLeg) -> None:
 def explicit_q(pre: natgrad.FishLeg, name: str) -> torch.Tensor:
     """``Q_l`` for the column-major vec of the layer's ``[W | b]``, built from the auxiliary
     parameters alone: ``(R Rᵀ) ⊗ (L Lᵀ)`` with ``L`` (``d_out x d_out``) and ``R``
-    (``d_in x d_in``) the lower triangles of the pair (seed 003 App. A.5, eq. 53), or
+    (``d_in x d_in``) the lower triangles of the pair (Garcia et al. 2023, App. A.5, eq. 53), or
     ``diag(q ⊙ q)`` (App. A.6)."""
     params = [p.detach() for p in pre.aux_params[name]]
     if pre.q_structure == "diag":
@@ -168,7 +168,8 @@ def test_surrogate_gradient_equals_dense_auxiliary_gradient(q_structure):
 
 @pytest.mark.slow  # 1500 steps
 def test_auxiliary_steps_learn_the_inverse_fisher_of_linear_gaussian_regression():
-    """Fixed θ: repeated auxiliary steps drive Q u to (F + γI)^{-1} u (seed 003 App. A.9)."""
+    """Fixed θ: repeated auxiliary steps drive Q u to (F + γI)^{-1} u (Garcia et al. 2023,
+    App. A.9)."""
     torch.manual_seed(3)
     model = nn.Linear(3, 2)
     inputs = torch.randn(50, 3)

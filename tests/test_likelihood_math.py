@@ -64,7 +64,8 @@ def test_reduction_factor_matches_torch(likelihood, loss):
 
 @pytest.mark.parametrize(("name", "likelihood", "variance"), CASES, ids=IDS)
 def test_sampled_gradients_average_to_the_hessian(name, likelihood, variance):
-    """E_y[∇l ∇l^T] at y ~ p(y|z) is the output Hessian (Fisher identity, seed 002 App. A.2)."""
+    """E_y[∇l ∇l^T] at y ~ p(y|z) is the output Hessian (Fisher identity, Kunstner et al. 2019,
+    App. A.2)."""
     torch.manual_seed(2)
     logits = torch.randn(2, 3)
     samples = likelihood.sampled_output_grads(logits, 40000, torch.Generator().manual_seed(3))

@@ -53,7 +53,7 @@ def test_r1_and_r3_run_and_report(tmp_path):
 def test_cli_reproduce_writes_json_and_summary(tmp_path, capsys):
     assert main(["reproduce", "R2", "--output", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "R2 least squares: iEF matrix = Fisher (000 sec. 2.2): REPRODUCED" in out
+    assert "R2 least squares: iEF matrix = Fisher (Wu et al. 2024, sec. 2.2): REPRODUCED" in out
     assert json.loads((tmp_path / "R2.json").read_text())["verdict"] == "reproduced"
     assert "| R2 |" in (tmp_path / "summary.md").read_text()
 
@@ -281,7 +281,7 @@ def test_training_claims_run_tiny(tmp_path, monkeypatch):
 
 
 def test_r12_one_check_per_cell_on_constructed_runs(tmp_path, monkeypatch):
-    """The seed's winners on wine are SGD, SGD, TENGraD; constructed runs in which TENGraD wins
+    """The paper's winners on wine are SGD, SGD, TENGraD; constructed runs in which TENGraD wins
     every cell hold the third check only."""
     finals = {"sgd": 0.5, "tengrad": 0.2}
     monkeypatch.setattr(training.tuning, "tune", fake_tune(finals))

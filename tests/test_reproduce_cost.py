@@ -1,4 +1,4 @@
-"""R11 (seed 004 Fig. 5): the dense reference steps equal natgrad's Woodbury ones, the claim
+"""R11 (Shrestha 2023, Fig. 5): the dense reference steps equal natgrad's Woodbury ones, the claim
 runs and reports, and the slope / scaling rule decides on hand-made numbers."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Seed 003's claims R7 (deep linear network) and R8 (autoencoder): the floor rule, the
+"""Garcia et al. 2023's claims R7 (deep linear network) and R8 (autoencoder): the floor rule, the
 reliability measures, and tiny runs of both claims."""
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def test_tune_fishleg_ties_q0_to_each_lr_and_extends_a_boundary_lr(monkeypatch):
 def test_r7_runs_tiny_and_decides_by_its_rule(tmp_path):
     finding = r7_deep_linear(tmp_path, seeds=(0, 1), epochs=1, small_epochs=3, grids=TINY_R7)
     assert isinstance(finding, Finding) and finding.claim == "R7"
-    assert "003 Fig. 1" in finding.statement
+    assert "Garcia et al. 2023, Fig. 1" in finding.statement
     assert list(finding.checks) == [
         f"{n} samples: FishLeg reaches 10x the noise floor in fewer epochs than {rival}"
         for n in (4000, 40)
@@ -136,7 +136,7 @@ def test_r7_runs_tiny_and_decides_by_its_rule(tmp_path):
 @pytest.mark.slow  # tunes and trains
 def test_r8_runs_tiny_and_decides_by_its_rule(tmp_path):
     finding = r8_autoencoder(tmp_path, seeds=(0, 1), epochs=1, grids=TINY_R8)
-    assert finding.claim == "R8" and "003 Fig. 2" in finding.statement
+    assert finding.claim == "R8" and "Garcia et al. 2023, Fig. 2" in finding.statement
     assert list(finding.checks) == [
         "FishLeg's mean final train loss < Adam's",
         "FishLeg's mean final train loss < SGDm's",

@@ -1,5 +1,5 @@
-"""The transformer tasks of natgrad bench (seed 000 Table 2 at CPU scale): from scratch, prompt
-tuning and LoRA, each trained by SGD, AdamW, EF and iEF on a slice of MNIST-1D."""
+"""The transformer tasks of natgrad bench (Wu et al. 2024, Table 2 at CPU scale): from scratch,
+prompt tuning and LoRA, each trained by SGD, AdamW, EF and iEF on a slice of MNIST-1D."""
 
 from __future__ import annotations
 

@@ -74,7 +74,7 @@ def test_fused_backward_equals_standard_path(fisher, model_name):
 
 @pytest.mark.parametrize("damping", [1e-6, 1e-1, 10.0])
 def test_least_squares_ief_matrix_equals_exact_ngd(damping):
-    """Seed 000 sec. 2.2: for ½(z - y)^2 the iEF matrix is the Fisher, at any damping."""
+    """Wu et al. 2024, sec. 2.2: for ½(z - y)^2 the iEF matrix is the Fisher, at any damping."""
     torch.manual_seed(2)
     model = nn.Linear(1, 1)
     inputs = torch.distributions.LogNormal(0.0, 0.75).sample((40, 1))
@@ -95,7 +95,8 @@ def test_least_squares_ief_matrix_equals_exact_ngd(damping):
 
 
 def test_least_squares_ief_update_approaches_ngd_when_n_below_p():
-    """Seed 000 sec. 2.2 / eq. 19: with N <= P the iEF update tends to NGD as damping -> 0."""
+    """Wu et al. 2024, sec. 2.2 / eq. 19: with N <= P the iEF update tends to NGD as
+    damping -> 0."""
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
     inputs, targets = torch.randn(5, 3), torch.randn(5, 1)

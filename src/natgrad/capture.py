@@ -3,8 +3,8 @@
 For a supported layer with weight matrix ``W`` (``d_out x d_in``, bias as an extra input column)
 the gradient of datapoint ``n`` is ``sum_t e_{n,t} a_{n,t}^T``: ``t`` runs over the positions
 that share the weight (the T tokens of a sequence, the output pixels of a convolution; ``T = 1``
-for a plain dense layer). Everything natgrad computes starts from these rows (seed 001 App. I;
-seed 004 eq. 33-34), never from per-sample gradients.
+for a plain dense layer). Everything natgrad computes starts from these rows (Benzing 2022, App. I;
+Shrestha 2023, eq. 33-34), never from per-sample gradients.
 
 Adapters turn a module's input and output gradient into rows:
 

@@ -4,25 +4,27 @@ Every Fisher type of natgrad is a sum of outer products of datapoint gradients
 ``g = sum_t e_t a_t^T``; the types differ only in the output-side vectors back-propagated for
 each input ``x_n`` (DESIGN.md, "the neuron view"):
 
-=============  ================================================================  ===========
-fisher         output gradient(s) per input ``x_n``                               row weight
-=============  ================================================================  ===========
-``empirical``  ``d l / d z_n`` at the true label (seed 000 eq. 17)                1
-``ief``        as ``empirical``; the right-hand side is scaled by
-               ``s_n = ||d l_n / d z_n||^2`` (seed 000 eq. 6, 19)                 1
-``ief_matrix`` as ``empirical``, each row divided by ``sqrt(s_n)``: the iEF        1
-               matrix ``J^T diag(s)^{-1} J`` (seed 000 eq. 5, 20)
-``mc``         ``d l / d z_n`` at ``M`` labels ``y ~ p(y | x_n)`` (000 eq. 22-24)  ``1 / M``
-``exact``      the columns of ``S_n``, ``S_n S_n^T = d^2 l / d z_n^2``            1
-               (the GGN form of the Fisher, seed 002 eq. 26-35; 001 eq. 19-20)
-=============  ================================================================  ===========
+=============  ==============================================================  ==========
+fisher         output gradient(s) per input ``x_n``                            row weight
+=============  ==============================================================  ==========
+``empirical``  ``d l / d z_n`` at the true label (Wu et al. 2024, eq. 17)      1
+``ief``        as ``empirical``; the right-hand side is scaled by              1
+               ``s_n = ||d l_n / d z_n||^2`` (Wu et al. 2024, eq. 6, 19)
+``ief_matrix`` as ``empirical``, each row divided by ``sqrt(s_n)``: the iEF    1
+               matrix ``J^T diag(s)^{-1} J`` (Wu et al. 2024, eq. 5, 20)
+``mc``         ``d l / d z_n`` at ``M`` labels ``y ~ p(y | x_n)``              ``1 / M``
+               (Wu et al. 2024, eq. 22-24)
+``exact``      the columns of ``S_n``, ``S_n S_n^T = d^2 l / d z_n^2`` (the    1
+               GGN form of the Fisher, Kunstner et al. 2019, eq. 26-35;
+               Benzing 2022, eq. 19-20)
+=============  ==============================================================  ==========
 
-``ief`` is the iEF update of seed 000 eq. 19, ``J^T (J J^T + λI)^{-1} s``: the minimum-norm
+``ief`` is the iEF update of Wu et al. 2024, eq. 19, ``J^T (J J^T + λI)^{-1} s``: the minimum-norm
 step that lowers each datapoint's loss in proportion to ``s_n``. ``ief_matrix`` preconditions
 the gradient with the damped iEF matrix, ``(J^T diag(s)^{-1} J + λI)^{-1} ∇L``. The two agree as
-``λ → 0`` when ``N <= P``; for least squares the iEF matrix is the Fisher (seed 000 sec. 2.2),
-so ``ief_matrix`` then equals exact NGD at any damping, also when ``N > P``. ``ief_matrix``
-rows are what Kronecker methods "with iEF" use (seed 000 sec. 5).
+``λ → 0`` when ``N <= P``; for least squares the iEF matrix is the Fisher (Wu et al. 2024, sec.
+2.2), so ``ief_matrix`` then equals exact NGD at any damping, also when ``N > P``. ``ief_matrix``
+rows are what Kronecker methods "with iEF" use (Wu et al. 2024, sec. 5).
 
 The true-label rows come from the user's own backward pass; the ``mc`` and ``exact`` rows
 from one extra, batched backward pass from the model output (see
@@ -91,8 +93,8 @@ def row_weight(fisher: str, mc_samples: int) -> float:
 def target_coefficients(fisher: str, per_sample_output_grad: Tensor) -> Tensor:
     """``b`` of the right-hand side ``J^T b`` (true-label rows, before any row scaling).
 
-    ``J^T 1`` is the gradient of the summed loss (``empirical``, seed 000 eq. 17);
-    ``J^T s_iEF`` is the iEF right-hand side (``ief``, seed 000 eq. 19) with
+    ``J^T 1`` is the gradient of the summed loss (``empirical``, Wu et al. 2024, eq. 17);
+    ``J^T s_iEF`` is the iEF right-hand side (``ief``, Wu et al. 2024, eq. 19) with
     ``s_n = ||d l_n / d z_n||^2`` (eq. 6). For ``ief_matrix`` the rows are divided by
     ``sqrt(s_n)``, so ``b = sqrt(s)`` gives back ``J^T 1``.
     """

@@ -3,7 +3,7 @@
 Some trainable tensors have no neuron-view structure natgrad knows: a free prompt
 ``nn.Parameter`` concatenated to the input, the parameters of a custom module, a weight shared
 between two layers. Prompt tuning, where the trainable prompt vectors are the only parameters
-(seed 000 sec. 6-7: iEF on prompt tuning and LoRA), needs exactly these. For them natgrad
+(Wu et al. 2024, sec. 6-7: iEF on prompt tuning and LoRA), needs exactly these. For them natgrad
 re-runs the model one datapoint at a time (``torch.func.vmap`` over the batch of
 ``functional_call``) and pulls the datapoints' output vectors back with ``torch.func.vjp``,
 restricted to the fallback tensors:

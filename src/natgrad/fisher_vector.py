@@ -1,7 +1,7 @@
 """Exact mini-batch Fisher-vector products through torch.func, with no Fisher matrix.
 
 For a batch loss ``L = c sum_n l_n(z_n)`` with model outputs ``z_n = f(x_n; θ)`` the Fisher (the
-generalised Gauss-Newton matrix for the likelihoods of natgrad, seed 002 eq. 26-35) is
+generalised Gauss-Newton matrix for the likelihoods of natgrad, Kunstner et al. 2019, eq. 26-35) is
 ``F = c sum_n J_n^T H_n J_n`` with ``J_n = d z_n / d θ`` and ``H_n = d^2 l_n / d z_n^2``.
 ``F v`` is computed as a Jacobian-vector product (forward mode), the output Hessian applied to
 each row, and a vector-Jacobian product (reverse mode): about the cost of three passes through

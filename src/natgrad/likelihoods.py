@@ -7,12 +7,12 @@ A likelihood fixes the per-datapoint loss ``l_n(z_n, y_n)`` as a function of the
   ``1 / N`` or ``1 / (N D)`` for torch's mean, exactly as the matching ``torch.nn.functional``
   loss computes it);
 * output gradients ``d l / d z`` at labels sampled from the model ``p(y | z)`` (the Monte-Carlo
-  Fisher ``F(M)``, seed 000 eq. 22);
+  Fisher ``F(M)``, Wu et al. 2024, eq. 22);
 * a square root ``S_n`` of the output Hessian, ``S_n S_n^T = d^2 l_n / d z_n^2`` (the exact
-  Fisher as a generalised Gauss-Newton matrix, seed 002 App. A.2 eq. 26-35), returned column by
-  column as output gradients;
+  Fisher as a generalised Gauss-Newton matrix, Kunstner et al. 2019, App. A.2 eq. 26-35), returned
+  column by column as output gradients;
 * the squared logits-gradient norms ``s_n = ||d l_n / d z_n||^2`` of the iEF scaling vector
-  (seed 000 eq. 6).
+  (Wu et al. 2024, eq. 6).
 
 Outputs are ``(N, C)``, one row per datapoint, or, for the categorical likelihood, token-level
 ``(N, T, C)``: a datapoint is a sequence, its loss the sum of its tokens' cross-entropies,
@@ -114,7 +114,7 @@ class Likelihood(ABC):
 
     @staticmethod
     def logits_grad_norms_sq(per_sample_output_grad: Tensor) -> Tensor:
-        """``s_n = ||d l_n / d z_n||^2`` for each datapoint (seed 000 eq. 6), shape ``(N,)``;
+        """``s_n = ||d l_n / d z_n||^2`` for each datapoint (Wu et al. 2024, eq. 6), shape ``(N,)``;
         for token-level logits the norm runs over all the datapoint's tokens."""
         return per_sample_output_grad.pow(2).flatten(start_dim=1).sum(dim=1)
 
@@ -255,7 +255,7 @@ class Gaussian(Likelihood):
 
     The default ``variance = 0.5`` gives ``||z_n - y_n||^2``, i.e. ``F.mse_loss`` (whose mean
     divides by ``N * D``). ``variance = 1`` gives the least-squares loss ``½ (z - y)^2`` of
-    seed 000 sec. 2. Output Hessian ``I / variance``.
+    Wu et al. 2024, sec. 2. Output Hessian ``I / variance``.
     """
 
     name = "gaussian"

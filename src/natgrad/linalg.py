@@ -5,9 +5,10 @@ gradients ``E`` of shape ``(K, N, T, d_out)``; datapoint ``(k, n)`` has the grad
 ``g_{kn} = sum_t e_{knt} a_{nt}^T`` (plus ``sum_t e_{knt}`` for the bias). Rows of ``J`` are
 ordered ``k``-major: row ``k N + n``.
 
-For a dense layer (``T = 1``) the Gram matrix is ``(A A^T) ⊙ (E E^T)`` (seed 004 eq. 41; seed 001
-App. I eq. 21), ``J v`` is the row sum of ``(A V^T) ⊙ E`` (seed 004 eq. 42) and ``J^T u`` is
-``E^T diag(u) A`` (seed 004 eq. 43): nothing of size ``N x P`` is formed.
+For a dense layer (``T = 1``) the Gram matrix is ``(A A^T) ⊙ (E E^T)`` (Shrestha 2023, eq. 41;
+Benzing 2022 App. I eq. 21), ``J v`` is the row sum of ``(A V^T) ⊙ E`` (Shrestha 2023, eq. 42) and
+``J^T u`` is
+``E^T diag(u) A`` (Shrestha 2023, eq. 43): nothing of size ``N x P`` is formed.
 
 For weight-shared layers (``T > 1``: sequences, convolutions) two forms exist and
 :func:`gram` picks the cheaper per call:
@@ -219,7 +220,7 @@ def gram(
 def jvp(inputs: Tensor, output_grads: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``J v`` for a layer-shaped vector ``v = (weight (d_out, d_in), bias (d_out,))``.
 
-    ``(J v)_{kn} = sum_t e_{knt}^T (W a_{nt} + b)`` (seed 004 eq. 42); shape ``(K, N)``.
+    ``(J v)_{kn} = sum_t e_{knt}^T (W a_{nt} + b)`` (Shrestha 2023, eq. 42); shape ``(K, N)``.
     """
     mapped = inputs @ weight.T
     if bias is not None:
@@ -236,8 +237,8 @@ def jtu(
 ) -> tuple[Tensor, Tensor | None]:
     """``J^T u = sum_{k,n} u_{kn} g_{kn}`` as ``(weight (d_out, d_in), bias or None)``.
 
-    Computed as ``E_u^T A`` with ``E_u = sum_k u_k ⊙ E_k`` (seed 004 eq. 43): one GEMM the size
-    of autograd's own weight gradient, written into ``out`` if given.
+    Computed as ``E_u^T A`` with ``E_u = sum_k u_k ⊙ E_k`` (Shrestha 2023, eq. 43): one GEMM the
+    size of autograd's own weight gradient, written into ``out`` if given.
     """
     combined = torch.einsum("kn,knto->nto", coefficients, output_grads)
     flat_grads = combined.reshape(-1, combined.shape[-1])

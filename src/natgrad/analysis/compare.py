@@ -1,4 +1,4 @@
-"""Compare the updates of several methods on one batch (seed 000 sec. 6-8, Figures 2-4)."""
+"""Compare the updates of several methods on one batch (Wu et al. 2024, sec. 6-8, Figures 2-4)."""
 
 from __future__ import annotations
 

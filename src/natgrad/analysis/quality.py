@@ -1,6 +1,6 @@
 """Approximation quality of updates: the γ indicator, cosines and gradient-norm imbalance.
 
-The iEF work (seed 000; its main paper's eq. 15) judges an update ``Δ`` by
+The iEF work (Wu et al. 2024; its main paper's eq. 15) judges an update ``Δ`` by
 
     γ(Δ) = (Δ^T F Δ)^{1/2} / |Δ^T ∇L|,
 
@@ -8,7 +8,7 @@ with ``F`` the exact Fisher (GGN) of the batch. γ is invariant to the scale of 
 Cauchy-Schwarz in the ``F`` inner product, minimal exactly for the natural-gradient direction
 ``F^{-1} ∇L`` (where ``F`` is singular: ``F^+ ∇L`` when ``∇L`` lies in its range). Results are
 reported as ratios such as ``γ_EF / γ_SGD`` (smaller is closer to NGD). The gradient-norm
-imbalance of a batch is ``max_n ||∇l_n|| / min_n ||∇l_n||`` (seed 000 sec. 6-8).
+imbalance of a batch is ``max_n ||∇l_n|| / min_n ||∇l_n||`` (Wu et al. 2024, sec. 6-8).
 
 Everything uses Fisher-vector products (:mod:`natgrad.fisher_vector`); no Fisher matrix is
 formed unless :meth:`BatchFisher.dense` is asked for.

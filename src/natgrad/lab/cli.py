@@ -1,7 +1,7 @@
 """The ``natgrad`` command line: ``bench``, ``sweep``, ``reproduce``, ``field``, ``analyze``.
 
 ``natgrad bench`` trains every chosen method over its hyper-parameter grid and seeds on one
-task, selects each method's best configuration by final training loss (as the seeds do), and
+task, selects each method's best configuration by final training loss (as the papers do), and
 writes the runs (``runs.json``, ``runs.csv``), a markdown summary (``summary.md``) and loss
 curves (``curves.png``). Under ``torchrun --nproc_per_node R`` the R processes split every
 global batch and train one model (natgrad's distributed mode; first-order methods average
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     reproduce = commands.add_parser(
         "reproduce",
-        help="re-run the seeds' findings (R1-R13) and print a verdict for each",
+        help="re-run the papers' findings (R1-R13) and print a verdict for each",
         description="Each claim runs at CPU scale, writes its figures and <CLAIM>.json into "
         "--output, and gets a verdict (reproduced / partly / not reproduced) from sub-claims "
         "decided by rules fixed in natgrad.lab.reproduce; docs/reproduction.md explains each. "
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the training claims"
     )
     reproduce.add_argument(
-        "--full", action="store_true", help="the seed's original scale where the data exist"
+        "--full", action="store_true", help="the paper's original scale where the data exist"
     )
     reproduce.add_argument(
         "--data-dir", help="directory of user-provided data (Fashion-MNIST IDX files for --full)"
@@ -120,13 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     field = commands.add_parser(
         "field",
-        help="vector fields and quadratic models of seed 002's two-parameter problems",
-        description="GD, NGD, iEF and EF vector fields of the seed's linear regression, computed "
-        "by natgrad's preconditioners, with trajectories from the seed's four starts, and the "
+        help="vector fields and quadratic models of Kunstner et al. 2019's two-parameter problems",
+        description="GD, NGD, iEF and EF vector fields of the paper's linear regression, computed "
+        "by natgrad's preconditioners, with trajectories from the paper's four starts, and the "
         "Fisher / empirical-Fisher quadratic models of its logistic regressions.",
     )
     field.add_argument("--output", default="runs/field", help="directory for the PNG files")
-    field.add_argument("--steps", type=int, default=50_000, help="trajectory length (seed)")
+    field.add_argument("--steps", type=int, default=50_000, help="trajectory length (the paper's)")
     field.add_argument("--grid", type=int, default=15, help="arrows per axis")
 
     analyze = commands.add_parser(
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint study: γ ratios, cosines and imbalance along an SGD run",
         description="Trains an MLP with SGD, keeps a checkpoint per epoch and compares, on a "
         "few batches per checkpoint, the updates of SGD, EF, iEF, F(1), KFAC and FOOF with the "
-        "exact natural gradient (seed 000, Figures 2-4).",
+        "exact natural gradient (Wu et al. 2024, Figures 2-4).",
     )
     analyze.add_argument("--dataset", default="digits", help="a classification dataset")
     analyze.add_argument("--epochs", type=int, default=8)

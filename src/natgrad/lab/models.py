@@ -1,10 +1,11 @@
-"""Models of the seeds' experiments, built only from layers natgrad preconditions.
+"""Models of the papers' experiments, built only from layers natgrad preconditions.
 
-* :func:`mlp`: fully connected network (seed 001 Fig. 1: three hidden layers of 1000, ReLU),
+* :func:`mlp`: fully connected network (Benzing 2022, Fig. 1: three hidden layers of 1000, ReLU),
   widths, activation and bias configurable;
 * :func:`autoencoder`: Hinton's ``d-1000-500-250-30-250-500-1000-d`` autoencoder with tanh
-  (seed 001 App. D.6, seed 003 Fig. 2), widths scaled by ``width_scale`` for a CPU;
-* :func:`deep_linear`: a deep linear network (seed 003 sec. 5.1: 20 layers of 20), no bias,
+  (Benzing 2022, App. D.6, Garcia et al. 2023, Fig. 2), widths scaled by ``width_scale`` for a CPU;
+* :func:`deep_linear`: a deep linear network (Garcia et al. 2023, sec. 5.1: 20 layers of 20), no
+bias,
   weights ``N(0, 1/n)``;
 * :func:`small_cnn`: two convolutions and a linear read-out, for image data.
 """

@@ -12,7 +12,8 @@ from natgrad.lab.datasets import load_dataset
 
 
 def field_report(output: str | Path, steps: int = 50_000, grid: int = 15) -> list[str]:
-    """Seed 002 Fig. 1-2: regression vector fields and trajectories, logistic quadratics.
+    """Kunstner et al. 2019, Fig. 1-2: regression vector fields and trajectories, logistic
+    quadratics.
 
     Writes ``regression_fields.png`` and ``logistic_quadratics.png`` into ``output`` and
     returns the printed summary lines (NGD vs iEF agreement, EF distortion, trajectory ends).
@@ -62,7 +63,7 @@ def checkpoint_report(
     hidden: tuple[int, ...] = (128, 128),
     seed: int = 0,
 ) -> tuple[list[str], list[dict[str, float]]]:
-    """Seed 000 Fig. 2-4 at CPU scale: train an MLP with SGD, study every epoch's checkpoint.
+    """Wu et al. 2024, Fig. 2-4 at CPU scale: train an MLP with SGD, study every epoch's checkpoint.
 
     Writes ``rows.csv`` and ``study.png`` into ``output``; returns the printed summary and the
     study's records.

@@ -1,6 +1,6 @@
 """Checkpoint study: approximation quality of several methods along a training run.
 
-Seed 000 (sec. 6-8, Figures 2-4) evaluates, at checkpoints taken during training and on a few
+Wu et al. 2024 (sec. 6-8, Figures 2-4) evaluates, at checkpoints taken during training and on a few
 batches each, the updates of SGD, EF, iEF, the sampled Fisher F(1) and others against the
 exact natural gradient: the ratios ``γ_m / γ_SGD`` (below 1: closer to NGD than SGD is),
 cosines with NGD and with SGD, and the gradient-norm imbalance of the batch. This module runs
@@ -30,7 +30,8 @@ LossFunction = Callable[[Tensor, Tensor], Tensor]
 
 
 def default_methods(damping: float = 1e-7) -> dict[str, MethodFactory]:
-    """SGD (implicit), EF, iEF, F(1), KFAC, FOOF and exact NGD, as in seed 000's comparisons."""
+    """SGD (implicit), EF, iEF, F(1), KFAC, FOOF and exact NGD, as in Wu et al. 2024's
+    comparisons."""
     return {
         "ngd": lambda m: natgrad.NGD(m, fisher="exact", damping=damping),
         "ef": lambda m: natgrad.EF(m, damping=damping),
@@ -113,7 +114,7 @@ def write_rows(rows: list[dict[str, float]], path: str | Path) -> None:
 
 
 def plot_study(rows: list[dict[str, float]], path: str | Path) -> None:
-    """Two panels shaped like seed 000 Figures 2-4.
+    """Two panels shaped like Wu et al. 2024, Figures 2-4.
 
     Left: median over batches of ``γ_m / γ_SGD`` against training progress, one line per
     method (log scale). Right: batch imbalance against ``γ_EF / γ_SGD`` (log-log), if EF was

@@ -1,6 +1,6 @@
 """A tiny transformer on MNIST-1D, trained from scratch, by prompt tuning and with LoRA.
 
-Seed 000 (sec. 6-7, Table 2) compares SGD, AdamW, EF and iEF where natural-gradient methods
+Wu et al. 2024 (sec. 6-7, Table 2) compares SGD, AdamW, EF and iEF where natural-gradient methods
 matter today: prompt tuning (trainable prompt vectors in front of a frozen model) and LoRA
 adapters inside a frozen transformer. These models mirror that comparison at CPU scale: each
 MNIST-1D signal (40 values) is a sequence of 40 tokens.

@@ -22,20 +22,19 @@ summed negative log-likelihood of the data set.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from natgrad.datapoints import output_vectors
-from natgrad.fallback import DEFAULT_CHUNK_SIZE
 from natgrad.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood
 from natgrad.precond.base import Preconditioner, check_count
 from natgrad.precond.blocks import Block
 
 if TYPE_CHECKING:
-    from torch.distributed import ProcessGroup
+    pass
 
 LaplaceFisher = Literal["exact", "mc", "empirical"]
 LAPLACE_FISHERS = ("exact", "mc", "empirical")
@@ -82,6 +81,7 @@ class RowCollector(Preconditioner):
     """
 
     per_sample_blocks = True
+    gathers_rows = True
     distributed_modes = ("global",)
 
     def __init__(
@@ -92,30 +92,14 @@ class RowCollector(Preconditioner):
         sink: Callable[[list[Block], float], None],
         *,
         mc_samples: int = 1,
-        unsupported: str = "fallback",
-        overrides: Mapping[str, str] | None = None,
-        seed: int = 0,
-        distributed: str = "auto",
-        process_group: ProcessGroup | None = None,
-        fallback_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+        **options: Any,
     ) -> None:
         if fisher not in LAPLACE_FISHERS:
             raise ValueError(f"unknown fisher={fisher!r}: choose one of {LAPLACE_FISHERS}")
         self.fisher = fisher
         self.mc_samples = check_count(mc_samples, "mc_samples")
         self.sink = sink
-        super().__init__(
-            model,
-            likelihood=likelihood,
-            reduction="sum",
-            damping=1.0,
-            unsupported=unsupported,
-            overrides=overrides,
-            seed=seed,
-            distributed=distributed,
-            process_group=process_group,
-            fallback_chunk_size=fallback_chunk_size,
-        )
+        super().__init__(model, likelihood=likelihood, reduction="sum", damping=1.0, **options)
 
     @property
     def row_weight(self) -> float:
@@ -129,18 +113,12 @@ class RowCollector(Preconditioner):
             return None
         return output_vectors(self.fisher, self.likelihood, logits, self.mc_samples, self.generator)
 
-    def _exchange(
-        self, batches: list[Block], factor: float, per_sample_output_grad: Tensor
-    ) -> tuple[list[Block], float | Tensor, Tensor]:
-        if self.communicator.mode == "global":
-            # the rows are those of l_n already: the weights c_r / R of the global mean-loss
-            # objective do not enter the curvature of the summed log-likelihood
-            return self.communicator.gather(batches, factor, per_sample_output_grad)
-        return batches, factor, per_sample_output_grad
-
     def _precondition(
         self, batches: list[Block], factor: float | Tensor, per_sample_output_grad: Tensor
     ) -> None:
+        # the rows are those of l_n already: the datapoint weights c_r / R of the global
+        # mean-loss objective (``factor`` after a gather) do not enter the curvature of the
+        # summed log-likelihood
         self.sink(batches, self.row_weight)
 
     def _skip_step(self, reason: str) -> None:

@@ -6,7 +6,7 @@ through ``F.linear`` on ``out_proj.weight``: no module call that a hook could ca
 would route them to the torch.func fallback (exact, but it materialises per-sample gradients).
 :class:`MultiheadAttention` computes the same function from four ``nn.Linear`` projections,
 each shared over the sequence positions, so its weights get ``A``/``E`` rows like any linear
-layer (seed 001 App. I; the token dimension is the weight-sharing dimension of
+layer (Benzing 2022, App. I; the token dimension is the weight-sharing dimension of
 :mod:`natgrad.capture`). :func:`replace_attention` swaps it into an existing model, weights
 copied, e.g. inside ``nn.TransformerEncoderLayer``.
 """

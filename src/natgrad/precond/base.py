@@ -9,7 +9,7 @@ A preconditioner is used between the backward pass and any ``torch.optim`` step:
     opt.step()
 
 ``step`` writes ``p.grad = (C + λI)^{-1} ∇L``-like directions with the sign of a gradient, so a
-plain SGD step with learning rate η applies the seed equations' ``θ ← θ - η Δ``.
+plain SGD step with learning rate η applies the papers' equations' ``θ ← θ - η Δ``.
 
 Conventions
 -----------
@@ -20,7 +20,7 @@ Conventions
 * The loss is ``c * sum_n l_n`` with ``l_n`` the likelihood's per-datapoint loss and ``c`` the
   reduction factor (``reduction="mean"`` as torch's default, or ``"sum"``). The curvature is
   that of this loss, ``C = c * sum(datapoint outer products)``, so with a mean-reduced loss the
-  damping acts on the curvature of the mean loss (the seeds' sum-loss equations with damping
+  damping acts on the curvature of the mean loss (the papers' sum-loss equations with damping
   ``λ / c``).
 * One forward pass and one backward pass per step: a new forward pass forgets the previous one.
 
@@ -148,6 +148,9 @@ class Preconditioner:
     """
 
     per_sample_blocks: bool = False
+    gathers_rows: bool = False
+    """Whether ``"global"`` mode all-gathers every rank's rows before :meth:`_precondition`
+    (the Woodbury family solves the global batch's system on every rank)."""
     distributed_modes: tuple[str, ...] = ("global",)
     """The active ``distributed`` modes of the method, the first being what ``"auto"`` picks."""
 
@@ -401,8 +404,11 @@ class Preconditioner:
     def _exchange(
         self, batches: list[Block], factor: float, per_sample_output_grad: Tensor
     ) -> tuple[list[Block], float | Tensor, Tensor]:
-        """The arguments of :meth:`_precondition`: this rank's own by default; a subclass
-        may replace them with those of the global batch (:meth:`Communicator.gather`)."""
+        """The arguments of :meth:`_precondition`: in ``"global"`` mode, for a subclass that
+        sets :attr:`gathers_rows`, the rows of the global batch (:meth:`Communicator.gather`);
+        otherwise this rank's own."""
+        if self.gathers_rows and self.communicator.mode == "global":
+            return self.communicator.gather(batches, factor, per_sample_output_grad)
         return batches, factor, per_sample_output_grad
 
     def _directions_to_average(self, batches: list[Block]) -> list[nn.Parameter]:

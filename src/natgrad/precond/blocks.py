@@ -6,7 +6,7 @@ sampled labels or ``C`` Hessian square-root columns for ``fisher="mc"``/``"exact
 
 * :class:`LayerBatch`, a neuron-view layer: the rows stay output gradients ``E`` of shape
   ``(K, N, T, d_out)`` next to the inputs ``A`` ``(N, T, d_in)``; the per-sample gradients
-  ``g_{kn} = sum_t e_{knt} a_{nt}^T`` are never formed (seed 004 eq. 41-43);
+  ``g_{kn} = sum_t e_{knt} a_{nt}^T`` are never formed (Shrestha 2023, eq. 41-43);
   :class:`TokenBatch`, its variant for ``nn.Embedding``, keeps ``A`` as token indices;
 * :class:`DirectBatch`, parameters whose per-sample gradients are materialised, rows of shape
   ``(K, N, P_b)``: normalisation layers (:mod:`natgrad.direct`) and the torch.func fallback
@@ -16,7 +16,7 @@ Both offer the Woodbury solvers the same operations on their own kind of rows: t
 ``J_a J_b^T`` (:meth:`gram`), ``J^T u`` written into ``.grad`` (:meth:`write_combination`), the
 materialised ``(K N, P_b)`` rows in the order of the parameters (:meth:`per_datapoint_grads`)
 and a flat direction written into ``.grad`` (:meth:`write_flat`). Blocks add up: the Gram of a
-group of blocks is the sum of their Grams (seed 004 eq. 41). For data parallelism
+group of blocks is the sum of their Grams (Shrestha 2023, eq. 41). For data parallelism
 (:mod:`natgrad.distributed`) a block lists its row tensors with their datapoint and token
 dimensions (:meth:`row_tensors`) and is rebuilt around the rows of all ranks
 (:meth:`with_rows`).
@@ -104,7 +104,8 @@ class LayerBatch:
         )
 
     def write_combination(self, rows: Tensor, coefficients: Tensor) -> None:
-        """``.grad ← J^T u = sum_{k,n} u_{kn} g_{kn}``, one GEMM ``E_u^T A`` (seed 004 eq. 43)."""
+        """``.grad ← J^T u = sum_{k,n} u_{kn} g_{kn}``, one GEMM ``E_u^T A`` (Shrestha 2023,
+        eq. 43)."""
         self.write_grad(
             *jtu(self.inputs, rows, coefficients, self.has_bias, out=self.grad_buffer())
         )

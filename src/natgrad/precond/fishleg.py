@@ -13,7 +13,7 @@ an extra input column, Conv2d kernels flattened):
 Each step (DESIGN.md gives the statement in clean notation):
 
 1. ``ḡ ← β ḡ + (1 - β) g`` (momentum on the gradient; ``ḡ = g`` at the first step), or, with
-   ``momentum_on="update"`` (sec. 4.4, used for the seed's wall-clock results), momentum on
+   ``momentum_on="update"`` (sec. 4.4, used for the paper's wall-clock results), momentum on
    ``Q g``, which keeps the low-rank structure of each layer's ``g``;
 2. every ``aux_period`` steps the auxiliary step: ``u = ḡ / ||ḡ||``, ``v = Q(λ) u``,
    ``h = (F + γI) v`` with ``v`` detached, the surrogate ``v · (h - u)`` with ``h - u``

@@ -104,6 +104,7 @@ class NGD(Preconditioner):
     """
 
     per_sample_blocks = True
+    gathers_rows = True
     distributed_modes = ("global", "local")
 
     def __init__(
@@ -159,13 +160,6 @@ class NGD(Preconditioner):
             logits, self.reduction, *(() if counted is None else (counted,))
         )
         return per_token((grad / factor).unsqueeze(0))
-
-    def _exchange(
-        self, batches: list[Block], factor: float, per_sample_output_grad: Tensor
-    ) -> tuple[list[Block], float | Tensor, Tensor]:
-        if self.communicator.mode == "global":
-            return self.communicator.gather(batches, factor, per_sample_output_grad)
-        return batches, factor, per_sample_output_grad
 
     def _directions_to_average(self, batches: list[Block]) -> list[nn.Parameter]:
         if self.communicator.mode == "local":

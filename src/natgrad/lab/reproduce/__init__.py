@@ -1,4 +1,4 @@
-"""Re-run the seeds' findings at CPU scale, each with its numbers, figures and a verdict.
+"""Re-run the papers' findings at CPU scale, each with its numbers, figures and a verdict.
 
 Every claim is a function ``run(output, seeds=..., full=False, ...) -> Finding`` listed in
 :data:`CLAIMS`; :func:`run_claim` times it and writes ``<output>/<claim>.json``. Verdicts follow

@@ -1,30 +1,31 @@
-"""R11 (seed 004 Fig. 5, sec. 4.4): time and memory of exact, blockwise and TENGraD NGD vs SGD.
+"""R11 (Shrestha 2023, Fig. 5, sec. 4.4): time and memory of exact, blockwise and TENGraD NGD vs
+SGD.
 
-Seed 004 compares the time and memory of exact NGD, block-diagonal ("Blockwise") NGD, TENGraD
+Shrestha 2023 compares the time and memory of exact NGD, block-diagonal ("Blockwise") NGD, TENGraD
 and SGD on networks whose hidden layers have 20 units, as the parameter count ``P`` grows, and
 states that exact NGD (``O(P^2)`` space, ``O(P^3)`` time) grows too fast for deep networks while
 TENGraD "scales in a similar fashion to the SGD method". Every NGD method there uses the damped
-empirical Fisher ``F = (1/m) J^T J + λI`` of the mini-batch (seed 004 eq. 36-37).
+empirical Fisher ``F = (1/m) J^T J + λI`` of the mini-batch (Shrestha 2023, eq. 36-37).
 
-Setup (what the seed leaves unstated is chosen here): MLPs ``20 - 20 x depth - 10`` (tanh,
+Setup (what the paper leaves unstated is chosen here): MLPs ``20 - 20 x depth - 10`` (tanh,
 biases, float32) on random data (``x ~ randn``, labels uniform in ``0..9``, a fresh batch every
-step, drawn outside the timed region), cross-entropy with mean reduction, batch 128 (seed 004's
-batch), damping ``λ = 1e-3`` and plain SGD steps (learning rate ``1e-4``, no momentum: seed 004
+step, drawn outside the timed region), cross-entropy with mean reduction, batch 128 (Shrestha 2023's
+batch), damping ``λ = 1e-3`` and plain SGD steps (learning rate ``1e-4``, no momentum: Shrestha 2023
 uses none) for every method. Depth 1, 2, 4, 8, 16 gives ``P = 420 depth + 210`` = 630 ... 6930.
 The methods, each a full training step (forward, backward, direction, ``opt.step``):
 
-* ``exact NGD (dense)``: :func:`dense_ngd_direction` with ``structure="full"``, the seed's exact
+* ``exact NGD (dense)``: :func:`dense_ngd_direction` with ``structure="full"``, the paper's exact
   NGD written out: per-sample gradients ``J`` (``N x P``, by ``torch.func``), the ``P x P``
   matrix ``J^T J / N + λI`` and its Cholesky solve with the mean gradient, in float32. It is
   skipped above ``dense_max_params`` parameters (one step at ``P = 6930`` already takes seconds).
 * ``blockwise NGD (dense)``: the same with one ``d_l x d_l`` block per layer (weight and bias).
 * ``TENGraD``: :class:`natgrad.TENGraD`, the same block-diagonal update by Woodbury per layer
-  from the layer's inputs and output gradients (seed 004 eq. 39-43), one ``N x N`` solve per
+  from the layer's inputs and output gradients (Shrestha 2023, eq. 39-43), one ``N x N`` solve per
   layer.
 * ``NGD (natgrad, Woodbury)``: ``natgrad.NGD(fisher="empirical", structure="full")``, the same
   update as exact NGD (the tests check both equalities to 1e-9 in float64), solved in the
   ``N``-dimensional datapoint space: an extra row showing that exact NGD need not pay the dense
-  cost. It is not part of the seed's claim, so no check reads it.
+  cost. It is not part of the paper's claim, so no check reads it.
 * ``SGD``: the plain gradient.
 
 Time: for every depth and seed, one model per method (the same initialisation) takes 2 warm-up
@@ -61,7 +62,7 @@ Checks, fixed before any run (slopes are least-squares fits of ``log`` value on 
    :data:`SCALING_TOLERANCE` (0.5) of SGD's (:func:`scales_like`);
 4. blockwise NGD is cheaper than exact NGD at the largest common depth: lower step time and
    lower peak-RSS increase;
-5. TENGraD is cheaper to compute than blockwise NGD (the seed: "drastically reduced from the
+5. TENGraD is cheaper to compute than blockwise NGD (the paper: "drastically reduced from the
    Blockwise NGD"): lower step time at the largest depth.
 
 The default run took 188 s and 214 s (two runs) on two cores shared with two other busy
@@ -123,7 +124,7 @@ Result = TypeVar("Result")
 
 
 def cost_mlp(depth: int, seed: int) -> nn.Sequential:
-    """The MLP ``20 - 20 x depth - 10`` with tanh (seed 004 Fig. 5: hidden layers of 20).
+    """The MLP ``20 - 20 x depth - 10`` with tanh (Shrestha 2023, Fig. 5: hidden layers of 20).
 
     Parameters
     ----------
@@ -155,9 +156,10 @@ def random_batches(batch_size: int, seed: int) -> Callable[[], Batch]:
 def dense_ngd_direction(
     model: nn.Module, inputs: Tensor, targets: Tensor, damping: float, structure: str = "full"
 ) -> Tensor:
-    """Dense reference: ``(J^T J / N + λI)^{-1} ∇L`` with ``J`` materialised (seed 004 eq. 36-37).
+    """Dense reference: ``(J^T J / N + λI)^{-1} ∇L`` with ``J`` materialised (Shrestha 2023, eq.
+    36-37).
 
-    This is what seed 004 calls exact NGD (``structure="full"``, one ``P x P`` system) and
+    This is what Shrestha 2023 calls exact NGD (``structure="full"``, one ``P x P`` system) and
     Blockwise NGD (``structure="layer"``, one ``d_l x d_l`` system per module): the per-sample
     gradients of the cross-entropy (mean reduction) are formed by ``torch.func``, the damped
     empirical Fisher of the batch is formed explicitly and solved by Cholesky in the model's
@@ -402,7 +404,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> str:
         axis.set(xscale="log", yscale="log", xlabel="parameters P", title=title)
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize="small")
-    figure.suptitle("Cost vs parameter count, hidden layers of 20 units (seed 004 Fig. 5)")
+    figure.suptitle("Cost vs parameter count, hidden layers of 20 units (Shrestha 2023, Fig. 5)")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -438,7 +440,7 @@ def r11_cost_scaling(
     steps: int | None = None,
     dense_max_params: int | None = None,
 ) -> Finding:
-    """Seed 004 Fig. 5 (sec. 4.4): exact NGD's time and memory grow fast with ``P``; TENGraD's
+    """Shrestha 2023, Fig. 5 (sec. 4.4): exact NGD's time and memory grow fast with ``P``; TENGraD's
     grow like SGD's and stay below Blockwise NGD's.
 
     Setup, measurements and the five checks are stated in the module docstring.
@@ -456,7 +458,7 @@ def r11_cost_scaling(
     depths
         Numbers of hidden layers of 20 units.
     batch_size
-        ``N``, 128 in seed 004.
+        ``N``, 128 in Shrestha 2023.
     steps
         Timed steps per method, depth and seed (after 2 warm-up steps).
     dense_max_params
@@ -593,7 +595,7 @@ def r11_cost_scaling(
     }
     return Finding(
         "R11",
-        "time and memory vs P: exact NGD grows fast, TENGraD like SGD (004 Fig. 5)",
+        "time and memory vs P: exact NGD grows fast, TENGraD like SGD (Shrestha 2023, Fig. 5)",
         checks,
         lines,
         numbers,

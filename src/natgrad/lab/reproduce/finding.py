@@ -28,7 +28,7 @@ class Finding:
     claim
         The claim's identifier, e.g. ``"R5"``.
     statement
-        The seed's statement, in one line, with its figure.
+        The paper's statement, in one line, with its figure.
     checks
         Sub-claim -> whether it held.
     lines

@@ -1,9 +1,11 @@
 """Claims on small problems with exact geometry: R1, R2 and R3.
 
-* R1 (seed 002 Fig. 1, App. D.1; seed 000 sec. 2.3): on the 2-D least-squares problem the NGD
+* R1 (Kunstner et al. 2019, Fig. 1, App. D.1; Wu et al. 2024, sec. 2.3): on the 2-D least-squares
+problem the NGD
   and iEF vector fields coincide, EF's is distorted.
-* R2 (seed 000 sec. 2.2): for least squares the iEF matrix equals the Fisher.
-* R3 (seed 002 Fig. 3, App. D.3): GD vs NGD vs EF-preconditioned GD with grid-searched step
+* R2 (Wu et al. 2024, sec. 2.2): for least squares the iEF matrix equals the Fisher.
+* R3 (Kunstner et al. 2019, Fig. 3, App. D.3): GD vs NGD vs EF-preconditioned GD with grid-searched
+step
   size and damping, 100 full-batch iterations from θ = 0, and the cosine between the EF and NGD
   directions along the EF path, on breast cancer, wine and Boston.
 
@@ -32,7 +34,7 @@ from natgrad.lab.reproduce.finding import Finding
 def r1_vector_fields(
     output: Path, seeds: Sequence[int] = (0,), full: bool = False, steps: int = 50_000
 ) -> Finding:
-    """NGD and iEF arrows coincide on the seed's regression (every cosine within 1e-10 of 1);
+    """NGD and iEF arrows coincide on the paper's regression (every cosine within 1e-10 of 1);
     EF's differ (some cosine below 0.9)."""
     lines = reports.field_report(output, steps=steps)
     x, y = datasets.regression_data()
@@ -42,7 +44,7 @@ def r1_vector_fields(
     ngd_ef = vector_fields.cosine("ngd", "ef")
     return Finding(
         "R1",
-        "2-D least squares: NGD = iEF vector fields, EF distorted (002 Fig. 1)",
+        "2-D least squares: NGD = iEF vector fields, EF distorted (Kunstner et al. 2019, Fig. 1)",
         {
             "NGD and iEF coincide: every cosine within 1e-10 of 1": bool(
                 (1 - ngd_ief).abs().max() < 1e-10
@@ -86,7 +88,7 @@ def r2_ief_matrix_is_fisher(
         errors.append(((ief - fisher).norm() / fisher.norm()).item())
     return Finding(
         "R2",
-        "least squares: iEF matrix = Fisher (000 sec. 2.2)",
+        "least squares: iEF matrix = Fisher (Wu et al. 2024, sec. 2.2)",
         {"||iEF - F|| / ||F|| < 1e-10 for every seed": max(errors) < 1e-10},
         [
             f"||iEF - F|| / ||F|| = {max(errors):.2e} (worst of {len(errors)} MLPs 3-16-1, {num} "
@@ -194,8 +196,8 @@ def r3_gd_ngd_efgd(
         f"{dampings[0]:g}..{dampings[-1]:g} (log-spaced), {iterations} iterations"
     )
     return Finding(
-        "R3", f"GD vs NGD vs EFGD, {iterations} full-batch steps (002 Fig. 3)", checks, lines,
-        numbers,
+        "R3", f"GD vs NGD vs EFGD, {iterations} full-batch steps (Kunstner et al. 2019, Fig. 3)",
+        checks, lines, numbers,
     )  # fmt: skip
 
 

@@ -208,7 +208,7 @@ def r13_laplace_posteriors(
     best_kron = min(sampled[name] for name in ("kron-correct", "kron-heuristic", "a-only"))
     return Finding(
         "R13",
-        "Laplace: A-only >= KFAC, Kronecker beats full (001 App. G)",
+        "Laplace: A-only >= KFAC, Kronecker beats full (Benzing 2022, App. G)",
         {
             "A-only's sampled NLL within 1% of (or below) KFAC-correct's": sampled["a-only"]
             <= 1.01 * sampled["kron-correct"],

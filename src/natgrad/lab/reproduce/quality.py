@@ -1,4 +1,4 @@
-"""R10 (seed 000 sec. 6-8, Fig. 3-4): approximation quality along training.
+"""R10 (Wu et al. 2024, sec. 6-8, Fig. 3-4): approximation quality along training.
 
 Along an SGD run on digits, every epoch's checkpoint is studied on a few batches: the gamma
 indicator of each approximate natural gradient relative to SGD's (:mod:`natgrad.analysis`),
@@ -54,7 +54,7 @@ def r10_approximation_quality(
     ]
     return Finding(
         "R10",
-        "γ_iEF < γ_F(1) < γ_EF; imbalance correlates with γ_EF/γ_SGD (000 Fig. 3-4)",
+        "γ_iEF < γ_F(1) < γ_EF; imbalance correlates with γ_EF/γ_SGD (Wu et al. 2024, Fig. 3-4)",
         {
             "median γ/γ_SGD: iEF < F(1) < EF": medians["ief"] < medians["mc"] < medians["ef"],
             "Spearman(imbalance, γ_EF/γ_SGD) > 0.5": correlation > 0.5,

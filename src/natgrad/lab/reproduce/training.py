@@ -1,13 +1,14 @@
-"""Claims comparing trained optimisers: R4, R5, R6 (seed 001), R9 (seed 000), R12 (seed 004).
+"""Claims comparing trained optimisers: R4, R5, R6 (Benzing 2022), R9 (Wu et al. 2024), R12
+(Shrestha 2023).
 
-Default scale (minutes on two cores): seed 001's MLP (three hidden layers, ReLU, no biases)
+Default scale (minutes on two cores): Benzing 2022's MLP (three hidden layers, ReLU, no biases)
 with hidden width 256 instead of 1000 on MNIST-1D (4000 training points, 40 inputs) for 5
-epochs of batch 100, instead of Fashion-MNIST for 10 epochs. ``full=True`` runs seed 001's own
+epochs of batch 100, instead of Fashion-MNIST for 10 epochs. ``full=True`` runs Benzing 2022's own
 scale (width 1000, 10 epochs) on Fashion-MNIST read from ``data_dir``. Hyper-parameters are
-tuned per method (:mod:`natgrad.lab.reproduce.tuning`) over grids from seed 001 App. D.2: step
-sizes ``10^i``, dampings ``10^-4 ... 10^2`` (the seed's ``10^-6 ... 10^6`` trimmed to its
+tuned per method (:mod:`natgrad.lab.reproduce.tuning`) over grids from Benzing 2022, App. D.2: step
+sizes ``10^i``, dampings ``10^-4 ... 10^2`` (the paper's ``10^-6 ... 10^6`` trimmed to its
 useful middle), and a boundary optimum extends the grid. Preconditioned methods use SGD with
-momentum 0.9 on the preconditioned gradient; SGD tunes momentum in {0, 0.9} as in the seed.
+momentum 0.9 on the preconditioned gradient; SGD tunes momentum in {0, 0.9} as in the paper.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ CURVATURE_GRID = {"lr": STEP_SIZES, "damping": DAMPINGS}
 def mlp_problem(
     full: bool = False, data_dir: str | None = None, epochs: int | None = None
 ) -> tuple[Task, Dataset]:
-    """Seed 001's MLP task at the chosen scale (see the module docstring), with ``epochs``
+    """Benzing 2022's MLP task at the chosen scale (see the module docstring), with ``epochs``
     overriding its number of epochs."""
     task, data = _mlp_problem(full, data_dir)
     return (task if epochs is None else replace(task, epochs=epochs)), data
@@ -48,7 +49,7 @@ def _mlp_problem(full: bool, data_dir: str | None) -> tuple[Task, Dataset]:
     if full:
         if data_dir is None:
             raise MissingDataError(
-                "--full runs seed 001's scale on Fashion-MNIST, which ships in no package: "
+                "--full runs Benzing 2022's scale on Fashion-MNIST, which ships in no package: "
                 "pass --data-dir with its IDX files (train-images-idx3-ubyte.gz, ...)"
             )
         data = load_dataset("fashion_mnist", root=data_dir)
@@ -76,9 +77,9 @@ def r4_kfac_vs_subsampled_ng(
     full_batch_points: int = 1000,
     full_batch_epochs: int = 100,
 ) -> Finding:
-    """Seed 001 Fig. 1: KFAC beats subsampled natural gradient and SGD with momentum, also
+    """Benzing 2022, Fig. 1: KFAC beats subsampled natural gradient and SGD with momentum, also
     when KFAC is subsampled (m = 0); with 1000 training points and full batches, natural
-    gradient beats SGD. NG uses the MC Fisher (one sampled label per input), the seed's
+    gradient beats SGD. NG uses the MC Fisher (one sampled label per input), the paper's
     default, inverted exactly by Woodbury on the mini-batch."""
     task, data = mlp_problem(full, data_dir, epochs)
     contenders = [
@@ -117,14 +118,14 @@ def r4_kfac_vs_subsampled_ng(
     ratio = final["ng (mc, batch)"] / final["kfac"]
     lines = [
         *tuning.lines(selected),
-        f"subsampled NG / KFAC final loss: {ratio:.3g} (the seed reports 10-20x)",
+        f"subsampled NG / KFAC final loss: {ratio:.3g} (the paper reports 10-20x)",
         *(f"{full_batch_points} points, full batch: {line}" for line in tuning.lines(full_batch)),
     ]
     figures = tuning.plot(selected, Path(output) / "R4_minibatch.png")
     figures += tuning.plot(full_batch, Path(output) / "R4_full_batch.png")
     return Finding(
         "R4",
-        "KFAC beats subsampled NG and SGD; full-batch NG beats SGD (001 Fig. 1)",
+        "KFAC beats subsampled NG and SGD; full-batch NG beats SGD (Benzing 2022, Fig. 1)",
         checks,
         lines,
         {"minibatch": tuning.numbers(selected), "full_batch": tuning.numbers(full_batch)},
@@ -139,7 +140,7 @@ def r5_kfac_damping(
     data_dir: str | None = None,
     epochs: int | None = None,
 ) -> Finding:
-    """Seed 001 Fig. 3A: with correct damping ``(A ⊗ G) + λI`` KFAC performs like SGD;
+    """Benzing 2022, Fig. 3A: with correct damping ``(A ⊗ G) + λI`` KFAC performs like SGD;
     heuristic damping carries its performance. "Like SGD": mean final training loss within a
     factor 2 of SGD's, either way."""
     task, data = mlp_problem(full, data_dir, epochs)
@@ -162,7 +163,7 @@ def r5_kfac_damping(
     }
     return tuning.finding(
         "R5",
-        "KFAC with correct damping ~ SGD; heuristic damping carries KFAC (001 Fig. 3A)",
+        "KFAC with correct damping ~ SGD; heuristic damping carries KFAC (Benzing 2022, Fig. 3A)",
         checks,
         selected,
         output,
@@ -177,7 +178,7 @@ def r6_foof_vs_kfac(
     data_dir: str | None = None,
     epochs: int | None = None,
 ) -> Finding:
-    """Seed 001 Fig. 4: FOOF makes at least KFAC's progress per step (final training loss
+    """Benzing 2022, Fig. 4: FOOF makes at least KFAC's progress per step (final training loss
     after the same steps) and costs less per step (median step time, same process), both
     inverting every step (T = 1)."""
     task, data = mlp_problem(full, data_dir, epochs)
@@ -196,11 +197,11 @@ def r6_foof_vs_kfac(
     }
     return tuning.finding(
         "R6",
-        "FOOF makes KFAC's progress per step and is cheaper (001 Fig. 4)",
+        "FOOF makes KFAC's progress per step and is cheaper (Benzing 2022, Fig. 4)",
         checks,
         selected,
         output,
-        [f"KFAC / FOOF step time: {step['kfac'] / step['foof']:.2f} (the seed reports ~1.5)"],
+        [f"KFAC / FOOF step time: {step['kfac'] / step['foof']:.2f} (the paper reports ~1.5)"],
     )
 
 
@@ -211,11 +212,11 @@ def r9_ef_damping(
     task_name: str = "digits-mlp",
     epochs: int = 5,
 ) -> Finding:
-    """Seed 000 sec. 4: EF with damping 1e-7 trains worse than SGD; damping 1e-4 brings EF
+    """Wu et al. 2024, sec. 4: EF with damping 1e-7 trains worse than SGD; damping 1e-4 brings EF
     close to SGD (cosine >= 0.95 and above the small damping's); iEF with damping 1e-7 trains
     best.
 
-    Each configuration tunes its learning rate. The seed's damping (on the summed loss's
+    Each configuration tunes its learning rate. The paper's damping (on the summed loss's
     per-sample Gram) is divided by the batch size, since natgrad's damping acts on the
     curvature of the mean loss.
     """
@@ -261,7 +262,7 @@ def r9_ef_damping(
     }
     return tuning.finding(
         "R9",
-        "EF(1e-7) < SGD, EF(1e-4) ~ SGD, iEF best (000 sec. 4)",
+        "EF(1e-7) < SGD, EF(1e-4) ~ SGD, iEF best (Wu et al. 2024, sec. 4)",
         checks,
         selected,
         output,
@@ -279,8 +280,8 @@ def _seeded_model(task: Task, data: Dataset, seed: int) -> nn.Module:
 
 
 R12_HIDDEN = ((4,), (32, 16), (32, 16, 16))
-# seed 004 Table 1's winners (lower log training loss), per stand-in dataset and hidden layers:
-# Weather -> diabetes, House Price -> boston (regression, least squares), Ecoli -> wine
+# Shrestha 2023, Table 1's winners (lower log training loss), per stand-in dataset and hidden
+# layers: Weather -> diabetes, House Price -> boston (regression, least squares), Ecoli -> wine
 # (classification, cross-entropy)
 R12_SEED_WINNERS = {
     "diabetes": ("tengrad", "tengrad", "tengrad"),
@@ -301,10 +302,10 @@ def r12_tengrad_vs_sgd(
     epochs: int = 100,
     datasets: Sequence[str] = tuple(R12_SEED_WINNERS),
 ) -> Finding:
-    """Seed 004 Table 1: final training loss of TENGraD (block-diagonal empirical Fisher,
+    """Shrestha 2023, Table 1: final training loss of TENGraD (block-diagonal empirical Fisher,
     Woodbury per layer) vs SGD on DNNs with hidden layers [4], [32, 16], [32, 16, 16] (tanh),
-    batch 128, without momentum (seed 004 uses none). One check per cell of the table: the
-    winner is the seed's. A dataset whose package is missing is reported as skipped."""
+    batch 128, without momentum (Shrestha 2023 uses none). One check per cell of the table: the
+    winner is the paper's. A dataset whose package is missing is reported as skipped."""
     checks, lines, numbers = {}, [], {}
     for dataset in datasets:
         try:
@@ -341,7 +342,7 @@ def r12_tengrad_vs_sgd(
             log_loss = {label: math.log(mean_final(runs)) for label, runs in selected.items()}
             winner = min(log_loss, key=log_loss.get)
             expected = R12_SEED_WINNERS[dataset][column]
-            checks[f"{dataset} {list(hidden)}: {expected} wins, as in the seed"] = (
+            checks[f"{dataset} {list(hidden)}: {expected} wins, as in the paper"] = (
                 winner == expected
             )
             seed_row = R12_SEED_TABLE[dataset]
@@ -353,7 +354,7 @@ def r12_tengrad_vs_sgd(
             numbers[dataset][str(list(hidden))] = tuning.numbers(selected)
     return Finding(
         "R12",
-        "TENGraD vs SGD on small DNNs, batch 128 (004 Table 1)",
+        "TENGraD vs SGD on small DNNs, batch 128 (Shrestha 2023, Table 1)",
         checks,
         lines,
         numbers,

@@ -2,7 +2,7 @@
 
 Every compared configuration gets its hyper-parameters by grid search on the first seed
 (lowest final training loss, as in every seed paper; a step size or damping that is best at
-the edge of its grid is pushed a decade further, up to twice, as seed 001 App. D.2 does), then
+the edge of its grid is pushed a decade further, up to twice, as Benzing 2022, App. D.2 does), then
 the selected configuration is trained with every seed; claims compare the mean final training
 loss over seeds. Searching on one seed instead of all keeps each claim within minutes on two
 cores; the spread over seeds of the selected configuration is reported next to every mean.
@@ -80,7 +80,7 @@ def extend_at_boundary(
     values: Sequence[float],
     adjust: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Seed 001 App. D.2: "we extended grids if the performance at a boundary of the grid was
+    """Benzing 2022, App. D.2: "we extended grids if the performance at a boundary of the grid was
     optimal". While ``best``'s ``key`` sits at the end of ``values`` (a grid of several
     values), try one decade further, at most :data:`EXTENSIONS` times; ``adjust`` updates
     hyper-parameters tied to ``key`` (e.g. FishLeg's ``init_scale`` to its step size)."""
