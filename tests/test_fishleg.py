@@ -46,6 +46,18 @@ def column_major(matrix: torch.Tensor) -> torch.Tensor:
     return matrix.T.reshape(-1)
 
 
+def dense_q_of(leaves: list[torch.Tensor], q_structure: str) -> torch.Tensor:
+    """Block-diagonal ``Q`` in row-major ``[W | b]`` order from (copies of) the auxiliary
+    parameters, differentiable in them: ``(L Lᵀ) ⊗ (R Rᵀ)`` or ``diag(q ⊙ q)`` per layer."""
+    if q_structure == "kron":
+        pairs = zip(leaves[0::2], leaves[1::2], strict=True)
+        grams = [(torch.tril(left), torch.tril(right)) for left, right in pairs]
+        blocks = [torch.kron(left @ left.T, right @ right.T) for left, right in grams]
+    else:
+        blocks = [torch.diag((leaf**2).reshape(-1)) for leaf in leaves]
+    return torch.block_diag(*blocks)
+
+
 def matrix_order(model: nn.Module) -> torch.Tensor:
     """Indices that reorder the flat parameter vector into row-major ``[W | b]`` blocks."""
     order, offset = [], 0
@@ -151,14 +163,7 @@ def test_surrogate_gradient_equals_dense_auxiliary_gradient(q_structure):
     leaves = [
         p.detach().clone().requires_grad_(True) for pair in pre.aux_params.values() for p in pair
     ]
-    blocks = []
-    for index in range(len(pre.aux_params)):
-        if q_structure == "kron":
-            left, right = torch.tril(leaves[2 * index]), torch.tril(leaves[2 * index + 1])
-            blocks.append(torch.kron(left @ left.T, right @ right.T))
-        else:
-            blocks.append(torch.diag((leaves[index] ** 2).reshape(-1)))
-    v = torch.block_diag(*blocks) @ direction
+    v = dense_q_of(leaves, q_structure) @ direction
     objective = 0.5 * v @ (fisher + damping * torch.eye(len(v))) @ v - direction @ v
     expected = torch.autograd.grad(objective, leaves)
     for a, e in zip(actual, expected, strict=True):
@@ -345,14 +350,7 @@ def test_callable_damping_and_aux_lr_take_their_value_at_each_step(q_structure):
 
         fisher = dense_batch(model, inputs, targets, "categorical", "mean").exact_fisher()
         fisher = fisher[order][:, order]
-        blocks = []
-        for index in range(len(pre.aux_params)):
-            if q_structure == "kron":
-                left, right = torch.tril(leaves[2 * index]), torch.tril(leaves[2 * index + 1])
-                blocks.append(torch.kron(left @ left.T, right @ right.T))
-            else:
-                blocks.append(torch.diag((leaves[index] ** 2).reshape(-1)))
-        v = torch.block_diag(*blocks) @ direction
+        v = dense_q_of(leaves, q_structure) @ direction
         curvature = fisher + dampings[step] * torch.eye(len(v))
         objective = 0.5 * v @ curvature @ v - direction @ v
         assert pre.aux_losses[step] == pytest.approx(objective.item(), rel=1e-10)
@@ -395,14 +393,7 @@ def test_train_mode_batchnorm_auxiliary_gradient_equals_dense_and_keeps_statisti
     leaves = [
         p.detach().clone().requires_grad_(True) for pair in pre.aux_params.values() for p in pair
     ]
-    blocks = []
-    for index in range(len(pre.aux_params)):
-        if q_structure == "kron":
-            left, right = torch.tril(leaves[2 * index]), torch.tril(leaves[2 * index + 1])
-            blocks.append(torch.kron(left @ left.T, right @ right.T))
-        else:
-            blocks.append(torch.diag((leaves[index] ** 2).reshape(-1)))
-    v = torch.block_diag(*blocks) @ direction
+    v = dense_q_of(leaves, q_structure) @ direction
     objective = 0.5 * v @ (fisher + damping * torch.eye(len(v))) @ v - direction @ v
     expected = torch.autograd.grad(objective, leaves)
     for a, e in zip(actual, expected, strict=True):

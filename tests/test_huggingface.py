@@ -197,7 +197,7 @@ class TransposedLinear(nn.Module):
 @pytest.mark.parametrize("fisher", ["empirical", "exact"])
 def test_registered_adapter_and_rms_norm_match_dense_oracle(fisher):
     torch.manual_seed(1)
-    natgrad.register_adapter(TransposedLinear, natgrad.capture.TransposedLinearAdapter())
+    natgrad.register_adapter(TransposedLinear, natgrad.adapters.TransposedLinearAdapter())
     try:
         model = nn.Sequential(
             TransposedLinear(4, 5), nn.Tanh(), nn.RMSNorm(5), TransposedLinear(5, 3)
@@ -210,7 +210,7 @@ def test_registered_adapter_and_rms_norm_match_dense_oracle(fisher):
         pre.step(logits)
         pre.remove()
     finally:
-        natgrad.capture.ADAPTERS.pop(TransposedLinear)
+        natgrad.adapters.ADAPTERS.pop(TransposedLinear)
     batch = dense_batch(model, inputs, targets, "categorical", "mean")
     expected = expected_update(batch, fisher, "full", DAMPING, [], None)
     assert relative_error(flat_grad(list(model.parameters())), expected) <= TOLERANCE
@@ -220,7 +220,7 @@ def test_register_adapter_refuses_what_is_not_an_adapter():
     with pytest.raises(TypeError, match=r"LayerAdapter .* or a natgrad\.direct\.NormAdapter"):
         natgrad.register_adapter(TransposedLinear, "linear")
     with pytest.raises(TypeError, match=r"nn\.Module subclass"):
-        natgrad.register_adapter(int, natgrad.capture.LinearAdapter())
+        natgrad.register_adapter(int, natgrad.adapters.LinearAdapter())
 
 
 def explicit_conv1d_factors(model, task, inputs, labels, batch, name, fisher):

@@ -24,6 +24,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     (
         "natgrad.linalg",
         "natgrad.likelihoods",
+        "natgrad.adapters",
         "natgrad.capture",
         "natgrad.direct",
         "natgrad.fallback",

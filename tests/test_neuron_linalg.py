@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from natgrad import linalg
-from natgrad.capture import EmbeddingAdapter
+from natgrad.adapters import EmbeddingAdapter
 from natgrad.linalg import (
     _materialised_cost,
     _pairwise_cost,

@@ -1,6 +1,7 @@
 """natgrad: natural-gradient optimisation and Fisher-approximation analysis for PyTorch."""
 
 from natgrad import (
+    adapters,
     analysis,
     capture,
     datapoints,
@@ -43,6 +44,7 @@ __all__ = [
     "NumericalWarning",
     "Preconditioner",
     "TENGraD",
+    "adapters",
     "analysis",
     "capture",
     "datapoints",

@@ -27,11 +27,11 @@ structured groups. Kronecker methods and FishLeg precondition the ``layers`` onl
 the ``direct`` and ``fallback`` parameters to the plain gradient, an identity block
 (:meth:`LayerSelection.without_per_sample_blocks`). ``pre.describe()`` lists the groups.
 
-Module types are recognised by their adapters (:func:`natgrad.capture.adapter_for`,
+Module types are recognised by their adapters (:func:`natgrad.adapters.adapter_for`,
 :func:`natgrad.direct.norm_adapter_for`); :func:`register_adapter` adds one for a module type
 of one's own, e.g. a linear layer storing its weight transposed::
 
-    natgrad.register_adapter(MyLinear, natgrad.capture.TransposedLinearAdapter())
+    natgrad.register_adapter(MyLinear, natgrad.adapters.TransposedLinearAdapter())
 
 The automatic choice is overridden per module with ``overrides={module_name: policy}``,
 ``policy`` one of ``"fallback"`` or ``"plain_gradient"`` (module names as in
@@ -48,7 +48,7 @@ from typing import Literal, get_args
 
 from torch import nn
 
-from natgrad.capture import ADAPTERS, LayerAdapter, adapter_for
+from natgrad.adapters import ADAPTERS, LayerAdapter, adapter_for
 from natgrad.direct import NORM_ADAPTERS, NormAdapter, norm_adapter_for
 
 Unsupported = Literal["fallback", "error", "plain_gradient"]
@@ -136,9 +136,9 @@ def register_adapter(module_type: type[nn.Module], adapter: LayerAdapter | NormA
     module_type
         An ``nn.Module`` subclass (matched exactly, not its subclasses).
     adapter
-        A :class:`natgrad.capture.LayerAdapter` for a layer whose per-sample gradients are sums
-        of outer products ``e a^T`` (a linear layer: :class:`~natgrad.capture.LinearAdapter`
-        for a ``(d_out, d_in)`` weight, :class:`~natgrad.capture.TransposedLinearAdapter` for a
+        A :class:`natgrad.adapters.LayerAdapter` for a layer whose per-sample gradients are sums
+        of outer products ``e a^T`` (a linear layer: :class:`~natgrad.adapters.LinearAdapter`
+        for a ``(d_out, d_in)`` weight, :class:`~natgrad.adapters.TransposedLinearAdapter` for a
         ``(d_in, d_out)`` one; the module's ``forward`` takes the input as its first argument
         and its parameters are ``weight`` and an optional ``bias``), or a
         :class:`natgrad.direct.NormAdapter` for a normalisation layer
@@ -155,7 +155,7 @@ def register_adapter(module_type: type[nn.Module], adapter: LayerAdapter | NormA
         ADAPTERS.pop(module_type, None)
     else:
         raise TypeError(
-            "adapter must be a natgrad.capture.LayerAdapter (linear-like layers) or a "
+            "adapter must be a natgrad.adapters.LayerAdapter (linear-like layers) or a "
             f"natgrad.direct.NormAdapter (normalisation layers), got {type(adapter).__name__}"
         )
 

@@ -48,7 +48,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from natgrad.capture import LayerAdapter
+from natgrad.adapters import LayerAdapter
 from natgrad.precond.blocks import LayerBatch
 from natgrad.precond.inverses import split_damping
 from natgrad.precond.kronecker import input_covariance

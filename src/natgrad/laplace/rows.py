@@ -30,8 +30,9 @@ from torch import Tensor, nn
 
 from natgrad.datapoints import output_vectors
 from natgrad.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood
-from natgrad.precond.base import Preconditioner, check_count
+from natgrad.precond.base import Preconditioner
 from natgrad.precond.blocks import Block
+from natgrad.precond.checks import check_count
 
 if TYPE_CHECKING:
     pass

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
-from natgrad.capture import LayerAdapter
+from natgrad.adapters import LayerAdapter
 from natgrad.linalg import (
     gram,
     input_gram,

@@ -47,14 +47,9 @@ import torch
 from torch import Tensor, nn
 
 from natgrad.fisher_vector import fisher_vector_product
-from natgrad.precond.base import (
-    Damping,
-    NonFiniteWarning,
-    Preconditioner,
-    check_count,
-    check_damping,
-)
+from natgrad.precond.base import NonFiniteWarning, Preconditioner
 from natgrad.precond.blocks import LayerBatch, TokenBatch
+from natgrad.precond.checks import Damping, check_count, check_damping
 from natgrad.precond.layer_gradient import LayerGradient, augmented_inputs
 
 QStructure = Literal["kron", "diag"]

@@ -67,12 +67,13 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from natgrad.capture import LayerAdapter
+from natgrad.adapters import LayerAdapter
 from natgrad.datapoints import check_fisher, output_vectors, row_multipliers, row_weight
 from natgrad.linalg import token_frequencies
 from natgrad.precond.assignment import InversionAssignment
-from natgrad.precond.base import Damping, Preconditioner, check_count
+from natgrad.precond.base import Preconditioner
 from natgrad.precond.blocks import Block, LayerBatch
+from natgrad.precond.checks import Damping, check_count
 from natgrad.precond.inverses import EigenInverse, FOOFInverse, KroneckerInverse, LayerInverse
 from natgrad.precond.layer_gradient import LayerGradient, augmented_inputs
 

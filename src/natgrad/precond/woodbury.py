@@ -62,8 +62,9 @@ from natgrad.datapoints import (
     target_coefficients,
 )
 from natgrad.linalg import SolveReport, damped_solve, damped_solves, furthest_fallback
-from natgrad.precond.base import Damping, Preconditioner, check_count
+from natgrad.precond.base import Preconditioner
 from natgrad.precond.blocks import Block
+from natgrad.precond.checks import Damping, check_count
 
 Structure = Literal["full", "layer"]
 STRUCTURES: tuple[Structure, ...] = get_args(Structure)

@@ -1,0 +1,237 @@
+"""Adapters: how each layer type maps to the neuron view.
+
+A layer whose per-sample weight gradients are sums of outer products ``e a^T`` (Benzing 2022,
+App. I) is described by a :class:`LayerAdapter`: which rows ``A`` of its input and ``E`` of its
+output gradient it has, and how its weight is laid out as the ``(d_out, d_in)`` matrix those
+rows multiply. natgrad has adapters for ``nn.Linear``, ``nn.Conv2d`` (by unfolding),
+``nn.Embedding`` (one-hot inputs kept as token indices) and, found by import path so that
+natgrad does not import the library, HuggingFace's ``Conv1D``; users register their own with
+:func:`natgrad.register_adapter`. :mod:`natgrad.capture` records the rows at run time.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LayerAdapter:
+    """How one module type maps to the neuron view: rows of ``A`` and ``E``, weight matrix."""
+
+    def check(self, module: nn.Module) -> str | None:
+        """Return why this adapter cannot handle ``module``, or ``None`` if it can.
+
+        Such a module may still have exact per-sample gradients by another route (the
+        torch.func fallback of :mod:`natgrad.fallback`).
+        """
+        return None
+
+    def rejects(self, module: nn.Module) -> str | None:
+        """Return why no per-sample gradient of ``module`` can be known, or ``None``.
+
+        Unlike :meth:`check`, no other route helps (the forward pass changes the weight in
+        place, or torch couples the datapoints' gradients): natgrad raises unless the module
+        is overridden to the plain gradient.
+        """
+        return None
+
+    def matrix_shape(self, module: nn.Module) -> tuple[int, int]:
+        """``(d_out, d_in)`` of the layer's weight matrix in the neuron view (no bias column)."""
+        return module.weight.shape[0], module.weight[0].numel()
+
+    def to_weight(self, module: nn.Module, matrix: Tensor) -> Tensor:
+        """Weight matrices ``(*, d_out, d_in)`` in the layout of ``module.weight``."""
+        return matrix.reshape(*matrix.shape[:-2], *module.weight.shape)
+
+    def to_matrix(self, module: nn.Module, weight: Tensor) -> Tensor:
+        """A tensor shaped like ``module.weight`` as the ``(d_out, d_in)`` weight matrix (a view
+        of a contiguous tensor)."""
+        return weight.reshape(module.weight.shape[0], -1)
+
+    token_inputs: bool = False
+    """Whether :meth:`input_rows` gives token indices ``(N, T)`` instead of dense rows."""
+
+    def input_rows(self, module: nn.Module, layer_input: Tensor) -> Tensor:
+        """``A`` of shape ``(N, T, d_in)`` (no bias column) from the module input, or token
+        indices ``(N, T)`` if :attr:`token_inputs`."""
+        raise NotImplementedError
+
+    def output_rows(self, module: nn.Module, output_grad: Tensor, lead: int) -> Tensor:
+        """``E`` of shape ``(*lead_shape, N, T, d_out)`` from a gradient w.r.t. the output.
+
+        ``lead`` is the number of leading batch dimensions in front of the datapoint dimension
+        (0 for the loss gradient, 1 for a batch of back-propagated vectors).
+        """
+        raise NotImplementedError
+
+    @staticmethod
+    def has_bias(module: nn.Module) -> bool:
+        """Whether the layer's bias is trained (and so is a constant input column)."""
+        bias = getattr(module, "bias", None)
+        return bias is not None and bias.requires_grad
+
+    def grad_buffer(self, module: nn.Module) -> Tensor | None:
+        """The existing weight ``.grad`` as a ``(d_out, d_in)`` view to overwrite in place.
+
+        Writing into the gradient autograd just allocated saves a fresh allocation (and its
+        page faults) per step; ``None`` when there is no usable gradient tensor.
+        """
+        weight = module.weight
+        grad = weight.grad
+        if grad is None or grad.dtype != weight.dtype or not grad.is_contiguous():
+            return None
+        return self.to_matrix(module, grad)
+
+    def write_grad(self, module: nn.Module, weight_grad: Tensor, bias_grad: Tensor | None) -> None:
+        """Set ``.grad`` of weight (and bias) from a weight matrix and a bias vector."""
+        # contiguous, as autograd lays out gradients (it accumulates into them in place)
+        weight = self.to_weight(module, weight_grad).to(module.weight.dtype).contiguous()
+        module.weight.grad = weight
+        if bias_grad is not None:
+            module.bias.grad = bias_grad.to(module.bias.dtype).contiguous()
+
+
+class LinearAdapter(LayerAdapter):
+    """``nn.Linear`` on inputs ``(N, d_in)`` or ``(N, *, d_in)`` (weight shared over ``*``)."""
+
+    def input_rows(self, module: nn.Module, layer_input: Tensor) -> Tensor:
+        if layer_input.dim() < 2:
+            raise ValueError(
+                f"natgrad needs a batch dimension: nn.Linear got an input of shape "
+                f"{tuple(layer_input.shape)}; pass inputs of shape (N, ..., {module.in_features})"
+            )
+        return layer_input.reshape(layer_input.shape[0], -1, layer_input.shape[-1])
+
+    def output_rows(self, module: nn.Module, output_grad: Tensor, lead: int) -> Tensor:
+        shape = output_grad.shape
+        return output_grad.reshape(*shape[: lead + 1], -1, shape[-1])
+
+
+class TransposedLinearAdapter(LinearAdapter):
+    """A linear layer whose weight is stored as ``(d_in, d_out)``: ``y = x W + b``.
+
+    HuggingFace's ``transformers.pytorch_utils.Conv1D`` (GPT-2) is one. The neuron-view
+    weight matrix is ``weight.T``; a module type of one's own with this layout and a ``weight``
+    (and optional ``bias``) attribute is registered with
+    ``natgrad.register_adapter(MyModule, TransposedLinearAdapter())``.
+    """
+
+    def matrix_shape(self, module: nn.Module) -> tuple[int, int]:
+        return module.weight.shape[1], module.weight.shape[0]
+
+    def to_weight(self, module: nn.Module, matrix: Tensor) -> Tensor:
+        return matrix.transpose(-1, -2)
+
+    def to_matrix(self, module: nn.Module, weight: Tensor) -> Tensor:
+        return weight.T
+
+
+class Conv2dAdapter(LayerAdapter):
+    """``nn.Conv2d`` with ``groups=1`` and zero padding; the weight is shared over positions."""
+
+    def check(self, module: nn.Module) -> str | None:
+        if module.groups != 1:
+            return f"groups={module.groups} (natgrad supports groups=1)"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} (natgrad supports 'zeros')"
+        if isinstance(module.padding, str):
+            return f"padding={module.padding!r} (give explicit integer padding)"
+        return None
+
+    def input_rows(self, module: nn.Module, layer_input: Tensor) -> Tensor:
+        if layer_input.dim() != 4:
+            raise ValueError(
+                f"natgrad needs batched images: nn.Conv2d got an input of shape "
+                f"{tuple(layer_input.shape)}; pass (N, C, H, W)"
+            )
+        patches = F.unfold(
+            layer_input,
+            kernel_size=module.kernel_size,
+            dilation=module.dilation,
+            padding=module.padding,
+            stride=module.stride,
+        )
+        return patches.transpose(1, 2)
+
+    def output_rows(self, module: nn.Module, output_grad: Tensor, lead: int) -> Tensor:
+        return output_grad.flatten(start_dim=-2).transpose(-1, -2)
+
+
+class EmbeddingAdapter(LinearAdapter):
+    """``nn.Embedding`` as a linear layer on one-hot inputs, weight shared over the tokens.
+
+    The inputs are kept as token indices ``(N, T)``, ``-1`` marking ``padding_idx`` (the
+    one-hot rows would be ``(N, T, num_embeddings)``). The neuron-view weight matrix is
+    ``Embedding.weight`` transposed.
+    """
+
+    token_inputs = True
+
+    def rejects(self, module: nn.Module) -> str | None:
+        if module.max_norm is not None:
+            return (
+                f"max_norm={module.max_norm} renormalises the weight in place in the forward pass"
+            )
+        if module.sparse:
+            return "sparse=True gives sparse gradients (natgrad writes dense ones)"
+        if module.scale_grad_by_freq:
+            return "scale_grad_by_freq=True scales gradients by counts over the whole batch"
+        return None
+
+    def input_rows(self, module: nn.Module, layer_input: Tensor) -> Tensor:
+        if layer_input.dim() < 1:
+            raise ValueError(
+                "natgrad needs a batch dimension: nn.Embedding got a single index; pass "
+                "indices of shape (N,) or (N, T)"
+            )
+        indices = layer_input.reshape(layer_input.shape[0], -1).long()
+        if module.padding_idx is not None:  # torch gives the padding row no gradient
+            indices = indices.masked_fill(indices == module.padding_idx, -1)
+        return indices
+
+    def matrix_shape(self, module: nn.Module) -> tuple[int, int]:
+        return module.embedding_dim, module.num_embeddings
+
+    def to_weight(self, module: nn.Module, matrix: Tensor) -> Tensor:
+        return matrix.transpose(-1, -2)
+
+    def to_matrix(self, module: nn.Module, weight: Tensor) -> Tensor:
+        return weight.T
+
+
+ADAPTERS: dict[type[nn.Module], LayerAdapter] = {
+    nn.Linear: LinearAdapter(),
+    nn.Conv2d: Conv2dAdapter(),
+    nn.Embedding: EmbeddingAdapter(),
+}
+
+
+ADAPTERS_BY_PATH: dict[str, LayerAdapter] = {
+    "transformers.pytorch_utils.Conv1D": TransposedLinearAdapter(),
+}
+"""Adapters of other libraries' module types, by import path (``module.qualname``), so that
+natgrad does not import those libraries."""
+
+
+def type_path(module_type: type) -> str:
+    """``"package.module.QualName"`` of a class."""
+    return f"{module_type.__module__}.{module_type.__qualname__}"
+
+
+def adapter_for(module: nn.Module) -> LayerAdapter | None:
+    """The adapter of ``module``'s exact type, or ``None`` if natgrad has none."""
+    adapter = ADAPTERS.get(type(module))
+    return adapter if adapter is not None else ADAPTERS_BY_PATH.get(type_path(type(module)))
+
+
+__all__ = [
+    "ADAPTERS",
+    "ADAPTERS_BY_PATH",
+    "Conv2dAdapter",
+    "EmbeddingAdapter",
+    "LayerAdapter",
+    "LinearAdapter",
+    "TransposedLinearAdapter",
+    "adapter_for",
+    "type_path",
+]
