@@ -18,7 +18,7 @@ SUMMARY = re.compile(r"^loss: first ([0-9.eE+-]+) last ([0-9.eE+-]+)$", flags=re
 def test_the_examples_are_found():
     names = {path.name for path in EXAMPLES}
     assert {"woodbury_ngd.py", "kfac_foof.py", "fishleg.py", "measure_gamma.py",
-            "cnn_batchnorm.py", "transformer.py"} <= names
+            "cnn_batchnorm.py", "transformer.py", "huggingface.py", "laplace.py"} <= names
 
 
 def test_the_summary_pattern_reads_a_summary_and_only_a_summary():
