@@ -95,3 +95,71 @@ def test_graph_splits_only_at_captured_layer_calls():
     # each of the 3 captured Linear calls runs as its own compiled frame (its graph, then
     # the code up to the next layer): at most two graphs per captured call
     assert 1 < explanation.graph_count <= 2 * 3
+
+
+@pytest.mark.parametrize("order", ["compile, then natgrad", "natgrad, then compile"])
+def test_code_compiled_before_the_hooks_is_not_reused(order):
+    """torch.compile reuses code compiled for a twin of the model (same class, no natgrad
+    hooks) and does not check hooks added later: natgrad clears its caches, says so, and the
+    compiled model gets the eager update."""
+    eager = make_mlp()
+    twin = torch.compile(copy.deepcopy(eager), backend="aot_eager")
+    inputs, targets = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    F.cross_entropy(twin(inputs), targets).backward()  # compiled without any hook
+
+    model = copy.deepcopy(eager)
+    with pytest.warns(UserWarning, match=r"torch.compiler.reset\(\)"):
+        if order == "compile, then natgrad":
+            model = torch.compile(model, backend="aot_eager")
+            pre = natgrad.EF(model, damping=1e-3)
+        else:
+            pre = natgrad.EF(model, damping=1e-3)
+            model = torch.compile(model, backend="aot_eager")
+    logits = model(inputs)
+    F.cross_entropy(logits, targets).backward()
+    pre.step(logits)
+    pre.remove()
+    reference = natgrad.EF(eager, damping=1e-3)
+    logits = eager(inputs)
+    F.cross_entropy(logits, targets).backward()
+    reference.step(logits)
+    actual = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    expected = torch.cat([p.grad.reshape(-1) for p in eager.parameters()])
+    assert relative_error(actual, expected) <= 1e-12
+
+
+def test_no_compiled_code_no_reset(recwarn):
+    """Building a second preconditioner without compiling anything in between clears nothing."""
+    natgrad.EF(make_mlp(), damping=1e-3)  # clears what earlier tests compiled, if anything
+    recwarn.clear()
+    natgrad.EF(make_mlp(), damping=1e-3)
+    assert not [w for w in recwarn if "torch.compiler.reset" in str(w.message)]
+
+
+def test_a_twin_compiled_after_the_preconditioner_gets_an_error_naming_the_fix():
+    """natgrad first, then a hook-free twin compiled and run, then the model compiled: the
+    twin's code runs without natgrad's hooks, and step() says what to do."""
+    model, twin = make_mlp(), make_mlp()
+    eager = copy.deepcopy(model)
+    pre = natgrad.EF(model, damping=1e-3)
+    inputs, targets = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    compiled_twin = torch.compile(twin, backend="aot_eager")
+    F.cross_entropy(compiled_twin(inputs), targets).backward()
+    compiled = torch.compile(model, backend="aot_eager")
+    logits = compiled(inputs)
+    F.cross_entropy(logits, targets).backward()
+    with pytest.raises(RuntimeError, match=r"call torch.compiler.reset\(\) after building"):
+        pre.step(logits)
+    pre.remove()
+    torch.compiler.reset()  # the fix the message names
+    pre = natgrad.EF(model, damping=1e-3)
+    logits = compiled(inputs)
+    F.cross_entropy(logits, targets).backward()
+    pre.step(logits)  # captured now: the eager update
+    reference = natgrad.EF(eager, damping=1e-3)
+    logits = eager(inputs)
+    F.cross_entropy(logits, targets).backward()
+    reference.step(logits)
+    actual = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    expected = torch.cat([p.grad.reshape(-1) for p in eager.parameters()])
+    assert relative_error(actual, expected) <= 1e-12

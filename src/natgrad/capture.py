@@ -366,6 +366,50 @@ class Capture:
         return result
 
 
+_COMPILED_FRAMES = {"seen": 0}
+
+
+def forget_compiled_code() -> bool:
+    """Clear ``torch.compile``'s caches if it compiled code since the last call; return whether.
+
+    ``torch.compile`` does not check hooks added after it compiled a module's code
+    (``torch._dynamo.config.skip_nnmodule_hook_guards``), and it reuses code compiled for one
+    module for every module of the same class: a model compiled before natgrad's hooks existed,
+    or a twin of it, would run without them. Clearing the caches makes the next compiled call
+    trace the hooks; other compiled models recompile once.
+    """
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # a torch without dynamo
+        return False
+    compiled = counters["frames"].get("ok", 0)
+    if compiled <= _COMPILED_FRAMES["seen"]:
+        return False
+    torch.compiler.reset()
+    _COMPILED_FRAMES["seen"] = compiled
+    return True
+
+
+def compiled_hint() -> str:
+    """A sentence for errors about missing captures, when ``torch.compile`` ran in this process.
+
+    Code compiled for a module of the same class before natgrad's hooks existed, or for a
+    hook-free twin compiled after the preconditioner was built, runs without the hooks.
+    """
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return ""
+    if counters["frames"].get("ok", 0) == 0:
+        return ""
+    return (
+        ". If the model is compiled: torch.compile may have reused code it compiled without "
+        "natgrad's hooks (for a model of the same class; it does not check hooks added later): "
+        "call torch.compiler.reset() after building the preconditioner and before the first "
+        "compiled call"
+    )
+
+
 # Every module carrying a live capture's hooks, to refuse a second preconditioner on it.
 _CAPTURED: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Capture]] = weakref.WeakKeyDictionary()
 
@@ -430,4 +474,11 @@ def _check_not_captured(module: nn.Module, name: str) -> None:
     )
 
 
-__all__ = ["Capture", "LayerCall", "batch_size", "model_logits"]
+__all__ = [
+    "Capture",
+    "LayerCall",
+    "batch_size",
+    "compiled_hint",
+    "forget_compiled_code",
+    "model_logits",
+]

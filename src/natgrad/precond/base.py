@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from natgrad.adapters import adapter_for
-from natgrad.capture import Capture
+from natgrad.capture import Capture, compiled_hint, forget_compiled_code
 from natgrad.direct import norm_adapter_for
 from natgrad.distributed import (
     Communicator,
@@ -199,6 +199,15 @@ class Preconditioner:
         self.capture = Capture(
             self.wrapper, {**self.selection.layers, **self.selection.direct}, self._on_output_grad
         )
+        if forget_compiled_code():
+            warnings.warn(
+                "torch.compile had compiled code in this process before natgrad's hooks existed "
+                "and would reuse it without them (it does not check hooks added later), so "
+                "natgrad cleared its caches (torch.compiler.reset()): compiled models recompile "
+                "at their next call. Build preconditioners before the first compiled call to "
+                "avoid the recompilation.",
+                stacklevel=3,
+            )
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.communicator = Communicator(
             distributed,
@@ -253,7 +262,7 @@ class Preconditioner:
         if self.capture.output is None:
             raise RuntimeError(
                 "backward() found no captured forward pass: call model(x) with gradients "
-                "enabled before computing the loss"
+                "enabled before computing the loss" + compiled_hint()
             )
         check_not_broadcast(loss, self.capture.output)
         outputs = list(self.capture.layer_outputs())
@@ -321,7 +330,7 @@ class Preconditioner:
             if not batches:
                 raise RuntimeError(
                     "no captured layer received a gradient: call loss.backward() on a loss that "
-                    "depends on the model's layers before step()"
+                    "depends on the model's layers before step()" + compiled_hint()
                 )
             batches.sort(key=lambda batch: self._order[batch.name])
             failure = None
@@ -452,7 +461,7 @@ class Preconditioner:
                 )
             raise RuntimeError(
                 "step() found no captured forward pass: call logits = model(x) with gradients "
-                "enabled, then loss.backward(), then pre.step(logits)"
+                "enabled, then loss.backward(), then pre.step(logits)" + compiled_hint()
             )
         if logits is not self.capture.output and not logits.requires_grad:
             raise ValueError(
