@@ -19,7 +19,11 @@ from torch import nn
 import natgrad
 from oracle import relative_error
 
-pytestmark = pytest.mark.usefixtures("float64")
+pytestmark = [
+    pytest.mark.usefixtures("float64"),
+    # natgrad says when it clears torch.compile's caches; tests here compile many twins
+    pytest.mark.filterwarnings("ignore:torch.compile had compiled code"),
+]
 
 METHODS = {
     "ef": lambda model: natgrad.EF(model, damping=1e-3),

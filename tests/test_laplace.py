@@ -8,6 +8,7 @@ dense linear algebra.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -671,3 +672,60 @@ def test_conv_posterior_equals_linear_on_unfolded_patches(float64, structure):
         for model in (by_conv, by_linear)
     ]
     torch.testing.assert_close(precisions[0], precisions[1], rtol=1e-10, atol=1e-12)
+
+
+class TransposedLinear(nn.Module):
+    """A linear layer storing its weight as ``(d_in, d_out)`` (HuggingFace's Conv1D layout)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach().T.clone())
+        self.bias = nn.Parameter(linear.bias.detach().clone())
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+@pytest.mark.parametrize("damping", ["correct", "heuristic", "a_only"])
+def test_kron_posterior_of_a_transposed_weight_layout_equals_the_linear_one(float64, damping):
+    """The same layer stored as ``(d_in, d_out)`` (registered with TransposedLinearAdapter)
+    has the Linear layer's kron posterior, permuted to its layout: precision and linearised
+    predictive."""
+    torch.manual_seed(6)
+    linear_model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    transposed_model = nn.Sequential(TransposedLinear(linear_model[0]), nn.Tanh(), linear_model[2])
+    transposed_model = copy.deepcopy(transposed_model)
+    natgrad.register_adapter(TransposedLinear, natgrad.adapters.TransposedLinearAdapter())
+    try:
+        inputs, targets = make_data("categorical", 10, shape=(5,))
+        posteriors = []
+        for model in (linear_model, transposed_model):
+            la = natgrad.Laplace(model, structure="kron", kron_damping=damping, prior_precision=0.7)
+            la.fit(loader(inputs, targets))
+            posteriors.append(la)
+    finally:
+        natgrad.adapters.ADAPTERS.pop(TransposedLinear)
+    # parameter order: first weight (4x5 vs 5x4), first bias, then the shared head
+    order = torch.cat([torch.arange(20).reshape(4, 5).T.reshape(-1), torch.arange(20, 39)])
+    expected = posteriors[0].posterior_precision()[order][:, order]
+    actual = posteriors[1].posterior_precision()
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        posteriors[1].predictive(inputs, method="linearised"),
+        posteriors[0].predictive(inputs, method="linearised"),
+        rtol=1e-10, atol=1e-12,
+    )  # fmt: skip
+
+
+def test_an_evaluated_prior_precision_is_checked_like_a_set_one(float64):
+    """log_marginal_likelihood(τ) refuses what the prior_precision setter refuses."""
+    torch.manual_seed(7)
+    inputs, targets = make_data("categorical", 6)
+    la = natgrad.Laplace(make_model(), structure="diag")
+    la.fit(loader(inputs, targets))
+    with pytest.raises(ValueError, match="one value per module"):
+        la.log_marginal_likelihood(torch.ones(len(la.group_names) + 1))
+    with pytest.raises(ValueError, match="positive and finite"):
+        la.log_marginal_likelihood(-1.0)
+    per_module = [2.0] * len(la.group_names)
+    assert la.log_marginal_likelihood(2.0) == la.log_marginal_likelihood(per_module)

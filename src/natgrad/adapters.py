@@ -44,9 +44,10 @@ class LayerAdapter:
         return matrix.reshape(*matrix.shape[:-2], *module.weight.shape)
 
     def to_matrix(self, module: nn.Module, weight: Tensor) -> Tensor:
-        """A tensor shaped like ``module.weight`` as the ``(d_out, d_in)`` weight matrix (a view
-        of a contiguous tensor)."""
-        return weight.reshape(module.weight.shape[0], -1)
+        """Tensors shaped like ``module.weight`` (after any leading batch dimensions) as
+        ``(*, d_out, d_in)`` weight matrices (views of a contiguous tensor)."""
+        lead = weight.shape[: weight.dim() - module.weight.dim()]
+        return weight.reshape(*lead, module.weight.shape[0], -1)
 
     token_inputs: bool = False
     """Whether :meth:`input_rows` gives token indices ``(N, T)`` instead of dense rows."""
@@ -123,7 +124,7 @@ class TransposedLinearAdapter(LinearAdapter):
         return matrix.transpose(-1, -2)
 
     def to_matrix(self, module: nn.Module, weight: Tensor) -> Tensor:
-        return weight.T
+        return weight.transpose(-1, -2)
 
 
 class Conv2dAdapter(LayerAdapter):
@@ -196,7 +197,7 @@ class EmbeddingAdapter(LinearAdapter):
         return matrix.transpose(-1, -2)
 
     def to_matrix(self, module: nn.Module, weight: Tensor) -> Tensor:
-        return weight.T
+        return weight.transpose(-1, -2)
 
 
 ADAPTERS: dict[type[nn.Module], LayerAdapter] = {

@@ -88,7 +88,8 @@ from torch import Tensor, nn
 def model_logits(output: object) -> Tensor | None:
     """The logits in what a model returned: the tensor itself, the ``"logits"`` entry of a
     ``dict`` or HuggingFace ``ModelOutput``, else the first non-scalar floating-point tensor
-    that requires a gradient among the entries of a mapping or a tuple; ``None`` if none."""
+    that requires a gradient among the entries of a mapping or a tuple (the first such tensor
+    at all where none requires one, as inside ``torch.func`` transforms); ``None`` if none."""
     if isinstance(output, Tensor):
         return output
     if isinstance(output, Mapping):
@@ -97,14 +98,16 @@ def model_logits(output: object) -> Tensor | None:
             return logits
         output = tuple(output.values())
     if isinstance(output, (tuple, list)):
-        for value in output:
-            if (
-                isinstance(value, Tensor)
-                and value.dim() > 0
-                and value.is_floating_point()
-                and value.requires_grad
-            ):
+        candidates = [
+            value
+            for value in output
+            if isinstance(value, Tensor) and value.dim() > 0 and value.is_floating_point()
+        ]
+        for value in candidates:
+            if value.requires_grad:
                 return value
+        if candidates:  # inside torch.func transforms (the fallback, Fisher-vector products)
+            return candidates[0]  # no tensor requires a gradient
     return None
 
 
@@ -281,7 +284,14 @@ class Capture:
             return None
         layer_input = args[0].detach()
         size = self.batch_size
-        broadcast = layer_input.shape[0] == 1 and size is not None and size > 1
+        # a batch of one looked up from indices (position ids) and broadcast over the batch; an
+        # input that requires a gradient (a learned query) is the model's own computation
+        broadcast = (
+            layer_input.shape[0] == 1
+            and size is not None
+            and size > 1
+            and not args[0].requires_grad
+        )
         if broadcast:  # one row for the whole batch: give each datapoint its own view
             layer_input = layer_input.expand(size, *layer_input.shape[1:])
             output = output.expand(size, *output.shape[1:])

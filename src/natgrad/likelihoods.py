@@ -161,7 +161,10 @@ class Categorical(Likelihood):
     def counted(self, logits: Tensor, output_grad: Tensor) -> Tensor:
         """Positions whose logits receive a gradient, or whose softmax is exactly one-hot
         (a saturated position, whose gradient and Hessian vanish whether it counts or not)."""
-        probs = torch.softmax(logits.detach(), dim=-1)
+        # in float32 at least: a bfloat16 softmax rounds any p > ~0.998 to one, which would
+        # count confident positions outside the loss (label -100)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        probs = torch.softmax(logits.detach().to(dtype), dim=-1)
         return (output_grad != 0).any(dim=-1) | (probs.amax(dim=-1) == 1)
 
     def sampled_output_grads(
@@ -227,7 +230,8 @@ class Categorical(Likelihood):
         positive = (grad > 0) & (probs > finfo.tiny / finfo.eps)
         if not bool(positive.any()):
             return
-        inferred = (grad[positive].sum() / probs[positive].sum()).item()
+        # masked sums, not boolean indexing: no copy of the selected entries (LLM-sized logits)
+        inferred = (grad.where(positive, 0).sum() / probs.where(positive, 0).sum()).item()
         if math.isclose(inferred, expected, rel_tol=10 * precision):
             return
         other = "sum" if reduction == "mean" else "mean"

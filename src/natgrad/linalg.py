@@ -6,9 +6,8 @@ gradients ``E`` of shape ``(K, N, T, d_out)``; datapoint ``(k, n)`` has the grad
 ordered ``k``-major: row ``k N + n``.
 
 For a dense layer (``T = 1``) the Gram matrix is ``(A A^T) ⊙ (E E^T)`` (Shrestha 2023, eq. 41;
-Benzing 2022 App. I eq. 21), ``J v`` is the row sum of ``(A V^T) ⊙ E`` (Shrestha 2023, eq. 42) and
-``J^T u`` is
-``E^T diag(u) A`` (Shrestha 2023, eq. 43): nothing of size ``N x P`` is formed.
+Benzing 2022 App. I eq. 21), ``J v`` is the row sum of ``(A V^T) ⊙ E`` (Shrestha 2023, eq. 42)
+and ``J^T u`` is ``E^T diag(u) A`` (Shrestha 2023, eq. 43): nothing of size ``N x P`` is formed.
 
 For weight-shared layers (``T > 1``: sequences, convolutions) two forms exist and
 :func:`gram` picks the cheaper per call:

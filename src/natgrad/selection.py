@@ -201,6 +201,15 @@ def select_layers(
     claimed = _claimed_by_layers(modules, owners)
     tied = _tied_weights(modules, owners)
     tied_names = {name for pair in tied.values() for name in pair}
+    for pair in tied.values():
+        policies = {overrides.get(name) for name in pair}
+        if len(policies) > 1:
+            first, second = pair
+            raise ValueError(
+                f"'{_label(first)}' and '{_label(second)}' share one weight (tied): override both "
+                f"with the same policy or neither, e.g. overrides={{{first!r}: 'plain_gradient', "
+                f"{second!r}: 'plain_gradient'}}"
+            )
     selection = LayerSelection()
     unsupported_modules: list[str] = []
     rejected: dict[str, str] = {}

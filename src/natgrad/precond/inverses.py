@@ -294,6 +294,7 @@ __all__ = [
     "FOOFInverse",
     "KroneckerInverse",
     "LayerInverse",
+    "eigen",
     "heuristic_split",
     "split_damping",
 ]

@@ -1,5 +1,5 @@
-"""R11 (Shrestha 2023, Fig. 5, sec. 4.4): time and memory of exact, blockwise and TENGraD NGD vs
-SGD.
+"""R11 (Shrestha 2023, Fig. 5, sec. 4.4): time and memory of exact, blockwise and TENGraD NGD
+vs SGD.
 
 Shrestha 2023 compares the time and memory of exact NGD, block-diagonal ("Blockwise") NGD, TENGraD
 and SGD on networks whose hidden layers have 20 units, as the parameter count ``P`` grows, and
@@ -156,8 +156,8 @@ def random_batches(batch_size: int, seed: int) -> Callable[[], Batch]:
 def dense_ngd_direction(
     model: nn.Module, inputs: Tensor, targets: Tensor, damping: float, structure: str = "full"
 ) -> Tensor:
-    """Dense reference: ``(J^T J / N + λI)^{-1} ∇L`` with ``J`` materialised (Shrestha 2023, eq.
-    36-37).
+    """Dense reference: ``(J^T J / N + λI)^{-1} ∇L`` with ``J`` materialised (Shrestha 2023,
+    eq. 36-37).
 
     This is what Shrestha 2023 calls exact NGD (``structure="full"``, one ``P x P`` system) and
     Blockwise NGD (``structure="layer"``, one ``d_l x d_l`` system per module): the per-sample

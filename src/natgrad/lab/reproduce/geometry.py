@@ -1,13 +1,11 @@
 """Claims on small problems with exact geometry: R1, R2 and R3.
 
-* R1 (Kunstner et al. 2019, Fig. 1, App. D.1; Wu et al. 2024, sec. 2.3): on the 2-D least-squares
-problem the NGD
-  and iEF vector fields coincide, EF's is distorted.
+* R1 (Kunstner et al. 2019, Fig. 1, App. D.1; Wu et al. 2024, sec. 2.3): on the 2-D
+  least-squares problem the NGD and iEF vector fields coincide, EF's is distorted.
 * R2 (Wu et al. 2024, sec. 2.2): for least squares the iEF matrix equals the Fisher.
-* R3 (Kunstner et al. 2019, Fig. 3, App. D.3): GD vs NGD vs EF-preconditioned GD with grid-searched
-step
-  size and damping, 100 full-batch iterations from θ = 0, and the cosine between the EF and NGD
-  directions along the EF path, on breast cancer, wine and Boston.
+* R3 (Kunstner et al. 2019, Fig. 3, App. D.3): GD vs NGD vs EF-preconditioned GD with
+  grid-searched step size and damping, 100 full-batch iterations from θ = 0, and the cosine
+  between the EF and NGD directions along the EF path, on breast cancer, wine and Boston.
 
 These are deterministic (no training randomness), so ``seeds`` is accepted and ignored.
 """

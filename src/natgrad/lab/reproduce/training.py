@@ -1,5 +1,5 @@
-"""Claims comparing trained optimisers: R4, R5, R6 (Benzing 2022), R9 (Wu et al. 2024), R12
-(Shrestha 2023).
+"""Claims comparing trained optimisers: R4, R5, R6 (Benzing 2022), R9 (Wu et al. 2024) and
+R12 (Shrestha 2023).
 
 Default scale (minutes on two cores): Benzing 2022's MLP (three hidden layers, ReLU, no biases)
 with hidden width 256 instead of 1000 on MNIST-1D (4000 training points, 40 inputs) for 5
