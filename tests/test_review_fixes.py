@@ -137,3 +137,16 @@ def test_a_learned_batch_of_one_is_not_expanded(float64):
     F.cross_entropy(logits, torch.randint(0, 3, (5,))).backward()
     pre.step(logits)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_a_model_output_passed_to_step_is_answered_with_its_logits():
+    class Output(dict):
+        def __getattr__(self, name):
+            return self[name]
+
+    model = nn.Sequential(nn.Linear(3, 2))
+    pre = natgrad.EF(model)
+    logits = model(torch.randn(4, 3))
+    F.cross_entropy(logits, torch.randint(0, 2, (4,))).backward()
+    with pytest.raises(TypeError, match=r"got Output \(pass its \.logits\)"):
+        pre.step(Output(logits=logits))

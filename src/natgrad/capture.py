@@ -6,7 +6,7 @@ that share the weight (the T tokens of a sequence, the output pixels of a convol
 for a plain dense layer). Everything natgrad computes starts from these rows (Benzing 2022, App. I;
 Shrestha 2023, eq. 33-34), never from per-sample gradients.
 
-Adapters turn a module's input and output gradient into rows:
+Adapters (:mod:`natgrad.adapters`) turn a module's input and output gradient into rows:
 
 * ``nn.Linear``: input ``(N, *, d_in)`` becomes ``A`` of shape ``(N, T, d_in)`` with ``T`` the
   product of the middle dimensions; the weight is shared over them.
@@ -21,14 +21,15 @@ Adapters turn a module's input and output gradient into rows:
   vocabulary; KFAC and FOOF keep the (diagonal) input factor of one-hot rows as the token
   frequencies, and they and FishLeg form the embedding's gradient by index.
   The weight matrix in the neuron view is ``(embedding_dim, num_embeddings)``, the transpose
-  of ``Embedding.weight``; the adapter converts (:meth:`LayerAdapter.to_weight`).
+  of ``Embedding.weight``; the adapter converts
+  (:meth:`~natgrad.adapters.LayerAdapter.to_weight`).
 * A linear layer that stores its weight transposed, ``(d_in, d_out)``
-  (:class:`TransposedLinearAdapter`): HuggingFace's ``transformers.pytorch_utils.Conv1D``
-  (GPT-2's attention and MLP), recognised by its import path so that natgrad never imports
-  transformers.
+  (:class:`~natgrad.adapters.TransposedLinearAdapter`): HuggingFace's
+  ``transformers.pytorch_utils.Conv1D`` (GPT-2's attention and MLP), recognised by its import
+  path so that natgrad never imports transformers.
 
-Adapters are looked up by the module's exact type (:func:`adapter_for`); a user registers
-one for a module type of their own with :func:`natgrad.register_adapter`.
+Adapters are looked up by the module's exact type (:func:`~natgrad.adapters.adapter_for`); a
+user registers one for a module type of their own with :func:`natgrad.register_adapter`.
 
 Normalisation layers and any other trainable tensor are not ``(A, E)`` pairs: see
 :mod:`natgrad.direct` and :mod:`natgrad.fallback`, and :mod:`natgrad.selection` for which

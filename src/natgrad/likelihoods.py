@@ -52,7 +52,8 @@ def check_reduction(reduction: str) -> str:
 def check_logits(logits: Tensor) -> None:
     """Raise unless ``logits`` is a floating-point tensor of shape ``(N, C)`` or ``(N, T, C)``."""
     if not isinstance(logits, Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+        hint = " (pass its .logits)" if isinstance(getattr(logits, "logits", None), Tensor) else ""
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}{hint}")
     if logits.dim() not in (2, 3):
         raise ValueError(
             f"logits must have shape (N, C) with one row per datapoint, or (N, T, C) with T "
