@@ -71,3 +71,17 @@ def run_natgrad(model, inputs, targets, likelihood, reduction, fused=False, **kw
     pre.step(logits)
     pre.remove()
     return flat_grad([p for p in model.parameters() if p.requires_grad]), logits.detach()
+
+
+class TiedHead(nn.Module):
+    """An embedding whose weight is also the output layer's (weight tying)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(3, 4)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mix(self.embed(tokens).mean(dim=1))))

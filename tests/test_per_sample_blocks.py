@@ -22,7 +22,7 @@ import natgrad
 from natgrad.analysis.quality import per_sample_gradients
 from natgrad.likelihoods import get_likelihood
 from oracle import damped_direction, dense_batch, expected_update, flat_grad, relative_error
-from problems import MeanOverTokens, run_natgrad
+from problems import MeanOverTokens, TiedHead, run_natgrad
 
 FISHERS = ["empirical", "ief", "ief_matrix", "mc", "exact"]
 STRUCTURES = ["full", "layer"]
@@ -44,20 +44,6 @@ class Prompted(nn.Module):
     def forward(self, x):
         prompt = self.prompt.expand(x.shape[0], -1, -1)
         return self.body(torch.cat([prompt, x], dim=1))
-
-
-class TiedHead(nn.Module):
-    """An embedding whose weight is also the output layer's (weight tying)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(3, 4)
-        self.mix = nn.Linear(4, 4)
-        self.head = nn.Linear(4, 3)
-        self.head.weight = self.embed.weight
-
-    def forward(self, tokens):
-        return self.head(torch.tanh(self.mix(self.embed(tokens).mean(dim=1))))
 
 
 def with_batch_statistics(model: nn.Module, inputs: torch.Tensor) -> nn.Module:

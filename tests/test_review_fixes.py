@@ -12,6 +12,7 @@ import natgrad
 from natgrad.fisher_vector import fisher_vector_product
 from natgrad.likelihoods import Categorical
 from oracle import relative_error
+from problems import TiedHead
 
 
 def test_counted_tokens_do_not_depend_on_the_logits_precision():
@@ -72,18 +73,6 @@ def test_fisher_vector_products_find_the_logits_in_a_tuple(float64):
     F.cross_entropy(logits, torch.randint(0, 2, (5,))).backward()
     pre.step(logits)
     assert pre.aux_losses
-
-
-class TiedHead(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(3, 4)
-        self.mix = nn.Linear(4, 4)
-        self.head = nn.Linear(4, 3)
-        self.head.weight = self.embed.weight
-
-    def forward(self, tokens):
-        return self.head(torch.tanh(self.mix(self.embed(tokens).mean(dim=1))))
 
 
 @pytest.mark.parametrize("overridden", ["embed", "head"])
