@@ -59,7 +59,9 @@ Goals (issues 2-4)
 Time: EF, iEF and F(1) (full) <= 1.3x SGD; TENGraD <= 1.3x; exact Fisher <= 6x; KFAC T=100
 <= 1.8x; FOOF T=100 <= 1.4x (and cheaper than KFAC at every T); FishLeg with auxiliary period
 10 <= 2x. Memory: the peak-memory increase of every method <= 1.5x SGD's. The ``goal`` column
-shows the time goal of a method (its fused variant shares it) and whether this run met it.
+shows the time goal of a method (its fused variant shares it) and whether this run met it. The
+``subnormals`` column counts subnormal entries in the weights, gradients, factors and inverses
+after the timed steps (the JSON rows break it down).
 """
 
 from __future__ import annotations
@@ -370,6 +372,7 @@ def worker(
         "threads": torch.get_num_threads(),
     }
     row["ratio"] = row["ms"] / row["sgd_ms"]
+    row["subnormals"] = subnormal_counts(model, pre)
     if isinstance(pre, KroneckerPreconditioner):
         inversions = []
         for _ in range(3):
@@ -378,6 +381,35 @@ def worker(
             inversions.append(time.perf_counter() - start)
         row["inversion_ms"] = 1e3 * statistics.median(inversions)
     return row
+
+
+def count_subnormals(tensors: list[Tensor | float | None]) -> int:
+    """The number of subnormal entries (nonzero, below ``finfo.tiny`` in magnitude)."""
+    count = 0
+    for tensor in tensors:
+        if isinstance(tensor, Tensor) and tensor.is_floating_point():
+            tiny = torch.finfo(tensor.dtype).tiny
+            count += int(((tensor != 0) & (tensor.abs() < tiny)).sum())
+    return count
+
+
+def subnormal_counts(model: nn.Module, pre: natgrad.Preconditioner | None) -> dict[str, int]:
+    """Subnormal entries in the weights, their gradients and, for Kronecker methods, the factors
+    and inverses after the timed steps: where subnormal arithmetic (slow on some CPUs) can come
+    from."""
+    params = list(model.parameters())
+    counts = {
+        "weights": count_subnormals(params),
+        "grads": count_subnormals([param.grad for param in params]),
+    }
+    if isinstance(pre, KroneckerPreconditioner):
+        factors = [*pre.input_factors.values(), *pre.grad_factors.values()]
+        counts["factors"] = count_subnormals(factors)
+        entries = [
+            value for inverse in pre.inverses.values() for value in inverse.tensors().values()
+        ]
+        counts["inverses"] = count_subnormals(entries)
+    return counts
 
 
 def run_worker(
@@ -419,13 +451,13 @@ def format_table(rows: list[Row]) -> str:
     """The rows as a markdown table."""
     lines = [
         "| batch | method | ms/step | SGD ms/step (same run) | ratio | goal "
-        "| peak RSS increase MiB | memory ratio vs SGD | inversion ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| peak RSS increase MiB | memory ratio vs SGD | inversion ms | subnormals |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if "error" in row:
             last = row["error"].splitlines()[-1] if row["error"] else "failed"
-            lines.append(f"| {row['batch']} | {row['method']} | failed: {last} | | | | | | |")
+            lines.append(f"| {row['batch']} | {row['method']} | failed: {last} | | | | | | | |")
             continue
         goal = row["time_goal"]
         verdict = (
@@ -439,7 +471,7 @@ def format_table(rows: list[Row]) -> str:
         lines.append(
             f"| {row['batch']} | {row['method']} | {row['ms']:.1f} | {row['sgd_ms']:.1f} "
             f"| {row['ratio']:.2f} | {verdict} | {row['peak_mib']:.0f} | {memory_text} "
-            f"| {inversion} |"
+            f"| {inversion} | {sum(row['subnormals'].values())} |"
         )
     return "\n".join(lines)
 
