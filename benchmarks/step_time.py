@@ -9,14 +9,18 @@ drawn outside the timed region), cross-entropy with mean reduction,
 
 Run ``python benchmarks/step_time.py`` (about 10-15 minutes on 2 cores). Options:
 ``--methods`` (default: all), ``--batch-sizes`` (default ``32 100``), ``--steps`` (timed steps,
-default 30), ``--warmup`` (default 5) and ``--json PATH`` to write the rows. The script is a
+default 30), ``--warmup`` (default 5), ``--lr`` (the learning rate of every optimiser, default
+1e-4), ``--train-steps K`` (default 0: train the method ``K`` more steps after the memory phase,
+before timing, so that the weights and the preconditioner's state are those of a model in
+training) and ``--json PATH`` to write the rows. The script is a
 benchmark, not a test: it prints the table and checks nothing.
 
 Methods
 -------
 ``sgd`` (plain SGD, the reference); ``ef``, ``ief``, ``mc`` (``F(1)``, one sampled label per
 datapoint) and ``exact`` (exact Fisher), all ``natgrad.NGD`` with ``structure="full"``;
-``tengrad`` (block-diagonal EF); ``kfac-T*`` / ``foof-T*`` (inversion period T) and
+``tengrad`` (block-diagonal EF); ``kfac-T*`` / ``foof-T*`` (inversion period T, factors folded
+in the 10 steps before each inversion; ``-foldall``: every step, the default schedule) and
 ``fishleg-k*`` (auxiliary period k). A ``-fused`` suffix uses ``pre.backward(loss)`` (autograd
 stops at the layer outputs) instead of ``loss.backward()``.
 
@@ -25,9 +29,10 @@ Time
 Each method runs in its own subprocess (this script with a hidden ``--worker`` flag), so that
 neither the timings nor the memory figures of one method leak into another's. A step is
 ``zero_grad``, forward, loss, backward (or ``pre.backward``), ``pre.step`` and ``opt.step``
-with ``torch.optim.SGD(lr=1e-4, momentum=0.9)`` (FishLeg applies its own momentum, so its
-optimiser has none). In the worker, after the memory phase below, the method's step and a plain
-SGD step on an identical copy of the model are timed alternately (SGD, method, SGD, ...), so
+with ``torch.optim.SGD(lr=1e-4, momentum=0.9)`` (``--lr``; FishLeg applies its own momentum, so
+its optimiser has none). In the worker, after the memory phase below (and ``--train-steps``),
+the method's step and a plain SGD step on a copy of the method's current weights are timed
+alternately (SGD, method, SGD, ...), so
 the ratio compares two measurements taken under the same conditions (the same process, the
 same load from whatever else runs on the machine). The figures are medians of wall-clock
 ``time.perf_counter`` per step, in ms. Run it on an otherwise idle machine: with two OpenMP
@@ -54,7 +59,9 @@ Goals (issues 2-4)
 Time: EF, iEF and F(1) (full) <= 1.3x SGD; TENGraD <= 1.3x; exact Fisher <= 6x; KFAC T=100
 <= 1.8x; FOOF T=100 <= 1.4x (and cheaper than KFAC at every T); FishLeg with auxiliary period
 10 <= 2x. Memory: the peak-memory increase of every method <= 1.5x SGD's. The ``goal`` column
-shows the time goal of a method (its fused variant shares it) and whether this run met it.
+shows the time goal of a method (its fused variant shares it) and whether this run met it. The
+``subnormals`` column counts subnormal entries in the weights, gradients, factors and inverses
+after the timed steps (the JSON rows break it down).
 """
 
 from __future__ import annotations
@@ -158,17 +165,24 @@ def woodbury(fisher: str, structure: str = "full") -> Callable[[nn.Module], natg
     return build
 
 
-def kfac(period: int) -> Callable[[nn.Module], natgrad.KFAC]:
-    """A factory of KFAC preconditioners with inversion period ``period``."""
+def kfac(period: int, window: int | None = 10) -> Callable[[nn.Module], natgrad.KFAC]:
+    """A factory of KFAC preconditioners with inversion period ``period``, folding the factors
+    in the ``min(period, window)`` steps before each inversion (every step if None)."""
     return lambda model: natgrad.KFAC(
-        model, damping=1e-3, inv_period=period, pre_inversion_steps=min(period, 10)
+        model,
+        damping=1e-3,
+        inv_period=period,
+        pre_inversion_steps=None if window is None else min(period, window),
     )
 
 
-def foof(period: int) -> Callable[[nn.Module], natgrad.FOOF]:
-    """A factory of FOOF preconditioners with inversion period ``period``."""
+def foof(period: int, window: int | None = 10) -> Callable[[nn.Module], natgrad.FOOF]:
+    """A factory of FOOF preconditioners, as :func:`kfac`."""
     return lambda model: natgrad.FOOF(
-        model, damping=1.0, inv_period=period, pre_inversion_steps=min(period, 10)
+        model,
+        damping=1.0,
+        inv_period=period,
+        pre_inversion_steps=None if window is None else min(period, window),
     )
 
 
@@ -185,13 +199,18 @@ PRECONDITIONERS: dict[str, Callable[[nn.Module], natgrad.Preconditioner]] = {
     "tengrad": woodbury("empirical", "layer"),
     **{f"kfac-T{period}": kfac(period) for period in (1, 10, 100)},
     **{f"foof-T{period}": foof(period) for period in (1, 10, 100)},
+    "kfac-T100-foldall": kfac(100, None),
+    "foof-T100-foldall": foof(100, None),
     **{
         f"fishleg-k{period}{suffix}": fishleg(period, target)
         for period in (1, 10)
         for suffix, target in (("", "update"), ("-gradmom", "gradient"))
     },
 }
-FUSED = ("ef", "ief", "mc", "exact", "tengrad", "kfac-T100", "foof-T100", "fishleg-k10")
+FUSED = (
+    "ef", "ief", "mc", "exact", "tengrad", "kfac-T100", "foof-T100", "kfac-T100-foldall",
+    "foof-T100-foldall", "fishleg-k10",
+)  # fmt: skip
 METHODS = ["sgd", *PRECONDITIONERS, *(f"{name}-fused" for name in FUSED)]
 TIME_GOALS = {
     "ef": 1.3,
@@ -201,12 +220,14 @@ TIME_GOALS = {
     "exact": 6.0,
     "kfac-T100": 1.8,
     "foof-T100": 1.4,
+    "kfac-T100-foldall": 2.7,
+    "foof-T100-foldall": 1.7,
     "fishleg-k10": 2.0,
 }
 
 
 def make_step(
-    method: str, model: nn.Module
+    method: str, model: nn.Module, lr: float = LEARNING_RATE
 ) -> tuple[torch.optim.Optimizer, natgrad.Preconditioner | None, bool]:
     """Set up one method on ``model``.
 
@@ -216,6 +237,8 @@ def make_step(
         A name of :data:`METHODS`.
     model
         The model the method trains (the preconditioner hooks into it).
+    lr
+        The optimiser's learning rate.
 
     Returns
     -------
@@ -225,7 +248,7 @@ def make_step(
     base = method.removesuffix("-fused")
     pre = None if base == "sgd" else PRECONDITIONERS[base](model)
     momentum = 0.0 if base.startswith("fishleg") else 0.9  # FishLeg applies its own
-    opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=momentum)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     return opt, pre, method.endswith("-fused")
 
 
@@ -277,7 +300,14 @@ def max_rss_mib() -> float:
     return peak / 1024**2 if sys.platform == "darwin" else peak / 1024  # bytes / KiB
 
 
-def worker(method: str, batch_size: int, steps: int, warmup: int) -> Row:
+def worker(
+    method: str,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    lr: float = LEARNING_RATE,
+    train_steps: int = 0,
+) -> Row:
     """Measure one method in this process.
 
     Parameters
@@ -290,6 +320,10 @@ def worker(method: str, batch_size: int, steps: int, warmup: int) -> Row:
         The number of timed steps (of the method and of SGD each).
     warmup
         The number of untimed steps before the timed ones.
+    lr
+        The learning rate of the method's and of SGD's optimiser.
+    train_steps
+        Untimed training steps of the method after the memory phase, before timing.
 
     Returns
     -------
@@ -303,16 +337,19 @@ def worker(method: str, batch_size: int, steps: int, warmup: int) -> Row:
     torch.manual_seed(1)
     draw = random_batches(batch_size)
     model = make_model()
-    opt, pre, fused = make_step(method, model)
+    opt, pre, fused = make_step(method, model, lr)
 
     # memory phase: the method alone (its warm-up and timed number of steps)
     baseline_mib = max_rss_mib()
     alone = run_steps(model, opt, pre, fused, draw, warmup + steps)
     peak_increase_mib = max_rss_mib() - baseline_mib
 
-    # timing phase: the method (already warm) and SGD on an identical model, alternately
+    run_steps(model, opt, pre, fused, draw, train_steps)
+
+    # timing phase: the method (already warm) and SGD on a copy of its weights, alternately
     reference = make_model()
-    sgd_opt = torch.optim.SGD(reference.parameters(), lr=LEARNING_RATE, momentum=0.9)
+    reference.load_state_dict(model.state_dict())
+    sgd_opt = torch.optim.SGD(reference.parameters(), lr=lr, momentum=0.9)
     run_steps(reference, sgd_opt, None, False, draw, warmup)
     method_times: list[float] = []
     sgd_times: list[float] = []
@@ -335,6 +372,7 @@ def worker(method: str, batch_size: int, steps: int, warmup: int) -> Row:
         "threads": torch.get_num_threads(),
     }
     row["ratio"] = row["ms"] / row["sgd_ms"]
+    row["subnormals"] = subnormal_counts(model, pre)
     if isinstance(pre, KroneckerPreconditioner):
         inversions = []
         for _ in range(3):
@@ -345,14 +383,46 @@ def worker(method: str, batch_size: int, steps: int, warmup: int) -> Row:
     return row
 
 
-def run_worker(method: str, batch_size: int, steps: int, warmup: int) -> Row:
+def count_subnormals(tensors: list[Tensor | float | None]) -> int:
+    """The number of subnormal entries (nonzero, below ``finfo.tiny`` in magnitude)."""
+    count = 0
+    for tensor in tensors:
+        if isinstance(tensor, Tensor) and tensor.is_floating_point():
+            tiny = torch.finfo(tensor.dtype).tiny
+            count += int(((tensor != 0) & (tensor.abs() < tiny)).sum())
+    return count
+
+
+def subnormal_counts(model: nn.Module, pre: natgrad.Preconditioner | None) -> dict[str, int]:
+    """Subnormal entries in the weights, their gradients and, for Kronecker methods, the factors
+    and inverses after the timed steps: where subnormal arithmetic (slow on some CPUs) can come
+    from."""
+    params = list(model.parameters())
+    counts = {
+        "weights": count_subnormals(params),
+        "grads": count_subnormals([param.grad for param in params]),
+    }
+    if isinstance(pre, KroneckerPreconditioner):
+        factors = [*pre.input_factors.values(), *pre.grad_factors.values()]
+        counts["factors"] = count_subnormals(factors)
+        entries = [
+            value for inverse in pre.inverses.values() for value in inverse.tensors().values()
+        ]
+        counts["inverses"] = count_subnormals(entries)
+    return counts
+
+
+def run_worker(
+    method: str, batch_size: int, steps: int, warmup: int, lr: float, train_steps: int
+) -> Row:
     """Run :func:`worker` in a fresh Python process and return its row.
 
     A failing worker gives a row with an ``error`` entry instead of stopping the benchmark.
     """
     command = [
         sys.executable, __file__, "--worker", method, "--batch-sizes", str(batch_size),
-        "--steps", str(steps), "--warmup", str(warmup),
+        "--steps", str(steps), "--warmup", str(warmup), "--lr", str(lr),
+        "--train-steps", str(train_steps),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = result.stdout.strip().splitlines()
@@ -381,13 +451,13 @@ def format_table(rows: list[Row]) -> str:
     """The rows as a markdown table."""
     lines = [
         "| batch | method | ms/step | SGD ms/step (same run) | ratio | goal "
-        "| peak RSS increase MiB | memory ratio vs SGD | inversion ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| peak RSS increase MiB | memory ratio vs SGD | inversion ms | subnormals |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if "error" in row:
             last = row["error"].splitlines()[-1] if row["error"] else "failed"
-            lines.append(f"| {row['batch']} | {row['method']} | failed: {last} | | | | | | |")
+            lines.append(f"| {row['batch']} | {row['method']} | failed: {last} | | | | | | | |")
             continue
         goal = row["time_goal"]
         verdict = (
@@ -401,7 +471,7 @@ def format_table(rows: list[Row]) -> str:
         lines.append(
             f"| {row['batch']} | {row['method']} | {row['ms']:.1f} | {row['sgd_ms']:.1f} "
             f"| {row['ratio']:.2f} | {verdict} | {row['peak_mib']:.0f} | {memory_text} "
-            f"| {inversion} |"
+            f"| {inversion} | {sum(row['subnormals'].values())} |"
         )
     return "\n".join(lines)
 
@@ -413,13 +483,17 @@ def main() -> None:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 100])
     parser.add_argument("--steps", type=int, default=30, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
+    parser.add_argument("--lr", type=float, default=LEARNING_RATE, help="every optimiser's")
+    parser.add_argument("--train-steps", type=int, default=0, help="steps before timing")
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.train_steps < 0:
+        parser.error("--steps must be >= 1, --warmup and --train-steps >= 0")
     if args.worker:
-        row = worker(args.worker, args.batch_sizes[0], args.steps, args.warmup)
+        row = worker(
+            args.worker, args.batch_sizes[0], args.steps, args.warmup, args.lr, args.train_steps
+        )
         print(json.dumps(row))
         return
     methods = ["sgd", *(m for m in dict.fromkeys(args.methods) if m != "sgd")]
@@ -427,14 +501,17 @@ def main() -> None:
     rows = []
     for batch_size in args.batch_sizes:
         for method in methods:
-            rows.append(run_worker(method, batch_size, args.steps, args.warmup))
+            rows.append(
+                run_worker(method, batch_size, args.steps, args.warmup, args.lr, args.train_steps)
+            )
             status = "FAILED" if "error" in rows[-1] else "done"
             print(f"{method} at batch {batch_size}: {status}", file=sys.stderr, flush=True)
     add_ratios(rows)
     load = (load_before, os.getloadavg()[0])
     print(
-        f"Median wall-clock ms/step (time.perf_counter), torch threads = 2, {args.steps} timed "
-        f"steps after {args.warmup} warm-up steps; SGD timed alternately in the same process. "
+        f"Median wall-clock ms/step (time.perf_counter), torch threads = 2, lr {args.lr:g}, "
+        f"{args.steps} timed steps after {args.warmup} warm-up and {args.train_steps} training "
+        f"steps; SGD timed alternately in the same process. "
         f"1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end "
         f"({os.cpu_count()} CPUs).\n"
     )

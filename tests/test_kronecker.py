@@ -236,6 +236,42 @@ def test_ema_and_schedule_follow_algorithm_1(method):
             assert relative_error(actual[layer], expected) <= TOLERANCE, (step, layer)
 
 
+@pytest.mark.parametrize("method", ["foof", "kfac"])
+def test_factors_fold_in_place_into_the_explicit_moving_average(method):
+    """The running sums are the explicit EMA of the batch covariances, and every fold after the
+    first writes into the same tensors (one GEMM each, no d x d temporaries)."""
+    torch.manual_seed(3)
+    model = make_model()
+    decay = 0.8
+    options = {"damping": 0.1, "ema_decay": decay, "inv_period": 2}
+    if method == "kfac":
+        pre = natgrad.KFAC(model, fisher="empirical", **options)
+    else:
+        pre = natgrad.FOOF(model, **options)
+    names = ["0", "2"]
+    storage, sums = {}, None
+    for step in range(4):
+        inputs, targets = torch.randn(6, 4), torch.randint(0, 3, (6,))
+        input_covs, grad_covs = explicit_factors(model, inputs, targets, "empirical", "mean")
+        batch = list(zip(input_covs, grad_covs, strict=True))
+        if sums is None:
+            sums = [((1 - decay) * a, (1 - decay) * g) for a, g in batch]
+        else:
+            sums = [
+                (decay * sa + (1 - decay) * a, decay * sg + (1 - decay) * g)
+                for (sa, sg), (a, g) in zip(sums, batch, strict=True)
+            ]
+        one_step(model, pre, inputs, targets)
+        for name, (input_sum, grad_sum) in zip(names, sums, strict=True):
+            factors = [pre.input_factors[name]]
+            assert relative_error(factors[0], input_sum) <= TOLERANCE, (step, name)
+            if method == "kfac":
+                factors.append(pre.grad_factors[name])
+                assert relative_error(factors[1], grad_sum) <= TOLERANCE, (step, name)
+            pointers = [factor.data_ptr() for factor in factors]
+            assert storage.setdefault(name, pointers) == pointers, (step, name)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("fisher", ["empirical", "exact"])
 def test_kfac_factors_agree_with_curvlinops(fisher, reduction):

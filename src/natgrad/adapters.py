@@ -145,14 +145,16 @@ class Conv2dAdapter(LayerAdapter):
                 f"natgrad needs batched images: nn.Conv2d got an input of shape "
                 f"{tuple(layer_input.shape)}; pass (N, C, H, W)"
             )
-        patches = F.unfold(
-            layer_input,
-            kernel_size=module.kernel_size,
-            dilation=module.dilation,
-            padding=module.padding,
-            stride=module.stride,
-        )
-        return patches.transpose(1, 2)
+        # the patches of F.unfold, laid out (N, positions, C k_h k_w) in one copy: unfolding
+        # F.unfold's (N, C k_h k_w, positions) output is im2col plus a transposing copy
+        (pad_h, pad_w), (dil_h, dil_w) = module.padding, module.dilation
+        (k_h, k_w), (stride_h, stride_w) = module.kernel_size, module.stride
+        padded = F.pad(layer_input, (pad_w, pad_w, pad_h, pad_h))
+        windows = padded.unfold(2, dil_h * (k_h - 1) + 1, stride_h).unfold(
+            3, dil_w * (k_w - 1) + 1, stride_w
+        )[..., ::dil_h, ::dil_w]  # (N, C, H', W', k_h, k_w)
+        n, _, out_h, out_w = windows.shape[:4]
+        return windows.permute(0, 2, 3, 1, 4, 5).reshape(n, out_h * out_w, -1)
 
     def output_rows(self, module: nn.Module, output_grad: Tensor, lead: int) -> Tensor:
         return output_grad.flatten(start_dim=-2).transpose(-1, -2)

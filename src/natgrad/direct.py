@@ -49,6 +49,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -117,9 +118,10 @@ class BatchNormAdapter(ChannelNormAdapter):
     """``nn.BatchNorm1d/2d/3d``: running statistics in eval mode, batch statistics otherwise."""
 
     def normalised(self, module: nn.Module, layer_input: Tensor) -> Tensor:
-        dims = (0, *range(2, layer_input.dim()))
         if module.training or module.running_mean is None:
-            return _standardise(layer_input, dims, module.eps)
+            # torch's batch-norm kernel: the batch mean and biased variance per channel, as
+            # _standardise over (0, 2, ...) computes them, in a third of its time
+            return F.batch_norm(layer_input, None, None, training=True, eps=module.eps)
         shape = (1, -1) + (1,) * (layer_input.dim() - 2)
         mean = module.running_mean.reshape(shape)
         variance = module.running_var.reshape(shape)

@@ -62,6 +62,7 @@ exactly, for any vocabulary size.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
@@ -91,10 +92,47 @@ def input_covariance(
 ) -> Tensor:
     """``Σ_A`` of one batch's input rows: ``Ā^T Ā / (N T)``, or its diagonal
     ``(num_embeddings,)`` for token inputs (module docstring)."""
+    return input_statistic(adapter, module, rows, dtype).dense()
+
+
+@dataclass
+class Outer:
+    """A batch statistic ``scale * rows^T rows`` kept as its rows, so that folding it into a
+    moving average is one in-place GEMM (:meth:`fold_into`); or, with ``rows=None``, a tensor
+    ``diagonal`` (a diagonal factor's vector) that is folded elementwise."""
+
+    rows: Tensor | None
+    scale: float = 1.0
+    diagonal: Tensor | None = None
+
+    def dense(self) -> Tensor:
+        """The statistic as a tensor (the diagonal's vector for a diagonal statistic)."""
+        if self.rows is None:
+            return self.diagonal
+        return self.scale * (self.rows.T @ self.rows)
+
+    def fold_into(self, average: Tensor | None, decay: float) -> Tensor:
+        """``decay * average + (1 - decay) * statistic``, written into ``average`` (no temporary
+        of its size), or ``(1 - decay) * statistic`` as a new tensor if ``average`` is None."""
+        if self.rows is None:
+            if average is None:
+                return (1 - decay) * self.diagonal
+            return average.mul_(decay).add_(self.diagonal, alpha=1 - decay)
+        alpha = (1 - decay) * self.scale
+        if average is None:
+            return torch.mm(self.rows.T, self.rows).mul_(alpha)
+        return average.addmm_(self.rows.T, self.rows, beta=decay, alpha=alpha)
+
+
+def input_statistic(
+    adapter: LayerAdapter, module: nn.Module, rows: Tensor, dtype: torch.dtype
+) -> Outer:
+    """``Σ_A`` of one batch's input rows as an :class:`Outer`: ``Ā^T Ā / (N T)``, or the
+    diagonal ``(num_embeddings,)`` for token inputs (module docstring)."""
     if adapter.token_inputs:
-        return token_frequencies(rows, module.num_embeddings, dtype)
+        return Outer(None, diagonal=token_frequencies(rows, module.num_embeddings, dtype))
     inputs = augmented_inputs(rows, adapter.has_bias(module))
-    return inputs.T @ inputs / inputs.shape[0]
+    return Outer(inputs, 1.0 / inputs.shape[0])
 
 
 def _check_schedule(
@@ -229,22 +267,23 @@ class KroneckerPreconditioner(Preconditioner):
             None if grad_factor is None else grad_factor / weight,
         )
 
-    def _fold_in(self, name: str, input_cov: Tensor, grad_cov: Tensor | None) -> None:
+    def _fold_in(self, name: str, input_stat: Outer, grad_stat: Outer | None) -> None:
+        """Fold one batch's statistics into the layer's moving averages, in place."""
         decay = self.ema_decay
-        if name not in self.ema_weights:
-            self.input_factors[name] = (1 - decay) * input_cov
-            if grad_cov is not None:
-                self.grad_factors[name] = (1 - decay) * grad_cov
-            self.ema_weights[name] = 1 - decay
-            return
-        self.input_factors[name] = decay * self.input_factors[name] + (1 - decay) * input_cov
-        if grad_cov is not None:
-            self.grad_factors[name] = decay * self.grad_factors[name] + (1 - decay) * grad_cov
-        self.ema_weights[name] = decay * self.ema_weights[name] + (1 - decay)
+        first = name not in self.ema_weights
+        self.input_factors[name] = input_stat.fold_into(
+            None if first else self.input_factors[name], decay
+        )
+        if grad_stat is not None:
+            self.grad_factors[name] = grad_stat.fold_into(
+                None if first else self.grad_factors[name], decay
+            )
+        previous = 0.0 if first else self.ema_weights[name]
+        self.ema_weights[name] = decay * previous + (1 - decay)
 
-    def _batch_grad_cov(
+    def _batch_grad_statistic(
         self, batch: LayerBatch, factor: float, per_sample_output_grad: Tensor
-    ) -> Tensor:
+    ) -> Outer:
         if batch.extra_grads is not None:
             rows = batch.extra_grads
         else:
@@ -255,7 +294,7 @@ class KroneckerPreconditioner(Preconditioner):
             if multipliers is not None:
                 rows = rows * multipliers.reshape(1, -1, 1, 1)
         flat = rows.reshape(-1, rows.shape[-1])
-        return (factor * row_weight(self.fisher, self.mc_samples)) * (flat.T @ flat)
+        return Outer(flat, factor * row_weight(self.fisher, self.mc_samples))
 
     # ------------------------------------------------------------------ main loop
     def _precondition(
@@ -292,16 +331,16 @@ class KroneckerPreconditioner(Preconditioner):
 
     def _batch_statistics(
         self, batch: LayerBatch, factor: float, per_sample_output_grad: Tensor
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Outer, Outer | None]:
         """The current batch's ``(Σ_A, Σ_G)`` of a layer (``Σ_G`` is None for FOOF)."""
-        input_cov = input_covariance(
+        input_stat = input_statistic(
             batch.adapter, batch.module, batch.inputs, batch.loss_grads.dtype
         )
         if not self.uses_grad_factor:
-            return input_cov, None
+            return input_stat, None
         if self.fisher in ("mc", "exact") and batch.extra_grads is None:
             raise RuntimeError(f"layer '{batch.name}' received no sampled datapoints this step")
-        return input_cov, self._batch_grad_cov(batch, factor, per_sample_output_grad)
+        return input_stat, self._batch_grad_statistic(batch, factor, per_sample_output_grad)
 
     def _directions_to_average(self, batches: list[Block]) -> list[nn.Parameter]:
         return [param for batch in batches for param in batch.parameters()]
@@ -531,11 +570,11 @@ class FOOF(KroneckerPreconditioner):
                     for name, rows in calls.items():
                         if rows:
                             module = self.selection.layers[name]
-                            covariance = input_covariance(
+                            statistic = input_statistic(
                                 self.adapters[name], module, torch.cat(rows, dim=1),
                                 module.weight.dtype,
                             )  # fmt: skip
-                            self._fold_in(name, covariance, None)
+                            self._fold_in(name, statistic, None)
                             rows.clear()
         finally:
             for handle in handles:
