@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 import natgrad
-from step_time import max_rss_mib, run_steps
+from step_time import max_rss_mib, run_steps, spawn_worker
 
 CLASSES = 10
 Row = dict[str, Any]
@@ -166,17 +166,11 @@ def worker(method: str, args: argparse.Namespace) -> Row:
 def run_worker(method: str, args: argparse.Namespace) -> Row:
     """Run :func:`worker` in a fresh Python process and return its row (an ``error`` row if
     it fails)."""
-    command = [
-        sys.executable, __file__, "--worker", method, "--threads", str(args.threads),
-        "--batch-size", str(args.batch_size), "--train-steps", str(args.train_steps),
-        "--lr", str(args.lr), "--steps", str(args.steps),
+    arguments = [
+        "--worker", method, "--threads", str(args.threads), "--batch-size", str(args.batch_size),
+        "--train-steps", str(args.train_steps), "--lr", str(args.lr), "--steps", str(args.steps),
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    lines = result.stdout.strip().splitlines()
-    if result.returncode != 0 or not lines:
-        print(result.stderr, file=sys.stderr)
-        return {"method": method, "error": result.stderr.strip()[-2000:]}
-    return json.loads(lines[-1])
+    return spawn_worker(__file__, arguments, {"method": method})
 
 
 def format_table(rows: list[Row]) -> str:

@@ -412,24 +412,28 @@ def subnormal_counts(model: nn.Module, pre: natgrad.Preconditioner | None) -> di
     return counts
 
 
-def run_worker(
-    method: str, batch_size: int, steps: int, warmup: int, lr: float, train_steps: int
-) -> Row:
-    """Run :func:`worker` in a fresh Python process and return its row.
-
-    A failing worker gives a row with an ``error`` entry instead of stopping the benchmark.
-    """
-    command = [
-        sys.executable, __file__, "--worker", method, "--batch-sizes", str(batch_size),
-        "--steps", str(steps), "--warmup", str(warmup), "--lr", str(lr),
-        "--train-steps", str(train_steps),
-    ]  # fmt: skip
+def spawn_worker(script: str, arguments: list[str], identity: Row) -> Row:
+    """Run ``script`` with ``arguments`` (its hidden ``--worker`` mode) in a fresh Python
+    process and return the JSON row it prints last; a failing worker gives ``identity`` with
+    an ``error`` entry instead of stopping the benchmark."""
+    command = [sys.executable, script, *arguments]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = result.stdout.strip().splitlines()
     if result.returncode != 0 or not lines:
         print(result.stderr, file=sys.stderr)
-        return {"batch": batch_size, "method": method, "error": result.stderr.strip()[-2000:]}
+        return {**identity, "error": result.stderr.strip()[-2000:]}
     return json.loads(lines[-1])
+
+
+def run_worker(
+    method: str, batch_size: int, steps: int, warmup: int, lr: float, train_steps: int
+) -> Row:
+    """Run :func:`worker` in a fresh Python process and return its row."""
+    arguments = [
+        "--worker", method, "--batch-sizes", str(batch_size), "--steps", str(steps),
+        "--warmup", str(warmup), "--lr", str(lr), "--train-steps", str(train_steps),
+    ]  # fmt: skip
+    return spawn_worker(__file__, arguments, {"batch": batch_size, "method": method})
 
 
 def add_ratios(rows: list[Row]) -> None:
