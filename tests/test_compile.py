@@ -123,13 +123,7 @@ def test_code_compiled_before_the_hooks_is_not_reused(order):
     F.cross_entropy(logits, targets).backward()
     pre.step(logits)
     pre.remove()
-    reference = natgrad.EF(eager, damping=1e-3)
-    logits = eager(inputs)
-    F.cross_entropy(logits, targets).backward()
-    reference.step(logits)
-    actual = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-    expected = torch.cat([p.grad.reshape(-1) for p in eager.parameters()])
-    assert relative_error(actual, expected) <= 1e-12
+    assert_eager_ef_update(model, eager, inputs, targets)
 
 
 def test_no_compiled_code_no_reset(recwarn):
@@ -160,10 +154,16 @@ def test_a_twin_compiled_after_the_preconditioner_gets_an_error_naming_the_fix()
     logits = compiled(inputs)
     F.cross_entropy(logits, targets).backward()
     pre.step(logits)  # captured now: the eager update
+    assert_eager_ef_update(model, eager, inputs, targets)
+
+
+def assert_eager_ef_update(model, eager, inputs, targets) -> None:
+    """``model``'s ``.grad`` is the EF direction of the eager twin on the same batch."""
     reference = natgrad.EF(eager, damping=1e-3)
     logits = eager(inputs)
     F.cross_entropy(logits, targets).backward()
     reference.step(logits)
+    reference.remove()
     actual = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     expected = torch.cat([p.grad.reshape(-1) for p in eager.parameters()])
     assert relative_error(actual, expected) <= 1e-12

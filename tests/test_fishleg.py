@@ -58,6 +58,22 @@ def dense_q_of(leaves: list[torch.Tensor], q_structure: str) -> torch.Tensor:
     return torch.block_diag(*blocks)
 
 
+def assert_auxiliary_loss_is_dense(pre, probe, fisher, damping, gradients, value) -> None:
+    """FishLeg's auxiliary gradients and ``A(λ)`` equal those of the dense
+    ``½ vᵀ(F + γI)v − uᵀv`` with ``v = Q u`` (``F`` in row-major ``[W | b]`` order)."""
+    direction = torch.cat([p.reshape(-1) for p in probe.values()])
+    direction = direction / direction.norm()
+    leaves = [
+        p.detach().clone().requires_grad_(True) for pair in pre.aux_params.values() for p in pair
+    ]
+    v = dense_q_of(leaves, pre.q_structure) @ direction
+    objective = 0.5 * v @ (fisher + damping * torch.eye(len(v))) @ v - direction @ v
+    expected = torch.autograd.grad(objective, leaves)
+    for a, e in zip(gradients, expected, strict=True):
+        assert torch.allclose(a, e, rtol=1e-9, atol=1e-12)
+    assert value == pytest.approx(objective.item(), rel=1e-10)
+
+
 def matrix_order(model: nn.Module) -> torch.Tensor:
     """Indices that reorder the flat parameter vector into row-major ``[W | b]`` blocks."""
     order, offset = [], 0
@@ -158,17 +174,7 @@ def test_surrogate_gradient_equals_dense_auxiliary_gradient(q_structure):
     order = matrix_order(model)
     fisher = dense_batch(model, inputs, targets, "categorical", "mean").exact_fisher()
     fisher = fisher[order][:, order]
-    direction = torch.cat([p.reshape(-1) for p in probe.values()])
-    direction = direction / direction.norm()
-    leaves = [
-        p.detach().clone().requires_grad_(True) for pair in pre.aux_params.values() for p in pair
-    ]
-    v = dense_q_of(leaves, q_structure) @ direction
-    objective = 0.5 * v @ (fisher + damping * torch.eye(len(v))) @ v - direction @ v
-    expected = torch.autograd.grad(objective, leaves)
-    for a, e in zip(actual, expected, strict=True):
-        assert torch.allclose(a, e, rtol=1e-9, atol=1e-12)
-    assert value == pytest.approx(objective.item(), rel=1e-10)
+    assert_auxiliary_loss_is_dense(pre, probe, fisher, damping, actual, value)
 
 
 @pytest.mark.slow  # 1500 steps
@@ -388,17 +394,7 @@ def test_train_mode_batchnorm_auxiliary_gradient_equals_dense_and_keeps_statisti
     order = matrix_order(model)
     fisher = batch_fisher(model, inputs, ["0.weight", "0.bias", "3.weight", "3.bias"], "mean")
     fisher = fisher[order][:, order]
-    direction = torch.cat([p.reshape(-1) for p in probe.values()])
-    direction = direction / direction.norm()
-    leaves = [
-        p.detach().clone().requires_grad_(True) for pair in pre.aux_params.values() for p in pair
-    ]
-    v = dense_q_of(leaves, q_structure) @ direction
-    objective = 0.5 * v @ (fisher + damping * torch.eye(len(v))) @ v - direction @ v
-    expected = torch.autograd.grad(objective, leaves)
-    for a, e in zip(actual, expected, strict=True):
-        assert torch.allclose(a, e, rtol=1e-9, atol=1e-12)
-    assert value == pytest.approx(objective.item(), rel=1e-10)
+    assert_auxiliary_loss_is_dense(pre, probe, fisher, damping, actual, value)
 
     # a training step with an auxiliary step: the running statistics are those of the
     # user's forward pass alone, as in a twin model trained without natgrad
