@@ -312,12 +312,21 @@ def test_kron_equals_its_dense_kronecker_form(float64, damping, problem):
 
 @pytest.mark.parametrize("structure", ["full", "kron"])
 @pytest.mark.parametrize("likelihood", ["categorical", "gaussian", "bernoulli"])
-def test_linearised_predictive_equals_dense(float64, structure, likelihood):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_linearised_predictive_equals_dense(float64, structure, likelihood, chunked):
     torch.manual_seed(5)
     model = make_model()
     inputs, targets = make_data(likelihood, 9)
+    size = sum(p.numel() for p in model.parameters())
+    # chunked: the smallest max_entries the full fit allows (27 rows x P), so the Jacobians of
+    # the 4 test inputs (4 x 3 x P numbers) come in chunks of max_entries // (4 x 3 x P) = 2
+    max_entries = 27 * size if chunked else 2**27
     la = natgrad.Laplace(
-        model, likelihood_object(likelihood), structure=structure, prior_precision=0.8
+        model,
+        likelihood_object(likelihood),
+        structure=structure,
+        prior_precision=0.8,
+        max_entries=max_entries,
     ).fit(loader(inputs, targets))
     test_inputs, test_targets = make_data(likelihood, 4)
     covariance = torch.linalg.inv(la.posterior_precision())
@@ -394,6 +403,36 @@ def test_prior_optimisation_finds_the_dense_optimum(float64, structure):
     gradient = torch.autograd.grad(la.log_marginal_likelihood(log_tau.exp()), log_tau)[0]
     assert gradient.abs().max() < 1e-6
     assert la.log_marginal_likelihood().item() >= -negative_evidence(best) - 1e-9
+
+
+@pytest.mark.parametrize("structure", ["full", "layer"])
+@pytest.mark.parametrize("num", [7, 40])  # 7 C rows < P (Woodbury), 40 C > P (P x P)
+def test_evidence_gradient_in_the_prior_equals_dense(float64, structure, num):
+    """One τ for all modules (the eigenvalue form of a low-rank part) and one τ per module
+    (the factorised form in ``full``; the eigenvalue form per ``layer`` part): value and
+    gradient in τ equal autograd through the dense evidence."""
+    torch.manual_seed(8)
+    model = make_model()
+    inputs, targets = make_data("categorical", num)
+    la = natgrad.Laplace(model, structure=structure).fit(loader(inputs, targets))
+    curvature = la.posterior_precision() - torch.eye(la.num_params)  # checked dense elsewhere
+    theta = flat_params(model)
+    log_lik = dense_log_likelihood(model, inputs, targets, "categorical")
+    sizes = [sum(p.numel() for p in m.parameters()) for m in model if isinstance(m, nn.Linear)]
+    for value in (torch.tensor(0.3), torch.tensor([0.3, 2.0, 5.0])):
+        tau = value.clone().requires_grad_(True)
+        evidence = la.log_marginal_likelihood(tau)
+        (gradient,) = torch.autograd.grad(evidence, tau)
+        dense_tau = value.clone().requires_grad_(True)
+        vector = (
+            dense_tau.expand(la.num_params)
+            if dense_tau.dim() == 0
+            else torch.repeat_interleave(dense_tau, torch.tensor(sizes))
+        )
+        expected = dense_log_evidence(log_lik, theta, curvature + torch.diag(vector), vector)
+        (dense_gradient,) = torch.autograd.grad(expected, dense_tau)
+        assert abs(evidence.item() - expected.item()) < 1e-9
+        torch.testing.assert_close(gradient, dense_gradient, rtol=1e-9, atol=1e-10)
 
 
 def test_kron_evidence_of_a_prior_is_the_dense_form(float64):

@@ -400,15 +400,26 @@ class Laplace:
         """The Laplace log evidence (module docstring), differentiable in a given ``τ``
         (one value or one per module); the fitted ``τ`` by default."""
         parts = self._fitted("log_marginal_likelihood()")
-        groups = (
-            self._prior
-            if prior_precision is None
-            else self._checked_prior(prior_precision, self.mean.dtype)
-        )
+        if prior_precision is None:
+            groups = self._prior
+            one_value = bool((groups == groups[0]).all())
+        else:
+            groups = self._checked_prior(prior_precision, self.mean.dtype)
+            one_value = torch.as_tensor(prior_precision).numel() == 1
         prior = self._prior_vector(groups)
         scatter = (prior * self.mean.pow(2)).sum()
-        log_det = sum(part.log_det_ratio(prior[part.index]) for part in parts)
+        log_det = sum(self._log_det_ratio(part, prior[part.index], one_value) for part in parts)
         return self.log_likelihood - 0.5 * (scatter + log_det)
+
+    def _log_det_ratio(self, part: Part, prior: Tensor, one_value: bool) -> Tensor:
+        """``log det Λ_b - Σ log τ`` of one part. A low-rank part under one ``τ`` (one value
+        given, or the part is one module's) takes its eigenvalue form, else its factorisation
+        for the ``τ`` of each parameter (needed for per-module gradients in ``τ``)."""
+        if isinstance(part, LowRankPart):
+            groups = self._group_of[part.index]
+            if one_value or bool((groups == groups[0]).all()):
+                return part.log_det_ratio_uniform(prior[0])
+        return part.log_det_ratio(prior)
 
     def optimize_prior_precision(
         self, per_module: bool = False, max_iter: int = 100, tolerance: float = 1e-10
@@ -429,8 +440,8 @@ class Laplace:
 
         def closure() -> Tensor:
             optimizer.zero_grad()
-            groups = log_prior.exp().expand(len(self.group_names))
-            loss = -self.log_marginal_likelihood(groups)
+            prior = log_prior.exp() if per_module else log_prior[0].exp()
+            loss = -self.log_marginal_likelihood(prior)
             loss.backward()
             return loss
 
@@ -460,10 +471,7 @@ class Laplace:
         self.model.eval()
         try:
             if method == "linearised":
-                mean, jacobians = output_jacobians(
-                    self.model, self.param_names, self._params_at(self.mean), inputs
-                )
-                covariance = output_covariance(jacobians.to(self.mean.dtype), self.covariance_times)
+                mean, covariance = self._output_moments(inputs)
                 return linearised_predictive(
                     self.likelihood, mean, covariance, link, n_samples, generator
                 )
@@ -475,6 +483,22 @@ class Laplace:
             return sampled_predictive(self.likelihood, outputs)
         finally:
             self.model.train(was_training)
+
+    def _output_moments(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """The linearised model's output means ``(N, C)`` and covariances ``J Σ J^T``
+        ``(N, C, C)``, over chunks of inputs whose Jacobians hold at most a quarter of
+        ``max_entries`` numbers (the Jacobians of all inputs would need ``N C P``)."""
+        params = self._params_at(self.mean)
+        with torch.no_grad():
+            outputs = self._forward(self.mean, inputs[:1]).shape[1]
+        chunk = max(1, self.max_entries // (4 * outputs * self.num_params))
+        means, covariances = [], []
+        for part in inputs.split(chunk):
+            mean, jacobians = output_jacobians(self.model, self.param_names, params, part)
+            means.append(mean)
+            jacobians = jacobians.to(self.mean.dtype)
+            covariances.append(output_covariance(jacobians, self.covariance_times))
+        return torch.cat(means), torch.cat(covariances)
 
     def _params_at(self, flat: Tensor) -> list[Tensor]:
         return [
