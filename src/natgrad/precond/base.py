@@ -38,6 +38,8 @@ fallback tensors; the others leave those parameters to the plain gradient.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import warnings
 from collections.abc import Mapping
@@ -156,7 +158,10 @@ class Preconditioner:
         distributed: DistributedMode = "auto",
         process_group: ProcessGroup | None = None,
         fallback_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+        **unknown: object,
     ) -> None:
+        if unknown:
+            raise TypeError(self._unknown_options_message(sorted(unknown)))
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         check_not_meta(model)
@@ -219,7 +224,28 @@ class Preconditioner:
         if self.communicator.active:
             self.communicator.check_replicas(self.describe(), trainable)
 
+    @classmethod
+    def _unknown_options_message(cls, names: list[str]) -> str:
+        """The error for misspelt options: it names the method (not this base class), the
+        closest option, and every option the method takes."""
+        options = {
+            name
+            for klass in cls.__mro__
+            if "__init__" in vars(klass)
+            for name, parameter in inspect.signature(klass.__init__).parameters.items()
+            if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+        hints = []
+        for name in names:
+            close = difflib.get_close_matches(name, options, n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        return (
+            f"{cls.__name__}() got unexpected keyword arguments {', '.join(hints)}; its options "
+            f"are {', '.join(sorted(options))}"
+        )
+
     # ------------------------------------------------------------------ hooks
+
     def _extra_output_vectors(self, logits: Tensor) -> Tensor | None:
         """Output vectors ``(K, N, C)`` to back-propagate this step, or ``None``."""
         return None
