@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,9 +33,6 @@ from natgrad.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood
 from natgrad.precond.base import Preconditioner
 from natgrad.precond.blocks import Block
 from natgrad.precond.checks import check_count
-
-if TYPE_CHECKING:
-    pass
 
 LaplaceFisher = Literal["exact", "mc", "empirical"]
 LAPLACE_FISHERS = ("exact", "mc", "empirical")
