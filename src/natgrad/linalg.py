@@ -56,14 +56,14 @@ def _materialised_cost(n: int, t: int, d_in: int, d_out: int, k_a: int, k_b: int
     return (k_a + k_b) * n * t * d_in * d_out + k_a * k_b * n * n * d_in * d_out
 
 
-def uses_input_gram(inputs: Tensor, output_grads: Tensor, other_output_grads: Tensor) -> bool:
+def uses_input_gram(d_in: int, output_grads: Tensor, other_output_grads: Tensor) -> bool:
     """Whether :func:`gram` works from the input Gram (``T = 1``, or weight sharing where the
     pairwise ``(N, N, T, T)`` products are cheaper than materialising the datapoint gradients);
-    only then is :func:`input_gram` worth computing."""
+    only then is :func:`input_gram` worth computing. ``d_in``: the inputs' width."""
     k_a, n, t, d_out = output_grads.shape
     if t == 1:
         return True
-    k_b, d_in = other_output_grads.shape[0], inputs.shape[-1]
+    k_b = other_output_grads.shape[0]
     return _pairwise_cost(n, t, d_in, d_out, k_a, k_b) <= _materialised_cost(
         n, t, d_in, d_out, k_a, k_b
     )
@@ -204,7 +204,7 @@ def gram(
         flat_a = output_grads.reshape(k_a * n, d_out)
         flat_b = flat_a if other_output_grads is None else grads_b.reshape(k_b * n, d_out)
         return (flat_a @ flat_b.T) * products.repeat(k_a, k_b)
-    if uses_input_gram(inputs, output_grads, grads_b):
+    if uses_input_gram(inputs.shape[-1], output_grads, grads_b):
         products = input_gram(inputs, has_bias) if inputs_gram is None else inputs_gram
         weighted_b = torch.einsum("nmts,jmso->njmto", products, grads_b)
         result = torch.einsum("knto,njmto->knjm", output_grads, weighted_b)
