@@ -203,7 +203,7 @@ def gram(
         products = input_gram(inputs, has_bias) if inputs_gram is None else inputs_gram
         flat_a = output_grads.reshape(k_a * n, d_out)
         flat_b = flat_a if other_output_grads is None else grads_b.reshape(k_b * n, d_out)
-        return (flat_a @ flat_b.T) * products.repeat(k_a, k_b)
+        return (flat_a @ flat_b.T).mul_(products if k_a * k_b == 1 else products.repeat(k_a, k_b))
     if uses_input_gram(inputs.shape[-1], output_grads, grads_b):
         products = input_gram(inputs, has_bias) if inputs_gram is None else inputs_gram
         weighted_b = torch.einsum("nmts,jmso->njmto", products, grads_b)
@@ -227,6 +227,14 @@ def jvp(inputs: Tensor, output_grads: Tensor, weight: Tensor, bias: Tensor | Non
     return torch.einsum("knto,nto->kn", output_grads, mapped)
 
 
+def combine_rows(coefficients: Tensor, output_grads: Tensor) -> Tensor:
+    """``E_u = sum_k u_k ⊙ E_k``, ``(N, T, d_out)``, of coefficients ``(K, N)`` and rows
+    ``(K, N, T, d_out)`` (one product for ``K = 1``, the loss gradients alone)."""
+    if output_grads.shape[0] == 1:
+        return output_grads[0] * coefficients[0, :, None, None]
+    return torch.einsum("kn,knto->nto", coefficients, output_grads)
+
+
 def jtu(
     inputs: Tensor,
     output_grads: Tensor,
@@ -239,7 +247,7 @@ def jtu(
     Computed as ``E_u^T A`` with ``E_u = sum_k u_k ⊙ E_k`` (Shrestha 2023, eq. 43): one GEMM the
     size of autograd's own weight gradient, written into ``out`` if given.
     """
-    combined = torch.einsum("kn,knto->nto", coefficients, output_grads)
+    combined = combine_rows(coefficients, output_grads)
     flat_grads = combined.reshape(-1, combined.shape[-1])
     weight = torch.mm(flat_grads.T, inputs.reshape(-1, inputs.shape[-1]), out=out)
     bias = flat_grads.sum(dim=0) if has_bias else None
@@ -386,6 +394,7 @@ __all__ = [
     "SOLVE_METHODS",
     "NumericalWarning",
     "SolveReport",
+    "combine_rows",
     "damped_inverse",
     "damped_solve",
     "damped_solves",

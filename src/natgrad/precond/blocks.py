@@ -26,12 +26,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
 
 from natgrad.adapters import LayerAdapter
 from natgrad.linalg import (
+    combine_rows,
     gram,
     input_gram,
     jtu,
@@ -76,7 +78,7 @@ class LayerBatch:
             self._rows = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
         return self._rows
 
-    @property
+    @cached_property
     def d_in(self) -> int:
         """Input width of the weight matrix (no bias column)."""
         return self.adapter.matrix_shape(self.module)[1]
@@ -148,7 +150,7 @@ class LayerBatch:
                 weight = (flat @ grads[:, :size]).view(-1, self.d_in)
             self.write_grad(weight, (flat @ grads[:, size:])[0] if self.has_bias else None)
         elif self.layer_inputs and self.adapter.grads_from_inputs:
-            combined = torch.einsum("kn,knto->nto", coefficients, rows)
+            combined = combine_rows(coefficients, rows)
             weight = self.adapter.weight_grad(self.module, self.layer_inputs, combined)
             if buffer is not None:
                 weight = buffer.copy_(weight)
