@@ -231,7 +231,7 @@ def combine_rows(coefficients: Tensor, output_grads: Tensor) -> Tensor:
     """``E_u = sum_k u_k ⊙ E_k``, ``(N, T, d_out)``, of coefficients ``(K, N)`` and rows
     ``(K, N, T, d_out)`` (one product for ``K = 1``, the loss gradients alone)."""
     if output_grads.shape[0] == 1:
-        return output_grads[0] * coefficients[0, :, None, None]
+        return (output_grads * coefficients.view(1, -1, 1, 1)).squeeze(0)
     return torch.einsum("kn,knto->nto", coefficients, output_grads)
 
 
@@ -280,19 +280,21 @@ def damped_solve(
     """
     if not damping > 0:
         raise ValueError(f"damping must be positive, got {damping}")
-    if not (torch.isfinite(matrix).all() and torch.isfinite(rhs).all()):
+    if not bool(torch.isfinite(matrix).all() & torch.isfinite(rhs).all()):
         raise FloatingPointError("the curvature system contains NaN or Inf")
     work = matrix.to(torch.float64)  # symmetric: both factorisations read one triangle
     target = rhs.to(torch.float64)
     vector = target.dim() == 1
     if vector:
         target = target.unsqueeze(1)
-    factor, info = torch.linalg.cholesky_ex(
-        work + torch.diag(work.new_full((work.shape[0],), damping))
-    )
-    solution = torch.cholesky_solve(target, factor) if int(info) == 0 else None
+    shifted = work.clone()
+    shifted.diagonal().add_(damping)
+    factor, info = torch.linalg.cholesky_ex(shifted)
+    # solved whatever info says (a failed factor gives non-finite or wrong values, which the
+    # one check below sends to the fallback)
+    solution = torch.cholesky_solve(target, factor)
     report = SolveReport("cholesky", damping)
-    if solution is None or not torch.isfinite(solution).all():
+    if not bool((info == 0) & torch.isfinite(solution).all()):
         eigenvalues, eigenvectors = torch.linalg.eigh(work)
         eigenvalues = eigenvalues.clamp_min(0)
         projected = eigenvectors.T @ target

@@ -331,7 +331,9 @@ class Preconditioner:
                     + (" (on some rank)" if self.communicator.active else "")
                 )
                 return
-            self.likelihood.check_output_grad(logits, output_grad / scale, self.reduction)
+            self.likelihood.check_output_grad(
+                logits, output_grad / scale, self.reduction, counted=counted
+            )
             per_sample_output_grad = at_least_float32(output_grad.detach()) / (factor * scale)
             batches += self._fallback_batches(logits.detach(), per_sample_output_grad)
             if not batches:
