@@ -44,6 +44,11 @@ from natgrad.linalg import (
     uses_input_gram,
 )
 
+KEPT_GRADS_RATIO = 8
+"""How many times the memory of a layer's captured tensors its datapoint gradients may take to
+be kept from the Gram to ``J^T u`` (which then costs a ``K N x P`` product instead of a
+weight-gradient GEMM over all positions)."""
+
 
 @dataclass
 class LayerBatch:
@@ -175,8 +180,9 @@ class LayerBatch:
     def _datapoint_grads(self, rows: Tensor) -> Tensor:
         """``g_{kn}`` as rows ``(K N, d_out d_in [+ d_out])`` in the neuron view (weight
         matrix flattened, then the bias): from the layer inputs where the adapter computes
-        them without the rows ``A``. Kept for :meth:`write_combination` when they take no
-        more memory than the layer's captured tensors."""
+        them without the rows ``A``. Kept for :meth:`write_combination` when they take at most
+        :data:`KEPT_GRADS_RATIO` times the memory of the layer's captured tensors (a bound
+        on what keeping them adds to the activations the step holds anyway)."""
         if self._kept_grads is not None and self._kept_grads[0] is rows:
             return self._kept_grads[1]
         if not (self.layer_inputs and self.adapter.grads_from_inputs):
@@ -188,7 +194,7 @@ class LayerBatch:
                 columns.append(rows.sum(dim=2).reshape(columns[0].shape[0], -1))
             grads = torch.cat(columns, dim=1) if self.has_bias else columns[0]
         captured = sum(t.numel() for t in self.captured())
-        if grads.numel() <= captured:
+        if grads.numel() <= KEPT_GRADS_RATIO * captured:
             self._kept_grads = (rows, grads)
         return grads
 
@@ -332,4 +338,4 @@ def tied_batches(embedding: TokenBatch, linear: LayerBatch) -> list[DirectBatch]
 Block = LayerBatch | DirectBatch
 
 
-__all__ = ["Block", "DirectBatch", "LayerBatch", "TokenBatch", "tied_batches"]
+__all__ = ["KEPT_GRADS_RATIO", "Block", "DirectBatch", "LayerBatch", "TokenBatch", "tied_batches"]
