@@ -206,13 +206,14 @@ class Conv2dAdapter(LayerAdapter):
     @staticmethod
     def output_size(module: nn.Module, layer_input: Tensor) -> tuple[int, int]:
         """``(H', W')``, the output positions of the convolution on ``layer_input``."""
-        return tuple(  # type: ignore[return-value]
+        height, width = (
             (size + 2 * pad - dil * (kernel - 1) - 1) // stride + 1
             for size, pad, dil, kernel, stride in zip(
                 layer_input.shape[-2:], module.padding, module.dilation, module.kernel_size,
                 module.stride, strict=True,
             )
         )  # fmt: skip
+        return height, width
 
     def _calls(
         self, module: nn.Module, layer_inputs: Sequence[Tensor], output_grads: Tensor
@@ -235,30 +236,31 @@ class Conv2dAdapter(LayerAdapter):
         times, output channels ``(k, n, o)`` of the gradients (as ``torch.func.vmap`` batches
         a convolution's weight gradient)."""
         sets, num, _, d_out = output_grads.shape
-        total = None
+        parts = []
         for layer_input, grads in self._calls(module, layer_inputs, output_grads):
             channels, height, width = layer_input.shape[1:]
             inputs = layer_input.expand(sets, *layer_input.shape)
-            part = conv2d_weight(
-                inputs.reshape(1, sets * num * channels, height, width),
-                (sets * num * d_out, channels // module.groups, *module.kernel_size),
-                grads.reshape(1, sets * num * d_out, *grads.shape[-2:]),
-                module.stride, module.padding, module.dilation, sets * num * module.groups,
-            ).reshape(sets, num, d_out, -1)  # fmt: skip
-            total = part if total is None else total + part
-        return total
+            parts.append(
+                conv2d_weight(
+                    inputs.reshape(1, sets * num * channels, height, width),
+                    (sets * num * d_out, channels // module.groups, *module.kernel_size),
+                    grads.reshape(1, sets * num * d_out, *grads.shape[-2:]),
+                    module.stride, module.padding, module.dilation, sets * num * module.groups,
+                ).reshape(sets, num, d_out, -1)
+            )  # fmt: skip
+        return sum(parts[1:], start=parts[0])
 
     def weight_grad(
         self, module: nn.Module, layer_inputs: Sequence[Tensor], output_grads: Tensor
     ) -> Tensor:
-        total = None
-        for layer_input, grads in self._calls(module, layer_inputs, output_grads):
-            part = conv2d_weight(
+        parts = [
+            conv2d_weight(
                 layer_input, module.weight.shape, grads.contiguous(), module.stride,
                 module.padding, module.dilation, module.groups,
-            ).reshape(module.weight.shape[0], -1)  # fmt: skip
-            total = part if total is None else total + part
-        return total
+            ).reshape(module.weight.shape[0], -1)
+            for layer_input, grads in self._calls(module, layer_inputs, output_grads)
+        ]  # fmt: skip
+        return sum(parts[1:], start=parts[0])
 
 
 class EmbeddingAdapter(LinearAdapter):
