@@ -33,7 +33,9 @@ As in ``benchmarks/step_time.py``: each method runs in its own subprocess; the w
 ``--train-steps`` steps (its warm-up) and reports the increase of the high-water mark in MiB;
 then it copies the trained weights into a second model and times the method's step and a plain
 SGD step on that copy alternately, on the same batches, and reports the medians and their
-ratio. The load average is printed before and after.
+ratio, and the ratio of the means: with ``factor_period=10`` the median is the cost of a step
+that folds no factor, the mean counts the folding steps at their share (a goal counts as met
+when both ratios meet it). The load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -160,6 +162,9 @@ def worker(method: str, args: argparse.Namespace) -> Row:
         "threads": torch.get_num_threads(),
     }
     row["ratio"] = row["ms"] / row["sgd_ms"]
+    # the mean counts the steps that fold or invert factors (one in factor_period) at their
+    # share, which the median leaves out
+    row["mean_ratio"] = statistics.mean(method_times) / statistics.mean(sgd_times)
     return row
 
 
@@ -177,22 +182,22 @@ def format_table(rows: list[Row]) -> str:
     """The rows as a markdown table, with the memory ratio to SGD's and the time goals."""
     sgd_peak = next((r["peak_mib"] for r in rows if r["method"] == "sgd" and "ms" in r), None)
     lines = [
-        "| method | ms/step | SGD ms/step (same run) | ratio | goal | peak RSS increase MiB "
-        "| memory ratio vs SGD |",
-        "|---|---|---|---|---|---|---|",
+        "| method | ms/step | SGD ms/step (same run) | ratio | ratio of means | goal "
+        "| peak RSS increase MiB | memory ratio vs SGD |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if "error" in row:
             last = row["error"].splitlines()[-1] if row["error"] else "failed"
-            lines.append(f"| {row['method']} | failed: {last} | | | | | |")
+            lines.append(f"| {row['method']} | failed: {last} | | | | | | |")
             continue
         goal = TIME_GOALS.get(row["method"].removesuffix("-fused"))
-        met = goal is not None and row["ratio"] <= goal
+        met = goal is not None and max(row["ratio"], row["mean_ratio"]) <= goal
         verdict = "" if goal is None else f"<= {goal:g} {'ok' if met else 'MISSED'}"
         memory = "" if not sgd_peak else f"{row['peak_mib'] / sgd_peak:.2f}"
         lines.append(
             f"| {row['method']} | {row['ms']:.1f} | {row['sgd_ms']:.1f} | {row['ratio']:.2f} "
-            f"| {verdict} | {row['peak_mib']:.0f} | {memory} |"
+            f"| {row['mean_ratio']:.2f} | {verdict} | {row['peak_mib']:.0f} | {memory} |"
         )
     return "\n".join(lines)
 

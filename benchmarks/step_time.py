@@ -5,15 +5,15 @@ Purpose
 Check natgrad's cost goals on one fixed workload: the MLP 784-1000-1000-1000-10 (ReLU,
 float32) on random data (``x ~ randn``, labels uniform in 0..9, a fresh batch every step,
 drawn outside the timed region), cross-entropy with mean reduction,
-``torch.set_num_threads(2)``, batch sizes 32 and 100.
+``torch.set_num_threads(2)`` (``--threads``), batch sizes 32 and 100.
 
 Run ``python benchmarks/step_time.py`` (about 10-15 minutes on 2 cores). Options:
 ``--methods`` (default: all), ``--batch-sizes`` (default ``32 100``), ``--steps`` (timed steps,
 default 30), ``--warmup`` (default 5), ``--lr`` (the learning rate of every optimiser, default
-1e-4), ``--train-steps K`` (default 0: train the method ``K`` more steps after the memory phase,
-before timing, so that the weights and the preconditioner's state are those of a model in
-training) and ``--json PATH`` to write the rows. The script is a
-benchmark, not a test: it prints the table and checks nothing.
+1e-4), ``--threads`` (torch threads, 1 or 2, default 2), ``--train-steps K`` (default 0:
+train the method ``K`` more steps after the memory phase, before timing, so that the weights
+and the preconditioner's state are those of a model in training) and ``--json PATH`` to write
+the rows. The script is a benchmark, not a test: it prints the table and checks nothing.
 
 Methods
 -------
@@ -307,6 +307,7 @@ def worker(
     warmup: int,
     lr: float = LEARNING_RATE,
     train_steps: int = 0,
+    threads: int = 2,
 ) -> Row:
     """Measure one method in this process.
 
@@ -324,6 +325,8 @@ def worker(
         The learning rate of the method's and of SGD's optimiser.
     train_steps
         Untimed training steps of the method after the memory phase, before timing.
+    threads
+        Torch's intra-op threads.
 
     Returns
     -------
@@ -333,7 +336,7 @@ def worker(
         running alone), ``peak_mib`` (increase of ``ru_maxrss`` over the memory phase) and,
         for Kronecker methods, ``inversion_ms`` (one inversion of all factors).
     """
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     torch.manual_seed(1)
     draw = random_batches(batch_size)
     model = make_model()
@@ -426,12 +429,19 @@ def spawn_worker(script: str, arguments: list[str], identity: Row) -> Row:
 
 
 def run_worker(
-    method: str, batch_size: int, steps: int, warmup: int, lr: float, train_steps: int
+    method: str,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    lr: float,
+    train_steps: int,
+    threads: int = 2,
 ) -> Row:
     """Run :func:`worker` in a fresh Python process and return its row."""
     arguments = [
         "--worker", method, "--batch-sizes", str(batch_size), "--steps", str(steps),
         "--warmup", str(warmup), "--lr", str(lr), "--train-steps", str(train_steps),
+        "--threads", str(threads),
     ]  # fmt: skip
     return spawn_worker(__file__, arguments, {"batch": batch_size, "method": method})
 
@@ -489,6 +499,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
     parser.add_argument("--lr", type=float, default=LEARNING_RATE, help="every optimiser's")
     parser.add_argument("--train-steps", type=int, default=0, help="steps before timing")
+    parser.add_argument("--threads", type=int, default=2, choices=(1, 2))
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -496,8 +507,9 @@ def main() -> None:
         parser.error("--steps must be >= 1, --warmup and --train-steps >= 0")
     if args.worker:
         row = worker(
-            args.worker, args.batch_sizes[0], args.steps, args.warmup, args.lr, args.train_steps
-        )
+            args.worker, args.batch_sizes[0], args.steps, args.warmup, args.lr, args.train_steps,
+            args.threads,
+        )  # fmt: skip
         print(json.dumps(row))
         return
     methods = ["sgd", *(m for m in dict.fromkeys(args.methods) if m != "sgd")]
@@ -505,15 +517,15 @@ def main() -> None:
     rows = []
     for batch_size in args.batch_sizes:
         for method in methods:
-            rows.append(
-                run_worker(method, batch_size, args.steps, args.warmup, args.lr, args.train_steps)
-            )
+            arguments = (args.steps, args.warmup, args.lr, args.train_steps, args.threads)
+            rows.append(run_worker(method, batch_size, *arguments))
             status = "FAILED" if "error" in rows[-1] else "done"
             print(f"{method} at batch {batch_size}: {status}", file=sys.stderr, flush=True)
     add_ratios(rows)
     load = (load_before, os.getloadavg()[0])
     print(
-        f"Median wall-clock ms/step (time.perf_counter), torch threads = 2, lr {args.lr:g}, "
+        f"Median wall-clock ms/step (time.perf_counter), torch threads = {args.threads}, "
+        f"lr {args.lr:g}, "
         f"{args.steps} timed steps after {args.warmup} warm-up and {args.train_steps} training "
         f"steps; SGD timed alternately in the same process. "
         f"1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end "

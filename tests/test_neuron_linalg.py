@@ -100,11 +100,11 @@ def test_input_gram_is_only_computed_where_the_gram_uses_it():
     entries that once dominated an EF step (1 s of a 1.05 s step)."""
     from natgrad.linalg import uses_input_gram
 
-    inputs, rows = torch.randn(100, 40, 32), torch.randn(1, 100, 40, 32)
-    assert not uses_input_gram(inputs, rows, rows)
-    assert uses_input_gram(inputs[:, :1], rows[:, :, :1], rows[:, :, :1])  # T = 1
+    rows = torch.randn(1, 100, 40, 32)
+    assert not uses_input_gram(32, rows, rows)
+    assert uses_input_gram(32, rows[:, :, :1], rows[:, :, :1])  # T = 1
     wide = torch.randn(1, 3, 2, 30)  # 2 positions of 30 x 30: pairwise products are cheaper
-    assert uses_input_gram(torch.randn(3, 2, 30), wide, wide)
+    assert uses_input_gram(30, wide, wide)
 
 
 @settings(max_examples=25, deadline=None)
@@ -133,7 +133,8 @@ def test_token_batch_matches_explicit_one_hot_gradients(
         one_hot[..., 0] = 0  # torch never trains the padding row
     rows_a = torch.randn(k_a, num, tokens, d_out, generator=generator)
     rows_b = torch.randn(k_b, num, tokens, d_out, generator=generator)
-    batch = TokenBatch("embedding", embedding, adapter, inputs, rows_a[:1], None, False)
+    batch = TokenBatch("embedding", embedding, adapter, [indices], rows_a[:1], None, False)
+    assert torch.equal(batch.inputs, inputs)
     # explicit gradients in the neuron view (d_out, vocabulary), as rows of module.weight
     explicit_a = explicit_grads(one_hot, rows_a, False)
     explicit_b = explicit_grads(one_hot, rows_b, False)

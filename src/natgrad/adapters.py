@@ -11,8 +11,11 @@ natgrad does not import the library, HuggingFace's ``Conv1D``; users register th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.grad import conv2d_weight
 
 
 class LayerAdapter:
@@ -52,9 +55,35 @@ class LayerAdapter:
     token_inputs: bool = False
     """Whether :meth:`input_rows` gives token indices ``(N, T)`` instead of dense rows."""
 
+    def check_input(self, module: nn.Module, layer_input: Tensor) -> None:
+        """Raise a ``ValueError`` naming the expected shape if ``layer_input`` has none the
+        adapter can turn into rows (checked when the layer is captured, before any row is
+        formed)."""
+
     def input_rows(self, module: nn.Module, layer_input: Tensor) -> Tensor:
         """``A`` of shape ``(N, T, d_in)`` (no bias column) from the module input, or token
         indices ``(N, T)`` if :attr:`token_inputs`."""
+        raise NotImplementedError
+
+    grads_from_inputs: bool = False
+    """Whether :meth:`datapoint_weight_grads` and :meth:`weight_grad` compute weight gradients
+    from the layer's inputs without forming the rows ``A`` (worth it where the rows are much
+    larger than the inputs, as a convolution's unfolded patches are)."""
+
+    def datapoint_weight_grads(
+        self, module: nn.Module, layer_inputs: Sequence[Tensor], output_grads: Tensor
+    ) -> Tensor:
+        """Per-datapoint weight gradients ``g_{kn} = sum_t e_{knt} a_{nt}^T``, ``(K, N, d_out,
+        d_in)``, from the layer's inputs (one per call, their positions concatenated in
+        ``output_grads``) and output-gradient rows ``(K, N, T, d_out)`` as :meth:`output_rows`
+        gives them (only if :attr:`grads_from_inputs`)."""
+        raise NotImplementedError
+
+    def weight_grad(
+        self, module: nn.Module, layer_inputs: Sequence[Tensor], output_grads: Tensor
+    ) -> Tensor:
+        """``sum_{n,t} e_{nt} a_{nt}^T``, ``(d_out, d_in)``, from the layer's inputs and
+        output-gradient rows ``(N, T, d_out)`` (only if :attr:`grads_from_inputs`)."""
         raise NotImplementedError
 
     def output_rows(self, module: nn.Module, output_grad: Tensor, lead: int) -> Tensor:
@@ -95,12 +124,15 @@ class LayerAdapter:
 class LinearAdapter(LayerAdapter):
     """``nn.Linear`` on inputs ``(N, d_in)`` or ``(N, *, d_in)`` (weight shared over ``*``)."""
 
-    def input_rows(self, module: nn.Module, layer_input: Tensor) -> Tensor:
+    def check_input(self, module: nn.Module, layer_input: Tensor) -> None:
         if layer_input.dim() < 2:
             raise ValueError(
                 f"natgrad needs a batch dimension: nn.Linear got an input of shape "
                 f"{tuple(layer_input.shape)}; pass inputs of shape (N, ..., {module.in_features})"
             )
+
+    def input_rows(self, module: nn.Module, layer_input: Tensor) -> Tensor:
+        self.check_input(module, layer_input)
         return layer_input.reshape(layer_input.shape[0], -1, layer_input.shape[-1])
 
     def output_rows(self, module: nn.Module, output_grad: Tensor, lead: int) -> Tensor:
@@ -128,7 +160,16 @@ class TransposedLinearAdapter(LinearAdapter):
 
 
 class Conv2dAdapter(LayerAdapter):
-    """``nn.Conv2d`` with ``groups=1`` and zero padding; the weight is shared over positions."""
+    """``nn.Conv2d`` with ``groups=1`` and zero padding; the weight is shared over positions.
+
+    The rows ``A`` are the unfolded patches, ``C_in k_h k_w`` numbers per output position: far
+    more than the input itself. Weight gradients, per datapoint or summed, are computed without
+    them by the convolution's own weight-gradient kernel (:meth:`datapoint_weight_grads`,
+    :meth:`weight_grad`), so the patches are formed only for what needs the rows themselves
+    (KFAC/FOOF input factors, the pairwise Gram of :func:`natgrad.linalg.gram`).
+    """
+
+    grads_from_inputs = True
 
     def check(self, module: nn.Module) -> str | None:
         if module.groups != 1:
@@ -139,12 +180,15 @@ class Conv2dAdapter(LayerAdapter):
             return f"padding={module.padding!r} (give explicit integer padding)"
         return None
 
-    def input_rows(self, module: nn.Module, layer_input: Tensor) -> Tensor:
+    def check_input(self, module: nn.Module, layer_input: Tensor) -> None:
         if layer_input.dim() != 4:
             raise ValueError(
                 f"natgrad needs batched images: nn.Conv2d got an input of shape "
                 f"{tuple(layer_input.shape)}; pass (N, C, H, W)"
             )
+
+    def input_rows(self, module: nn.Module, layer_input: Tensor) -> Tensor:
+        self.check_input(module, layer_input)
         # the patches of F.unfold, laid out (N, positions, C k_h k_w) in one copy: unfolding
         # F.unfold's (N, C k_h k_w, positions) output is im2col plus a transposing copy
         (pad_h, pad_w), (dil_h, dil_w) = module.padding, module.dilation
@@ -158,6 +202,65 @@ class Conv2dAdapter(LayerAdapter):
 
     def output_rows(self, module: nn.Module, output_grad: Tensor, lead: int) -> Tensor:
         return output_grad.flatten(start_dim=-2).transpose(-1, -2)
+
+    @staticmethod
+    def output_size(module: nn.Module, layer_input: Tensor) -> tuple[int, int]:
+        """``(H', W')``, the output positions of the convolution on ``layer_input``."""
+        height, width = (
+            (size + 2 * pad - dil * (kernel - 1) - 1) // stride + 1
+            for size, pad, dil, kernel, stride in zip(
+                layer_input.shape[-2:], module.padding, module.dilation, module.kernel_size,
+                module.stride, strict=True,
+            )
+        )  # fmt: skip
+        return height, width
+
+    def _calls(
+        self, module: nn.Module, layer_inputs: Sequence[Tensor], output_grads: Tensor
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Per call, its input and its output gradients ``(*lead, d_out, H', W')`` (the
+        call's positions of the rows ``(*lead, T, d_out)``)."""
+        calls, start = [], 0
+        for layer_input in layer_inputs:
+            out_h, out_w = self.output_size(module, layer_input)
+            grads = output_grads[..., start : start + out_h * out_w, :].transpose(-1, -2)
+            calls.append((layer_input, grads.unflatten(-1, (out_h, out_w))))
+            start += out_h * out_w
+        return calls
+
+    def datapoint_weight_grads(
+        self, module: nn.Module, layer_inputs: Sequence[Tensor], output_grads: Tensor
+    ) -> Tensor:
+        """Per-datapoint weight gradients by one weight-gradient convolution per call, the
+        ``K N`` datapoints as groups: channels ``(k, n, c)`` of the input repeated ``K``
+        times, output channels ``(k, n, o)`` of the gradients (as ``torch.func.vmap`` batches
+        a convolution's weight gradient)."""
+        sets, num, _, d_out = output_grads.shape
+        parts = []
+        for layer_input, grads in self._calls(module, layer_inputs, output_grads):
+            channels, height, width = layer_input.shape[1:]
+            inputs = layer_input.expand(sets, *layer_input.shape)
+            parts.append(
+                conv2d_weight(
+                    inputs.reshape(1, sets * num * channels, height, width),
+                    (sets * num * d_out, channels // module.groups, *module.kernel_size),
+                    grads.reshape(1, sets * num * d_out, *grads.shape[-2:]),
+                    module.stride, module.padding, module.dilation, sets * num * module.groups,
+                ).reshape(sets, num, d_out, -1)
+            )  # fmt: skip
+        return sum(parts[1:], start=parts[0])
+
+    def weight_grad(
+        self, module: nn.Module, layer_inputs: Sequence[Tensor], output_grads: Tensor
+    ) -> Tensor:
+        parts = [
+            conv2d_weight(
+                layer_input, module.weight.shape, grads.contiguous(), module.stride,
+                module.padding, module.dilation, module.groups,
+            ).reshape(module.weight.shape[0], -1)
+            for layer_input, grads in self._calls(module, layer_inputs, output_grads)
+        ]  # fmt: skip
+        return sum(parts[1:], start=parts[0])
 
 
 class EmbeddingAdapter(LinearAdapter):
@@ -181,12 +284,15 @@ class EmbeddingAdapter(LinearAdapter):
             return "scale_grad_by_freq=True scales gradients by counts over the whole batch"
         return None
 
-    def input_rows(self, module: nn.Module, layer_input: Tensor) -> Tensor:
+    def check_input(self, module: nn.Module, layer_input: Tensor) -> None:
         if layer_input.dim() < 1:
             raise ValueError(
                 "natgrad needs a batch dimension: nn.Embedding got a single index; pass "
                 "indices of shape (N,) or (N, T)"
             )
+
+    def input_rows(self, module: nn.Module, layer_input: Tensor) -> Tensor:
+        self.check_input(module, layer_input)
         indices = layer_input.reshape(layer_input.shape[0], -1).long()
         if module.padding_idx is not None:  # torch gives the padding row no gradient
             indices = indices.masked_fill(indices == module.padding_idx, -1)

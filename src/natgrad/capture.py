@@ -12,7 +12,10 @@ Adapters (:mod:`natgrad.adapters`) turn a module's input and output gradient int
   product of the middle dimensions; the weight is shared over them.
 * ``nn.Conv2d`` (``groups=1``, zero padding, any stride, dilation and padding): the input is
   unfolded into patches, ``A`` of shape ``(N, H' W', C_in k_h k_w)``, and the output gradient
-  ``(N, C_out, H', W')`` becomes ``(N, H' W', C_out)``.
+  ``(N, C_out, H', W')`` becomes ``(N, H' W', C_out)``. The patches are formed only where the
+  rows themselves are needed: weight gradients, per datapoint or summed, come from the
+  captured input by the convolution's own weight-gradient kernel
+  (:meth:`~natgrad.adapters.Conv2dAdapter.datapoint_weight_grads`).
 * ``nn.Embedding``: a lookup is a linear layer on one-hot inputs, and ``E`` holds the output
   gradients ``(N, T, embedding_dim)``. The one-hot rows are never formed where they can be
   avoided: ``A`` is kept as the token indices ``(N, T)`` (``-1`` at ``padding_idx``, whose row

@@ -105,11 +105,14 @@ class Likelihood(ABC):
         columns = self.hessian_sqrt(logits)
         return torch.einsum("knc,kn->nc", columns, torch.einsum("knc,nc->kn", columns, vectors))
 
-    def check_output_grad(self, logits: Tensor, output_grad: Tensor, reduction: str) -> None:
+    def check_output_grad(
+        self, logits: Tensor, output_grad: Tensor, reduction: str, counted: Tensor | None = None
+    ) -> None:
         """Raise if ``output_grad`` cannot be ``c * d l / d z`` of this likelihood.
 
         The default accepts anything; likelihoods whose gradients have a recognisable form
-        (categorical) override it to catch a wrong reduction or a different loss.
+        (categorical) override it to catch a wrong reduction or a different loss. ``counted``:
+        :meth:`counted` of these logits and gradient, if the caller has it.
         """
         return None
 
@@ -201,7 +204,9 @@ class Categorical(Likelihood):
         probs = torch.softmax(logits.detach(), dim=-1)
         return probs * vectors - probs * (probs * vectors).sum(dim=-1, keepdim=True)
 
-    def check_output_grad(self, logits: Tensor, output_grad: Tensor, reduction: str) -> None:
+    def check_output_grad(
+        self, logits: Tensor, output_grad: Tensor, reduction: str, counted: Tensor | None = None
+    ) -> None:
         """Check that ``output_grad = c (softmax(z) - e_y)`` with the declared reduction.
 
         A cross-entropy gradient row sums to zero (up to ``c`` times round-off: confident rows
@@ -213,7 +218,8 @@ class Categorical(Likelihood):
         # float32 at least: a bfloat16 gradient (autocast) is checked at its own precision
         dtype = torch.promote_types(output_grad.dtype, torch.float32)
         grad = output_grad.detach().to(dtype)
-        counted = self.counted(logits, grad)
+        if counted is None:
+            counted = self.counted(logits, grad)
         expected = self.reduction_factor(logits, reduction, counted)
         # round-off of the gradient's dtype: 2^-7 relative in bfloat16, 2^-10 in float16
         precision = max(1e-3, 4 * torch.finfo(output_grad.dtype).eps)
@@ -319,7 +325,9 @@ class Bernoulli(Likelihood):
         ).to(probs.device)
         return probs.unsqueeze(0) - labels
 
-    def check_output_grad(self, logits: Tensor, output_grad: Tensor, reduction: str) -> None:
+    def check_output_grad(
+        self, logits: Tensor, output_grad: Tensor, reduction: str, counted: Tensor | None = None
+    ) -> None:
         """Check that the implied targets ``y = sigma(z) - g / c`` lie in ``[0, 1]``.
 
         A gradient ``g = c (sigma(z) - y)`` of ``F.binary_cross_entropy_with_logits`` implies

@@ -56,14 +56,14 @@ def _materialised_cost(n: int, t: int, d_in: int, d_out: int, k_a: int, k_b: int
     return (k_a + k_b) * n * t * d_in * d_out + k_a * k_b * n * n * d_in * d_out
 
 
-def uses_input_gram(inputs: Tensor, output_grads: Tensor, other_output_grads: Tensor) -> bool:
+def uses_input_gram(d_in: int, output_grads: Tensor, other_output_grads: Tensor) -> bool:
     """Whether :func:`gram` works from the input Gram (``T = 1``, or weight sharing where the
     pairwise ``(N, N, T, T)`` products are cheaper than materialising the datapoint gradients);
-    only then is :func:`input_gram` worth computing."""
+    only then is :func:`input_gram` worth computing. ``d_in``: the inputs' width."""
     k_a, n, t, d_out = output_grads.shape
     if t == 1:
         return True
-    k_b, d_in = other_output_grads.shape[0], inputs.shape[-1]
+    k_b = other_output_grads.shape[0]
     return _pairwise_cost(n, t, d_in, d_out, k_a, k_b) <= _materialised_cost(
         n, t, d_in, d_out, k_a, k_b
     )
@@ -203,8 +203,8 @@ def gram(
         products = input_gram(inputs, has_bias) if inputs_gram is None else inputs_gram
         flat_a = output_grads.reshape(k_a * n, d_out)
         flat_b = flat_a if other_output_grads is None else grads_b.reshape(k_b * n, d_out)
-        return (flat_a @ flat_b.T) * products.repeat(k_a, k_b)
-    if uses_input_gram(inputs, output_grads, grads_b):
+        return (flat_a @ flat_b.T).mul_(products if k_a * k_b == 1 else products.repeat(k_a, k_b))
+    if uses_input_gram(inputs.shape[-1], output_grads, grads_b):
         products = input_gram(inputs, has_bias) if inputs_gram is None else inputs_gram
         weighted_b = torch.einsum("nmts,jmso->njmto", products, grads_b)
         result = torch.einsum("knto,njmto->knjm", output_grads, weighted_b)
@@ -227,6 +227,14 @@ def jvp(inputs: Tensor, output_grads: Tensor, weight: Tensor, bias: Tensor | Non
     return torch.einsum("knto,nto->kn", output_grads, mapped)
 
 
+def combine_rows(coefficients: Tensor, output_grads: Tensor) -> Tensor:
+    """``E_u = sum_k u_k ⊙ E_k``, ``(N, T, d_out)``, of coefficients ``(K, N)`` and rows
+    ``(K, N, T, d_out)`` (one product for ``K = 1``, the loss gradients alone)."""
+    if output_grads.shape[0] == 1:
+        return (output_grads * coefficients.view(1, -1, 1, 1)).squeeze(0)
+    return torch.einsum("kn,knto->nto", coefficients, output_grads)
+
+
 def jtu(
     inputs: Tensor,
     output_grads: Tensor,
@@ -239,7 +247,7 @@ def jtu(
     Computed as ``E_u^T A`` with ``E_u = sum_k u_k ⊙ E_k`` (Shrestha 2023, eq. 43): one GEMM the
     size of autograd's own weight gradient, written into ``out`` if given.
     """
-    combined = torch.einsum("kn,knto->nto", coefficients, output_grads)
+    combined = combine_rows(coefficients, output_grads)
     flat_grads = combined.reshape(-1, combined.shape[-1])
     weight = torch.mm(flat_grads.T, inputs.reshape(-1, inputs.shape[-1]), out=out)
     bias = flat_grads.sum(dim=0) if has_bias else None
@@ -272,19 +280,21 @@ def damped_solve(
     """
     if not damping > 0:
         raise ValueError(f"damping must be positive, got {damping}")
-    if not (torch.isfinite(matrix).all() and torch.isfinite(rhs).all()):
+    if not bool(torch.isfinite(matrix).all() & torch.isfinite(rhs).all()):
         raise FloatingPointError("the curvature system contains NaN or Inf")
     work = matrix.to(torch.float64)  # symmetric: both factorisations read one triangle
     target = rhs.to(torch.float64)
     vector = target.dim() == 1
     if vector:
         target = target.unsqueeze(1)
-    factor, info = torch.linalg.cholesky_ex(
-        work + torch.diag(work.new_full((work.shape[0],), damping))
-    )
-    solution = torch.cholesky_solve(target, factor) if int(info) == 0 else None
+    shifted = work.clone()
+    shifted.diagonal().add_(damping)
+    factor, info = torch.linalg.cholesky_ex(shifted)
+    # solved whatever info says (a failed factor gives non-finite or wrong values, which the
+    # one check below sends to the fallback)
+    solution = torch.cholesky_solve(target, factor)
     report = SolveReport("cholesky", damping)
-    if solution is None or not torch.isfinite(solution).all():
+    if not bool((info == 0) & torch.isfinite(solution).all()):
         eigenvalues, eigenvectors = torch.linalg.eigh(work)
         eigenvalues = eigenvalues.clamp_min(0)
         projected = eigenvectors.T @ target
@@ -386,6 +396,7 @@ __all__ = [
     "SOLVE_METHODS",
     "NumericalWarning",
     "SolveReport",
+    "combine_rows",
     "damped_inverse",
     "damped_solve",
     "damped_solves",

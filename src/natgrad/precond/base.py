@@ -357,7 +357,9 @@ class Preconditioner:
                     + (" (on some rank)" if self.communicator.active else "")
                 )
                 return
-            self.likelihood.check_output_grad(logits, output_grad / scale, self.reduction)
+            self.likelihood.check_output_grad(
+                logits, output_grad / scale, self.reduction, counted=counted
+            )
             per_sample_output_grad = at_least_float32(output_grad.detach()) / (factor * scale)
             batches += self._fallback_batches(logits.detach(), per_sample_output_grad)
             if not batches:
@@ -530,16 +532,19 @@ class Preconditioner:
             if not calls or any(call.output_grad is None for call in calls):
                 continue  # the layer did not take part in this loss: its .grad stays as is
             adapter = self.adapters[name]
-            inputs = _concat(
-                [at_least_float32(adapter.input_rows(module, c.layer_input)) for c in calls], dim=1
-            )
+            layer_inputs = []
+            for call in calls:
+                adapter.check_input(module, call.layer_input)
+                layer_inputs.append(at_least_float32(call.layer_input))
             loss_grads = _concat(
                 [at_least_float32(adapter.output_rows(module, c.output_grad, 0)) for c in calls],
                 dim=1,
             )
-            if inputs.shape[0] != num_datapoints or loss_grads.shape[0] != num_datapoints:
+            seen = [x.shape[0] for x in layer_inputs] + [loss_grads.shape[0]]
+            wrong = next((size for size in seen if size != num_datapoints), None)
+            if wrong is not None:
                 raise ValueError(
-                    f"layer '{name}' saw a batch of {inputs.shape[0]} rows but the logits have "
+                    f"layer '{name}' saw a batch of {wrong} rows but the logits have "
                     f"{num_datapoints}: natgrad needs the batch dimension first and unchanged "
                     "through the model"
                 )
@@ -557,7 +562,7 @@ class Preconditioner:
                     name=name,
                     module=module,
                     adapter=adapter,
-                    inputs=inputs,
+                    layer_inputs=layer_inputs,
                     loss_grads=(loss_grads / factor).unsqueeze(0),
                     extra_grads=extra,
                     has_bias=adapter.has_bias(module),

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
 
 from natgrad.adapters import LayerAdapter
 from natgrad.linalg import (
+    combine_rows,
     gram,
     input_gram,
     jtu,
@@ -42,11 +44,21 @@ from natgrad.linalg import (
     uses_input_gram,
 )
 
+KEPT_GRADS_RATIO = 8
+"""How many times the memory of a layer's captured tensors its datapoint gradients may take to
+be kept from the Gram to ``J^T u`` (which then costs a ``K N x P`` product instead of a
+weight-gradient GEMM over all positions)."""
+
 
 @dataclass
 class LayerBatch:
     """One layer's neuron view for the current batch.
 
+    ``layer_inputs`` are the layer's captured inputs, one per call (datapoints first); the rows
+    ``A`` (:attr:`inputs`) are formed from them at first use, so that a convolution's unfolded
+    patches are formed only by what needs them: its weight gradients, per datapoint or summed,
+    come from the inputs directly where the adapter computes them so
+    (:attr:`natgrad.adapters.LayerAdapter.grads_from_inputs`).
     ``loss_grads`` are the true-label output gradients of the per-datapoint losses (the
     reduction factor removed), shape ``(1, N, T, d_out)``; ``extra_grads`` the ``K`` extra
     datapoint sets of ``mc`` / ``exact``, shape ``(K, N, T, d_out)``, or ``None``.
@@ -55,19 +67,35 @@ class LayerBatch:
     name: str
     module: nn.Module
     adapter: LayerAdapter
-    inputs: Tensor
+    layer_inputs: list[Tensor]
     loss_grads: Tensor
     extra_grads: Tensor | None
     has_bias: bool
+    _rows: Tensor | None = field(default=None, repr=False)
     _inputs_gram: Tensor | None = field(default=None, repr=False)
+    _kept_grads: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def inputs(self) -> Tensor:
+        """``A``, the input rows ``(N, T, d_in)`` of all calls (formed at first use)."""
+        if self._rows is None:
+            rows = [self.adapter.input_rows(self.module, x) for x in self.layer_inputs]
+            self._rows = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+        return self._rows
+
+    @cached_property
+    def d_in(self) -> int:
+        """Input width of the weight matrix (no bias column)."""
+        return self.adapter.matrix_shape(self.module)[1]
 
     @property
     def num_params(self) -> int:
-        return self.loss_grads.shape[-1] * (self.inputs.shape[-1] + int(self.has_bias))
+        return self.loss_grads.shape[-1] * (self.d_in + int(self.has_bias))
 
     def captured(self) -> list[Tensor]:
         """The captured tensors, for the finiteness check of a step."""
-        tensors = [self.inputs, self.loss_grads]
+        inputs = self.layer_inputs if self.layer_inputs else [self.inputs]
+        tensors = [*inputs, self.loss_grads]
         return tensors if self.extra_grads is None else [*tensors, self.extra_grads]
 
     def parameters(self) -> list[nn.Parameter]:
@@ -75,16 +103,22 @@ class LayerBatch:
         return [self.module.weight, self.module.bias] if self.has_bias else [self.module.weight]
 
     def row_tensors(self) -> list[tuple[Tensor, int, int | None]]:
-        """:meth:`captured` as ``(tensor, datapoint dimension, token dimension)``."""
+        """The rows ``A`` and the output-gradient rows as ``(tensor, datapoint dimension,
+        token dimension)``."""
+        tensors = [self.inputs, self.loss_grads]
+        if self.extra_grads is not None:
+            tensors.append(self.extra_grads)
         dims = [(0, 1), (1, 2), (1, 2)]
-        return [(t, *d) for t, d in zip(self.captured(), dims, strict=False)]
+        return [(t, *d) for t, d in zip(tensors, dims, strict=False)]
 
     def with_rows(self, tensors: Sequence[Tensor]) -> LayerBatch:
-        """A copy holding other tensors in the layout of :meth:`row_tensors`."""
+        """A copy holding other tensors in the layout of :meth:`row_tensors` (its weight
+        gradients then come from the rows)."""
         extra = tensors[2] if len(tensors) > 2 else None
         return replace(
-            self, inputs=tensors[0], loss_grads=tensors[1], extra_grads=extra, _inputs_gram=None
-        )
+            self, layer_inputs=[], _rows=tensors[0], loss_grads=tensors[1], extra_grads=extra,
+            _inputs_gram=None, _kept_grads=None,
+        )  # fmt: skip
 
     def grad_buffer(self) -> Tensor | None:
         """The weight's existing ``.grad`` as a matrix view, to be overwritten in place."""
@@ -97,35 +131,72 @@ class LayerBatch:
     def gram(self, rows: Tensor, other_rows: Tensor | None = None) -> Tensor:
         """``J_a J_b^T`` of output-gradient rows ``(K_a, N, T, d_out)`` and ``(K_b, ...)``."""
         other = rows if other_rows is None else other_rows
-        if self._inputs_gram is None and uses_input_gram(self.inputs, rows, other):
+        if not uses_input_gram(self.d_in, rows, other):  # the datapoint gradients, formed
+            grads = self._datapoint_grads(rows)
+            return grads @ (grads if other_rows is None else self._datapoint_grads(other)).T
+        if self._inputs_gram is None:
             self._inputs_gram = input_gram(self.inputs, self.has_bias)  # shared across calls
         return gram(
             self.inputs, rows, other_rows, has_bias=self.has_bias, inputs_gram=self._inputs_gram
         )
 
     def write_combination(self, rows: Tensor, coefficients: Tensor) -> None:
-        """``.grad ← J^T u = sum_{k,n} u_{kn} g_{kn}``, one GEMM ``E_u^T A`` (Shrestha 2023,
-        eq. 43)."""
-        self.write_grad(
-            *jtu(self.inputs, rows, coefficients, self.has_bias, out=self.grad_buffer())
-        )
+        """``.grad ← J^T u = sum_{k,n} u_{kn} g_{kn}``: ``u^T G`` from the datapoint gradients
+        ``G`` if :meth:`gram` formed and kept them, else one GEMM ``E_u^T A`` the size of
+        autograd's weight gradient (Shrestha 2023, eq. 43), computed from the layer inputs
+        where the adapter does so without the rows ``A``."""
+        buffer = self.grad_buffer()
+        if self._kept_grads is not None and self._kept_grads[0] is rows:
+            grads, size = self._kept_grads[1], rows.shape[-1] * self.d_in
+            flat = coefficients.reshape(1, -1).to(grads.dtype)
+            if buffer is not None and buffer.is_contiguous():
+                weight = torch.mm(flat, grads[:, :size], out=buffer.view(1, -1)).view_as(buffer)
+            else:
+                weight = (flat @ grads[:, :size]).view(-1, self.d_in)
+            self.write_grad(weight, (flat @ grads[:, size:])[0] if self.has_bias else None)
+        elif self.layer_inputs and self.adapter.grads_from_inputs:
+            combined = combine_rows(coefficients, rows)
+            weight = self.adapter.weight_grad(self.module, self.layer_inputs, combined)
+            if buffer is not None:
+                weight = buffer.copy_(weight)
+            self.write_grad(weight, combined.sum(dim=(0, 1)) if self.has_bias else None)
+        else:
+            self.write_grad(*jtu(self.inputs, rows, coefficients, self.has_bias, out=buffer))
 
     def per_datapoint_grads(self, rows: Tensor) -> Tensor:
         """``g_{kn}`` as rows ``(K N, P)``: the weight in the layout of ``module.weight``, then
         the bias."""
-        grads = per_datapoint_grads(self.inputs, rows, False)
-        d_out, d_in = rows.shape[-1], self.inputs.shape[-1]
-        weight = self.adapter.to_weight(self.module, grads.reshape(-1, d_out, d_in))
-        columns = [weight.reshape(grads.shape[0], -1)]
-        if self.has_bias:
-            columns.append(rows.sum(dim=2).reshape(grads.shape[0], -1))
-        return torch.cat(columns, dim=1)
+        grads = self._datapoint_grads(rows)
+        count, d_out, size = grads.shape[0], rows.shape[-1], rows.shape[-1] * self.d_in
+        weight = self.adapter.to_weight(self.module, grads[:, :size].reshape(-1, d_out, self.d_in))
+        return torch.cat([weight.reshape(count, -1), grads[:, size:]], dim=1)
 
     def write_flat(self, vector: Tensor) -> None:
         """``.grad ←`` a flat direction in the layout of :meth:`per_datapoint_grads`."""
         weight = self.module.weight
         matrix = self.adapter.to_matrix(self.module, vector[: weight.numel()].reshape(weight.shape))
         self.write_grad(matrix, vector[weight.numel() :] if self.has_bias else None)
+
+    def _datapoint_grads(self, rows: Tensor) -> Tensor:
+        """``g_{kn}`` as rows ``(K N, d_out d_in [+ d_out])`` in the neuron view (weight
+        matrix flattened, then the bias): from the layer inputs where the adapter computes
+        them without the rows ``A``. Kept for :meth:`write_combination` when they take at most
+        :data:`KEPT_GRADS_RATIO` times the memory of the layer's captured tensors (a bound
+        on what keeping them adds to the activations the step holds anyway)."""
+        if self._kept_grads is not None and self._kept_grads[0] is rows:
+            return self._kept_grads[1]
+        if not (self.layer_inputs and self.adapter.grads_from_inputs):
+            grads = per_datapoint_grads(self.inputs, rows, self.has_bias)
+        else:
+            weights = self.adapter.datapoint_weight_grads(self.module, self.layer_inputs, rows)
+            columns = [weights.reshape(rows.shape[0] * rows.shape[1], -1)]
+            if self.has_bias:
+                columns.append(rows.sum(dim=2).reshape(columns[0].shape[0], -1))
+            grads = torch.cat(columns, dim=1) if self.has_bias else columns[0]
+        captured = sum(t.numel() for t in self.captured())
+        if grads.numel() <= KEPT_GRADS_RATIO * captured:
+            self._kept_grads = (rows, grads)
+        return grads
 
 
 @dataclass
@@ -267,4 +338,4 @@ def tied_batches(embedding: TokenBatch, linear: LayerBatch) -> list[DirectBatch]
 Block = LayerBatch | DirectBatch
 
 
-__all__ = ["Block", "DirectBatch", "LayerBatch", "TokenBatch", "tied_batches"]
+__all__ = ["KEPT_GRADS_RATIO", "Block", "DirectBatch", "LayerBatch", "TokenBatch", "tied_batches"]

@@ -224,10 +224,10 @@ class FishLeg(Preconditioner):
         # (built by index from its token indices, never from one-hot rows)
         rows: dict[str, Tensor | tuple[Tensor, Tensor]] = {}
         for batch in batches:
-            grad_rows = factor * batch.loss_grads[0].reshape(-1, batch.loss_grads.shape[-1])
             if isinstance(batch, TokenBatch):
-                rows[batch.name] = LayerGradient.of(batch, grad_rows).dense()
+                rows[batch.name] = LayerGradient.of(batch, factor).dense()
             else:
+                grad_rows = factor * batch.loss_grads[0].reshape(-1, batch.loss_grads.shape[-1])
                 rows[batch.name] = (grad_rows, augmented_inputs(batch.inputs, batch.has_bias))
         probe = dict(rows)
         auxiliary = self.steps % self.aux_period == 0

@@ -322,10 +322,9 @@ class KroneckerPreconditioner(Preconditioner):
                 self._pending_factors = self.communicator.start_average(factors, "factors")
         self._invert_layers(inverting)
         for batch in batches:
-            grad_rows = factor * batch.loss_grads[0].reshape(-1, batch.loss_grads.shape[-1])
             batch.write_grad(
                 *self.inverses[batch.name].apply(
-                    LayerGradient.of(batch, grad_rows), batch.has_bias, batch.grad_buffer()
+                    LayerGradient.of(batch, factor), batch.has_bias, batch.grad_buffer()
                 )
             )
 

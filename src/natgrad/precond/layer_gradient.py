@@ -38,12 +38,28 @@ class LayerGradient:
     matrix: Tensor | None = None
 
     @classmethod
-    def of(cls, batch: LayerBatch, grad_rows: Tensor) -> LayerGradient:
-        """The gradient of ``batch`` from its output-gradient rows ``(N T, d_out)``."""
+    def of(cls, batch: LayerBatch, scale: float) -> LayerGradient:
+        """``scale`` times the gradient of ``batch``'s loss-gradient rows.
+
+        Dense where the rank ``N T`` is at least the widths, so that the low-rank form could
+        not pay, and the adapter computes weight gradients without the rows ``A``
+        (convolutions: no unfolded patches); low rank ``(Ē, Ā)`` otherwise.
+        """
+        rows = batch.loss_grads[0]
         if isinstance(batch, TokenBatch):
-            rows = grad_rows.reshape(*batch.inputs.shape, -1)
-            return cls(matrix=token_matrix(batch.inputs, rows, batch.module.num_embeddings).T)
-        return cls(grad_rows, augmented_inputs(batch.inputs, batch.has_bias))
+            matrix = token_matrix(batch.inputs, scale * rows, batch.module.num_embeddings).T
+            return cls(matrix=matrix)
+        rank, d_out = rows.shape[0] * rows.shape[1], rows.shape[-1]
+        if (
+            batch.layer_inputs
+            and batch.adapter.grads_from_inputs
+            and rank >= max(d_out, batch.d_in + int(batch.has_bias))
+        ):
+            weight = batch.adapter.weight_grad(batch.module, batch.layer_inputs, rows)
+            if batch.has_bias:
+                weight = torch.cat([weight, rows.sum(dim=(0, 1)).unsqueeze(1)], dim=1)
+            return cls(matrix=weight.mul_(scale))
+        return cls(scale * rows.reshape(-1, d_out), augmented_inputs(batch.inputs, batch.has_bias))
 
     def scaled(self, scale: float) -> LayerGradient:
         """``scale ∇W``."""
