@@ -536,5 +536,31 @@ def test_state_of_another_damping_mode_is_refused_by_name():
     logits = model(torch.randn(6, 4))
     F.cross_entropy(logits, torch.randint(0, 3, (6,))).backward()
     pre.step(logits)
+    state = pre.state_dict()
+    with pytest.raises(ValueError, match=r"computed with \{'damping_mode': 'heuristic'\}"):
+        natgrad.KFAC(make_model(), damping_mode="correct").load_state_dict(state)
+    del state["inverse_form"]  # a state saved before the form was recorded
     with pytest.raises(ValueError, match=r"EigenInverse holds .* same method and damping"):
-        natgrad.KFAC(make_model(), damping_mode="correct").load_state_dict(pre.state_dict())
+        natgrad.KFAC(make_model(), damping_mode="correct").load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("method", "saved", "other"),
+    [
+        (natgrad.KFAC, {"damping_mode": "correct"}, {"damping_mode": "none"}),
+        (natgrad.FOOF, {"kfac_damping": True}, {"kfac_damping": False}),
+    ],
+)
+def test_state_of_the_same_inverse_type_but_other_options_is_refused(method, saved, other):
+    """Correct and no damping both keep eigendecompositions (the damping inside them), and FOOF
+    with or without its KFAC-style damping both keep FOOF inverses: the entries fit, so only
+    the recorded options tell that the inverses are another method's."""
+    torch.manual_seed(5)
+    model = make_model()
+    pre = method(model, **saved)
+    logits = model(torch.randn(6, 4))
+    F.cross_entropy(logits, torch.randint(0, 3, (6,))).backward()
+    pre.step(logits)
+    with pytest.raises(ValueError, match="build it with the saved options"):
+        method(make_model(), **other).load_state_dict(pre.state_dict())
+    method(make_model(), **saved).load_state_dict(pre.state_dict())  # the same options load

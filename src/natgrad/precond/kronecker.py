@@ -391,6 +391,12 @@ class KroneckerPreconditioner(Preconditioner):
         """The type of the method's per-layer inverses (:mod:`natgrad.precond.inverses`)."""
         raise NotImplementedError
 
+    @property
+    def inverse_form(self) -> dict[str, Any]:
+        """The options that decide what the per-layer inverses hold; a saved state is loaded
+        only into a preconditioner with the same ones."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -399,10 +405,18 @@ class KroneckerPreconditioner(Preconditioner):
             grad_factors={k: v.clone() for k, v in self.grad_factors.items()},
             ema_weights=dict(self.ema_weights),
             inverses={name: _cloned(inverse.tensors()) for name, inverse in self.inverses.items()},
+            inverse_form=dict(self.inverse_form),
         )
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("inverse_form")  # absent from states saved before it was recorded
+        if saved is not None and saved != self.inverse_form:
+            raise ValueError(
+                f"the state's inverses were computed with {saved}, but this "
+                f"{type(self).__name__} has {self.inverse_form}: build it with the saved options "
+                "to resume from this state"
+            )
         super().load_state_dict(state)
         self._settle_factors()  # an average under way would land in the replaced factors
         self._input_factors = {k: v.clone() for k, v in state["input_factors"].items()}
@@ -499,6 +513,10 @@ class KFAC(KroneckerPreconditioner):
     def inverse_type(self) -> type[LayerInverse]:
         return KroneckerInverse if self.damping_mode == "heuristic" else EigenInverse
 
+    @property
+    def inverse_form(self) -> dict[str, Any]:
+        return {"damping_mode": self.damping_mode}
+
 
 class FOOF(KroneckerPreconditioner):
     """First-order optimisation on neurons, FOOF (Benzing 2022, eq. 5-6, Algorithm 1, App. K).
@@ -590,6 +608,10 @@ class FOOF(KroneckerPreconditioner):
     @property
     def inverse_type(self) -> type[LayerInverse]:
         return FOOFInverse
+
+    @property
+    def inverse_form(self) -> dict[str, Any]:
+        return {"kfac_damping": self.kfac_damping}
 
 
 __all__ = [
