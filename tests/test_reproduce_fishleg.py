@@ -25,7 +25,6 @@ from natgrad.lab.reproduce.fishleg_claims import (
     r7_deep_linear,
     r8_autoencoder,
     tune_fishleg,
-    tune_fishleg_staged,
 )
 from natgrad.lab.runner import get_task
 from oracle import dense_batch, flat_grad, relative_error
@@ -132,39 +131,6 @@ def test_mean_loss_damping_gives_the_summed_loss_natural_gradient():
     assert relative_error(flat_grad(dense.params), expected) < 1e-10
     with pytest.raises(ValueError, match="positive count"):
         mean_loss_damping(0.3, 0)
-
-
-def test_staged_fishleg_search_runs_the_paper_lr_first_then_the_others(monkeypatch):
-    calls = []
-
-    def fake_train_run(task, method, hyper, seed, data):
-        """Best aux_lr 1e-3; final loss |log10(lr / 0.2)| + |log10(aux_lr / 1e-3)|."""
-        calls.append((dict(hyper), seed))
-        final = abs(math.log10(hyper["lr"] / 0.2)) + abs(math.log10(hyper["aux_lr"] / 1e-3))
-        return {
-            "method": method,
-            "hyper": hyper,
-            "seed": seed,
-            "train_loss": [9.0, final],
-            "diverged": False,
-        }
-
-    monkeypatch.setattr("natgrad.lab.reproduce.tuning.train_run", fake_train_run)
-    monkeypatch.setattr("natgrad.lab.reproduce.tuning.describe", lambda runs: "")
-    grid = {"lr": [0.02, 0.07, 0.2], "aux_lr": [1e-4, 1e-3], "damping": [1e-3]}
-    runs = tune_fishleg_staged(get_task("deep-linear-small"), None, grid, 0.01, (0, 1), 0.07)
-    seed0 = [
-        value for hyper, seed in calls if seed == 0 for value in (hyper["lr"], hyper["aux_lr"])
-    ]
-    # stage 1 at the paper's lr, stage 2 the other lrs at the best aux_lr, then the top lr's
-    # decade (worse: 2 is 1 decade from 0.2), then seed 1
-    expected = [0.07, 1e-4, 0.07, 1e-3, 0.02, 1e-3, 0.2, 1e-3, 2.0, 1e-3]
-    assert seed0 == pytest.approx(expected)
-    assert all(hyper["init_scale"] == pytest.approx(0.01 / hyper["lr"]) for hyper, _ in calls)
-    assert [run["seed"] for run in runs] == [0, 1]
-    assert runs[1]["hyper"]["lr"] == pytest.approx(0.2) and runs[1]["hyper"]["aux_lr"] == 1e-3
-    with pytest.raises(ValueError, match="centre_lr"):
-        tune_fishleg_staged(get_task("deep-linear-small"), None, grid, 0.01, (0,), 0.05)
 
 
 @pytest.mark.slow  # tunes and trains
