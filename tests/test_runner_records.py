@@ -59,5 +59,7 @@ def test_aux_batch_gives_fishleg_a_separate_random_batch_and_keeps_the_training_
         assert len({tuple(row.tolist()) for row in aux}) == 5  # ...without repeats
     assert sum(not torch.equal(aux, inputs[:5]) for inputs, (aux,) in seen) == len(seen)
     assert separate["train_loss"] != plain["train_loss"]  # another Fisher, another Q
-    with pytest.raises(ValueError, match="aux_batch=4: a separate auxiliary batch"):
-        runner.train_run(task, "sgd", {"lr": 0.1, "aux_batch": 4}, 0, data)
+    with pytest.raises(ValueError, match="aux_batch=4: a separate auxiliary batch is for FishLeg"):
+        runner.train_run(task, "kfac", {"lr": 0.1, "aux_batch": 4}, 0, data)
+    with pytest.raises(ValueError, match="aux_batch must be a positive number of datapoints"):
+        runner.train_run(task, "fishleg", {**hyper, "aux_batch": 0}, 0, data)

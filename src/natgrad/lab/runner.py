@@ -284,14 +284,16 @@ def _fit(
     task: Task, model: nn.Module, method: str, hyper: dict[str, Any], seed: int, data: Dataset
 ) -> dict[str, Any]:
     aux_batch = hyper.get(AUX_BATCH)
+    if aux_batch is not None and not (isinstance(aux_batch, int) and aux_batch >= 1):
+        raise ValueError(f"{AUX_BATCH} must be a positive number of datapoints, got {aux_batch!r}")
     built = {key: value for key, value in hyper.items() if key != AUX_BATCH}
     optimiser, pre = get_method(method).build(model, task.likelihood, "mean", **built)
-    if aux_batch is not None and not (
-        isinstance(pre, FishLeg) and isinstance(aux_batch, int) and aux_batch >= 1
-    ):
+    if aux_batch is not None and not isinstance(pre, FishLeg):
+        if pre is not None:
+            pre.remove()
         raise ValueError(
-            f"{AUX_BATCH}={aux_batch!r}: a separate auxiliary batch is a positive number of "
-            f"datapoints for FishLeg's auxiliary step; {method!r} has none (drop {AUX_BATCH})"
+            f"{AUX_BATCH}={aux_batch}: a separate auxiliary batch is for FishLeg's auxiliary "
+            f"step; {method!r} has none (drop {AUX_BATCH})"
         )
     generator = torch.Generator().manual_seed(seed)
     # the auxiliary batches come from their own stream: the training batches stay those of a
