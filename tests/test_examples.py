@@ -17,16 +17,8 @@ SUMMARY = re.compile(r"^loss: first ([0-9.eE+-]+) last ([0-9.eE+-]+)$", flags=re
 
 def test_the_examples_are_found():
     names = {path.name for path in EXAMPLES}
-    assert {
-        "woodbury_ngd.py",
-        "kfac_foof.py",
-        "fishleg.py",
-        "measure_gamma.py",
-        "cnn_batchnorm.py",
-        "transformer.py",
-        "huggingface.py",
-        "laplace.py",
-    } <= names
+    assert {"woodbury_ngd.py", "kfac_foof.py", "fishleg.py", "measure_gamma.py",
+            "cnn_batchnorm.py", "transformer.py", "huggingface.py", "laplace.py"} <= names
 
 
 def test_the_summary_pattern_reads_a_summary_and_only_a_summary():
@@ -47,11 +39,7 @@ def test_example_runs_and_its_loss_falls(script: Path):
         ),
     }
     run = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+        [sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=600,
     )
     assert run.returncode == 0, f"{script.name} failed:\n{run.stderr[-3000:]}"

@@ -314,9 +314,9 @@ class Bernoulli(Likelihood):
     ) -> Tensor:
         probs = torch.sigmoid(logits.detach())
         expanded = probs.unsqueeze(0).expand(num_samples, *probs.shape)
-        labels = torch.bernoulli(expanded.to(_device_of(generator, probs)), generator=generator).to(
-            probs.device
-        )
+        labels = torch.bernoulli(
+            expanded.to(_device_of(generator, probs)), generator=generator
+        ).to(probs.device)
         return probs.unsqueeze(0) - labels
 
     def check_output_grad(self, logits: Tensor, output_grad: Tensor, reduction: str) -> None:

@@ -81,7 +81,6 @@ from natgrad.selection import Override, Unsupported, select_layers
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-
 class NonFiniteWarning(RuntimeWarning):
     """A step was skipped because the loss gradient or the captured rows were not finite."""
 
