@@ -58,14 +58,17 @@ def dense_q_of(leaves: list[torch.Tensor], q_structure: str) -> torch.Tensor:
     return torch.block_diag(*blocks)
 
 
-def assert_auxiliary_loss_is_dense(pre, probe, fisher, damping, gradients, value) -> None:
+def assert_auxiliary_loss_is_dense(
+    pre, probe, fisher, damping, gradients, value, aux_params=None
+) -> None:
     """FishLeg's auxiliary gradients and ``A(λ)`` equal those of the dense
-    ``½ vᵀ(F + γI)v − uᵀv`` with ``v = Q u`` (``F`` in row-major ``[W | b]`` order)."""
+    ``½ vᵀ(F + γI)v − uᵀv`` with ``v = Q u`` (``F`` in row-major ``[W | b]`` order), ``Q``
+    built from ``aux_params`` (default: the current auxiliary parameters)."""
     direction = torch.cat([p.reshape(-1) for p in probe.values()])
     direction = direction / direction.norm()
-    leaves = [
-        p.detach().clone().requires_grad_(True) for pair in pre.aux_params.values() for p in pair
-    ]
+    if aux_params is None:
+        aux_params = [p for pair in pre.aux_params.values() for p in pair]
+    leaves = [p.detach().clone().requires_grad_(True) for p in aux_params]
     v = dense_q_of(leaves, pre.q_structure) @ direction
     objective = 0.5 * v @ (fisher + damping * torch.eye(len(v))) @ v - direction @ v
     expected = torch.autograd.grad(objective, leaves)
@@ -175,6 +178,38 @@ def test_surrogate_gradient_equals_dense_auxiliary_gradient(q_structure):
     fisher = dense_batch(model, inputs, targets, "categorical", "mean").exact_fisher()
     fisher = fisher[order][:, order]
     assert_auxiliary_loss_is_dense(pre, probe, fisher, damping, actual, value)
+
+
+def test_auxiliary_step_on_a_separate_batch_uses_that_batchs_fisher():
+    """Garcia et al. 2023, Algorithm 1, line 5: with ``aux_args`` the auxiliary loss sees the
+    training batch's gradient as ``u`` and the exact Fisher of the auxiliary batch as ``F``."""
+    torch.manual_seed(7)
+    model = make_model()
+    inputs, targets = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    aux_inputs = 2 * torch.randn(4, 3)
+    damping = 0.1
+    pre = natgrad.FishLeg(model, damping=damping, aux_period=1)
+    randomise(pre)
+    before = [p.detach().clone() for pair in pre.aux_params.values() for p in pair]
+    model.zero_grad()
+    logits = model(inputs)
+    F.cross_entropy(logits, targets).backward()
+    gradient = {  # the first step's momentum average is the gradient itself
+        name: torch.cat([m.weight.grad, m.bias.grad.unsqueeze(1)], dim=1).clone()
+        for name, m in pre.selection.layers.items()
+    }
+    pre.step(logits, aux_args=(aux_inputs,))
+    actual = [p.grad.clone() for pair in pre.aux_params.values() for p in pair]
+
+    order = matrix_order(model)
+    labels = torch.zeros(4, dtype=torch.long)  # the exact Fisher does not depend on labels
+    fisher = dense_batch(model, aux_inputs, labels, "categorical", "mean").exact_fisher()
+    fisher = fisher[order][:, order]
+    training = dense_batch(model, inputs, targets, "categorical", "mean").exact_fisher()
+    assert relative_error(training[order][:, order], fisher) > 0.1  # the batches differ
+    assert_auxiliary_loss_is_dense(
+        pre, gradient, fisher, damping, actual, pre.aux_losses[-1], aux_params=before
+    )
 
 
 @pytest.mark.slow  # 1500 steps

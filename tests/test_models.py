@@ -28,6 +28,21 @@ def test_autoencoder_scales_hinton_widths():
     assert model(torch.randn(2, 64)).shape == (2, 64)
 
 
+def test_autoencoder_with_a_linear_code_layer_is_goldfarbs():
+    """ReLU after every hidden layer but the 30-unit code layer, logits out (Goldfarb et al.
+    2020's MNIST autoencoder, the one the mnist5k-autoencoder task trains)."""
+    model = models.autoencoder(784, activation="relu", linear_code=True)
+    layers = list(model)[1:]  # after Flatten: (Linear, activation) pairs, a Linear last
+    linears = [m for m in layers if isinstance(m, torch.nn.Linear)]
+    widths = [(m.in_features, m.out_features) for m in linears]
+    assert widths[3] == (250, 30) and widths[-1] == (1000, 784)
+    after = [type(layers[layers.index(m) + 1]) for m in linears[:-1]]
+    assert after == [torch.nn.ReLU] * 3 + [torch.nn.Identity] + [torch.nn.ReLU] * 3
+    assert isinstance(layers[-1], torch.nn.Linear)
+    plain = models.autoencoder(64, width_scale=0.1)
+    assert sum(isinstance(m, torch.nn.Tanh) for m in plain) == 7  # no linear code by default
+
+
 def test_deep_linear_initialisation():
     model = models.deep_linear(width=20, depth=20, seed=0)
     assert len(model) == 20 and all(layer.bias is None for layer in model)

@@ -8,7 +8,11 @@ import math
 from dataclasses import replace
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
+import natgrad
 from natgrad.lab.datasets import load_dataset
 from natgrad.lab.reproduce import Finding
 from natgrad.lab.reproduce.fishleg_claims import (
@@ -16,12 +20,14 @@ from natgrad.lab.reproduce.fishleg_claims import (
     converged_fraction,
     epochs_to_floor,
     final_spread,
+    mean_loss_damping,
     noise_floor,
     r7_deep_linear,
     r8_autoencoder,
     tune_fishleg,
 )
 from natgrad.lab.runner import get_task
+from oracle import dense_batch, flat_grad, relative_error
 
 TINY_R7 = {
     "sgdm": {"lr": [1e-2], "momentum": [0.9]},
@@ -32,7 +38,7 @@ TINY_R8 = {
     "sgdm": {"lr": [1e-2], "momentum": [0.9]},
     "adam": {"lr": [1e-3]},
     "kfac": {"lr": [1e-2], "damping": [1e-1]},
-    "fishleg": {"lr": [0.07], "damping": [0.3], "aux_lr": [1e-4]},
+    "fishleg": {"lr": [0.07], "damping": [0.3 / 784], "aux_lr": [1e-3]},
 }
 
 
@@ -103,6 +109,30 @@ def test_tune_fishleg_ties_q0_to_each_lr_and_extends_a_boundary_lr(monkeypatch):
     assert all(run["hyper"]["lr"] == pytest.approx(0.1) for run in runs)
 
 
+@pytest.mark.usefixtures("float64")
+def test_mean_loss_damping_gives_the_summed_loss_natural_gradient():
+    """Exact NGD on natgrad's mean Bernoulli loss with damping ``γ / D`` is the dense damped
+    natural gradient of the paper's loss (summed over the ``D`` outputs, mean over the batch)
+    with damping ``γ``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 5))
+    inputs, targets = torch.randn(6, 3), torch.rand(6, 5)
+    gamma, size = 0.3, len(inputs)
+    dense = dense_batch(model, inputs, targets, "bernoulli", "sum")  # sum over n and pixels
+    fisher, gradient = dense.exact_fisher() / size, dense.gradient / size
+    expected = torch.linalg.solve(fisher + gamma * torch.eye(len(gradient)), gradient)
+    pre = natgrad.NGD(
+        model, fisher="exact", likelihood="bernoulli", damping=mean_loss_damping(gamma, 5)
+    )
+    model.zero_grad()
+    logits = model(inputs)
+    F.binary_cross_entropy_with_logits(logits, targets).backward()
+    pre.step(logits)
+    assert relative_error(flat_grad(dense.params), expected) < 1e-10
+    with pytest.raises(ValueError, match="positive count"):
+        mean_loss_damping(0.3, 0)
+
+
 @pytest.mark.slow  # tunes and trains
 def test_r7_runs_tiny_and_decides_by_its_rule(tmp_path):
     finding = r7_deep_linear(tmp_path, seeds=(0, 1), epochs=1, small_epochs=3, grids=TINY_R7)
@@ -119,7 +149,10 @@ def test_r7_runs_tiny_and_decides_by_its_rule(tmp_path):
         assert set(runs) == {"sgdm", "adam", "fishleg"}
         # Q0 = eta_SGDm / eta, from the selected SGDm learning rate
         assert runs["fishleg"]["hyper"]["init_scale"] == pytest.approx(1e-2 / 0.04)
-        assert runs["fishleg"]["hyper"]["aux_period"] == 10
+        # Algorithm 1: an auxiliary step every iteration, on a separate batch
+        assert runs["fishleg"]["hyper"]["aux_period"] == 1
+        assert runs["fishleg"]["hyper"]["aux_batch"] == 40
+        assert len(runs["fishleg"]["q_quality_per_seed"]) == 2
         assert len(runs["fishleg"]["final_train_loss_per_seed"]) == 2
         for label, run in runs.items():
             reach = epochs_to_floor(run["train_loss_curves"], numbers["noise_floor_train"])
@@ -131,11 +164,12 @@ def test_r7_runs_tiny_and_decides_by_its_rule(tmp_path):
     record = json.loads(finding.save(tmp_path).read_text())
     assert record["verdict"] == finding.verdict and record["claim"] == "R7"
     assert record["numbers"]["40 samples"]["epochs"] == 3
+    assert sum("fishleg seed" in line and "cos(Q u" in line for line in finding.lines) == 4
 
 
 @pytest.mark.slow  # tunes and trains
 def test_r8_runs_tiny_and_decides_by_its_rule(tmp_path):
-    finding = r8_autoencoder(tmp_path, seeds=(0, 1), epochs=1, grids=TINY_R8)
+    finding = r8_autoencoder(tmp_path, seeds=(0, 1), epochs=1, grids=TINY_R8, train_size=200)
     assert finding.claim == "R8" and "Garcia et al. 2023, Fig. 2" in finding.statement
     assert list(finding.checks) == [
         "FishLeg's mean final train loss < Adam's",
@@ -156,6 +190,12 @@ def test_r8_runs_tiny_and_decides_by_its_rule(tmp_path):
     assert finding.checks["FishLeg's std of final train loss <= the median of the others'"] == (
         spread["fishleg"] <= others
     )
-    assert numbers["fishleg"]["hyper"]["init_scale"] == pytest.approx(1e-2 / 0.07)
+    hyper = numbers["fishleg"]["hyper"]
+    assert hyper["init_scale"] == pytest.approx(1e-2 / 0.07)
+    assert (hyper["aux_period"], hyper["aux_batch"], hyper["momentum_on"]) == (1, 10, "update")
+    assert len(numbers["fishleg"]["q_quality_per_seed"]) == 2
+    assert sum("cos(Q u" in line for line in finding.lines) == 2
     record = json.loads(finding.save(tmp_path).read_text())
     assert record["verdict"] == finding.verdict and (tmp_path / "R8.json").exists()
+    quality = record["numbers"]["fishleg"]["q_quality_per_seed"][0]
+    assert quality["movement"] > 0 and -1 <= quality["alignment"] <= 1

@@ -3,7 +3,8 @@
 * :func:`mlp`: fully connected network (Benzing 2022, Fig. 1: three hidden layers of 1000, ReLU),
   widths, activation and bias configurable;
 * :func:`autoencoder`: Hinton's ``d-1000-500-250-30-250-500-1000-d`` autoencoder with tanh
-  (Benzing 2022, App. D.6, Garcia et al. 2023, Fig. 2), widths scaled by ``width_scale`` for a CPU;
+  (Benzing 2022, App. D.6) or ReLU and a linear code layer (Goldfarb et al. 2020, as Garcia et
+  al. 2023, Fig. 2, uses it), widths scaled by ``width_scale`` for a CPU;
 * :func:`deep_linear`: a deep linear network (Garcia et al. 2023, sec. 5.1: 20 layers of 20),
   no bias, weights ``N(0, 1/n)``;
 * :func:`small_cnn`: two convolutions and a linear read-out, for image data.
@@ -46,12 +47,22 @@ def mlp(
     return nn.Sequential(*layers)
 
 
-def autoencoder(inputs: int, width_scale: float = 1.0, activation: str = "tanh") -> nn.Sequential:
-    """Hinton's deep autoencoder with every width scaled (at least 2); outputs are logits."""
+def autoencoder(
+    inputs: int, width_scale: float = 1.0, activation: str = "tanh", linear_code: bool = False
+) -> nn.Sequential:
+    """Hinton's deep autoencoder with every width scaled (at least 2); outputs are logits.
+
+    ``linear_code=True`` leaves the code layer (the 30 units in the middle) linear, as
+    Goldfarb et al. 2020's autoencoders do (ReLU elsewhere), whose setup Garcia et al. 2023,
+    sec. 5.2, follows."""
     if not width_scale > 0:
         raise ValueError(f"width_scale must be positive, got {width_scale}")
     hidden = tuple(max(2, round(width * width_scale)) for width in HINTON_WIDTHS)
-    return mlp(inputs, inputs, hidden, activation=activation)
+    model = mlp(inputs, inputs, hidden, activation=activation)
+    if linear_code:  # the activation after the code layer: the 4th of Flatten, (Linear, act)...
+        code = 2 * HINTON_WIDTHS.index(min(HINTON_WIDTHS)) + 2
+        model[code] = nn.Identity()
+    return model
 
 
 def deep_linear(width: int = 20, depth: int = 20, seed: int | None = None) -> nn.Sequential:

@@ -51,7 +51,7 @@ CLAIMS: dict[str, Claim] = {
         Claim("R5", "KFAC: correct damping ~ SGD, heuristic carries it", r5_kfac_damping),
         Claim("R6", "FOOF makes KFAC's progress per step, cheaper", r6_foof_vs_kfac),
         Claim("R7", "deep linear net: FishLeg reaches the noise floor first", r7_deep_linear),
-        Claim("R8", "autoencoder: FishLeg, KFAC vs Adam, SGDm; reliability", r8_autoencoder),
+        Claim("R8", "MNIST autoencoder: FishLeg, KFAC vs Adam, SGDm; reliability", r8_autoencoder),
         Claim("R9", "EF(1e-7) < SGD, EF(1e-4) ~ SGD, iEF best", r9_ef_damping),
         Claim("R10", "γ_iEF < γ_F(1) < γ_EF, imbalance ~ γ_EF/γ_SGD", r10_approximation_quality),
         Claim("R11", "time and memory vs P: exact, blockwise NGD, TENGraD, SGD", r11_cost_scaling),
