@@ -204,3 +204,15 @@ def test_finding_fails_a_tie_and_says_so(tmp_path, monkeypatch):
 def test_finding_rejects_ties_that_name_no_check():
     with pytest.raises(ValueError, match="name no check"):
         finding_module.Finding("RX", "s", {"a": False}, ties=["b"])
+
+
+def test_a_no_loss_check_holds_on_a_tie_and_names_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(tuning, "plot", lambda selected, path: [])
+    selected = selected_with({"a": [1.2, 1.25, 1.3], "b": [1.0, 1.2, 1.1], "c": [0.1, 0.1, 0.1]})
+    tie = tuning.compare(selected, "a", "b", needs="no loss")
+    assert tie.outcome == "tie" and tie.held
+    loss = tuning.compare(selected, "a", "c", needs="no loss")
+    assert loss.outcome == "loss" and not loss.held
+    result = tuning.finding("RX", "s", {"a ~ b": tie, "a ~ c": loss}, selected, tmp_path)
+    assert result.checks == {"a ~ b": True, "a ~ c": False} and result.ties == ["a ~ b"]
+    assert "[x] a ~ b (tie within seeds' spread)" in result.report()

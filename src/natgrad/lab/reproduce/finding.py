@@ -3,9 +3,9 @@
 The verdict rule is fixed before any run: a claim is split into sub-claims ("checks"), each
 decided by a comparison of measured numbers written in the claim's code; the claim is
 ``reproduced`` when every check holds, ``partly`` when some do, ``not reproduced`` when none
-does. A check comparing two tuned configurations fails on a tie (a difference within the
-seeds' spread, :mod:`natgrad.lab.reproduce.tuning`); such checks are listed in ``ties`` and
-marked in the report, so a tie never reads as a loss.
+does. A check comparing two tuned configurations may end in a tie (a difference within the seeds'
+spread, :mod:`natgrad.lab.reproduce.tuning`): a check needing a win fails on it; such checks are
+listed in ``ties`` and marked in the report, so a tie never reads as a loss or a win.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Finding:
     seconds
         Wall-clock runtime of the claim.
     ties
-        The checks that failed because their comparison was a tie within the seeds' spread.
+        The checks whose comparison was a tie within the seeds' spread.
     """
 
     claim: str

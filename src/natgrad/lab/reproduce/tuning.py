@@ -19,10 +19,11 @@ Tuning follows Benzing 2022, App. D.2:
 **Ties.** A comparison "a beats b" of two tuned configurations (:func:`compare`) holds only
 if the difference of their seed-means exceeds the *seeds' spread* of the comparison, defined as
 the larger of the two ranges (max - min over seeds of the final training loss) of a and b.
-A smaller difference is a tie: the check that needs a win fails, and the claim's lines and JSON
-say "tie within seeds' spread" (:class:`Comparison`). With one seed the spread is zero and any
-difference decides. A diverged configuration (non-finite loss) never wins and loses to any finite
-one.
+A smaller difference is a tie: a check that needs a win fails on it, one that needs "no loss"
+(e.g. "FOOF at least as good as KFAC") holds, and either way the claim's lines, report and JSON
+say "tie within seeds' spread" (:class:`Comparison`, ``Finding.ties``). With one seed the
+spread is zero and any difference decides. A diverged configuration (non-finite loss) never
+wins and loses to any finite one.
 
 Runs are deterministic given task, method, hyper-parameters, seed and data, so tuned runs are
 memoised per process (:func:`cached_run`): claims sharing contenders (R4, R5 and R6 all tune SGD
@@ -226,6 +227,7 @@ class Comparison:
     mean_a: float
     mean_b: float
     spread: float
+    needs: Literal["win", "no loss"] = "win"
 
     @property
     def outcome(self) -> Literal["win", "tie", "loss"]:
@@ -242,8 +244,9 @@ class Comparison:
 
     @property
     def held(self) -> bool:
-        """Whether ``a`` beats ``b`` (a tie does not)."""
-        return self.outcome == "win"
+        """Whether the check holds: ``a`` beats ``b`` (``needs="win"``: a tie fails) or is not
+        beaten by it (``needs="no loss"``: a tie holds)."""
+        return self.outcome == "win" if self.needs == "win" else self.outcome != "loss"
 
     def text(self) -> str:
         """E.g. ``a 0.12 vs b 0.15 (spread 0.05): tie within seeds' spread``."""
@@ -262,6 +265,7 @@ class Comparison:
             "mean_b": self.mean_b,
             "spread": self.spread,
             "outcome": self.outcome,
+            "needs": self.needs,
         }
 
 
@@ -271,13 +275,19 @@ def spread(runs: list[dict[str, Any]]) -> float:
     return max(finals) - min(finals) if all(map(math.isfinite, finals)) else math.inf
 
 
-def compare(selected: dict[str, list[dict[str, Any]]], a: str, b: str) -> Comparison:
-    """Whether contender ``a`` beats contender ``b`` of ``selected`` (see :class:`Comparison`);
-    a diverged seed makes a mean infinite, so its spread does not enter."""
+def compare(
+    selected: dict[str, list[dict[str, Any]]],
+    a: str,
+    b: str,
+    needs: Literal["win", "no loss"] = "win",
+) -> Comparison:
+    """Whether contender ``a`` beats (or, ``needs="no loss"``, is not beaten by) contender ``b``
+    of ``selected`` (see :class:`Comparison`); a diverged seed makes a mean infinite, so its
+    spread does not enter."""
     mean_a, mean_b = mean_final(selected[a]), mean_final(selected[b])
     finite = [spread(selected[label]) for label in (a, b)]
     finite = [value for value in finite if math.isfinite(value)]
-    return Comparison(a, b, mean_a, mean_b, max(finite, default=0.0))
+    return Comparison(a, b, mean_a, mean_b, max(finite, default=0.0), needs)
 
 
 def ms_per_step(runs: list[dict[str, Any]]) -> float:
