@@ -370,3 +370,17 @@ def test_run_claim_times_saves_and_runs_on_one_thread(tmp_path, monkeypatch):
     assert finding.seconds > 0 and json.loads((tmp_path / "R0.json").read_text())["seconds"] > 0
     with pytest.raises(ValueError, match="unknown claim 'R99'"):
         reproduce.run_claim("R99", tmp_path)
+
+
+def test_mnist5k_images_are_standardised_over_all_pixels():
+    """Benzing 2022, App. D.4: one mean and one standard deviation over every training pixel,
+    applied to both splits (per-pixel statistics would differ per column)."""
+    raw = runner.load_dataset("mnist5k", standardize=False)
+    data = training.mnist5k_images()
+    mean, std = raw.train_inputs.double().mean(), raw.train_inputs.double().std()
+    assert data.train_inputs.double().mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert data.train_inputs.double().std().item() == pytest.approx(1.0, rel=1e-5)
+    for split in ("train_inputs", "test_inputs"):
+        expected = (getattr(raw, split).double() - mean) / std
+        assert torch.allclose(getattr(data, split).double(), expected, atol=1e-5)
+    assert torch.equal(data.train_targets, raw.train_targets)
