@@ -384,3 +384,17 @@ def test_mnist5k_images_are_standardised_over_all_pixels():
         expected = (getattr(raw, split).double() - mean) / std
         assert torch.allclose(getattr(data, split).double(), expected, atol=1e-5)
     assert torch.equal(data.train_targets, raw.train_targets)
+
+
+def test_subsets_of_the_class_sorted_images_mix_classes():
+    """mnist5k's file is sorted by digit; R4's full-batch subset and R9's probe batch must not be
+    the first rows (400 zeros and 100 ones among the first 500)."""
+    data = training.mnist5k_images()
+    assert torch.equal(data.train_targets[:500].unique(), torch.tensor([0, 1]))  # the trap
+    subset = training._subset(data, 500)
+    assert torch.bincount(subset.train_targets, minlength=10).min() >= 30
+    assert torch.equal(training._subset(data, 500).train_inputs, subset.train_inputs)
+    again = training.shuffled(data)
+    assert sorted(again.train_targets.tolist()) == sorted(data.train_targets.tolist())
+    first = (again.train_inputs[0] == data.train_inputs).all(dim=1).nonzero().flatten()
+    assert data.train_targets[first].tolist() == [again.train_targets[0].item()]
