@@ -43,7 +43,6 @@ from torch import Tensor
 class MissingDataError(FileNotFoundError):
     """A data set's files or the package that ships them are not on this machine."""
 
-
 IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -237,6 +236,7 @@ def regression_data(num: int = 1000, seed: int = 0) -> tuple[Tensor, Tensor]:
     x = torch.exp(0.75 * torch.randn(num, 1, generator=generator, dtype=torch.float64))
     y = 2 + 2 * x + torch.randn(num, 1, generator=generator, dtype=torch.float64)
     return x, y
+
 
 
 LOGISTIC_DATASETS = {
