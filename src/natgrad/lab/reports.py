@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from natgrad.lab import datasets, fields, models, study
-from natgrad.lab.datasets import load_dataset
+from natgrad.lab.datasets import Dataset, load_dataset
 
 
 def field_report(output: str | Path, steps: int = 50_000, grid: int = 15) -> list[str]:
@@ -56,7 +56,7 @@ def field_report(output: str | Path, steps: int = 50_000, grid: int = 15) -> lis
 
 def checkpoint_report(
     output: str | Path,
-    dataset: str = "digits",
+    dataset: str | Dataset = "digits",
     epochs: int = 8,
     batches: int = 4,
     batch_size: int = 32,
@@ -65,15 +65,16 @@ def checkpoint_report(
 ) -> tuple[list[str], list[dict[str, float]]]:
     """Wu et al. 2024, Fig. 2-4 at CPU scale: train an MLP with SGD, study every epoch's checkpoint.
 
+    ``dataset`` is a name for :func:`~natgrad.lab.datasets.load_dataset` or a loaded dataset.
     Writes ``rows.csv`` and ``study.png`` into ``output``; returns the printed summary and the
     study's records.
     """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    data = load_dataset(dataset)
+    data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
     if data.task != "classification":
-        raise ValueError(f"the checkpoint study needs a classification set, {dataset} is not")
+        raise ValueError(f"the checkpoint study needs a classification set, {data.name} is not")
     inputs = data.train_inputs.reshape(len(data.train_inputs), -1)
     train = list(zip(inputs.split(batch_size), data.train_targets.split(batch_size), strict=True))
     model = models.mlp(inputs.shape[1], data.num_outputs, hidden)

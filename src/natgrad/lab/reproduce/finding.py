@@ -3,7 +3,9 @@
 The verdict rule is fixed before any run: a claim is split into sub-claims ("checks"), each
 decided by a comparison of measured numbers written in the claim's code; the claim is
 ``reproduced`` when every check holds, ``partly`` when some do, ``not reproduced`` when none
-does.
+does. A check comparing two tuned configurations may end in a tie (a difference within the seeds'
+spread, :mod:`natgrad.lab.reproduce.tuning`): a check needing a win fails on it; such checks are
+listed in ``ties`` and marked in the report, so a tie never reads as a loss or a win.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class Finding:
         Paths of the figures written.
     seconds
         Wall-clock runtime of the claim.
+    ties
+        The checks whose comparison was a tie within the seeds' spread.
     """
 
     claim: str
@@ -48,10 +52,14 @@ class Finding:
     numbers: dict[str, Any] = field(default_factory=dict)
     figures: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    ties: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.checks:
             raise ValueError(f"{self.claim}: a finding needs at least one check")
+        unknown = [tie for tie in self.ties if tie not in self.checks]
+        if unknown:
+            raise ValueError(f"{self.claim}: ties {unknown} name no check")
 
     @property
     def verdict(self) -> str:
@@ -65,7 +73,11 @@ class Finding:
         """The finding as printed text: verdict, measurements, then each check."""
         lines = [f"{self.claim} {self.statement}: {self.verdict.upper()} ({self.seconds:.0f} s)"]
         lines += [f"  {line}" for line in self.lines]
-        lines += [f"  [{'x' if held else ' '}] {check}" for check, held in self.checks.items()]
+        lines += [
+            f"  [{'x' if held else ' '}] {check}"
+            + (" (tie within seeds' spread)" if check in self.ties else "")
+            for check, held in self.checks.items()
+        ]
         lines += [f"  figure: {figure}" for figure in self.figures]
         return "\n".join(lines)
 

@@ -1,22 +1,34 @@
 """Claims comparing trained optimisers: R4, R5, R6 (Benzing 2022), R9 (Wu et al. 2024) and
 R12 (Shrestha 2023).
 
-Default scale (minutes on two cores): Benzing 2022's MLP (three hidden layers, ReLU, no biases)
-with hidden width 256 instead of 1000 on MNIST-1D (4000 training points, 40 inputs) for 5
-epochs of batch 100, instead of Fashion-MNIST for 10 epochs. ``full=True`` runs Benzing 2022's own
-scale (width 1000, 10 epochs) on Fashion-MNIST read from ``data_dir``. Hyper-parameters are
-tuned per method (:mod:`natgrad.lab.reproduce.tuning`) over grids from Benzing 2022, App. D.2: step
-sizes ``10^i``, dampings ``10^-4 ... 10^2`` (the paper's ``10^-6 ... 10^6`` trimmed to its
-useful middle), and a boundary optimum extends the grid. Preconditioned methods use SGD with
-momentum 0.9 on the preconditioned gradient; SGD tunes momentum in {0, 0.9} as in the paper.
+R4-R6 train Benzing 2022's MLP (App. D.4: 784-1000-1000-1000-10, ReLU, no biases, cross-entropy,
+batch 100) on ``mnist5k``, 4,000 real MNIST training images standardised over all pixels as the
+paper does (:func:`mnist5k_images`), scaled down to run within minutes on one core:
+
+* :data:`EPOCHS` = 3 epochs of 40 steps (120 steps) instead of 10 epochs of 600 steps;
+* KFAC and FOOF invert their factors every :data:`INV_PERIOD` = 10 steps (factors updated every
+  step with the paper's EMA ``m = 0.95``; Benzing 2022, App. D.3 found one inversion per epoch
+  sufficient); subsampled KFAC (``m = 0``) therefore preconditions with one mini-batch's factors
+  for 10 steps, less curvature data than the subsampled natural gradient, which uses every batch;
+* grids of Benzing 2022, App. D.2 cut to three values around a centre and extended jointly at a
+  boundary (:mod:`natgrad.lab.reproduce.tuning`): step sizes ``1·10^i, 3·10^i``
+  (:data:`STEP_SIZES`), dampings ``10^2i`` (:data:`DAMPINGS`, the paper's ``10^-6 ... 10^6``
+  reached by extension); SGD tunes momentum in {0, 0.9} as in the paper, the preconditioned
+  methods use momentum 0.9 on the preconditioned gradient;
+* R4's full-batch control on :data:`FULL_BATCH_POINTS` = 500 images for
+  :data:`FULL_BATCH_STEPS` = 50 full-batch steps (the paper: 1000 images, 100 epochs).
+
+``full=True`` runs Benzing 2022's own scale (10 epochs) on Fashion-MNIST read from ``data_dir``.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,13 +39,18 @@ from natgrad.lab import models
 from natgrad.lab.datasets import Dataset, load_dataset
 from natgrad.lab.reproduce import tuning
 from natgrad.lab.reproduce.finding import Finding, MissingDataError
-from natgrad.lab.reproduce.tuning import Contender, less, mean_final
-from natgrad.lab.runner import Task, get_task
+from natgrad.lab.reproduce.tuning import Contender, compare, mean_final
+from natgrad.lab.runner import Task, get_task, train_run
 
-STEP_SIZES = [1e-3, 1e-2, 1e-1]
-DAMPINGS = [1e-4, 1e-2, 1.0, 100.0]
-SGD_GRID = {"lr": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1], "momentum": [0.0, 0.9]}
+EPOCHS = 3
+INV_PERIOD = 10
+STEP_SIZES = [1e-2, 3e-2, 1e-1]
+DAMPINGS = [1e-2, 1.0, 100.0]
+SGD_GRID = {"lr": [1e-2, 3e-2, 1e-1, 3e-1], "momentum": [0.0, 0.9]}
 CURVATURE_GRID = {"lr": STEP_SIZES, "damping": DAMPINGS}
+KRONECKER_GRID = {**CURVATURE_GRID, "inv_period": [INV_PERIOD]}
+FULL_BATCH_POINTS = 500
+FULL_BATCH_STEPS = 50
 
 
 def mlp_problem(
@@ -45,6 +62,25 @@ def mlp_problem(
     return (task if epochs is None else replace(task, epochs=epochs)), data
 
 
+def mnist5k_images() -> Dataset:
+    """``mnist5k`` preprocessed as Benzing 2022, App. D.4 does for MNIST: zero mean and unit
+    variance over all pixels (one mean and one standard deviation, from the training images),
+    not per pixel; per-pixel statistics would blow rarely-lit border pixels up to 60-460
+    standard deviations."""
+    data = load_dataset("mnist5k", standardize=False)
+    mean, std = data.train_inputs.mean(), data.train_inputs.std()
+    return replace(
+        data,
+        name="mnist5k-global-standardised",
+        train_inputs=(data.train_inputs - mean) / std,
+        test_inputs=(data.test_inputs - mean) / std,
+    )
+
+
+def _benzing_mlp(data: Dataset) -> nn.Module:
+    return models.mlp(784, 10, (1000, 1000, 1000), bias=False)
+
+
 def _mlp_problem(full: bool, data_dir: str | None) -> tuple[Task, Dataset]:
     if full:
         if data_dir is None:
@@ -53,18 +89,36 @@ def _mlp_problem(full: bool, data_dir: str | None) -> tuple[Task, Dataset]:
                 "pass --data-dir with its IDX files (train-images-idx3-ubyte.gz, ...)"
             )
         data = load_dataset("fashion_mnist", root=data_dir)
-        build = lambda d: models.mlp(784, 10, (1000, 1000, 1000), bias=False)  # noqa: E731
-        return Task("fashion-mnist-mlp", "fashion_mnist", build, epochs=10), data
-    build = lambda d: models.mlp(40, 10, (256, 256, 256), bias=False)  # noqa: E731
-    return Task("mnist1d-mlp-nobias", "mnist1d", build, epochs=5), load_dataset("mnist1d")
+        return Task("fashion-mnist-mlp", "fashion_mnist", _benzing_mlp, epochs=10), data
+    return Task("mnist5k-mlp-nobias", "mnist5k", _benzing_mlp, epochs=EPOCHS), mnist5k_images()
+
+
+def shuffled(data: Dataset, seed: int = 0) -> Dataset:
+    """``data`` with its training set in a fixed random order (``seed``): slices of it are
+    samples of every class (``mnist5k``'s file is sorted by digit)."""
+    order = torch.randperm(len(data.train_inputs), generator=torch.Generator().manual_seed(seed))
+    return replace(
+        data, train_inputs=data.train_inputs[order], train_targets=data.train_targets[order]
+    )
 
 
 def _subset(data: Dataset, size: int) -> Dataset:
+    """A random subset of ``size`` training points, the same on every call."""
+    data = shuffled(data)
     return replace(
         data,
-        name=f"{data.name}-{size}",
+        name=f"{data.name}-{size}-shuffled",
         train_inputs=data.train_inputs[:size],
         train_targets=data.train_targets[:size],
+    )
+
+
+def _scale(task: Task) -> str:
+    return (
+        f"{task.name}: Benzing 2022's MLP 784-1000-1000-1000-10 (ReLU, no biases), batch "
+        f"{task.batch_size}, {task.epochs} epochs on {task.dataset}; KFAC/FOOF invert every "
+        f"{INV_PERIOD} steps; grids of 3 step sizes x 3 dampings around a centre, extended "
+        f"jointly at a boundary (Benzing 2022: Fashion-MNIST, 10 epochs of 600 steps)"
     )
 
 
@@ -74,18 +128,19 @@ def r4_kfac_vs_subsampled_ng(
     full: bool = False,
     data_dir: str | None = None,
     epochs: int | None = None,
-    full_batch_points: int = 1000,
-    full_batch_epochs: int = 100,
+    full_batch_points: int = FULL_BATCH_POINTS,
+    full_batch_epochs: int = FULL_BATCH_STEPS,
 ) -> Finding:
     """Benzing 2022, Fig. 1: KFAC beats subsampled natural gradient and SGD with momentum, also
-    when KFAC is subsampled (m = 0); with 1000 training points and full batches, natural
+    when KFAC is subsampled (m = 0); with few training points and full batches, natural
     gradient beats SGD. NG uses the MC Fisher (one sampled label per input), the paper's
-    default, inverted exactly by Woodbury on the mini-batch."""
+    default, inverted exactly by Woodbury on the mini-batch. Every "beats" must exceed the
+    seeds' spread (:func:`natgrad.lab.reproduce.tuning.compare`)."""
     task, data = mlp_problem(full, data_dir, epochs)
     contenders = [
         Contender("sgd", "sgd", SGD_GRID),
-        Contender("kfac", "kfac", CURVATURE_GRID),
-        Contender("kfac m=0", "kfac-subsampled", CURVATURE_GRID),
+        Contender("kfac", "kfac", KRONECKER_GRID),
+        Contender("kfac m=0", "kfac-subsampled", KRONECKER_GRID),
         Contender("ng (mc, batch)", "mc", CURVATURE_GRID),
     ]
     selected = tuning.tune(task, data, contenders, seeds)
@@ -100,26 +155,30 @@ def r4_kfac_vs_subsampled_ng(
         _subset(data, full_batch_points),
         [
             Contender("sgd", "sgd", SGD_GRID),
-            Contender("ng (mc, full batch)", "mc", {"lr": [1e-2, 1e-1, 1.0], "damping": DAMPINGS}),
+            Contender("ng (mc, full batch)", "mc", CURVATURE_GRID),
         ],
         seeds,
     )
-    final = {label: mean_final(runs) for label, runs in selected.items()}
-    final_small = {label: mean_final(runs) for label, runs in full_batch.items()}
-    checks = {
-        "KFAC < subsampled NG": less(final["kfac"], final["ng (mc, batch)"]),
-        "KFAC < SGD": less(final["kfac"], final["sgd"]),
-        "subsampled KFAC (m = 0) < subsampled NG": less(final["kfac m=0"], final["ng (mc, batch)"]),
-        "subsampled KFAC (m = 0) < SGD": less(final["kfac m=0"], final["sgd"]),
-        f"{full_batch_points} points, full batch: NG < SGD": less(
-            final_small["ng (mc, full batch)"], final_small["sgd"]
+    comparisons = {
+        "KFAC < subsampled NG": compare(selected, "kfac", "ng (mc, batch)"),
+        "KFAC < SGD": compare(selected, "kfac", "sgd"),
+        "subsampled KFAC (m = 0) < subsampled NG": compare(selected, "kfac m=0", "ng (mc, batch)"),
+        "subsampled KFAC (m = 0) < SGD": compare(selected, "kfac m=0", "sgd"),
+        f"{full_batch_points} points, full batch: NG < SGD": compare(
+            full_batch, "ng (mc, full batch)", "sgd"
         ),
     }
+    checks, compared, records = tuning.decide(comparisons)
+    final = {label: mean_final(runs) for label, runs in selected.items()}
     ratio = final["ng (mc, batch)"] / final["kfac"]
     lines = [
+        _scale(task),
         *tuning.lines(selected),
         f"subsampled NG / KFAC final loss: {ratio:.3g} (the paper reports 10-20x)",
+        f"full-batch control: {full_batch_points} images, {full_batch_epochs} full-batch steps "
+        "(the paper: 1000 images, 100 epochs)",
         *(f"{full_batch_points} points, full batch: {line}" for line in tuning.lines(full_batch)),
+        *compared,
     ]
     figures = tuning.plot(selected, Path(output) / "R4_minibatch.png")
     figures += tuning.plot(full_batch, Path(output) / "R4_full_batch.png")
@@ -128,8 +187,13 @@ def r4_kfac_vs_subsampled_ng(
         "KFAC beats subsampled NG and SGD; full-batch NG beats SGD (Benzing 2022, Fig. 1)",
         checks,
         lines,
-        {"minibatch": tuning.numbers(selected), "full_batch": tuning.numbers(full_batch)},
+        {
+            "minibatch": tuning.numbers(selected),
+            "full_batch": tuning.numbers(full_batch),
+            "comparisons": records,
+        },
         figures,
+        ties=[name for name, record in records.items() if record["outcome"] == "tie"],
     )
 
 
@@ -142,23 +206,25 @@ def r5_kfac_damping(
 ) -> Finding:
     """Benzing 2022, Fig. 3A: with correct damping ``(A ⊗ G) + λI`` KFAC performs like SGD;
     heuristic damping carries its performance. "Like SGD": mean final training loss within a
-    factor 2 of SGD's, either way."""
+    factor 2 of SGD's, either way; "carries": heuristic damping beats correct damping and SGD
+    by more than the seeds' spread."""
     task, data = mlp_problem(full, data_dir, epochs)
     selected = tuning.tune(
         task,
         data,
         [
             Contender("sgd", "sgd", SGD_GRID),
-            Contender("kfac heuristic", "kfac", CURVATURE_GRID),
-            Contender("kfac correct", "kfac-correct", CURVATURE_GRID),
+            Contender("kfac heuristic", "kfac", KRONECKER_GRID),
+            Contender("kfac correct", "kfac-correct", KRONECKER_GRID),
         ],
         seeds,
     )
     final = {label: mean_final(runs) for label, runs in selected.items()}
     ratio = final["kfac correct"] / final["sgd"]
+    versus_sgd = compare(selected, "kfac correct", "sgd")
     checks = {
-        "heuristic damping < correct damping": less(final["kfac heuristic"], final["kfac correct"]),
-        "heuristic damping < SGD": less(final["kfac heuristic"], final["sgd"]),
+        "heuristic damping < correct damping": compare(selected, "kfac heuristic", "kfac correct"),
+        "heuristic damping < SGD": compare(selected, "kfac heuristic", "sgd"),
         "correct damping within 2x of SGD": math.isfinite(ratio) and 0.5 <= ratio <= 2.0,
     }
     return tuning.finding(
@@ -167,8 +233,27 @@ def r5_kfac_damping(
         checks,
         selected,
         output,
-        [f"correct-damping KFAC / SGD final loss: {ratio:.3g}"],
+        [
+            _scale(task),
+            f"correct-damping KFAC / SGD final loss: {ratio:.3g} ({versus_sgd.text()})",
+        ],
     )
+
+
+def step_time_at_t1(
+    task: Task, data: Dataset, selected: dict[str, list[dict[str, Any]]], steps: int = 10
+) -> dict[str, float]:
+    """Median step time (ms) of each contender of ``selected`` inverting every step (T = 1),
+    with its tuned hyper-parameters, over ``steps`` steps on one seed, run twice alternately."""
+    timing = replace(task, name=f"{task.name}-timing", epochs=1)
+    subset = _subset(data, steps * task.batch_size)
+    times: dict[str, list[float]] = {label: [] for label in selected}
+    for _ in range(2):
+        for label, runs in selected.items():
+            hyper = {**runs[0]["hyper"], "inv_period": 1}
+            run = train_run(timing, runs[0]["registry_method"], hyper, 0, subset)
+            times[label] += run["step_seconds"]
+    return {label: 1e3 * statistics.median(values) for label, values in times.items()}
 
 
 def r6_foof_vs_kfac(
@@ -179,21 +264,19 @@ def r6_foof_vs_kfac(
     epochs: int | None = None,
 ) -> Finding:
     """Benzing 2022, Fig. 4: FOOF makes at least KFAC's progress per step (final training loss
-    after the same steps) and costs less per step (median step time, same process), both
-    inverting every step (T = 1)."""
+    after the same steps, not beaten beyond the seeds' spread) and costs less per step (median
+    step time, same process, both inverting every step, T = 1, as in Fig. 4A)."""
     task, data = mlp_problem(full, data_dir, epochs)
     selected = tuning.tune(
         task,
         data,
-        [Contender("kfac", "kfac", CURVATURE_GRID), Contender("foof", "foof", CURVATURE_GRID)],
+        [Contender("kfac", "kfac", KRONECKER_GRID), Contender("foof", "foof", KRONECKER_GRID)],
         seeds,
     )
-    final = {label: mean_final(runs) for label, runs in selected.items()}
-    step = {label: tuning.ms_per_step(runs) for label, runs in selected.items()}
+    step = step_time_at_t1(task, data, selected)
     checks = {
-        "FOOF's final loss <= KFAC's": math.isfinite(final["foof"])
-        and final["foof"] <= final["kfac"],
-        "FOOF's step time < KFAC's": step["foof"] < step["kfac"],
+        "FOOF's final loss <= KFAC's": compare(selected, "foof", "kfac", needs="no loss"),
+        "FOOF's step time < KFAC's (T = 1)": step["foof"] < step["kfac"],
     }
     return tuning.finding(
         "R6",
@@ -201,7 +284,29 @@ def r6_foof_vs_kfac(
         checks,
         selected,
         output,
-        [f"KFAC / FOOF step time: {step['kfac'] / step['foof']:.2f} (the paper reports ~1.5)"],
+        [
+            _scale(task),
+            f"step time at T = 1 (median of 2 x 10 steps): KFAC {step['kfac']:.1f} ms, FOOF "
+            f"{step['foof']:.1f} ms, ratio {step['kfac'] / step['foof']:.2f} "
+            "(the paper reports ~1.5 on a GPU)",
+        ],
+        {"ms_per_step_t1": step},
+    )
+
+
+R9_HIDDEN = (256, 256, 256)
+R9_EPOCHS = 5
+
+
+def r9_task() -> Task:
+    """R9's model: an MLP 784-256-256-256-10 (ReLU) on ``mnist5k`` (:func:`mnist5k_images`),
+    batch 32 as in Wu et al. 2024, :data:`R9_EPOCHS` epochs (125 steps each)."""
+    return Task(
+        "mnist5k-mlp-256",
+        "mnist5k",
+        lambda d: models.mlp(784, 10, R9_HIDDEN),
+        batch_size=32,
+        epochs=R9_EPOCHS,
     )
 
 
@@ -209,21 +314,22 @@ def r9_ef_damping(
     output: Path,
     seeds: Sequence[int] = (0, 1, 2),
     full: bool = False,
-    task_name: str = "digits-mlp",
-    epochs: int = 5,
+    task_name: str | None = None,
+    epochs: int = R9_EPOCHS,
 ) -> Finding:
-    """Wu et al. 2024, sec. 4: EF with damping 1e-7 trains worse than SGD; damping 1e-4 brings EF
-    close to SGD (cosine >= 0.95 and above the small damping's); iEF with damping 1e-7 trains
-    best.
+    """Wu et al. 2024, sec. 4 and App. (damping study): EF with damping 1e-7 trains worse than
+    SGD; damping 1e-4 brings EF close to SGD (cosine >= 0.95 and above the small damping's);
+    iEF with damping 1e-7 trains best. "Worse" and "best" must exceed the seeds' spread.
 
-    Each configuration tunes its learning rate. The paper's damping (on the summed loss's
-    per-sample Gram) is divided by the batch size, since natgrad's damping acts on the
-    curvature of the mean loss.
+    Default model :func:`r9_task` (``task_name`` picks a registered task instead). Each
+    configuration tunes its learning rate over ``1·10^i, 3·10^i`` from 1e-4 to 3e-1, extended at
+    a boundary. The paper's damping (on the summed loss's per-sample Gram) is divided by the
+    batch size, since natgrad's damping acts on the curvature of the mean loss.
     """
-    task = replace(get_task(task_name), epochs=epochs)
-    data = task.load_data()
+    task = replace(r9_task() if task_name is None else get_task(task_name), epochs=epochs)
+    data = mnist5k_images() if task_name is None else task.load_data()
     scale = 1.0 / task.batch_size
-    lr = [1e-4, 1e-3, 1e-2, 1e-1]
+    lr = tuning.one_three_grid(-4, -1)
     selected = tuning.tune(
         task,
         data,
@@ -235,10 +341,10 @@ def r9_ef_damping(
         ],
         seeds,
     )
-    final = {label: mean_final(runs) for label, runs in selected.items()}
     cosines = {"ef 1e-7": [], "ef 1e-4": []}
+    probe = shuffled(data)
     for seed in seeds:
-        inputs, targets = data.train_inputs[:32], data.train_targets[:32]
+        inputs, targets = probe.train_inputs[:32], probe.train_targets[:32]
         record = compare_updates(
             _seeded_model(task, data, seed),
             inputs,
@@ -253,12 +359,13 @@ def r9_ef_damping(
         cosines["ef 1e-4"].append(record["cos_sgd_ef4"])
     cos7 = sum(cosines["ef 1e-7"]) / len(seeds)
     cos4 = sum(cosines["ef 1e-4"]) / len(seeds)
+    rivals = [label for label in selected if label != "ief 1e-7"]
+    best = [compare(selected, "ief 1e-7", rival) for rival in rivals]
     checks = {
-        "EF(1e-7) worse than SGD": less(final["sgd"], final["ef 1e-7"]),
+        "EF(1e-7) worse than SGD": compare(selected, "sgd", "ef 1e-7"),
         "EF(1e-4) near SGD: mean cos(EF, SGD) >= 0.95 and above EF(1e-7)'s": cos4 >= 0.95
         and cos4 > cos7,
-        "iEF(1e-7) best": math.isfinite(final["ief 1e-7"])
-        and final["ief 1e-7"] <= min(final.values()),
+        "iEF(1e-7) best": all(comparison.held for comparison in best),
     }
     return tuning.finding(
         "R9",
@@ -267,10 +374,14 @@ def r9_ef_damping(
         selected,
         output,
         [
-            f"cos(EF, SGD) on a batch of 32 at initialisation (mean over seeds): damping 1e-7 "
-            f"{cos7:.3f}, damping 1e-4 {cos4:.3f}"
+            f"{task.name}: batch {task.batch_size}, {task.epochs} epochs on {task.dataset} "
+            "(Wu et al. 2024: GLUE with T5 / prompt tuning, batch 32)",
+            *(f"iEF(1e-7) vs {c.b}: {c.text()}" for c in best),
+            f"cos(EF, SGD) on a random batch of 32 at initialisation (mean over seeds): "
+            f"damping 1e-7 "
+            f"{cos7:.3f}, damping 1e-4 {cos4:.3f}",
         ],
-        {"cos_sgd_ef": cosines},
+        {"cos_sgd_ef": cosines, "ief_best": [c.record() for c in best]},
     )
 
 
@@ -362,11 +473,22 @@ def r12_tengrad_vs_sgd(
 
 
 __all__ = [
+    "CURVATURE_GRID",
+    "DAMPINGS",
+    "EPOCHS",
+    "INV_PERIOD",
+    "R9_HIDDEN",
     "R12_HIDDEN",
+    "SGD_GRID",
+    "STEP_SIZES",
     "mlp_problem",
+    "mnist5k_images",
     "r4_kfac_vs_subsampled_ng",
     "r5_kfac_damping",
     "r6_foof_vs_kfac",
     "r9_ef_damping",
+    "r9_task",
     "r12_tengrad_vs_sgd",
+    "shuffled",
+    "step_time_at_t1",
 ]

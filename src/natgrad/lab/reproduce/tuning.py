@@ -1,21 +1,44 @@
-"""Tuned training runs for the claims that compare optimisers.
+"""Tuned training runs for the claims that compare optimisers, and how they are compared.
 
-Every compared configuration gets its hyper-parameters by grid search on the first seed
-(lowest final training loss, as in every seed paper; a step size or damping that is best at
-the edge of its grid is pushed a decade further, up to twice, as Benzing 2022, App. D.2 does), then
-the selected configuration is trained with every seed; claims compare the mean final training
-loss over seeds. Searching on one seed instead of all keeps each claim within minutes on two
-cores; the spread over seeds of the selected configuration is reported next to every mean.
+Tuning follows Benzing 2022, App. D.2:
+
+* **Grids.** Step sizes take the values ``1·10^i`` and ``3·10^i`` (:func:`one_three_grid`);
+  dampings a grid of powers of ten (the paper's ``10^-6, 10^-4, ..., 10^6``).
+* **Search.** Every compared configuration is searched over its grid on the first seed (lowest
+  final training loss, as in every seed paper); the selected configuration is then trained with
+  every seed, and claims compare the mean final training loss over seeds. Searching on one seed
+  keeps each claim within minutes; the spread over seeds of the selected configuration is
+  reported next to every mean.
+* **Boundary extension, jointly in step size and damping** ("we extended grids if the
+  performance at a boundary of the grid was optimal"). While the best point sits at the edge of
+  the ``lr`` axis or of the ``damping`` axis (an axis of at least two values), that axis gets the
+  grid's next value beyond the edge (:func:`next_value`: ``3e-2`` after ``1e-2``, ``1e-1`` after
+  ``3e-2``; for other grids the ratio of its two outermost values) and the new values are
+  crossed with every value of the other axes and searched; at most :data:`EXTENSIONS` rounds.
+
+**Ties.** A comparison "a beats b" of two tuned configurations (:func:`compare`) holds only
+if the difference of their seed-means exceeds the *seeds' spread* of the comparison, defined as
+the larger of the two ranges (max - min over seeds of the final training loss) of a and b.
+A smaller difference is a tie: a check that needs a win fails on it, one that needs "no loss"
+(e.g. "FOOF at least as good as KFAC") holds, and either way the claim's lines, report and JSON
+say "tie within seeds' spread" (:class:`Comparison`, ``Finding.ties``). With one seed the
+spread is zero and any difference decides. A diverged configuration (non-finite loss) never
+wins and loses to any finite one.
+
+Runs are deterministic given task, method, hyper-parameters, seed and data, so tuned runs are
+memoised per process (:func:`cached_run`): claims sharing contenders (R4, R5 and R6 all tune SGD
+and KFAC on the same task) train each configuration once.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from natgrad.lab.datasets import Dataset
 from natgrad.lab.reproduce.finding import Finding
@@ -29,6 +52,8 @@ from natgrad.lab.runner import (
 )
 
 EXTENSIONS = 2
+EXTENDED_AXES = ("lr", "damping")
+TIE = "tie within seeds' spread"
 
 
 @dataclass
@@ -40,6 +65,105 @@ class Contender:
     grid: dict[str, list[Any]]
 
 
+def one_three_grid(low: int, high: int) -> list[float]:
+    """``1·10^i`` and ``3·10^i`` for ``low <= i <= high`` (Benzing 2022, App. D.2), ascending."""
+    if low > high:
+        raise ValueError(f"the lowest exponent must not exceed the highest, got {low} > {high}")
+    return [float(f"{mantissa}e{i}") for i in range(low, high + 1) for mantissa in (1, 3)]
+
+
+def _is_power_of_ten(value: float) -> bool:
+    return math.isclose(value, 10.0 ** round(math.log10(value)), rel_tol=1e-9)
+
+
+def _is_one_three(value: float) -> bool:
+    exponent = math.floor(math.log10(value))
+    return any(math.isclose(value, m * 10.0**exponent, rel_tol=1e-9) for m in (1, 3))
+
+
+def next_value(values: Sequence[float], upward: bool) -> float:
+    """The grid's next value beyond its largest (``upward``) or smallest value: the next of
+    ``1·10^i, 3·10^i`` when every value has that form and some is a ``3·10^i``, else one more
+    step of the ratio between the two outermost values on that side (``10^4`` after
+    ``10^-2, 10^0, 10^2``)."""
+    ordered = sorted(values)
+    if len(ordered) < 2 or ordered[0] <= 0:
+        raise ValueError(f"a grid to extend needs at least two positive values, got {values}")
+    edge, inner = (ordered[-1], ordered[-2]) if upward else (ordered[0], ordered[1])
+    if all(_is_one_three(value) for value in ordered) and not all(map(_is_power_of_ten, ordered)):
+        exponent = math.floor(math.log10(edge))
+        is_one = math.isclose(edge, 10.0**exponent, rel_tol=1e-9)
+        if upward:
+            return float(f"{1 if not is_one else 3}e{exponent + (0 if is_one else 1)}")
+        return float(f"{3 if is_one else 1}e{exponent - (1 if is_one else 0)}")
+    return edge * (edge / inner)
+
+
+_RUNS: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+
+def cached_run(
+    task: Task, method: str, hyper: dict[str, Any], seed: int, data: Dataset
+) -> dict[str, Any]:
+    """:func:`~natgrad.lab.runner.train_run`, memoised per process on everything that decides
+    the run (task settings, method, hyper-parameters, seed, the training data's name, size and
+    sum); a copy, so callers may relabel it."""
+    key = (
+        train_run,  # a stand-in trainer (tests) never shares runs with the real one
+        task.name, task.dataset, task.epochs, task.batch_size, task.likelihood, task.reconstruct,
+        method, json.dumps(hyper, sort_keys=True), seed,
+        _data_key(data),
+    )  # fmt: skip
+    if key not in _RUNS:
+        _RUNS[key] = train_run(task, method, hyper, seed, data)
+    return dict(_RUNS[key])
+
+
+def _data_key(data: Dataset) -> tuple[Any, ...]:
+    if not isinstance(data, Dataset):  # a stand-in (tests): by identity
+        return (id(data),)
+    return data.name, len(data.train_inputs), float(data.train_inputs.double().sum())
+
+
+def search(
+    task: Task,
+    data: Dataset,
+    method: str,
+    grid: dict[str, list[Any]],
+    seed: int,
+    extend: Sequence[str] = EXTENDED_AXES,
+) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """The best run (lowest final training loss) over ``grid`` on ``seed``, extending the axes
+    ``extend`` jointly while the best sits at one of their edges (see the module docstring);
+    also the grid finally searched."""
+    grid = {key: list(values) for key, values in grid.items()}
+    runs = {}
+
+    def run_all() -> dict[str, Any]:
+        for hyper in grid_points(grid):
+            key = json.dumps(hyper, sort_keys=True)
+            if key not in runs:
+                runs[key] = cached_run(task, method, hyper, seed, data)
+        return min(runs.values(), key=final_train_loss)
+
+    best = run_all()
+    for _ in range(EXTENSIONS):
+        grew = False
+        for axis in extend:
+            values = grid.get(axis, [])
+            if len(values) < 2 or not math.isfinite(final_train_loss(best)):
+                continue
+            if best["hyper"][axis] in (min(values), max(values)):
+                upward = best["hyper"][axis] == max(values)
+                values.append(next_value(values, upward))
+                values.sort()
+                grew = True
+        if not grew:
+            break
+        best = run_all()
+    return best, grid
+
+
 def tune(
     task: Task,
     data: Dataset,
@@ -47,24 +171,19 @@ def tune(
     seeds: Sequence[int],
     progress: Callable[[str], None] = print,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Per contender label, the runs (one per seed) of its best configuration."""
+    """Per contender label, the runs (one per seed) of its best configuration; each run
+    records the grid finally searched (``searched_grid``)."""
     if not seeds:
         raise ValueError("at least one seed is needed")
     selected: dict[str, list[dict[str, Any]]] = {}
     for contender in contenders:
-        search = [
-            train_run(task, contender.method, hyper, seeds[0], data)
-            for hyper in grid_points(contender.grid)
-        ]
-        best = min(search, key=final_train_loss)
-        for key in ("lr", "damping"):
-            values = contender.grid.get(key, [])
-            best = extend_at_boundary(task, data, contender.method, seeds[0], best, key, values)
-        runs = [best] + [
-            train_run(task, contender.method, best["hyper"], seed, data) for seed in seeds[1:]
+        best, searched = search(task, data, contender.method, contender.grid, seeds[0])
+        runs = [dict(best)] + [
+            cached_run(task, contender.method, best["hyper"], seed, data) for seed in seeds[1:]
         ]
         for run in runs:  # plots and tables name curves by label
             run["registry_method"], run["method"] = run["method"], contender.label
+            run["searched_grid"] = searched
         selected[contender.label] = runs
         progress(f"  {task.name} {contender.label}: {describe(runs)}")
     return selected
@@ -80,20 +199,95 @@ def extend_at_boundary(
     values: Sequence[float],
     adjust: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Benzing 2022, App. D.2: "we extended grids if the performance at a boundary of the grid was
-    optimal". While ``best``'s ``key`` sits at the end of ``values`` (a grid of several
-    values), try one decade further, at most :data:`EXTENSIONS` times; ``adjust`` updates
+    """Extend one axis only, the others fixed at ``best``'s: while ``best``'s ``key`` sits at
+    the end of ``values`` (a grid of several values), try the grid's next value beyond it
+    (:func:`next_value`), at most :data:`EXTENSIONS` times; ``adjust`` updates
     hyper-parameters tied to ``key`` (e.g. FishLeg's ``init_scale`` to its step size)."""
     if len(values) < 2 or best["hyper"][key] not in (min(values), max(values)):
         return best
-    factor = 10.0 if best["hyper"][key] == max(values) else 0.1
+    upward = best["hyper"][key] == max(values)
+    grid = list(values)
     for _ in range(EXTENSIONS):
-        hyper = {**best["hyper"], key: best["hyper"][key] * factor}
-        run = train_run(task, method, adjust(hyper) if adjust else hyper, seed, data)
+        grid.append(next_value(grid, upward))
+        hyper = {**best["hyper"], key: grid[-1]}
+        run = cached_run(task, method, adjust(hyper) if adjust else hyper, seed, data)
         if not final_train_loss(run) < final_train_loss(best):
             break
         best = run
     return best
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Whether configuration ``a`` beats ``b``: the difference of their mean final training
+    losses against the seeds' spread (the larger of their max - min ranges over seeds)."""
+
+    a: str
+    b: str
+    mean_a: float
+    mean_b: float
+    spread: float
+    needs: Literal["win", "no loss"] = "win"
+
+    @property
+    def outcome(self) -> Literal["win", "tie", "loss"]:
+        """``win`` if ``a``'s mean is lower by more than the spread, ``loss`` if higher by more,
+        else ``tie``; a non-finite mean never wins and loses to a finite one."""
+        if not math.isfinite(self.mean_a):
+            return "tie" if not math.isfinite(self.mean_b) else "loss"
+        if not math.isfinite(self.mean_b):
+            return "win"
+        difference = self.mean_b - self.mean_a
+        if abs(difference) <= self.spread:
+            return "tie"
+        return "win" if difference > 0 else "loss"
+
+    @property
+    def held(self) -> bool:
+        """Whether the check holds: ``a`` beats ``b`` (``needs="win"``: a tie fails) or is not
+        beaten by it (``needs="no loss"``: a tie holds)."""
+        return self.outcome == "win" if self.needs == "win" else self.outcome != "loss"
+
+    def text(self) -> str:
+        """E.g. ``a 0.12 vs b 0.15 (spread 0.05): tie within seeds' spread``."""
+        verdict = {"win": f"{self.a} wins", "loss": f"{self.b} wins", "tie": TIE}[self.outcome]
+        return (
+            f"{self.a} {self.mean_a:.4g} vs {self.b} {self.mean_b:.4g} "
+            f"(seeds' spread {self.spread:.3g}): {verdict}"
+        )
+
+    def record(self) -> dict[str, Any]:
+        """JSON-ready: both means, the spread and the outcome."""
+        return {
+            "a": self.a,
+            "b": self.b,
+            "mean_a": self.mean_a,
+            "mean_b": self.mean_b,
+            "spread": self.spread,
+            "outcome": self.outcome,
+            "needs": self.needs,
+        }
+
+
+def spread(runs: list[dict[str, Any]]) -> float:
+    """Range (max - min) of the final training loss over seeds; ``inf`` if any diverged."""
+    finals = [final_train_loss(run) for run in runs]
+    return max(finals) - min(finals) if all(map(math.isfinite, finals)) else math.inf
+
+
+def compare(
+    selected: dict[str, list[dict[str, Any]]],
+    a: str,
+    b: str,
+    needs: Literal["win", "no loss"] = "win",
+) -> Comparison:
+    """Whether contender ``a`` beats (or, ``needs="no loss"``, is not beaten by) contender ``b``
+    of ``selected`` (see :class:`Comparison`); a diverged seed makes a mean infinite, so its
+    spread does not enter."""
+    mean_a, mean_b = mean_final(selected[a]), mean_final(selected[b])
+    finite = [spread(selected[label]) for label in (a, b)]
+    finite = [value for value in finite if math.isfinite(value)]
+    return Comparison(a, b, mean_a, mean_b, max(finite, default=0.0), needs)
 
 
 def ms_per_step(runs: list[dict[str, Any]]) -> float:
@@ -118,10 +312,12 @@ def numbers(selected: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "hyper": runs[0]["hyper"],
             "final_train_loss_mean": mean_final(runs),
             "final_train_loss_per_seed": [final_train_loss(run) for run in runs],
+            "final_train_loss_range": spread(runs),
             "train_loss_curves": [run["train_loss"] for run in runs],
             "ms_per_step": ms_per_step(runs),
             "diverged_seeds": sum(run["diverged"] for run in runs),
             "numerical_warnings": [run["warnings"] for run in runs],
+            **({"searched_grid": runs[0]["searched_grid"]} if "searched_grid" in runs[0] else {}),
             **(
                 {"q_quality_per_seed": [run["q_quality"] for run in runs]}
                 if "q_quality" in runs[0]
@@ -148,34 +344,56 @@ def plot(selected: dict[str, list[dict[str, Any]]], path: Path) -> list[str]:
     return [str(path)]
 
 
+def decide(checks: dict[str, bool | Comparison]) -> tuple[dict[str, bool], list[str], dict]:
+    """Checks as booleans (a :class:`Comparison` holds on a win only), one line per comparison,
+    the checks that are ties, and every comparison's record."""
+    held = {name: c.held if isinstance(c, Comparison) else bool(c) for name, c in checks.items()}
+    compared = {name: c for name, c in checks.items() if isinstance(c, Comparison)}
+    return (
+        held,
+        [f"{name}: {c.text()}" for name, c in compared.items()],
+        {name: c.record() for name, c in compared.items()},
+    )
+
+
 def finding(
     claim: str,
     statement: str,
-    checks: dict[str, bool],
+    checks: dict[str, bool | Comparison],
     selected: dict[str, list[dict[str, Any]]],
     output: Path,
     extra_lines: Sequence[str] = (),
     extra_numbers: dict[str, Any] | None = None,
 ) -> Finding:
     """The finding of a comparison of tuned runs: a line and the numbers of each contender,
-    and their loss curves in ``<output>/<claim>.png``."""
+    each comparison's outcome (a tie within the seeds' spread named as such), and their loss
+    curves in ``<output>/<claim>.png``."""
+    held, compared_lines, records = decide(checks)
     return Finding(
         claim,
         statement,
-        checks,
-        [*lines(selected), *extra_lines],
-        {**numbers(selected), **(extra_numbers or {})},
+        held,
+        [*lines(selected), *compared_lines, *extra_lines],
+        {**numbers(selected), **({"comparisons": records} if records else {}),
+         **(extra_numbers or {})},
         plot(selected, Path(output) / f"{claim}.png"),
-    )
+        ties=[name for name, record in records.items() if record["outcome"] == "tie"],
+    )  # fmt: skip
 
 
-def less(a: float, b: float) -> bool:
-    """``a < b`` for final losses, false when ``a`` is not finite."""
-    return math.isfinite(a) and a < b
+def less(a: float, b: float, spread: float = 0.0) -> bool:
+    """``a < b`` by more than ``spread`` for final losses, false when ``a`` is not finite."""
+    return math.isfinite(a) and b - a > spread
 
 
 __all__ = [
+    "EXTENSIONS",
+    "TIE",
+    "Comparison",
     "Contender",
+    "cached_run",
+    "compare",
+    "decide",
     "describe",
     "extend_at_boundary",
     "finding",
@@ -183,7 +401,11 @@ __all__ = [
     "lines",
     "mean_final",
     "ms_per_step",
+    "next_value",
     "numbers",
+    "one_three_grid",
     "plot",
+    "search",
+    "spread",
     "tune",
 ]
