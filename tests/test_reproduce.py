@@ -372,11 +372,12 @@ def test_run_claim_times_saves_and_runs_on_one_thread(tmp_path, monkeypatch):
         reproduce.run_claim("R99", tmp_path)
 
 
-def test_mnist5k_images_are_standardised_over_all_pixels():
+@pytest.mark.parametrize("name", ["mnist5k"])
+def test_images_are_standardised_over_all_pixels(name):
     """Benzing 2022, App. D.4: one mean and one standard deviation over every training pixel,
     applied to both splits (per-pixel statistics would differ per column)."""
-    raw = runner.load_dataset("mnist5k", standardize=False)
-    data = training.mnist5k_images()
+    raw = runner.load_dataset(name, standardize=False)
+    data = runner.load_dataset(name)
     mean, std = raw.train_inputs.double().mean(), raw.train_inputs.double().std()
     assert data.train_inputs.double().mean().item() == pytest.approx(0.0, abs=1e-5)
     assert data.train_inputs.double().std().item() == pytest.approx(1.0, rel=1e-5)
@@ -389,7 +390,7 @@ def test_mnist5k_images_are_standardised_over_all_pixels():
 def test_subsets_of_the_class_sorted_images_mix_classes():
     """mnist5k's file is sorted by digit; R4's full-batch subset and R9's probe batch must not be
     the first rows (400 zeros and 100 ones among the first 500)."""
-    data = training.mnist5k_images()
+    data = runner.load_dataset("mnist5k")
     assert torch.equal(data.train_targets[:500].unique(), torch.tensor([0, 1]))  # the trap
     subset = training._subset(data, 500)
     assert torch.bincount(subset.train_targets, minlength=10).min() >= 30

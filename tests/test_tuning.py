@@ -159,15 +159,21 @@ def selected_with(finals_by_label):
         ([1.0, 1.0, 1.0], [1.01, 1.01, 1.01], "win"),  # no spread: any difference decides
         ([1.0, 1.1, 1.0], [math.inf, 0.5, 0.5], "win"),  # b diverged on a seed
         ([math.inf, 0.1, 0.1], [1.0, 1.1, 1.0], "loss"),
-        ([math.inf, 0.1, 0.1], [math.inf, 1.1, 1.0], "tie"),
+        ([math.inf, 0.1, 0.1], [math.inf, 1.1, 1.0], "both diverged"),
+        ([2.3e33, 0.1, 0.1], [1.0, 1.1, 1.0], "loss"),  # a finite blow-up above the start (10)
+        ([9.0, 9.5, 9.9], [1.0, 1.1, 1.0], "loss"),  # below the start: a slow run, not diverged
     ],
 )
 def test_compare_decides_by_the_seeds_spread(a, b, outcome):
     comparison = tuning.compare(selected_with({"a": a, "b": b}), "a", "b")
     assert comparison.outcome == outcome
     assert comparison.held == (outcome == "win")
+    no_loss = tuning.compare(selected_with({"a": a, "b": b}), "a", "b", needs="no loss")
+    assert no_loss.held == (outcome in ("win", "tie"))
     if outcome == "tie":
         assert "tie within seeds' spread" in comparison.text()
+    if outcome == "both diverged":
+        assert comparison.text().endswith("both diverged")
 
 
 def test_compare_spread_is_the_larger_range():

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from natgrad.lab import reports, study
-from natgrad.lab.datasets import Dataset
+from natgrad.lab.datasets import Dataset, load_dataset
 from natgrad.lab.reproduce.finding import Finding
-from natgrad.lab.reproduce.training import mnist5k_images, shuffled
+from natgrad.lab.reproduce.training import shuffled
 
 
 def r10_approximation_quality(
@@ -33,10 +33,10 @@ def r10_approximation_quality(
     """After the first checkpoint, the median (over batches and seeds) of γ/γ_SGD orders
     iEF < F(1) < EF; the imbalance of a batch correlates with its γ_EF/γ_SGD (Spearman above
     0.5 over every studied batch). ``dataset`` names a dataset to study instead of
-    :func:`~natgrad.lab.reproduce.training.mnist5k_images`."""
+    ``mnist5k``."""
     # mnist5k's file is sorted by digit: the SGD run and the studied batches take a fixed
     # random order, so batches mix classes
-    data: str | Dataset = shuffled(mnist5k_images()) if dataset is None else dataset
+    data: str | Dataset = shuffled(load_dataset("mnist5k")) if dataset is None else dataset
     name = "mnist5k (standardised over all pixels)" if dataset is None else dataset
     rows, figures = [], []
     for seed in seeds:

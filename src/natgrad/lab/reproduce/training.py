@@ -3,7 +3,8 @@ R12 (Shrestha 2023).
 
 R4-R6 train Benzing 2022's MLP (App. D.4: 784-1000-1000-1000-10, ReLU, no biases, cross-entropy,
 batch 100) on ``mnist5k``, 4,000 real MNIST training images standardised over all pixels as the
-paper does (:func:`mnist5k_images`), scaled down to run within minutes on one core:
+paper does (``load_dataset``'s image standardisation), scaled down to run within minutes on
+one core:
 
 * :data:`EPOCHS` = 3 epochs of 40 steps (120 steps) instead of 10 epochs of 600 steps;
 * KFAC and FOOF invert their factors every :data:`INV_PERIOD` = 10 steps (factors updated every
@@ -62,21 +63,6 @@ def mlp_problem(
     return (task if epochs is None else replace(task, epochs=epochs)), data
 
 
-def mnist5k_images() -> Dataset:
-    """``mnist5k`` preprocessed as Benzing 2022, App. D.4 does for MNIST: zero mean and unit
-    variance over all pixels (one mean and one standard deviation, from the training images),
-    not per pixel; per-pixel statistics would blow rarely-lit border pixels up to 60-460
-    standard deviations."""
-    data = load_dataset("mnist5k", standardize=False)
-    mean, std = data.train_inputs.mean(), data.train_inputs.std()
-    return replace(
-        data,
-        name="mnist5k-global-standardised",
-        train_inputs=(data.train_inputs - mean) / std,
-        test_inputs=(data.test_inputs - mean) / std,
-    )
-
-
 def _benzing_mlp(data: Dataset) -> nn.Module:
     return models.mlp(784, 10, (1000, 1000, 1000), bias=False)
 
@@ -90,7 +76,8 @@ def _mlp_problem(full: bool, data_dir: str | None) -> tuple[Task, Dataset]:
             )
         data = load_dataset("fashion_mnist", root=data_dir)
         return Task("fashion-mnist-mlp", "fashion_mnist", _benzing_mlp, epochs=10), data
-    return Task("mnist5k-mlp-nobias", "mnist5k", _benzing_mlp, epochs=EPOCHS), mnist5k_images()
+    task = Task("mnist5k-mlp-nobias", "mnist5k", _benzing_mlp, epochs=EPOCHS)
+    return task, load_dataset("mnist5k")
 
 
 def shuffled(data: Dataset, seed: int = 0) -> Dataset:
@@ -299,7 +286,7 @@ R9_EPOCHS = 5
 
 
 def r9_task() -> Task:
-    """R9's model: an MLP 784-256-256-256-10 (ReLU) on ``mnist5k`` (:func:`mnist5k_images`),
+    """R9's model: an MLP 784-256-256-256-10 (ReLU) on ``mnist5k`` (standardised over all pixels),
     batch 32 as in Wu et al. 2024, :data:`R9_EPOCHS` epochs (125 steps each)."""
     return Task(
         "mnist5k-mlp-256",
@@ -327,7 +314,7 @@ def r9_ef_damping(
     batch size, since natgrad's damping acts on the curvature of the mean loss.
     """
     task = replace(r9_task() if task_name is None else get_task(task_name), epochs=epochs)
-    data = mnist5k_images() if task_name is None else task.load_data()
+    data = load_dataset("mnist5k") if task_name is None else task.load_data()
     scale = 1.0 / task.batch_size
     lr = tuning.one_three_grid(-4, -1)
     selected = tuning.tune(
@@ -482,7 +469,6 @@ __all__ = [
     "SGD_GRID",
     "STEP_SIZES",
     "mlp_problem",
-    "mnist5k_images",
     "r4_kfac_vs_subsampled_ng",
     "r5_kfac_damping",
     "r6_foof_vs_kfac",

@@ -230,11 +230,12 @@ class Comparison:
     needs: Literal["win", "no loss"] = "win"
 
     @property
-    def outcome(self) -> Literal["win", "tie", "loss"]:
+    def outcome(self) -> Literal["win", "tie", "loss", "both diverged"]:
         """``win`` if ``a``'s mean is lower by more than the spread, ``loss`` if higher by more,
-        else ``tie``; a non-finite mean never wins and loses to a finite one."""
+        else ``tie``; a diverged (infinite) mean never wins and loses to a finite one, and two
+        diverged means are ``both diverged``, which no check accepts."""
         if not math.isfinite(self.mean_a):
-            return "tie" if not math.isfinite(self.mean_b) else "loss"
+            return "both diverged" if not math.isfinite(self.mean_b) else "loss"
         if not math.isfinite(self.mean_b):
             return "win"
         difference = self.mean_b - self.mean_a
@@ -246,11 +247,16 @@ class Comparison:
     def held(self) -> bool:
         """Whether the check holds: ``a`` beats ``b`` (``needs="win"``: a tie fails) or is not
         beaten by it (``needs="no loss"``: a tie holds)."""
-        return self.outcome == "win" if self.needs == "win" else self.outcome != "loss"
+        return self.outcome == "win" if self.needs == "win" else self.outcome in ("win", "tie")
 
     def text(self) -> str:
         """E.g. ``a 0.12 vs b 0.15 (spread 0.05): tie within seeds' spread``."""
-        verdict = {"win": f"{self.a} wins", "loss": f"{self.b} wins", "tie": TIE}[self.outcome]
+        verdict = {
+            "win": f"{self.a} wins",
+            "loss": f"{self.b} wins",
+            "tie": TIE,
+            "both diverged": "both diverged",
+        }[self.outcome]
         return (
             f"{self.a} {self.mean_a:.4g} vs {self.b} {self.mean_b:.4g} "
             f"(seeds' spread {self.spread:.3g}): {verdict}"
