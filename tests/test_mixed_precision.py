@@ -88,6 +88,38 @@ def test_autocast_update_is_the_float32_update(method, dtype, float_logits):
     assert error < 4 * torch.finfo(dtype).eps
 
 
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 6)
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.head = nn.Linear(3 * 4 * 4 + 6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        images, tokens = x[:, :16].reshape(-1, 1, 4, 4), x[:, 16].long()
+        features = torch.tanh(self.conv(images)).flatten(1)
+        return self.head(torch.cat([features, self.embed(tokens)], dim=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_half_precision_weights_give_the_float32_update(method, dtype):
+    """A model converted with ``.to(dtype)`` (not autocast): Linear, Conv2d and Embedding
+    weights and their ``.grad`` in half precision. natgrad forms the direction in float32 and
+    stores it in the weights' dtype; the result is the float32 update of the same rounded
+    weights and inputs, to the accuracy of the half-precision forward pass."""
+    torch.manual_seed(1)
+    model = SmallCNN().to(dtype).float()  # weights exactly representable in ``dtype``
+    inputs = torch.cat([torch.randn(24, 16), torch.randint(0, 20, (24, 1)).float()], dim=1)
+    inputs, targets = inputs.to(dtype).float(), torch.randint(0, 4, (24,))
+    expected = update(copy.deepcopy(model), METHODS[method], inputs, targets, autocast=False)
+    half = copy.deepcopy(model).to(dtype)
+    actual = update(half, METHODS[method], inputs.to(dtype), targets, autocast=False)
+    assert all(p.grad.dtype == dtype for p in half.parameters())
+    error = ((actual.float() - expected).norm() / expected.norm()).item()
+    assert error < 8 * torch.finfo(dtype).eps
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_cuda_update_is_the_cpu_update(method):

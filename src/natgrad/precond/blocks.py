@@ -121,8 +121,13 @@ class LayerBatch:
         )  # fmt: skip
 
     def grad_buffer(self) -> Tensor | None:
-        """The weight's existing ``.grad`` as a matrix view, to be overwritten in place."""
-        return self.adapter.grad_buffer(self.module)
+        """The weight's existing ``.grad`` as a matrix view, to be overwritten in place;
+        ``None`` for half-precision weights, whose directions are formed in at least float32
+        and cast when stored."""
+        buffer = self.adapter.grad_buffer(self.module)
+        if buffer is None or buffer.dtype in (torch.float32, torch.float64):
+            return buffer
+        return None
 
     def write_grad(self, weight_grad: Tensor, bias_grad: Tensor | None) -> None:
         """Store a layer-shaped direction in the parameters' ``.grad``."""

@@ -175,6 +175,7 @@ class FishLeg(Preconditioner):
             (scale,) = self.aux_params[name]
             return scale * scale * matrix
         left, right = self._triangular_factors(name)
+        matrix = matrix.to(left.dtype)  # an embedding's gradient of half-precision weights
         return left @ ((left.T @ matrix @ right) @ right.T)
 
     def _triangular_factors(self, name: str) -> tuple[Tensor, Tensor]:
