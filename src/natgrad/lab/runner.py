@@ -426,13 +426,9 @@ def best_runs(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 def final_train_loss(run: dict[str, Any]) -> float:
-    """A run's last training loss; ``inf`` if it diverged: a non-finite loss, or a final loss
-    above the loss it started from (a finite blow-up, e.g. 1e33, would otherwise enter means
-    and spreads as a number)."""
+    """A run's last training loss; ``inf`` if it diverged or is not finite."""
     final = run["train_loss"][-1]
-    if run["diverged"] or not math.isfinite(final) or final > run["train_loss"][0]:
-        return math.inf
-    return final
+    return final if math.isfinite(final) and not run["diverged"] else math.inf
 
 
 def write_csv(runs: list[dict[str, Any]], path: str | Path) -> None:

@@ -275,9 +275,17 @@ class Comparison:
         }
 
 
+def settled_loss(run: dict[str, Any]) -> float:
+    """A run's final training loss for comparisons: ``inf`` if it diverged, including a finite
+    blow-up (a final loss above the one it started from, e.g. 1e33), which would otherwise
+    enter the means and the spread as a number and make every comparison a tie."""
+    final = final_train_loss(run)
+    return math.inf if final > run["train_loss"][0] else final
+
+
 def spread(runs: list[dict[str, Any]]) -> float:
     """Range (max - min) of the final training loss over seeds; ``inf`` if any diverged."""
-    finals = [final_train_loss(run) for run in runs]
+    finals = [settled_loss(run) for run in runs]
     return max(finals) - min(finals) if all(map(math.isfinite, finals)) else math.inf
 
 
@@ -288,9 +296,9 @@ def compare(
     needs: Literal["win", "no loss"] = "win",
 ) -> Comparison:
     """Whether contender ``a`` beats (or, ``needs="no loss"``, is not beaten by) contender ``b``
-    of ``selected`` (see :class:`Comparison`); a diverged seed makes a mean infinite, so its
-    spread does not enter."""
-    mean_a, mean_b = mean_final(selected[a]), mean_final(selected[b])
+    of ``selected`` (see :class:`Comparison`); a diverged seed (:func:`settled_loss`) makes a
+    mean infinite, so its spread does not enter."""
+    mean_a, mean_b = (statistics.fmean(map(settled_loss, selected[x])) for x in (a, b))
     finite = [spread(selected[label]) for label in (a, b)]
     finite = [value for value in finite if math.isfinite(value)]
     return Comparison(a, b, mean_a, mean_b, max(finite, default=0.0), needs)
