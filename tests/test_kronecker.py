@@ -272,11 +272,8 @@ def test_factors_fold_in_place_into_the_explicit_moving_average(method):
             assert storage.setdefault(name, pointers) == pointers, (step, name)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("fisher", ["empirical", "exact"])
-def test_kfac_factors_agree_with_curvlinops(fisher, reduction):
-    from curvlinops import KFACLinearOperator
-
+def curvlinops_problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A conv + linear classifier and a batch, shared by the curvlinops comparisons."""
     torch.manual_seed(3)
     model = nn.Sequential(
         nn.Conv2d(2, 3, kernel_size=3, stride=2, padding=1),
@@ -284,13 +281,14 @@ def test_kfac_factors_agree_with_curvlinops(fisher, reduction):
         nn.Flatten(),
         nn.Linear(27, 4),
     )
-    inputs, targets = torch.randn(6, 2, 6, 6), torch.randint(0, 4, (6,))
-    pre = natgrad.KFAC(model, fisher=fisher, ema_decay=0.0, reduction=reduction)
-    one_step_logits = model(inputs)
-    F.cross_entropy(one_step_logits, targets, reduction=reduction).backward()
-    pre.step(one_step_logits)
-    pre.remove()  # natgrad's extra backward passes would also feed curvlinops' hooks
-    operator = KFACLinearOperator(
+    return model, torch.randn(6, 2, 6, 6), torch.randint(0, 4, (6,))
+
+
+def curvlinops_kfac(model, inputs, targets, fisher: str, reduction: str):
+    """curvlinops' KFAC operator of the cross-entropy on one batch, natgrad's Fisher type."""
+    from curvlinops import KFACLinearOperator
+
+    return KFACLinearOperator(
         model,
         nn.CrossEntropyLoss(reduction=reduction),
         list(model.parameters()),
@@ -299,6 +297,18 @@ def test_kfac_factors_agree_with_curvlinops(fisher, reduction):
         separate_weight_and_bias=False,
         check_deterministic=False,
     )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("fisher", ["empirical", "exact"])
+def test_kfac_factors_agree_with_curvlinops(fisher, reduction):
+    model, inputs, targets = curvlinops_problem()
+    pre = natgrad.KFAC(model, fisher=fisher, ema_decay=0.0, reduction=reduction)
+    one_step_logits = model(inputs)
+    F.cross_entropy(one_step_logits, targets, reduction=reduction).backward()
+    pre.step(one_step_logits)
+    pre.remove()  # natgrad's extra backward passes would also feed curvlinops' hooks
+    operator = curvlinops_kfac(model, inputs, targets, fisher, reduction)
     operator.compute_kronecker_factors()
     for name in ("0", "3"):
         input_cov, grad_cov = pre.normalised_factors(name)
@@ -312,16 +322,9 @@ def test_kfac_factors_agree_with_curvlinops(fisher, reduction):
 def test_kfac_update_agrees_with_curvlinops_inverse(damping_mode, fisher, reduction):
     """curvlinops' KFAC inverse, with its own heuristic (Martens & Grosse 2015 sec. 6.3) or
     exact damping, applied to the gradient gives natgrad's update (a conv layer included)."""
-    from curvlinops import KFACInverseLinearOperator, KFACLinearOperator
+    from curvlinops import KFACInverseLinearOperator
 
-    torch.manual_seed(3)
-    model = nn.Sequential(
-        nn.Conv2d(2, 3, kernel_size=3, stride=2, padding=1),
-        nn.Tanh(),
-        nn.Flatten(),
-        nn.Linear(27, 4),
-    )
-    inputs, targets = torch.randn(6, 2, 6, 6), torch.randint(0, 4, (6,))
+    model, inputs, targets = curvlinops_problem()
     damping = 0.1
     pre = natgrad.KFAC(
         model,
@@ -336,15 +339,7 @@ def test_kfac_update_agrees_with_curvlinops_inverse(damping_mode, fisher, reduct
     gradient = [p.grad.clone() for p in model.parameters()]
     pre.step(logits)
     pre.remove()  # natgrad's extra backward passes would also feed curvlinops' hooks
-    operator = KFACLinearOperator(
-        model,
-        nn.CrossEntropyLoss(reduction=reduction),
-        list(model.parameters()),
-        [(inputs, targets)],
-        fisher_type={"empirical": "empirical", "exact": "type-2"}[fisher],
-        separate_weight_and_bias=False,
-        check_deterministic=False,
-    )
+    operator = curvlinops_kfac(model, inputs, targets, fisher, reduction)
     inverse = KFACInverseLinearOperator(
         operator,
         damping=damping,
