@@ -310,7 +310,7 @@ def test_kron_equals_its_dense_kronecker_form(float64, damping, problem):
 # ---------------------------------------------------------------------------------- predictive
 
 
-@pytest.mark.parametrize("structure", ["full", "kron"])
+@pytest.mark.parametrize("structure", ["full", "layer", "kron", "diag"])
 @pytest.mark.parametrize("likelihood", ["categorical", "gaussian", "bernoulli"])
 @pytest.mark.parametrize("chunked", [False, True])
 def test_linearised_predictive_equals_dense(float64, structure, likelihood, chunked):
@@ -319,7 +319,9 @@ def test_linearised_predictive_equals_dense(float64, structure, likelihood, chun
     inputs, targets = make_data(likelihood, 9)
     size = sum(p.numel() for p in model.parameters())
     # chunked: the smallest max_entries the full fit allows (27 rows x P), so the Jacobians of
-    # the 4 test inputs (4 x 3 x P numbers) come in chunks of max_entries // (4 x 3 x P) = 2
+    # the 4 test inputs (4 x 3 x P numbers) come in chunks of max_entries // (4 x 3 x P) = 2.
+    # "full" keeps its 27 rows (Woodbury form, 27 < P = 52); each "layer" part (p = 25, 15,
+    # 12) keeps G^T G: both forms of the low-rank part are compared.
     max_entries = 27 * size if chunked else 2**27
     la = natgrad.Laplace(
         model,

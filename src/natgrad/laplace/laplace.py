@@ -44,7 +44,6 @@ from natgrad.laplace.posteriors import (
 from natgrad.laplace.predictive import (
     Link,
     linearised_predictive,
-    output_covariance,
     output_jacobians,
     sampled_predictive,
 )
@@ -486,8 +485,11 @@ class Laplace:
 
     def _output_moments(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """The linearised model's output means ``(N, C)`` and covariances ``J Σ J^T``
-        ``(N, C, C)``, over chunks of inputs whose Jacobians hold at most a quarter of
-        ``max_entries`` numbers (the Jacobians of all inputs would need ``N C P``)."""
+        ``(N, C, C)``, summed over the parts of the block-diagonal ``Σ``, over chunks of inputs
+        whose Jacobians hold at most a quarter of ``max_entries`` numbers (the Jacobians of all
+        inputs would need ``N C P``)."""
+        parts = self._fitted("predictive()")
+        prior = self._prior_vector()
         params = self._params_at(self.mean)
         with torch.no_grad():
             outputs = self._forward(self.mean, inputs[:1]).shape[1]
@@ -497,7 +499,12 @@ class Laplace:
             mean, jacobians = output_jacobians(self.model, self.param_names, params, part)
             means.append(mean)
             jacobians = jacobians.to(self.mean.dtype)
-            covariances.append(output_covariance(jacobians, self.covariance_times))
+            covariances.append(
+                sum(
+                    part.output_covariance(jacobians[..., part.index], prior[part.index])
+                    for part in parts
+                )
+            )
         return torch.cat(means), torch.cat(covariances)
 
     def _params_at(self, flat: Tensor) -> list[Tensor]:

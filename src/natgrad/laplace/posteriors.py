@@ -7,6 +7,7 @@ parameter indices and offers the same operations on its own precision ``Λ_b``:
 
 * :meth:`sample`: draws ``ε ~ N(0, Λ_b^{-1})``;
 * :meth:`covariance_times`: ``M Λ_b^{-1}`` for rows ``M``;
+* :meth:`output_covariance`: ``J Λ_b^{-1} J^T`` per datapoint, for Jacobians ``J``;
 * :meth:`log_det_ratio`: ``log det Λ_b - log det diag(τ_b)``, differentiable in ``τ``;
 * :meth:`precision_matrix`: the dense ``Λ_b`` (small models and tests only).
 
@@ -49,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from natgrad.adapters import LayerAdapter
+from natgrad.laplace.predictive import output_covariance
 from natgrad.precond.blocks import LayerBatch
 from natgrad.precond.inverses import eigen, split_damping
 from natgrad.precond.kronecker import input_covariance
@@ -215,6 +217,24 @@ class LowRankPart:
         projected = torch.cholesky_solve(self._times_rows(scaled).T, factor).T
         return scaled - self._rows_combination(projected) / prior
 
+    def output_covariance(self, jacobians: Tensor, prior: Tensor) -> Tensor:
+        """``J Λ_b^{-1} J^T`` per datapoint for Jacobians ``(N, C, p)``: ``(N, C, C)``.
+
+        In the Woodbury form ``J Λ_b^{-1} J^T = J D J^T - W U^{-1} W^T`` with ``D =
+        diag(τ)^{-1}`` and ``W = J D G^T``, so ``G`` enters one product (``W``), not the two
+        of :meth:`covariance_times`; ``U^{-1}`` is applied as ``(L^{-1} W^T)^T (L^{-1} W^T)``
+        with the Cholesky factor ``L`` of ``U``."""
+        if not self.woodbury:
+            return output_covariance(jacobians, lambda rows: self.covariance_times(rows, prior))
+        factor = self._factor(prior)
+        num, outputs, size = jacobians.shape
+        scaled = jacobians / prior
+        projected = self._times_rows(scaled.reshape(num * outputs, size))
+        whitened = torch.linalg.solve_triangular(factor, projected.T, upper=False)
+        whitened = whitened.T.reshape(num, outputs, -1)
+        prior_term = torch.einsum("ncp,ndp->ncd", scaled, jacobians)
+        return prior_term - torch.einsum("ncr,ndr->ncd", whitened, whitened)
+
     def log_det_ratio(self, prior: Tensor) -> Tensor:
         if not self.woodbury:
             precision = self.precision_matrix(prior)
@@ -260,6 +280,10 @@ class DiagonalPart:
 
     def covariance_times(self, matrix: Tensor, prior: Tensor) -> Tensor:
         return matrix / (prior + self.diagonal)
+
+    def output_covariance(self, jacobians: Tensor, prior: Tensor) -> Tensor:
+        """``J Λ_b^{-1} J^T`` per datapoint for Jacobians ``(N, C, p)``: ``(N, C, C)``."""
+        return torch.einsum("ncp,ndp->ncd", jacobians / (prior + self.diagonal), jacobians)
 
     def log_det_ratio(self, prior: Tensor) -> Tensor:
         return torch.log1p(self.diagonal / prior).sum()
@@ -362,6 +386,10 @@ class KroneckerPart:
 
     def covariance_times(self, matrix: Tensor, prior: Tensor) -> Tensor:
         return self._to_flat(self._in_basis(self._to_matrix(matrix), 1 / self.eigenvalues(prior)))
+
+    def output_covariance(self, jacobians: Tensor, prior: Tensor) -> Tensor:
+        """``J Λ_b^{-1} J^T`` per datapoint for Jacobians ``(N, C, p)``: ``(N, C, C)``."""
+        return output_covariance(jacobians, lambda rows: self.covariance_times(rows, prior))
 
     def log_det_ratio(self, prior: Tensor) -> Tensor:
         values = self.eigenvalues(prior)
