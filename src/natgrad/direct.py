@@ -81,15 +81,18 @@ class NormAdapter:
             and output_grads.shape[1:] == normalised.shape
             and output_grads.dtype == normalised.dtype
         )
-        rows = [
-            self.sum_positions(
-                module,
-                (normalised.mul_(output_grads[0]).unsqueeze(0) if in_place
-                 else output_grads * normalised) if name == "weight" else output_grads,
-            )  # fmt: skip
-            for name, param in module.named_parameters(recurse=False)
-            if param.requires_grad
-        ]
+        rows = []
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            values = output_grads
+            if name == "weight":
+                values = (
+                    normalised.mul_(output_grads[0]).unsqueeze(0)
+                    if in_place
+                    else output_grads * normalised
+                )
+            rows.append(self.sum_positions(module, values))
         return torch.cat(rows, dim=-1)
 
 
