@@ -167,9 +167,12 @@ class Categorical(Likelihood):
         (a saturated position, whose gradient and Hessian vanish whether it counts or not)."""
         # in float32 at least: a bfloat16 softmax rounds any p > ~0.998 to one, which would
         # count confident positions outside the loss (label -100)
+        receives = (output_grad != 0).any(dim=-1)
+        if bool(receives.all()):  # the usual case: no softmax needed
+            return receives
         dtype = torch.promote_types(logits.dtype, torch.float32)
         probs = torch.softmax(logits.detach().to(dtype), dim=-1)
-        return (output_grad != 0).any(dim=-1) | (probs.amax(dim=-1) == 1)
+        return receives | (probs.amax(dim=-1) == 1)
 
     def sampled_output_grads(
         self, logits: Tensor, num_samples: int, generator: torch.Generator | None
