@@ -11,7 +11,8 @@ uniform in ``0..9`` (a fresh batch every step, drawn outside the timed region), 
 cross-entropy with mean reduction.
 
 Run ``python benchmarks/resnet_step_time.py`` (a few minutes on one core). Options:
-``--methods`` (default: all), ``--threads`` (torch threads, default 1), ``--batch-size``
+``--methods`` (default: all), ``--threads`` (torch threads, default 1), ``--clock`` (``wall``
+or ``thread``, as in ``benchmarks/step_time.py``), ``--batch-size``
 (64), ``--train-steps K`` (default 300: each method first trains the weights ``K`` steps at
 ``--lr`` so that the weights, and the preconditioner's state, are those of a model in training,
 not of one at initialisation), ``--lr`` (default 1e-3), ``--steps`` (timed steps, default 40),
@@ -53,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 import natgrad
-from step_time import max_rss_mib, run_steps, spawn_worker
+from step_time import CLOCK_NAMES, CLOCKS, max_rss_mib, run_steps, spawn_worker
 
 CLASSES = 10
 Row = dict[str, Any]
@@ -128,6 +129,7 @@ def worker(method: str, args: argparse.Namespace) -> Row:
     """Measure one method in this process (module docstring, "Time and memory")."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(1)
+    timer = CLOCKS[args.clock]
     draw = random_batches(args.batch_size)
     model = make_model()
     base = method.removesuffix("-fused")
@@ -136,7 +138,7 @@ def worker(method: str, args: argparse.Namespace) -> Row:
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
 
     baseline_mib = max_rss_mib()
-    alone = run_steps(model, opt, pre, fused, draw, max(args.train_steps, 1))
+    alone = run_steps(model, opt, pre, fused, draw, max(args.train_steps, 1), timer)
     peak_increase_mib = max_rss_mib() - baseline_mib
 
     reference = make_model()
@@ -151,8 +153,8 @@ def worker(method: str, args: argparse.Namespace) -> Row:
         def same(batch: Batch = batch) -> Batch:
             return batch
 
-        sgd_times += run_steps(reference, sgd_opt, None, False, same, 1)
-        method_times += run_steps(model, opt, pre, fused, same, 1)
+        sgd_times += run_steps(reference, sgd_opt, None, False, same, 1, timer)
+        method_times += run_steps(model, opt, pre, fused, same, 1, timer)
     row: Row = {
         "method": method,
         "ms": 1e3 * statistics.median(method_times),
@@ -160,6 +162,7 @@ def worker(method: str, args: argparse.Namespace) -> Row:
         "alone_ms": 1e3 * statistics.median(alone[-args.steps :]),
         "peak_mib": peak_increase_mib,
         "threads": torch.get_num_threads(),
+        "clock": args.clock,
     }
     row["ratio"] = row["ms"] / row["sgd_ms"]
     # the mean counts the steps that fold or invert factors (one in factor_period) at their
@@ -172,7 +175,8 @@ def run_worker(method: str, args: argparse.Namespace) -> Row:
     """Run :func:`worker` in a fresh Python process and return its row (an ``error`` row if
     it fails)."""
     arguments = [
-        "--worker", method, "--threads", str(args.threads), "--batch-size", str(args.batch_size),
+        "--worker", method, "--threads", str(args.threads), "--clock", args.clock,
+        "--batch-size", str(args.batch_size),
         "--train-steps", str(args.train_steps), "--lr", str(args.lr), "--steps", str(args.steps),
     ]  # fmt: skip
     return spawn_worker(__file__, arguments, {"method": method})
@@ -212,6 +216,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--threads", type=int, default=1, choices=(1, 2))
+    parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS))
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--train-steps", type=int, default=300, help="steps before timing")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -241,7 +246,8 @@ def main() -> None:
     print(
         f"Small ResNet, batch {args.batch_size}, torch threads = {args.threads}, "
         f"{args.busy} busy processes; {args.train_steps} training steps at lr {args.lr:g}, "
-        f"then {args.steps} timed steps (medians of time.perf_counter), SGD timed alternately "
+        f"then {args.steps} timed steps (medians of {CLOCK_NAMES[args.clock]}), SGD timed "
+        "alternately "
         f"in the same process. Load average (1, 5, 15 min) "
         f"{' '.join(f'{x:.2f}' for x in load_before)} at the start, "
         f"{' '.join(f'{x:.2f}' for x in load_after)} at the end ({os.cpu_count()} CPUs).\n"

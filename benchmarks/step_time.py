@@ -10,7 +10,9 @@ drawn outside the timed region), cross-entropy with mean reduction,
 Run ``python benchmarks/step_time.py`` (about 10-15 minutes on 2 cores). Options:
 ``--methods`` (default: all), ``--batch-sizes`` (default ``32 100``), ``--steps`` (timed steps,
 default 30), ``--warmup`` (default 5), ``--lr`` (the learning rate of every optimiser, default
-1e-4), ``--threads`` (torch threads, 1 or 2, default 2), ``--train-steps K`` (default 0:
+1e-4), ``--threads`` (torch threads, 1 or 2, default 2), ``--clock`` (``wall``, the default:
+``time.perf_counter``; ``thread``: the thread's CPU time, ``time.thread_time``, less sensitive
+to other jobs on the machine when one thread runs), ``--train-steps K`` (default 0:
 train the method ``K`` more steps after the memory phase, before timing, so that the weights
 and the preconditioner's state are those of a model in training) and ``--json PATH`` to write
 the rows. The script is a benchmark, not a test: it prints the table and checks nothing.
@@ -86,6 +88,11 @@ import natgrad
 from natgrad.precond.kronecker import KroneckerPreconditioner
 
 WIDTHS = (784, 1000, 1000, 1000, 10)
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread": time.thread_time}
+CLOCK_NAMES = {
+    "wall": "wall-clock, time.perf_counter",
+    "thread": "thread CPU time, time.thread_time",
+}
 LEARNING_RATE = 1e-4
 MEMORY_GOAL = 1.5
 
@@ -259,6 +266,7 @@ def run_steps(
     fused: bool,
     draw: Callable[[], Batch],
     count: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[float]:
     """Run ``count`` training steps.
 
@@ -270,16 +278,18 @@ def run_steps(
         Returns the next batch; called before each step's timer starts.
     count
         The number of steps.
+    clock
+        The clock (:data:`CLOCKS`).
 
     Returns
     -------
     list[float]
-        The wall-clock time of each step in seconds (``time.perf_counter``).
+        The time of each step in seconds by ``clock``.
     """
     times = []
     for _ in range(count):
         inputs, targets = draw()
-        start = time.perf_counter()
+        start = clock()
         opt.zero_grad()
         logits = model(inputs)
         loss = F.cross_entropy(logits, targets)
@@ -290,7 +300,7 @@ def run_steps(
         if pre is not None:
             pre.step(logits)
         opt.step()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times
 
 
@@ -308,6 +318,7 @@ def worker(
     lr: float = LEARNING_RATE,
     train_steps: int = 0,
     threads: int = 2,
+    clock: str = "wall",
 ) -> Row:
     """Measure one method in this process.
 
@@ -327,6 +338,8 @@ def worker(
         Untimed training steps of the method after the memory phase, before timing.
     threads
         Torch's intra-op threads.
+    clock
+        A name of :data:`CLOCKS`.
 
     Returns
     -------
@@ -338,13 +351,14 @@ def worker(
     """
     torch.set_num_threads(threads)
     torch.manual_seed(1)
+    timer = CLOCKS[clock]
     draw = random_batches(batch_size)
     model = make_model()
     opt, pre, fused = make_step(method, model, lr)
 
     # memory phase: the method alone (its warm-up and timed number of steps)
     baseline_mib = max_rss_mib()
-    alone = run_steps(model, opt, pre, fused, draw, warmup + steps)
+    alone = run_steps(model, opt, pre, fused, draw, warmup + steps, timer)
     peak_increase_mib = max_rss_mib() - baseline_mib
 
     run_steps(model, opt, pre, fused, draw, train_steps)
@@ -362,8 +376,8 @@ def worker(
         def same(batch: Batch = batch) -> Batch:
             return batch
 
-        sgd_times += run_steps(reference, sgd_opt, None, False, same, 1)
-        method_times += run_steps(model, opt, pre, fused, same, 1)
+        sgd_times += run_steps(reference, sgd_opt, None, False, same, 1, timer)
+        method_times += run_steps(model, opt, pre, fused, same, 1, timer)
     row: Row = {
         "batch": batch_size,
         "method": method,
@@ -371,7 +385,7 @@ def worker(
         "sgd_ms": 1e3 * statistics.median(sgd_times),
         "alone_ms": 1e3 * statistics.median(alone[warmup:] or alone),
         "peak_mib": peak_increase_mib,
-        "clock": "perf_counter",
+        "clock": clock,
         "threads": torch.get_num_threads(),
     }
     row["ratio"] = row["ms"] / row["sgd_ms"]
@@ -436,12 +450,13 @@ def run_worker(
     lr: float,
     train_steps: int,
     threads: int = 2,
+    clock: str = "wall",
 ) -> Row:
     """Run :func:`worker` in a fresh Python process and return its row."""
     arguments = [
         "--worker", method, "--batch-sizes", str(batch_size), "--steps", str(steps),
         "--warmup", str(warmup), "--lr", str(lr), "--train-steps", str(train_steps),
-        "--threads", str(threads),
+        "--threads", str(threads), "--clock", clock,
     ]  # fmt: skip
     return spawn_worker(__file__, arguments, {"batch": batch_size, "method": method})
 
@@ -500,6 +515,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=LEARNING_RATE, help="every optimiser's")
     parser.add_argument("--train-steps", type=int, default=0, help="steps before timing")
     parser.add_argument("--threads", type=int, default=2, choices=(1, 2))
+    parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS))
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -508,7 +524,7 @@ def main() -> None:
     if args.worker:
         row = worker(
             args.worker, args.batch_sizes[0], args.steps, args.warmup, args.lr, args.train_steps,
-            args.threads,
+            args.threads, args.clock,
         )  # fmt: skip
         print(json.dumps(row))
         return
@@ -517,14 +533,16 @@ def main() -> None:
     rows = []
     for batch_size in args.batch_sizes:
         for method in methods:
-            arguments = (args.steps, args.warmup, args.lr, args.train_steps, args.threads)
+            arguments = (
+                args.steps, args.warmup, args.lr, args.train_steps, args.threads, args.clock
+            )  # fmt: skip
             rows.append(run_worker(method, batch_size, *arguments))
             status = "FAILED" if "error" in rows[-1] else "done"
             print(f"{method} at batch {batch_size}: {status}", file=sys.stderr, flush=True)
     add_ratios(rows)
     load = (load_before, os.getloadavg()[0])
     print(
-        f"Median wall-clock ms/step (time.perf_counter), torch threads = {args.threads}, "
+        f"Median ms/step ({CLOCK_NAMES[args.clock]}), torch threads = {args.threads}, "
         f"lr {args.lr:g}, "
         f"{args.steps} timed steps after {args.warmup} warm-up and {args.train_steps} training "
         f"steps; SGD timed alternately in the same process. "

@@ -11,6 +11,7 @@ natgrad does not import the library, HuggingFace's ``Conv1D``; users register th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch.nn.functional as F
@@ -40,7 +41,8 @@ class LayerAdapter:
 
     def matrix_shape(self, module: nn.Module) -> tuple[int, int]:
         """``(d_out, d_in)`` of the layer's weight matrix in the neuron view (no bias column)."""
-        return module.weight.shape[0], module.weight[0].numel()
+        shape = module.weight.shape  # no indexing: weight[0] would be a tensor operation
+        return shape[0], math.prod(shape[1:])
 
     def to_weight(self, module: nn.Module, matrix: Tensor) -> Tensor:
         """Weight matrices ``(*, d_out, d_in)`` in the layout of ``module.weight``."""

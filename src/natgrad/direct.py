@@ -56,6 +56,10 @@ from torch import Tensor, nn
 class NormAdapter:
     """Rows of the affine parameters of one normalisation module type."""
 
+    fresh_normalised: bool = False
+    """Whether :meth:`normalised` returns a new tensor (no view of the input), which
+    :meth:`per_sample_rows` may then overwrite with ``e ⊙ x̂`` instead of allocating another."""
+
     def normalised(self, module: nn.Module, layer_input: Tensor) -> Tensor:
         """``x̂``, shaped like the input."""
         raise NotImplementedError
@@ -71,13 +75,24 @@ class NormAdapter:
         """Per-sample gradients ``(K, N, P)`` of the trainable affine parameters, in the order
         of ``module.parameters()``, from the input and ``K`` output gradients ``(K, N, ...)``."""
         normalised = self.normalised(module, layer_input)
-        rows = [
-            self.sum_positions(
-                module, output_grads * normalised if name == "weight" else output_grads
-            )
-            for name, param in module.named_parameters(recurse=False)
-            if param.requires_grad
-        ]
+        in_place = (
+            self.fresh_normalised
+            and output_grads.shape[0] == 1
+            and output_grads.shape[1:] == normalised.shape
+            and output_grads.dtype == normalised.dtype
+        )
+        rows = []
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            values = output_grads
+            if name == "weight":
+                values = (
+                    normalised.mul_(output_grads[0]).unsqueeze(0)
+                    if in_place
+                    else output_grads * normalised
+                )
+            rows.append(self.sum_positions(module, values))
         return torch.cat(rows, dim=-1)
 
 
@@ -89,6 +104,8 @@ def _standardise(values: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
 
 class LayerNormAdapter(NormAdapter):
     """``nn.LayerNorm``: weight and bias of shape ``normalized_shape``, shared over the tokens."""
+
+    fresh_normalised = True
 
     def normalised(self, module: nn.Module, layer_input: Tensor) -> Tensor:
         dims = tuple(range(-len(module.normalized_shape), 0))
@@ -109,6 +126,8 @@ class ChannelNormAdapter(NormAdapter):
 class GroupNormAdapter(ChannelNormAdapter):
     """``nn.GroupNorm``: statistics per datapoint over each group of channels."""
 
+    fresh_normalised = True
+
     def normalised(self, module: nn.Module, layer_input: Tensor) -> Tensor:
         grouped = layer_input.reshape(layer_input.shape[0], module.num_groups, -1)
         return _standardise(grouped, (2,), module.eps).reshape(layer_input.shape)
@@ -116,6 +135,8 @@ class GroupNormAdapter(ChannelNormAdapter):
 
 class BatchNormAdapter(ChannelNormAdapter):
     """``nn.BatchNorm1d/2d/3d``: running statistics in eval mode, batch statistics otherwise."""
+
+    fresh_normalised = True
 
     def normalised(self, module: nn.Module, layer_input: Tensor) -> Tensor:
         if module.training or module.running_mean is None:

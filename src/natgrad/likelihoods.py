@@ -167,9 +167,12 @@ class Categorical(Likelihood):
         (a saturated position, whose gradient and Hessian vanish whether it counts or not)."""
         # in float32 at least: a bfloat16 softmax rounds any p > ~0.998 to one, which would
         # count confident positions outside the loss (label -100)
+        receives = (output_grad != 0).any(dim=-1)
+        if bool(receives.all()):  # the usual case: no softmax needed
+            return receives
         dtype = torch.promote_types(logits.dtype, torch.float32)
         probs = torch.softmax(logits.detach().to(dtype), dim=-1)
-        return (output_grad != 0).any(dim=-1) | (probs.amax(dim=-1) == 1)
+        return receives | (probs.amax(dim=-1) == 1)
 
     def sampled_output_grads(
         self, logits: Tensor, num_samples: int, generator: torch.Generator | None
@@ -223,22 +226,27 @@ class Categorical(Likelihood):
         expected = self.reduction_factor(logits, reduction, counted)
         # round-off of the gradient's dtype: 2^-7 relative in bfloat16, 2^-10 in float16
         precision = max(1e-3, 4 * torch.finfo(output_grad.dtype).eps)
-        if grad.sum(dim=-1).abs().max() > precision * expected:
-            raise ValueError(
-                "the gradient w.r.t. the logits is not that of a softmax cross-entropy loss "
-                "(its rows do not sum to zero): use likelihood='categorical' only with "
-                "F.cross_entropy on these logits, without label smoothing or extra terms"
-            )
         probs = torch.softmax(logits.detach().to(dtype), dim=-1)
         # entries near the subnormal range carry few significant bits (a very confident row's
         # c * pi_k of 1e-40 in float32): they would bias the ratio, so only clearly normal ones
         # vote; a batch with none (every row certain) cannot reveal c and passes
         finfo = torch.finfo(output_grad.dtype)
         positive = (grad > 0) & (probs > finfo.tiny / finfo.eps)
-        if not bool(positive.any()):
+        # masked sums, not boolean indexing: no copy of the selected entries (LLM-sized logits);
+        # the three numbers read in one synchronisation
+        row_sum, grads_sum, probs_sum = torch.stack(
+            [grad.sum(dim=-1).abs().max(), grad.where(positive, 0).sum(),
+             probs.where(positive, 0).sum()]
+        ).tolist()  # fmt: skip
+        if row_sum > precision * expected:
+            raise ValueError(
+                "the gradient w.r.t. the logits is not that of a softmax cross-entropy loss "
+                "(its rows do not sum to zero): use likelihood='categorical' only with "
+                "F.cross_entropy on these logits, without label smoothing or extra terms"
+            )
+        if probs_sum == 0:  # no voting entry (each counted one exceeds tiny / eps > 0)
             return
-        # masked sums, not boolean indexing: no copy of the selected entries (LLM-sized logits)
-        inferred = (grad.where(positive, 0).sum() / probs.where(positive, 0).sum()).item()
+        inferred = grads_sum / probs_sum
         if math.isclose(inferred, expected, rel_tol=10 * precision):
             return
         other = "sum" if reduction == "mean" else "mean"

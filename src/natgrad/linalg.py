@@ -23,6 +23,7 @@ layer favours materialising.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -276,14 +277,18 @@ def damped_solve(
     3. if the result is still not finite, the damping is multiplied by 10, up to
        ``max_damping_increases`` times.
 
-    Returns the solution in ``rhs``'s dtype and a :class:`SolveReport`.
+    Returns the solution in ``rhs``'s dtype and a :class:`SolveReport`. Raises a
+    ``FloatingPointError`` if ``matrix`` or ``rhs`` contains NaN or Inf (judged by their sum in
+    float64, so entries whose sum overflows float64 count as well).
     """
     if not damping > 0:
         raise ValueError(f"damping must be positive, got {damping}")
-    if not bool(torch.isfinite(matrix).all() & torch.isfinite(rhs).all()):
-        raise FloatingPointError("the curvature system contains NaN or Inf")
     work = matrix.to(torch.float64)  # symmetric: both factorisations read one triangle
     target = rhs.to(torch.float64)
+    # NaN and Inf propagate into a sum (one host synchronisation for both checks; a float64
+    # sum of float32 entries cannot overflow)
+    if not math.isfinite(float(work.sum() + target.sum())):
+        raise FloatingPointError("the curvature system contains NaN or Inf")
     vector = target.dim() == 1
     if vector:
         target = target.unsqueeze(1)
@@ -294,7 +299,7 @@ def damped_solve(
     # one check below sends to the fallback)
     solution = torch.cholesky_solve(target, factor)
     report = SolveReport("cholesky", damping)
-    if not bool((info == 0) & torch.isfinite(solution).all()):
+    if int(info) != 0 or not math.isfinite(float(solution.sum())):
         eigenvalues, eigenvectors = torch.linalg.eigh(work)
         eigenvalues = eigenvalues.clamp_min(0)
         projected = eigenvectors.T @ target
@@ -348,7 +353,7 @@ def damped_solves(
             continue
         matrices = torch.stack([systems[i][0] for i in indices]).to(torch.float64)
         targets = torch.stack([systems[i][1] for i in indices]).to(torch.float64).unsqueeze(2)
-        if not bool(torch.isfinite(matrices).all() & torch.isfinite(targets).all()):
+        if not math.isfinite(float(matrices.sum() + targets.sum())):
             raise FloatingPointError("the curvature system contains NaN or Inf")
         matrices.diagonal(dim1=1, dim2=2).add_(damping)  # a fresh copy: safe in place
         factors, info = torch.linalg.cholesky_ex(matrices)

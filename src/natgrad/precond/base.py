@@ -358,8 +358,9 @@ class Preconditioner:
                 )
                 return
             self.likelihood.check_output_grad(
-                logits, output_grad / scale, self.reduction, counted=counted
-            )
+                logits, output_grad if scale == 1.0 else output_grad / scale, self.reduction,
+                counted=counted,
+            )  # fmt: skip
             per_sample_output_grad = at_least_float32(output_grad.detach()) / (factor * scale)
             batches += self._fallback_batches(logits.detach(), per_sample_output_grad)
             if not batches:
@@ -641,7 +642,9 @@ class Preconditioner:
         tensors = list(tensors)
         for batch in batches:
             tensors += batch.captured()
-        return bool(torch.isfinite(torch.stack([t.sum() for t in tensors])).all())
+        # the per-tensor sums added in float64 (which they cannot overflow): one synchronisation
+        sums = torch.stack([t.sum() for t in tensors])
+        return math.isfinite(float(sums.sum(dtype=torch.float64)))
 
     def _leave_overflow_to_scaler(self) -> None:
         """An overflow of the scaled loss: Inf in every preconditioned gradient, so that

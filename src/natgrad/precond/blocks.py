@@ -129,9 +129,15 @@ class LayerBatch:
             return buffer
         return None
 
-    def write_grad(self, weight_grad: Tensor, bias_grad: Tensor | None) -> None:
-        """Store a layer-shaped direction in the parameters' ``.grad``."""
-        self.adapter.write_grad(self.module, weight_grad, bias_grad)
+    def write_grad(
+        self, weight_grad: Tensor, bias_grad: Tensor | None, buffer: Tensor | None = None
+    ) -> None:
+        """Store a layer-shaped direction in the parameters' ``.grad``; a ``weight_grad`` that
+        is ``buffer`` (:meth:`grad_buffer`, written in place) is there already."""
+        if buffer is None or weight_grad is not buffer:
+            self.adapter.write_grad(self.module, weight_grad, bias_grad)
+        elif bias_grad is not None:
+            self.module.bias.grad = bias_grad.to(self.module.bias.dtype).contiguous()
 
     def gram(self, rows: Tensor, other_rows: Tensor | None = None) -> Tensor:
         """``J_a J_b^T`` of output-gradient rows ``(K_a, N, T, d_out)`` and ``(K_b, ...)``."""
@@ -155,18 +161,21 @@ class LayerBatch:
             grads, size = self._kept_grads[1], rows.shape[-1] * self.d_in
             flat = coefficients.reshape(1, -1).to(grads.dtype)
             if buffer is not None and buffer.is_contiguous():
-                weight = torch.mm(flat, grads[:, :size], out=buffer.view(1, -1)).view_as(buffer)
+                torch.mm(flat, grads[:, :size], out=buffer.view(1, -1))
+                weight = buffer
             else:
                 weight = (flat @ grads[:, :size]).view(-1, self.d_in)
-            self.write_grad(weight, (flat @ grads[:, size:])[0] if self.has_bias else None)
+            bias = (flat @ grads[:, size:])[0] if self.has_bias else None
+            self.write_grad(weight, bias, buffer)
         elif self.layer_inputs and self.adapter.grads_from_inputs:
             combined = combine_rows(coefficients, rows)
             weight = self.adapter.weight_grad(self.module, self.layer_inputs, combined)
             if buffer is not None:
                 weight = buffer.copy_(weight)
-            self.write_grad(weight, combined.sum(dim=(0, 1)) if self.has_bias else None)
+            self.write_grad(weight, combined.sum(dim=(0, 1)) if self.has_bias else None, buffer)
         else:
-            self.write_grad(*jtu(self.inputs, rows, coefficients, self.has_bias, out=buffer))
+            weight, bias = jtu(self.inputs, rows, coefficients, self.has_bias, out=buffer)
+            self.write_grad(weight, bias, buffer)
 
     def per_datapoint_grads(self, rows: Tensor) -> Tensor:
         """``g_{kn}`` as rows ``(K N, P)``: the weight in the layout of ``module.weight``, then

@@ -39,7 +39,8 @@ def check_count(value: int, name: str) -> int:
 def at_least_float32(tensor: Tensor) -> Tensor:
     """``tensor`` in float32 if it is in a lower floating-point precision (bfloat16 or float16
     rows of an autocast forward pass: natgrad forms its curvature in float32), else as is."""
-    if tensor.is_floating_point() and torch.finfo(tensor.dtype).bits < 32:
+    dtype = tensor.dtype  # attributes, not torch.finfo: this runs per captured tensor and step
+    if dtype.is_floating_point and dtype.itemsize < 4:
         return tensor.float()
     return tensor
 

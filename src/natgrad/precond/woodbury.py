@@ -45,6 +45,7 @@ for models mixing both kinds.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -133,6 +134,16 @@ class NGD(Preconditioner):
         return settings
 
     def _on_output_grad(self, output: Tensor, grad: Tensor) -> None:
+        if not (
+            needs_extra_backprop(self.fisher)
+            or self._per_token(output)
+            or self.communicator.active  # the base class seeds the generator per rank and step
+        ):
+            # the user's backward pass gives every row: nothing to back-propagate here (and no
+            # check of the logits, which guards only the sampling of labels)
+            self._extra_grads = None
+            self._extra_vectors = None
+            return
         self._loss_output_grad = grad  # per-token true-label rows are built from it
         try:
             super()._on_output_grad(output, grad)
@@ -176,7 +187,12 @@ class NGD(Preconditioner):
         groups = [batches] if self.structure == "full" else [[batch] for batch in batches]
         damping = self.current_damping()
         weights = _datapoint_weights(factor, per_sample_output_grad)
-        row_scale = (weights * row_weight(self.fisher, self.mc_samples)).sqrt()
+        # one weight c for every datapoint (no data parallelism): the row scale is a number
+        row_scale: float | Tensor = (
+            math.sqrt(factor * row_weight(self.fisher, self.mc_samples))
+            if not isinstance(factor, Tensor)
+            else (weights * row_weight(self.fisher, self.mc_samples)).sqrt()
+        )
         # the true-label rows' output gradients: one per datapoint, or per (token, sequence)
         row_grads, row_weights = per_sample_output_grad, weights
         if self._per_token(per_sample_output_grad):
@@ -185,7 +201,10 @@ class NGD(Preconditioner):
         multipliers = row_multipliers(self.fisher, row_grads)
         target = None
         if not needs_extra_backprop(self.fisher):
-            target = row_weights.sqrt() * target_coefficients(self.fisher, row_grads)
+            root_weights = (
+                math.sqrt(factor) if not isinstance(factor, Tensor) else row_weights.sqrt()
+            )
+            target = root_weights * target_coefficients(self.fisher, row_grads)
         pending: list[_System] = []
         reports: list[SolveReport] = []
 
@@ -198,14 +217,20 @@ class NGD(Preconditioner):
 
         for group in groups:
             rows = [_curvature_rows(b, multipliers) for b in group]
-            scale = row_scale.repeat(rows[0].shape[0])
-            if scale.shape[0] > sum(b.num_params for b in group):
+            sets, num = rows[0].shape[:2]
+            scale = row_scale if isinstance(row_scale, float) else row_scale.repeat(sets)
+            if sets * num > sum(b.num_params for b in group):
                 reports.append(
                     self._solve_in_parameter_space(group, rows, scale, weights, target, damping)
                 )
                 continue
-            curvature = sum(b.gram(e) for b, e in zip(group, rows, strict=True))
-            curvature = curvature * torch.outer(scale, scale)
+            grams = [b.gram(e) for b, e in zip(group, rows, strict=True)]
+            curvature = grams[0]
+            for block_gram in grams[1:]:
+                curvature = curvature + block_gram
+            curvature = curvature * (
+                scale * scale if isinstance(scale, float) else torch.outer(scale, scale)
+            )
             if target is None:
                 rhs = scale * sum(
                     b.gram(e, b.loss_grads) @ weights for b, e in zip(group, rows, strict=True)
@@ -223,7 +248,7 @@ class NGD(Preconditioner):
         self,
         group: list[Block],
         rows: list[Tensor],
-        row_scale: Tensor,
+        row_scale: float | Tensor,
         weights: Tensor,
         target: Tensor | None,
         damping: float,
@@ -236,7 +261,9 @@ class NGD(Preconditioner):
         way: the Woodbury form divides by ``λ`` after a subtraction that loses digits when the
         ``K N`` datapoints span far fewer than ``K N`` directions.
         """
-        jacobian = row_scale.unsqueeze(1) * torch.cat(
+        if isinstance(row_scale, Tensor):
+            row_scale = row_scale.unsqueeze(1)
+        jacobian = row_scale * torch.cat(
             [b.per_datapoint_grads(e) for b, e in zip(group, rows, strict=True)], dim=1
         )
         if target is None:
@@ -259,7 +286,7 @@ class _System:
 
     group: list[Block]
     rows: list[Tensor]
-    scale: Tensor
+    scale: float | Tensor
     curvature: Tensor
     rhs: Tensor
 
