@@ -10,10 +10,11 @@ drawn outside the timed region), cross-entropy with mean reduction,
 Run ``python benchmarks/step_time.py`` (about 10-15 minutes on 2 cores). Options:
 ``--methods`` (default: all), ``--batch-sizes`` (default ``32 100``), ``--steps`` (timed steps,
 default 30), ``--warmup`` (default 5), ``--lr`` (the learning rate of every optimiser, default
-1e-4), ``--threads`` (torch threads, 1 or 2, default 2), ``--train-steps K`` (default 0:
-train the method ``K`` more steps after the memory phase, before timing, so that the weights
-and the preconditioner's state are those of a model in training) and ``--json PATH`` to write
-the rows. The script is a benchmark, not a test: it prints the table and checks nothing.
+1e-4), ``--threads`` (torch threads, 1 or 2, default 2), ``--clock`` (``wall``, default, or
+``cpu``), ``--train-steps K`` (default 0: train the method ``K`` more steps after the memory
+phase, before timing, so that the weights and the preconditioner's state are those of a model
+in training) and ``--json PATH`` to write the rows. The script is a benchmark, not a test: it
+prints the table and checks nothing.
 
 Methods
 -------
@@ -35,10 +36,13 @@ the method's step and a plain SGD step on a copy of the method's current weights
 alternately (SGD, method, SGD, ...), so
 the ratio compares two measurements taken under the same conditions (the same process, the
 same load from whatever else runs on the machine). The figures are medians of wall-clock
-``time.perf_counter`` per step, in ms. Run it on an otherwise idle machine: with two OpenMP
-threads, another busy process can make any step several times slower (a thread waits at a
-barrier for one that is descheduled), which the alternation does not fully cancel; the header
-prints the load average before and after the run.
+``time.perf_counter`` per step, in ms (the JSON rows add means, which count a method's
+occasional expensive steps, such as FishLeg's auxiliary ones, in proportion). Run it on an
+otherwise idle machine: with two OpenMP threads, another busy process can make any step several
+times slower (a thread waits at a barrier for one that is descheduled), which the alternation
+does not fully cancel; the header prints the load average before and after the run. On a busy
+machine ``--threads 1 --clock cpu`` times the process's CPU time (``time.process_time``)
+instead, which waiting for the CPU does not inflate.
 
 Peak memory
 -----------
@@ -252,6 +256,9 @@ def make_step(
     return opt, pre, method.endswith("-fused")
 
 
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def run_steps(
     model: nn.Module,
     opt: torch.optim.Optimizer,
@@ -259,6 +266,7 @@ def run_steps(
     fused: bool,
     draw: Callable[[], Batch],
     count: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[float]:
     """Run ``count`` training steps.
 
@@ -270,16 +278,18 @@ def run_steps(
         Returns the next batch; called before each step's timer starts.
     count
         The number of steps.
+    clock
+        The timer (:data:`CLOCKS`: wall-clock, or the process's CPU time).
 
     Returns
     -------
     list[float]
-        The wall-clock time of each step in seconds (``time.perf_counter``).
+        The time of each step in seconds.
     """
     times = []
     for _ in range(count):
         inputs, targets = draw()
-        start = time.perf_counter()
+        start = clock()
         opt.zero_grad()
         logits = model(inputs)
         loss = F.cross_entropy(logits, targets)
@@ -290,7 +300,7 @@ def run_steps(
         if pre is not None:
             pre.step(logits)
         opt.step()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times
 
 
@@ -308,6 +318,7 @@ def worker(
     lr: float = LEARNING_RATE,
     train_steps: int = 0,
     threads: int = 2,
+    clock: str = "wall",
 ) -> Row:
     """Measure one method in this process.
 
@@ -327,11 +338,15 @@ def worker(
         Untimed training steps of the method after the memory phase, before timing.
     threads
         Torch's intra-op threads.
+    clock
+        A key of :data:`CLOCKS` timing the interleaved steps.
 
     Returns
     -------
     Row
-        ``batch``, ``method``, ``ms`` and ``sgd_ms`` (medians of the interleaved timing),
+        ``batch``, ``method``, ``ms`` and ``sgd_ms`` (medians of the interleaved timing;
+        ``mean_ms``, ``sgd_mean_ms`` and ``mean_ratio`` their means, which count a method's
+        occasional expensive steps, e.g. FishLeg's auxiliary ones, in proportion),
         ``ratio``, ``alone_ms`` (median of the memory phase's last ``steps`` steps, the method
         running alone), ``peak_mib`` (increase of ``ru_maxrss`` over the memory phase) and,
         for Kronecker methods, ``inversion_ms`` (one inversion of all factors).
@@ -362,8 +377,8 @@ def worker(
         def same(batch: Batch = batch) -> Batch:
             return batch
 
-        sgd_times += run_steps(reference, sgd_opt, None, False, same, 1)
-        method_times += run_steps(model, opt, pre, fused, same, 1)
+        sgd_times += run_steps(reference, sgd_opt, None, False, same, 1, CLOCKS[clock])
+        method_times += run_steps(model, opt, pre, fused, same, 1, CLOCKS[clock])
     row: Row = {
         "batch": batch_size,
         "method": method,
@@ -371,10 +386,13 @@ def worker(
         "sgd_ms": 1e3 * statistics.median(sgd_times),
         "alone_ms": 1e3 * statistics.median(alone[warmup:] or alone),
         "peak_mib": peak_increase_mib,
-        "clock": "perf_counter",
+        "mean_ms": 1e3 * statistics.mean(method_times),
+        "sgd_mean_ms": 1e3 * statistics.mean(sgd_times),
+        "clock": CLOCKS[clock].__name__,
         "threads": torch.get_num_threads(),
     }
     row["ratio"] = row["ms"] / row["sgd_ms"]
+    row["mean_ratio"] = row["mean_ms"] / row["sgd_mean_ms"]
     row["subnormals"] = subnormal_counts(model, pre)
     if isinstance(pre, KroneckerPreconditioner):
         inversions = []
@@ -436,12 +454,13 @@ def run_worker(
     lr: float,
     train_steps: int,
     threads: int = 2,
+    clock: str = "wall",
 ) -> Row:
     """Run :func:`worker` in a fresh Python process and return its row."""
     arguments = [
         "--worker", method, "--batch-sizes", str(batch_size), "--steps", str(steps),
         "--warmup", str(warmup), "--lr", str(lr), "--train-steps", str(train_steps),
-        "--threads", str(threads),
+        "--threads", str(threads), "--clock", clock,
     ]  # fmt: skip
     return spawn_worker(__file__, arguments, {"batch": batch_size, "method": method})
 
@@ -500,6 +519,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=LEARNING_RATE, help="every optimiser's")
     parser.add_argument("--train-steps", type=int, default=0, help="steps before timing")
     parser.add_argument("--threads", type=int, default=2, choices=(1, 2))
+    parser.add_argument(
+        "--clock", choices=CLOCKS, default="wall", help="wall-clock or the process's CPU time"
+    )
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -508,7 +530,7 @@ def main() -> None:
     if args.worker:
         row = worker(
             args.worker, args.batch_sizes[0], args.steps, args.warmup, args.lr, args.train_steps,
-            args.threads,
+            args.threads, args.clock,
         )  # fmt: skip
         print(json.dumps(row))
         return
@@ -517,14 +539,17 @@ def main() -> None:
     rows = []
     for batch_size in args.batch_sizes:
         for method in methods:
-            arguments = (args.steps, args.warmup, args.lr, args.train_steps, args.threads)
+            arguments = (
+                args.steps, args.warmup, args.lr, args.train_steps, args.threads, args.clock
+            )  # fmt: skip
             rows.append(run_worker(method, batch_size, *arguments))
             status = "FAILED" if "error" in rows[-1] else "done"
             print(f"{method} at batch {batch_size}: {status}", file=sys.stderr, flush=True)
     add_ratios(rows)
     load = (load_before, os.getloadavg()[0])
     print(
-        f"Median wall-clock ms/step (time.perf_counter), torch threads = {args.threads}, "
+        f"Median {'wall-clock' if args.clock == 'wall' else 'CPU'} ms/step "
+        f"({CLOCKS[args.clock].__name__}), torch threads = {args.threads}, "
         f"lr {args.lr:g}, "
         f"{args.steps} timed steps after {args.warmup} warm-up and {args.train_steps} training "
         f"steps; SGD timed alternately in the same process. "
