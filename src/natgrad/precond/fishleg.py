@@ -123,8 +123,28 @@ class FishLeg(Preconditioner):
         self.momentum_on = momentum_on
         super().__init__(model, damping=damping, **options)
         self.aux_params = self._init_aux_params()
+        # Adam runs on the lower triangles of the Kronecker factors, packed (their upper
+        # triangles have zero gradients, which would leave them, and Adam's state there, at
+        # zero): half the optimiser's memory and work. The dense factors stay the truth, read
+        # into the packed copies before and written back after each Adam step.
+        self._triangles: dict[str, tuple[Tensor | None, ...]] = {
+            name: tuple(
+                torch.ones(p.shape, dtype=torch.bool, device=p.device).tril()
+                if q_structure == "kron"
+                else None
+                for p in pair
+            )
+            for name, pair in self.aux_params.items()
+        }
+        self._adam_params = {
+            name: tuple(
+                p if mask is None else nn.Parameter(p.detach()[mask])
+                for p, mask in zip(pair, self._triangles[name], strict=True)
+            )
+            for name, pair in self.aux_params.items()
+        }
         self.aux_optimizer = torch.optim.Adam(
-            [p for pair in self.aux_params.values() for p in pair],
+            [p for pair in self._adam_params.values() for p in pair],
             lr=self.current_aux_lr(),
             fused=True,
         )
@@ -317,19 +337,18 @@ class FishLeg(Preconditioner):
         model_kwargs: dict | None = None,
         counted: Tensor | None = None,
         products: dict[str, Tensor] | None = None,
-    ) -> float | None:
-        """Write ``∇A(λ)`` into the auxiliary parameters' ``.grad`` and return ``A(λ)``.
+    ) -> tuple[float, dict[str, tuple[Tensor, ...]]] | None:
+        """``A(λ)`` and its gradient, per layer one tensor per auxiliary parameter.
 
         ``model_args``, ``model_kwargs``: the inputs of the Fisher-vector product's batch;
         ``counted``: its positions in the loss (token-level logits with ignored labels).
 
         ``probe`` holds, per layer, the direction ``ḡ`` as a layer-shaped matrix, or as its
         low-rank rows ``(Ē, Ā)`` with ``ḡ = Ē^T Ā`` (then ``Q u`` and the gradients cost
-        ``~N d^2``, not ``d^3``); ``products``, if given, ``Q ḡ`` of every dense ``ḡ``.
-        The gradients are those of the surrogate ``v · (h - u)`` with ``h - u`` held
-        constant, in closed form (:mod:`natgrad.precond.kron_q`). ``None`` is returned (and
-        ``.grad`` left as it was) if the direction is zero or the Fisher-vector product is not
-        finite.
+        ``~N d^2``, not ``d^3``, and ``u`` is never formed); ``products``, if given, ``Q ḡ``
+        of every dense ``ḡ``. The gradients are those of the surrogate ``v · (h - u)`` with
+        ``h - u`` held constant, in closed form (:mod:`natgrad.precond.kron_q`). ``None`` is
+        returned if the direction is zero or the Fisher-vector product is not finite.
         """
         squared_norms = [
             p.pow(2).sum() if isinstance(p, Tensor) else ((p[0] @ p[0].T) * (p[1] @ p[1].T)).sum()
@@ -338,24 +357,24 @@ class FishLeg(Preconditioner):
         norm = torch.sqrt(sum(squared_norms))
         if not norm > 0:
             return None
-        directions, products_u, low_rank = {}, {}, {}
+        # u = ḡ / ||ḡ||: a dense ḡ is kept unscaled (u's products scaled by 1 / ||ḡ||), low-rank
+        # rows as (Ē / ||ḡ||, Ā); v = Q u
+        directions: dict[str, Tensor | tuple[Tensor, Tensor]] = {}
+        products_u, low_rank = {}, {}
         for name, p in probe.items():
-            if isinstance(p, Tensor):
-                directions[name] = p / norm
+            if isinstance(p, Tensor) or self.q_structure == "diag":
+                directions[name] = _dense(p) if isinstance(p, Tensor) else _dense(p) / norm
                 known = None if products is None else products.get(name)
+                scale = 1 / norm if isinstance(p, Tensor) else 1.0
                 products_u[name] = (
-                    self._q_dense(name, directions[name]) if known is None else known / norm
-                )
+                    self._q_dense(name, directions[name]) if known is None else known
+                ) * scale
             else:
-                rows = (p[0] / norm, p[1])
-                directions[name] = rows[0].T @ rows[1]
-                if self.q_structure == "kron":
-                    low_rank[name] = kron_q.LowRankProduct.of(
-                        *rows, *self._triangular_factors(name)
-                    )
-                    products_u[name] = low_rank[name].dense()
-                else:
-                    products_u[name] = self._q_dense(name, directions[name])
+                directions[name] = (p[0] / norm, p[1])
+                low_rank[name] = kron_q.LowRankProduct.of(
+                    *directions[name], *self._triangular_factors(name)
+                )
+                products_u[name] = low_rank[name].dense()
         params, blocks = {}, []
         for name, product in products_u.items():
             module, adapter = self.selection.layers[name], self.adapters[name]
@@ -377,43 +396,50 @@ class FishLeg(Preconditioner):
                 model_kwargs,
                 counted,
             )
+        del blocks
         damping = self.current_damping()
-        fisher_products, position = {}, 0
+        fisher_products: dict[str, Tensor] = {}
+        fisher_blocks.reverse()  # popped in layer order, each freed once used
         for name, product in products_u.items():
             module = self.selection.layers[name]
-            weight_part = self.adapters[name].to_matrix(module, fisher_blocks[position])
-            position += 1
+            weight_part = self.adapters[name].to_matrix(module, fisher_blocks.pop())
             if self._has_bias(name):
-                weight_part = torch.cat([weight_part, fisher_blocks[position].unsqueeze(1)], 1)
-                position += 1
-            fisher_products[name] = weight_part.add_(product, alpha=damping)
+                weight_part = torch.cat([weight_part, fisher_blocks.pop().unsqueeze(1)], 1)
+            fisher_products[name] = weight_part.add_(product, alpha=damping)  # h = (F + γI) v
         if not bool(torch.isfinite(torch.stack([h.sum() for h in fisher_products.values()])).all()):
             return None
-        value = sum(
-            (0.5 * products_u[n] * fisher_products[n]).sum() - (directions[n] * products_u[n]).sum()
-            for n in products_u
-        )
-        for name, residual in fisher_products.items():
-            residual.sub_(directions[name])  # W = h - u, the constant of the surrogate
-            grads = self._aux_grad_buffers(name)
+        value, gradients = 0.0, {}
+        for name in list(products_u):
+            product, residual = products_u.pop(name), fisher_products.pop(name)
+            direction = directions.pop(name)
+            if isinstance(direction, Tensor):
+                scale = 1 / norm if isinstance(probe[name], Tensor) else 1.0
+                overlap = _inner(direction, product) * scale  # uᵀv
+                value += float(0.5 * _inner(product, residual) - overlap)
+                residual.add_(direction, alpha=-float(scale))  # W = h - u
+            else:  # uᵀv = Σ_ij (ē_i · x_j)(ā_i · y_j) from the rows, u never formed
+                rows = low_rank[name]
+                overlap = (rows.grad_rows @ rows.left_rows.T) * (rows.inputs @ rows.right_rows.T)
+                value += float(0.5 * _inner(product, residual) - overlap.sum())
+                residual.addmm_(rows.grad_rows.T, rows.inputs, alpha=-1.0)  # W = h - u
+            del product
+            grads = tuple(torch.empty_like(p) for p in self.aux_params[name])
             if self.q_structure == "diag":
-                (scale,) = self.aux_params[name]
-                torch.mul(directions[name], residual, out=grads[0]).mul_(2 * scale.detach())
+                (scale_param,) = self.aux_params[name]
+                torch.mul(direction, residual, out=grads[0]).mul_(2 * scale_param.detach())
             elif name in low_rank:
-                low_rank[name].factor_gradients(residual, *self._triangular_factors(name), grads)
+                low_rank.pop(name).factor_gradients(
+                    residual, *self._triangular_factors(name), grads
+                )
             else:
                 kron_q.dense_factor_gradients(
-                    directions[name], residual, *self._triangular_factors(name), grads
+                    direction, residual, *self._triangular_factors(name), grads
                 )
-        return float(value)
-
-    def _aux_grad_buffers(self, name: str) -> tuple[Tensor, ...]:
-        """The ``.grad`` of the layer's auxiliary parameters, allocated at first use and then
-        overwritten at every auxiliary step."""
-        for param in self.aux_params[name]:
-            if param.grad is None:
-                param.grad = torch.empty_like(param)
-        return tuple(param.grad for param in self.aux_params[name])
+            if isinstance(probe[name], Tensor):
+                for grad in grads:  # linear in u: ḡ's gradients times 1 / ||ḡ||
+                    grad.div_(norm)
+            gradients[name] = grads
+        return value, gradients
 
     def _auxiliary_step(
         self,
@@ -422,27 +448,30 @@ class FishLeg(Preconditioner):
     ) -> bool:
         """The auxiliary gradients and Adam's step on them; whether ``Q`` changed."""
         if self._aux_args is not None:
-            value = self.auxiliary_gradients(probe, self._aux_args, products=products)
+            result = self.auxiliary_gradients(probe, self._aux_args, products=products)
         else:  # the current batch, with the positions its loss counts
             counted = self.likelihood.counted(
                 self.capture.output.detach(), self.capture.output_grad
             )
-            value = self.auxiliary_gradients(
+            result = self.auxiliary_gradients(
                 probe, self.capture.model_args, self.capture.model_kwargs, counted, products
             )
-        params = [p for pair in self.aux_params.values() for p in pair]
-        total = torch.zeros(1, dtype=torch.float64, device=params[0].device)
-        if value is not None:
-            total += value
-        if self.communicator.active:
-            if value is None:
-                for param in params:
-                    param.grad = torch.zeros_like(param)
-            if not self.communicator.average_(
-                [*(p.grad for p in params), total], "aux", ok=value is not None
-            ):
-                value = None
-        if value is None:
+        packed = [p for pair in self._adam_params.values() for p in pair]
+        total = torch.zeros(1, dtype=torch.float64, device=packed[0].device)
+        if result is not None:
+            total += result[0]
+            for name, grads in result[1].items():
+                masks = self._triangles[name]
+                for param, grad, mask in zip(self._adam_params[name], grads, masks, strict=True):
+                    param.grad = grad if mask is None else grad[mask]
+        elif self.communicator.active:
+            for param in packed:
+                param.grad = torch.zeros_like(param)
+        if self.communicator.active and not self.communicator.average_(
+            [*(p.grad for p in packed), total], "aux", ok=result is not None
+        ):
+            result = None
+        if result is None:
             where = " on some rank" if self.communicator.active else ""
             warnings.warn(
                 "FishLeg skipped an auxiliary step: the gradient is zero or the Fisher-vector "
@@ -451,7 +480,7 @@ class FishLeg(Preconditioner):
                 stacklevel=4,
             )
             return False
-        sums = [p.grad.sum() for p in params]
+        sums = [p.grad.sum() for p in packed]
         if not bool(torch.isfinite(torch.stack(sums)).all()):
             warnings.warn(
                 "FishLeg skipped an auxiliary step with non-finite gradients",
@@ -459,9 +488,24 @@ class FishLeg(Preconditioner):
                 stacklevel=4,
             )
             return False
+        with torch.no_grad():
+            for name, pair in self.aux_params.items():
+                for param, adam_param, mask in zip(
+                    pair, self._adam_params[name], self._triangles[name], strict=True
+                ):
+                    if mask is not None:  # the factors as they are (e.g. loaded or set)
+                        torch.masked_select(param, mask, out=adam_param.data)
         for group in self.aux_optimizer.param_groups:
             group["lr"] = self.current_aux_lr()
         self.aux_optimizer.step()
+        with torch.no_grad():
+            for name, pair in self.aux_params.items():
+                for param, adam_param, mask in zip(
+                    pair, self._adam_params[name], self._triangles[name], strict=True
+                ):
+                    if mask is not None:
+                        param.masked_scatter_(mask, adam_param)
+                    adam_param.grad = None
         self.aux_losses.append(total.item())
         return True
 
@@ -494,6 +538,11 @@ class FishLeg(Preconditioner):
             f"aux_lr={self.aux_lr}, momentum={self.momentum} on {self.momentum_on}, "
             + super()._settings()
         )
+
+
+def _inner(first: Tensor, second: Tensor) -> Tensor:
+    """``<A, B>_F`` without an elementwise product in memory."""
+    return torch.vdot(first.reshape(-1), second.reshape(-1))
 
 
 def _dense(row: Tensor | tuple[Tensor, Tensor]) -> Tensor:
