@@ -500,10 +500,11 @@ def vector_blocks(model, vector):
     return blocks
 
 
+@pytest.mark.parametrize("batch_size", [2, 6])  # Q on the rows of Ē and Ā / on Ē^T Ā
 @pytest.mark.parametrize("q_structure", ["kron", "diag"])
 @pytest.mark.parametrize("momentum_on", ["gradient", "update"])
 def test_training_with_momentum_and_auxiliary_period_equals_dense_algorithm(
-    momentum_on, q_structure
+    momentum_on, q_structure, batch_size
 ):
     """Eight steps with momentum 0.9 and an auxiliary step every third one: FishLeg's updates
     (standard and fused paths, identical) equal the dense Algorithm 1 to 1e-10. With momentum
@@ -511,7 +512,10 @@ def test_training_with_momentum_and_auxiliary_period_equals_dense_algorithm(
     after each, which a momentum of Q ḡ carried across a change of Q would fail."""
     torch.manual_seed(13)
     initial = make_model()
-    batches = [(torch.randn(6, 3), torch.randint(0, 2, (6,))) for _ in range(8)]
+    batches = [(torch.randn(batch_size, 3), torch.randint(0, 2, (batch_size,))) for _ in range(8)]
+    assert fishleg._low_rank_pays(torch.ones(batch_size, 4), torch.ones(batch_size, 4)) == (
+        batch_size == 2
+    )
     settings = {"momentum": 0.9, "aux_period": 3, "lr": 0.1}
     expected = dense_fishleg_updates(
         copy.deepcopy(initial), batches, momentum_on, q_structure, **settings

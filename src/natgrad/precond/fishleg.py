@@ -290,7 +290,7 @@ class FishLeg(Preconditioner):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """``Q_l g`` of a layer gradient (dense, or low rank ``(Ē, Ā)``) without autograd: a
         matrix, or for a low-rank Kronecker product its rows ``(X, Y)`` with ``Q g = X^T Y``."""
-        if isinstance(row, Tensor) or self.q_structure == "diag":
+        if isinstance(row, Tensor) or self.q_structure == "diag" or not _low_rank_pays(*row):
             return self._q_dense(name, _dense(row))
         product = kron_q.LowRankProduct.of(*row, *self._triangular_factors(name))
         return product.left_rows, product.right_rows
@@ -540,9 +540,18 @@ class FishLeg(Preconditioner):
         )
 
 
+def _low_rank_pays(grad_rows: Tensor, inputs: Tensor) -> bool:
+    """Whether ``Q`` costs less on the ``n`` rows of each side, ``~n (d_out^2 + d_in^2)``,
+    than on the matrix ``Ē^T Ā``, ``~d_out d_in (d_out + d_in)`` (not for a narrow layer such
+    as a classifier head with fewer outputs than rows)."""
+    rank, d_out, d_in = inputs.shape[0], grad_rows.shape[1], inputs.shape[1]
+    return rank * (d_out**2 + d_in**2) <= d_out * d_in * (d_out + d_in)
+
+
 def _inner(first: Tensor, second: Tensor) -> Tensor:
     """``<A, B>_F`` without an elementwise product in memory."""
-    return torch.vdot(first.reshape(-1), second.reshape(-1))
+    dtype = torch.promote_types(first.dtype, second.dtype)
+    return torch.vdot(first.reshape(-1).to(dtype), second.reshape(-1).to(dtype))
 
 
 def _dense(row: Tensor | tuple[Tensor, Tensor]) -> Tensor:

@@ -106,6 +106,8 @@ class LowRankProduct:
 
     @classmethod
     def of(cls, grad_rows: Tensor, inputs: Tensor, left: Tensor, right: Tensor) -> LowRankProduct:
+        """The products of rows ``E``, ``A`` (in the factors' dtype) with ``L``, ``R``."""
+        grad_rows, inputs = grad_rows.to(left.dtype), inputs.to(right.dtype)
         grad_rows_left, inputs_right = times_lower(grad_rows, left), times_lower(inputs, right)
         return cls(
             grad_rows,
@@ -124,6 +126,7 @@ class LowRankProduct:
         self, weights: Tensor, left: Tensor, right: Tensor, out: tuple[Tensor, Tensor]
     ) -> None:
         """``(∇L, ∇R)`` of ``<Xᵀ Y, W>`` into ``out``."""
+        weights = weights.to(left.dtype)
         for rows, mapped, factor, other, grad in (
             (self.grad_rows, self.grad_rows_left, left, self.right_rows @ weights.T, out[0]),
             (self.inputs, self.inputs_right, right, self.left_rows @ weights, out[1]),
@@ -138,6 +141,7 @@ def dense_factor_gradients(
     direction: Tensor, weights: Tensor, left: Tensor, right: Tensor, out: tuple[Tensor, Tensor]
 ) -> None:
     """``(∇L, ∇R)`` of ``<L Lᵀ u R Rᵀ, W>`` for a dense ``u`` into ``out``."""
+    direction, weights = direction.to(left.dtype), weights.to(left.dtype)
     mapped_right = gram_times(direction, right)  # P = u R Rᵀ
     mapped_left = gram_times(direction.T, left).T  # K = L Lᵀ u
     symmetric = mapped_right @ weights.T
