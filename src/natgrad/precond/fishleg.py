@@ -7,7 +7,9 @@ an extra input column, Conv2d kernels flattened):
 
 * ``q_structure="kron"`` (App. A.5, eq. 53): ``Q_l = (R_l R_l^T) ⊗ (L_l L_l^T)`` with
   lower-triangular ``R_l`` (input side) and ``L_l`` (output side), applied as
-  ``ΔW = L L^T G R R^T`` without forming ``Q``;
+  ``ΔW = L L^T G R R^T`` without forming ``Q``, ``L L^T`` or ``R R^T``: to a layer gradient
+  ``G = Ē^T Ā`` of rank ``N`` as ``(Ē L L^T)^T (Ā R R^T)`` (App. A.7), and every product with
+  a factor skips its zero triangle (:mod:`natgrad.precond.kron_q`);
 * ``q_structure="diag"`` (App. A.6): ``Q_l = diag(q ⊙ q)``, one entry per weight.
 
 Each step (DESIGN.md gives the statement in clean notation):
@@ -16,14 +18,20 @@ Each step (DESIGN.md gives the statement in clean notation):
    ``momentum_on="update"`` (sec. 4.4, used for the paper's wall-clock results), momentum on
    ``Q g``, which keeps the low-rank structure of each layer's ``g``;
 2. every ``aux_period`` steps the auxiliary step: ``u = ḡ / ||ḡ||``, ``v = Q(λ) u``,
-   ``h = (F + γI) v`` with ``v`` detached, the surrogate ``v · (h - u)`` with ``h - u``
-   detached, back-propagated into ``λ`` and an Adam step (learning rate ``α``). Its gradient is
-   that of ``A(λ) = ½ vᵀ(F + γI)v - uᵀv`` (eq. 20-21), minimal at ``Q = (F + γI)^{-1}`` on the
-   explored directions. ``F v`` is the exact Fisher-vector product of the batch
+   ``h = (F + γI) v``, and an Adam step (learning rate ``α``) on the gradient of the surrogate
+   ``v · (h - u)`` with ``h - u`` held constant, which is that of
+   ``A(λ) = ½ vᵀ(F + γI)v - uᵀv`` (eq. 20-21), minimal at ``Q = (F + γI)^{-1}`` on the
+   explored directions. The gradient is formed in closed form, not by autograd (for ``u`` of
+   rank ``N`` from products of rank ``N``), and Adam runs on the factors' lower triangles
+   only. ``F v`` is the exact Fisher-vector product of the batch
    (:mod:`natgrad.fisher_vector`): the expectation over model-sampled labels of the
    Hessian-vector product that Algorithm 1 estimates with one sample;
 3. ``p.grad ← Q(λ) ḡ``, so an SGD step with learning rate ``η`` applies ``θ ← θ - η Q ḡ``
-   (eq. 17). Use SGD without momentum: FishLeg applies its own.
+   (eq. 17). Use SGD without momentum: FishLeg applies its own. With momentum on the
+   gradient, ``Q ḡ`` is itself kept by momentum, ``Q ḡ ← β Q ḡ + (1 - β) Q g`` with ``Q g``
+   of rank ``N``, which is exact while ``Q`` is fixed; after an auxiliary step changes ``Q``,
+   ``Q ḡ`` is recomputed from ``ḡ`` (the only products with a full-rank matrix, ``~d^3``
+   per layer, every ``aux_period`` steps).
 
 Data parallelism (``distributed="global"``, :mod:`natgrad.distributed`): the ranks average the
 layer gradients before momentum (``momentum_on="gradient"``), or the fresh directions ``Q g``
@@ -148,6 +156,8 @@ class FishLeg(Preconditioner):
             lr=self.current_aux_lr(),
             fused=True,
         )
+        # per layer ḡ (momentum_on="gradient" only), and the direction written into .grad: Q ḡ,
+        # or the momentum of Q g
         self.momentum_buffers: dict[str, Tensor] = {}
         self.direction_buffers: dict[str, Tensor] = {}
         self.aux_losses: list[float] = []
