@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import natgrad
-from natgrad.precond import fishleg
+from natgrad.precond import fishleg, kron_q
 from oracle import batch_fisher, dense_batch, relative_error
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -75,6 +75,16 @@ def assert_auxiliary_loss_is_dense(
     for a, e in zip(gradients, expected, strict=True):
         assert torch.allclose(a, e, rtol=1e-9, atol=1e-12)
     assert value == pytest.approx(objective.item(), rel=1e-10)
+
+
+def dense_gradients(pre, gradients) -> list[torch.Tensor]:
+    """The auxiliary gradients as matrices of the auxiliary parameters' shapes, in order."""
+    dense = []
+    for name, pair in gradients.items():
+        for param, blocks in zip(pre.aux_params[name], pair, strict=True):
+            kron = pre.q_structure == "kron"
+            dense.append(kron_q.from_blocks(blocks, param.shape[0]) if kron else blocks[0])
+    return dense
 
 
 def matrix_order(model: nn.Module) -> torch.Tensor:
@@ -171,7 +181,7 @@ def test_surrogate_gradient_equals_dense_auxiliary_gradient(q_structure):
         for name, m in pre.selection.layers.items()
     }
     value, gradients = pre.auxiliary_gradients(probe, (inputs,))
-    actual = [g for pair in gradients.values() for g in pair]
+    actual = dense_gradients(pre, gradients)
 
     order = matrix_order(model)
     fisher = dense_batch(model, inputs, targets, "categorical", "mean").exact_fisher()
@@ -203,7 +213,7 @@ def test_auxiliary_step_on_a_separate_batch_uses_that_batchs_fisher(monkeypatch)
         pre, "auxiliary_gradients", lambda *a, **k: results.append(original(*a, **k)) or results[-1]
     )
     pre.step(logits, aux_args=(aux_inputs,))
-    actual = [g for pair in results[0][1].values() for g in pair]
+    actual = dense_gradients(pre, results[0][1])
 
     order = matrix_order(model)
     labels = torch.zeros(4, dtype=torch.long)  # the exact Fisher does not depend on labels
@@ -338,7 +348,7 @@ def test_low_rank_probe_gives_the_dense_auxiliary_loss(q_structure):
     results = []
     for probe in (rows, {name: e.T @ a for name, (e, a) in rows.items()}):
         value, gradients = pre.auxiliary_gradients(probe, (inputs,))
-        results.append((value, [g for pair in gradients.values() for g in pair]))
+        results.append((value, dense_gradients(pre, gradients)))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
     for low_rank, dense in zip(results[0][1], results[1][1], strict=True):
         assert torch.allclose(low_rank, dense, rtol=1e-10, atol=1e-13)
@@ -423,7 +433,7 @@ def test_train_mode_batchnorm_auxiliary_gradient_equals_dense_and_keeps_statisti
     }
     before = {name: buffer.clone() for name, buffer in model.named_buffers()}
     value, gradients = pre.auxiliary_gradients(probe, (inputs,))
-    actual = [g for pair in gradients.values() for g in pair]
+    actual = dense_gradients(pre, gradients)
     for name, buffer in model.named_buffers():
         assert torch.equal(buffer, before[name]), name
 

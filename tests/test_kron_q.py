@@ -36,9 +36,11 @@ def test_triangular_products_equal_dense_products():
     expected = left @ left.T @ rows.T @ inputs @ right @ right.T
     assert relative_error(product.dense(), expected) <= 1e-13
     square = torch.randn(D_OUT, D_OUT)
-    out = torch.full((D_OUT, D_OUT), float("nan"))
+    out = [torch.full_like(view, float("nan")) for view in kron_q.lower_blocks(square)]
     kron_q.tril_product(square, left, out, right_lower=True)
-    assert relative_error(out, torch.tril(square @ left)) <= 1e-13
+    actual = kron_q.from_blocks(out, D_OUT)
+    assert relative_error(actual, torch.tril(square @ left)) <= 1e-13
+    assert sum(block.numel() for block in out) == 5 * D_OUT**2 // 8  # 4 blocks: 5/8 of it
 
 
 @pytest.mark.parametrize("low_rank", [True, False])
@@ -54,12 +56,15 @@ def test_auxiliary_gradients_equal_autograd_of_the_surrogate(low_rank):
     masked = [torch.tril(leaf) for leaf in leaves]
     product = masked[0] @ masked[0].T @ direction @ masked[1] @ masked[1].T
     expected = torch.autograd.grad((product * weights).sum(), leaves)
-    out = (torch.full_like(left, float("nan")), torch.full_like(right, float("nan")))
+    out = tuple(
+        [torch.full_like(view, float("nan")) for view in kron_q.lower_blocks(factor)]
+        for factor in (left, right)
+    )
     if low_rank:
         kron_q.LowRankProduct.of(rows, inputs, left, right).factor_gradients(
             weights, left, right, out
         )
     else:
         kron_q.dense_factor_gradients(direction, weights, left, right, out)
-    for actual, wanted in zip(out, expected, strict=True):
-        assert relative_error(actual, wanted) <= 1e-12
+    for blocks, wanted in zip(out, expected, strict=True):
+        assert relative_error(kron_q.from_blocks(blocks, len(wanted)), wanted) <= 1e-12

@@ -131,28 +131,16 @@ class FishLeg(Preconditioner):
         self.momentum_on = momentum_on
         super().__init__(model, damping=damping, **options)
         self.aux_params = self._init_aux_params()
-        # Adam runs on the lower triangles of the Kronecker factors, packed (their upper
-        # triangles have zero gradients, which would leave them, and Adam's state there, at
-        # zero): half the optimiser's memory and work. The dense factors stay the truth, read
-        # into the packed copies before and written back after each Adam step.
-        self._triangles: dict[str, tuple[Tensor | None, ...]] = {
-            name: tuple(
-                torch.ones(p.shape, dtype=torch.bool, device=p.device).tril()
-                if q_structure == "kron"
-                else None
-                for p in pair
-            )
-            for name, pair in self.aux_params.items()
-        }
-        self._adam_params = {
-            name: tuple(
-                p if mask is None else nn.Parameter(p.detach()[mask])
-                for p, mask in zip(pair, self._triangles[name], strict=True)
-            )
+        # Adam runs on the column blocks of the Kronecker factors that hold their lower
+        # triangles (kron_q.lower_blocks, ~5/8 of the entries; the entries above the diagonal
+        # have zero gradients, which would leave them, and Adam's state there, at zero). The
+        # factors stay the truth: copied into the blocks before, and back after, each step.
+        self._adam_params: dict[str, tuple[list[nn.Parameter], ...]] = {
+            name: tuple(self._adam_blocks(param) for param in pair)
             for name, pair in self.aux_params.items()
         }
         self.aux_optimizer = torch.optim.Adam(
-            [p for pair in self._adam_params.values() for p in pair],
+            [p for pair in self._adam_params.values() for blocks in pair for p in blocks],
             lr=self.current_aux_lr(),
             fused=True,
         )
@@ -162,6 +150,13 @@ class FishLeg(Preconditioner):
         self.direction_buffers: dict[str, Tensor] = {}
         self.aux_losses: list[float] = []
         self._aux_args: tuple | None = None
+
+    def _adam_blocks(self, param: nn.Parameter) -> list[nn.Parameter]:
+        """The tensors Adam updates for one auxiliary parameter: a Kronecker factor's
+        :func:`~natgrad.precond.kron_q.lower_blocks` (copies), or a diagonal ``Q``'s scales."""
+        if self.q_structure == "diag":
+            return [param]
+        return [nn.Parameter(view.clone()) for view in kron_q.lower_blocks(param.detach())]
 
     def current_aux_lr(self) -> float:
         """The auxiliary learning rate of the current step (a callable ``aux_lr`` is evaluated
@@ -347,8 +342,11 @@ class FishLeg(Preconditioner):
         model_kwargs: dict | None = None,
         counted: Tensor | None = None,
         products: dict[str, Tensor] | None = None,
-    ) -> tuple[float, dict[str, tuple[Tensor, ...]]] | None:
-        """``A(λ)`` and its gradient, per layer one tensor per auxiliary parameter.
+    ) -> tuple[float, dict[str, tuple[list[Tensor], ...]]] | None:
+        """``A(λ)`` and its gradient: per layer and auxiliary parameter the list of tensors
+        Adam updates, a Kronecker factor's :func:`~natgrad.precond.kron_q.lower_blocks` (the
+        factor's gradient is :func:`~natgrad.precond.kron_q.from_blocks` of them) or a
+        diagonal ``Q``'s scales.
 
         ``model_args``, ``model_kwargs``: the inputs of the Fisher-vector product's batch;
         ``counted``: its positions in the loss (token-level logits with ignored labels).
@@ -433,10 +431,12 @@ class FishLeg(Preconditioner):
                 value += float(0.5 * _inner(product, residual) - overlap.sum())
                 residual.addmm_(rows.grad_rows.T, rows.inputs, alpha=-1.0)  # W = h - u
             del product
-            grads = tuple(torch.empty_like(p) for p in self.aux_params[name])
+            grads = tuple(
+                [torch.empty_like(block) for block in blocks] for blocks in self._adam_params[name]
+            )
             if self.q_structure == "diag":
                 (scale_param,) = self.aux_params[name]
-                torch.mul(direction, residual, out=grads[0]).mul_(2 * scale_param.detach())
+                torch.mul(direction, residual, out=grads[0][0]).mul_(2 * scale_param.detach())
             elif name in low_rank:
                 low_rank.pop(name).factor_gradients(
                     residual, *self._triangular_factors(name), grads
@@ -446,8 +446,9 @@ class FishLeg(Preconditioner):
                     direction, residual, *self._triangular_factors(name), grads
                 )
             if isinstance(probe[name], Tensor):
-                for grad in grads:  # linear in u: ḡ's gradients times 1 / ||ḡ||
-                    grad.div_(norm)
+                for blocks in grads:  # linear in u: ḡ's gradients times 1 / ||ḡ||
+                    for block in blocks:
+                        block.div_(norm)
             gradients[name] = grads
         return value, gradients
 
@@ -466,19 +467,19 @@ class FishLeg(Preconditioner):
             result = self.auxiliary_gradients(
                 probe, self.capture.model_args, self.capture.model_kwargs, counted, products
             )
-        packed = [p for pair in self._adam_params.values() for p in pair]
-        total = torch.zeros(1, dtype=torch.float64, device=packed[0].device)
+        adam_params = [p for pair in self._adam_params.values() for ps in pair for p in ps]
+        total = torch.zeros(1, dtype=torch.float64, device=adam_params[0].device)
         if result is not None:
             total += result[0]
             for name, grads in result[1].items():
-                masks = self._triangles[name]
-                for param, grad, mask in zip(self._adam_params[name], grads, masks, strict=True):
-                    param.grad = grad if mask is None else grad[mask]
+                for blocks, block_grads in zip(self._adam_params[name], grads, strict=True):
+                    for block, grad in zip(blocks, block_grads, strict=True):
+                        block.grad = grad
         elif self.communicator.active:
-            for param in packed:
+            for param in adam_params:
                 param.grad = torch.zeros_like(param)
         if self.communicator.active and not self.communicator.average_(
-            [*(p.grad for p in packed), total], "aux", ok=result is not None
+            [*(p.grad for p in adam_params), total], "aux", ok=result is not None
         ):
             result = None
         if result is None:
@@ -490,7 +491,7 @@ class FishLeg(Preconditioner):
                 stacklevel=4,
             )
             return False
-        sums = [p.grad.sum() for p in packed]
+        sums = [p.grad.sum() for p in adam_params]
         if not bool(torch.isfinite(torch.stack(sums)).all()):
             warnings.warn(
                 "FishLeg skipped an auxiliary step with non-finite gradients",
@@ -498,26 +499,25 @@ class FishLeg(Preconditioner):
                 stacklevel=4,
             )
             return False
-        with torch.no_grad():
-            for name, pair in self.aux_params.items():
-                for param, adam_param, mask in zip(
-                    pair, self._adam_params[name], self._triangles[name], strict=True
-                ):
-                    if mask is not None:  # the factors as they are (e.g. loaded or set)
-                        torch.masked_select(param, mask, out=adam_param.data)
+        self._copy_blocks(to_adam=True)  # the factors as they are (e.g. loaded or set)
         for group in self.aux_optimizer.param_groups:
             group["lr"] = self.current_aux_lr()
         self.aux_optimizer.step()
-        with torch.no_grad():
-            for name, pair in self.aux_params.items():
-                for param, adam_param, mask in zip(
-                    pair, self._adam_params[name], self._triangles[name], strict=True
-                ):
-                    if mask is not None:
-                        param.masked_scatter_(mask, adam_param)
-                    adam_param.grad = None
+        self._copy_blocks(to_adam=False)
+        for param in adam_params:
+            param.grad = None
         self.aux_losses.append(total.item())
         return True
+
+    @torch.no_grad()
+    def _copy_blocks(self, to_adam: bool) -> None:
+        """Copy the Kronecker factors' lower-triangle blocks into Adam's tensors, or back."""
+        if self.q_structure == "diag":
+            return
+        for name, pair in self.aux_params.items():
+            for param, blocks in zip(pair, self._adam_params[name], strict=True):
+                for view, block in zip(kron_q.lower_blocks(param), blocks, strict=True):
+                    (block if to_adam else view).copy_(view if to_adam else block)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -21,8 +21,9 @@ held constant (``v = Q u``), whose gradient is that of ``A(λ) = ½ vᵀ(F + γI
 * ``u = Eᵀ A``, ``Z = Y Wᵀ``, ``Z' = X W``: ``∇L = tril(Zᵀ (E L) + Eᵀ (Z L))``,
   ``∇R = tril(Z'ᵀ (A R) + Aᵀ (Z' R))``, all products of rank ``n``.
 
-Each is ``tril`` of a product with a lower-triangular right factor, formed block by block
-without the blocks above the diagonal (:func:`tril_product`).
+Each is ``tril`` of a product, formed block by block without the blocks above the diagonal
+(:func:`tril_product`) and kept in the column blocks that hold the lower triangle
+(:func:`lower_blocks`), the layout FishLeg's Adam works on.
 """
 
 from __future__ import annotations
@@ -73,19 +74,38 @@ def gram_times(x: Tensor, lower: Tensor) -> Tensor:
     return times_lower_t(times_lower(x, lower), lower)
 
 
-def tril_product(left: Tensor, right: Tensor, out: Tensor, right_lower: bool = False) -> Tensor:
-    """``tril(left @ right)`` (square) written into ``out``, without the blocks above the
-    diagonal: column block ``[s, s+b)`` needs rows ``s:`` of the product, and only rows ``s:``
-    of ``right`` if it is lower triangular (``right_lower``)."""
-    size = out.shape[0]
+def column_blocks(size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the column blocks of a ``size x size`` factor."""
     width = block_width(size)
-    if width >= size:
-        return torch.mm(left, right, out=out).tril_()
-    out.zero_()
-    for s in range(0, size, width):
-        inner = s if right_lower else 0
-        out[s:, s : s + width] = left[s:, inner:] @ right[inner:, s : s + width]
-    return out.tril_()
+    return [(start, min(start + width, size)) for start in range(0, size, width)]
+
+
+def lower_blocks(matrix: Tensor) -> list[Tensor]:
+    """Views of the parts of a square matrix that hold its lower triangle: rows ``s:`` of each
+    column block ``[s, e)`` (about ``(k + 1) / 2k`` of the entries). FishLeg's Adam and the
+    auxiliary gradients use this layout."""
+    return [matrix[start:, start:stop] for start, stop in column_blocks(matrix.shape[0])]
+
+
+def from_blocks(blocks: list[Tensor], size: int) -> Tensor:
+    """The lower-triangular matrix whose :func:`lower_blocks` are ``blocks``."""
+    matrix = blocks[0].new_zeros(size, size)
+    for view, block in zip(lower_blocks(matrix), blocks, strict=True):
+        view.copy_(block)
+    return matrix.tril_()
+
+
+def tril_product(
+    left: Tensor, right: Tensor, out: list[Tensor], right_lower: bool = False
+) -> list[Tensor]:
+    """``tril(left @ right)`` (square) written into its :func:`lower_blocks` ``out``: column
+    block ``[s, e)`` needs rows ``s:`` of the product, and only rows ``s:`` of ``right`` if it
+    is lower triangular (``right_lower``)."""
+    for (start, stop), block in zip(column_blocks(left.shape[0]), out, strict=True):
+        inner = start if right_lower else 0
+        torch.mm(left[start:, inner:], right[inner:, start:stop], out=block)
+        block[: stop - start].tril_()
+    return out
 
 
 def apply_dense(matrix: Tensor, left: Tensor, right: Tensor) -> Tensor:
@@ -123,9 +143,9 @@ class LowRankProduct:
         return self.left_rows.T @ self.right_rows
 
     def factor_gradients(
-        self, weights: Tensor, left: Tensor, right: Tensor, out: tuple[Tensor, Tensor]
+        self, weights: Tensor, left: Tensor, right: Tensor, out: tuple[list[Tensor], ...]
     ) -> None:
-        """``(∇L, ∇R)`` of ``<Xᵀ Y, W>`` into ``out``."""
+        """``(∇L, ∇R)`` of ``<Xᵀ Y, W>`` into ``out`` (their :func:`lower_blocks`)."""
         weights = weights.to(left.dtype)
         for rows, mapped, factor, other, grad in (
             (self.grad_rows, self.grad_rows_left, left, self.right_rows @ weights.T, out[0]),
@@ -138,9 +158,14 @@ class LowRankProduct:
 
 
 def dense_factor_gradients(
-    direction: Tensor, weights: Tensor, left: Tensor, right: Tensor, out: tuple[Tensor, Tensor]
+    direction: Tensor,
+    weights: Tensor,
+    left: Tensor,
+    right: Tensor,
+    out: tuple[list[Tensor], ...],
 ) -> None:
-    """``(∇L, ∇R)`` of ``<L Lᵀ u R Rᵀ, W>`` for a dense ``u`` into ``out``."""
+    """``(∇L, ∇R)`` of ``<L Lᵀ u R Rᵀ, W>`` for a dense ``u`` into ``out`` (their
+    :func:`lower_blocks`)."""
     direction, weights = direction.to(left.dtype), weights.to(left.dtype)
     mapped_right = gram_times(direction, right)  # P = u R Rᵀ
     mapped_left = gram_times(direction.T, left).T  # K = L Lᵀ u
@@ -155,8 +180,11 @@ __all__ = [
     "LowRankProduct",
     "apply_dense",
     "block_width",
+    "column_blocks",
     "dense_factor_gradients",
+    "from_blocks",
     "gram_times",
+    "lower_blocks",
     "times_lower",
     "times_lower_t",
     "tril_product",
