@@ -22,10 +22,11 @@ Each step (DESIGN.md gives the statement in clean notation):
    ``v · (h - u)`` with ``h - u`` held constant, which is that of
    ``A(λ) = ½ vᵀ(F + γI)v - uᵀv`` (eq. 20-21), minimal at ``Q = (F + γI)^{-1}`` on the
    explored directions. The gradient is formed in closed form, not by autograd (for ``u`` of
-   rank ``N`` from products of rank ``N``), and Adam runs on the factors' lower triangles
-   only. ``F v`` is the exact Fisher-vector product of the batch
-   (:mod:`natgrad.fisher_vector`): the expectation over model-sampled labels of the
-   Hessian-vector product that Algorithm 1 estimates with one sample;
+   rank ``N`` from products of rank ``N``), and Adam runs on the column blocks that hold the
+   factors' lower triangles (:func:`~natgrad.precond.kron_q.lower_blocks`). ``F v`` is the
+   exact Fisher-vector product of the batch (:mod:`natgrad.fisher_vector`): the expectation
+   over model-sampled labels of the Hessian-vector product that Algorithm 1 estimates with one
+   sample;
 3. ``p.grad ← Q(λ) ḡ``, so an SGD step with learning rate ``η`` applies ``θ ← θ - η Q ḡ``
    (eq. 17). Use SGD without momentum: FishLeg applies its own. With momentum on the
    gradient, ``Q ḡ`` is itself kept by momentum, ``Q ḡ ← β Q ḡ + (1 - β) Q g`` with ``Q g``
