@@ -96,11 +96,10 @@ def measure(batch: int) -> dict[str, float]:
             kron_q.dense_factor_gradients(gradient, gradient, *factors[name], out)
             kron_q.apply_dense(gradient, *factors[name])
 
+    sgd = cpu_ms(lambda: run_steps(reference, sgd_opt, None, False, lambda: (inputs, targets), 1))
     with torch.no_grad():
         return {
-            "sgd": cpu_ms(
-                lambda: run_steps(reference, sgd_opt, None, False, lambda: (inputs, targets), 1)
-            ),
+            "sgd": sgd,
             "q_rows": cpu_ms(q_rows),
             "outer": cpu_ms(outer_products),
             "fvp": cpu_ms(
