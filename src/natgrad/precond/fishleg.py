@@ -327,7 +327,7 @@ class FishLeg(Preconditioner):
         weight gradient where there is one."""
         d_weight = direction.shape[1] - int(batch.has_bias)
         weight, bias = direction[:, :d_weight], direction[:, d_weight] if batch.has_bias else None
-        buffer = batch.grad_buffer() if isinstance(batch, LayerBatch) else None
+        buffer = batch.grad_buffer()
         if buffer is not None and buffer.shape == weight.shape:
             buffer.copy_(weight)
             if bias is not None:
