@@ -12,10 +12,11 @@ Run ``python benchmarks/step_time.py`` (about 10-15 minutes on 2 cores). Options
 default 30), ``--warmup`` (default 5), ``--lr`` (the learning rate of every optimiser, default
 1e-4), ``--threads`` (torch threads, 1 or 2, default 2), ``--clock`` (``wall``, the default:
 ``time.perf_counter``; ``thread``: the thread's CPU time, ``time.thread_time``, less sensitive
-to other jobs on the machine when one thread runs), ``--train-steps K`` (default 0:
-train the method ``K`` more steps after the memory phase, before timing, so that the weights
-and the preconditioner's state are those of a model in training) and ``--json PATH`` to write
-the rows. The script is a benchmark, not a test: it prints the table and checks nothing.
+to other jobs on the machine when one thread runs; ``cpu``: the process's CPU time, all
+threads), ``--train-steps K`` (default 0: train the method ``K`` more steps after the memory
+phase, before timing, so that the weights and the preconditioner's state are those of a model
+in training) and ``--json PATH`` to write the rows. The script is a benchmark, not a test: it
+prints the table and checks nothing.
 
 Methods
 -------
@@ -37,10 +38,13 @@ the method's step and a plain SGD step on a copy of the method's current weights
 alternately (SGD, method, SGD, ...), so
 the ratio compares two measurements taken under the same conditions (the same process, the
 same load from whatever else runs on the machine). The figures are medians of wall-clock
-``time.perf_counter`` per step, in ms. Run it on an otherwise idle machine: with two OpenMP
-threads, another busy process can make any step several times slower (a thread waits at a
-barrier for one that is descheduled), which the alternation does not fully cancel; the header
-prints the load average before and after the run.
+``time.perf_counter`` per step, in ms (the JSON rows add means, which count a method's
+occasional expensive steps, such as FishLeg's auxiliary ones, in proportion). Run it on an
+otherwise idle machine: with two OpenMP threads, another busy process can make any step several
+times slower (a thread waits at a barrier for one that is descheduled), which the alternation
+does not fully cancel; the header prints the load average before and after the run. On a busy
+machine ``--threads 1 --clock cpu`` times the process's CPU time (``time.process_time``)
+instead, which waiting for the CPU does not inflate.
 
 Peak memory
 -----------
@@ -88,10 +92,15 @@ import natgrad
 from natgrad.precond.kronecker import KroneckerPreconditioner
 
 WIDTHS = (784, 1000, 1000, 1000, 10)
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread": time.thread_time}
+CLOCKS: dict[str, Callable[[], float]] = {
+    "wall": time.perf_counter,
+    "thread": time.thread_time,
+    "cpu": time.process_time,
+}
 CLOCK_NAMES = {
     "wall": "wall-clock, time.perf_counter",
     "thread": "thread CPU time, time.thread_time",
+    "cpu": "process CPU time, time.process_time",
 }
 LEARNING_RATE = 1e-4
 MEMORY_GOAL = 1.5
@@ -259,6 +268,7 @@ def make_step(
     return opt, pre, method.endswith("-fused")
 
 
+
 def run_steps(
     model: nn.Module,
     opt: torch.optim.Optimizer,
@@ -344,7 +354,9 @@ def worker(
     Returns
     -------
     Row
-        ``batch``, ``method``, ``ms`` and ``sgd_ms`` (medians of the interleaved timing),
+        ``batch``, ``method``, ``ms`` and ``sgd_ms`` (medians of the interleaved timing;
+        ``mean_ms``, ``sgd_mean_ms`` and ``mean_ratio`` their means, which count a method's
+        occasional expensive steps, e.g. FishLeg's auxiliary ones, in proportion),
         ``ratio``, ``alone_ms`` (median of the memory phase's last ``steps`` steps, the method
         running alone), ``peak_mib`` (increase of ``ru_maxrss`` over the memory phase) and,
         for Kronecker methods, ``inversion_ms`` (one inversion of all factors).
@@ -385,10 +397,13 @@ def worker(
         "sgd_ms": 1e3 * statistics.median(sgd_times),
         "alone_ms": 1e3 * statistics.median(alone[warmup:] or alone),
         "peak_mib": peak_increase_mib,
+        "mean_ms": 1e3 * statistics.mean(method_times),
+        "sgd_mean_ms": 1e3 * statistics.mean(sgd_times),
         "clock": clock,
         "threads": torch.get_num_threads(),
     }
     row["ratio"] = row["ms"] / row["sgd_ms"]
+    row["mean_ratio"] = row["mean_ms"] / row["sgd_mean_ms"]
     row["subnormals"] = subnormal_counts(model, pre)
     if isinstance(pre, KroneckerPreconditioner):
         inversions = []

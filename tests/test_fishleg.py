@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import natgrad
-from natgrad.precond import fishleg
+from natgrad.precond import fishleg, kron_q
 from oracle import batch_fisher, dense_batch, relative_error
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -75,6 +75,16 @@ def assert_auxiliary_loss_is_dense(
     for a, e in zip(gradients, expected, strict=True):
         assert torch.allclose(a, e, rtol=1e-9, atol=1e-12)
     assert value == pytest.approx(objective.item(), rel=1e-10)
+
+
+def dense_gradients(pre, gradients) -> list[torch.Tensor]:
+    """The auxiliary gradients as matrices of the auxiliary parameters' shapes, in order."""
+    dense = []
+    for name, pair in gradients.items():
+        for param, blocks in zip(pre.aux_params[name], pair, strict=True):
+            kron = pre.q_structure == "kron"
+            dense.append(kron_q.from_blocks(blocks, param.shape[0]) if kron else blocks[0])
+    return dense
 
 
 def matrix_order(model: nn.Module) -> torch.Tensor:
@@ -170,9 +180,8 @@ def test_surrogate_gradient_equals_dense_auxiliary_gradient(q_structure):
         name: torch.randn(m.weight.shape[0], m.weight.shape[1] + 1)
         for name, m in pre.selection.layers.items()
     }
-    surrogate, value = pre.auxiliary_loss(probe, (inputs,))
-    surrogate.backward()
-    actual = [p.grad.clone() for pair in pre.aux_params.values() for p in pair]
+    value, gradients = pre.auxiliary_gradients(probe, (inputs,))
+    actual = dense_gradients(pre, gradients)
 
     order = matrix_order(model)
     fisher = dense_batch(model, inputs, targets, "categorical", "mean").exact_fisher()
@@ -180,7 +189,7 @@ def test_surrogate_gradient_equals_dense_auxiliary_gradient(q_structure):
     assert_auxiliary_loss_is_dense(pre, probe, fisher, damping, actual, value)
 
 
-def test_auxiliary_step_on_a_separate_batch_uses_that_batchs_fisher():
+def test_auxiliary_step_on_a_separate_batch_uses_that_batchs_fisher(monkeypatch):
     """Garcia et al. 2023, Algorithm 1, line 5: with ``aux_args`` the auxiliary loss sees the
     training batch's gradient as ``u`` and the exact Fisher of the auxiliary batch as ``F``."""
     torch.manual_seed(7)
@@ -198,8 +207,13 @@ def test_auxiliary_step_on_a_separate_batch_uses_that_batchs_fisher():
         name: torch.cat([m.weight.grad, m.bias.grad.unsqueeze(1)], dim=1).clone()
         for name, m in pre.selection.layers.items()
     }
+    results = []  # what the auxiliary step computed, recorded on its way to Adam
+    original = pre.auxiliary_gradients
+    monkeypatch.setattr(
+        pre, "auxiliary_gradients", lambda *a, **k: results.append(original(*a, **k)) or results[-1]
+    )
     pre.step(logits, aux_args=(aux_inputs,))
-    actual = [p.grad.clone() for pair in pre.aux_params.values() for p in pair]
+    actual = dense_gradients(pre, results[0][1])
 
     order = matrix_order(model)
     labels = torch.zeros(4, dtype=torch.long)  # the exact Fisher does not depend on labels
@@ -333,10 +347,8 @@ def test_low_rank_probe_gives_the_dense_auxiliary_loss(q_structure):
     }
     results = []
     for probe in (rows, {name: e.T @ a for name, (e, a) in rows.items()}):
-        pre.aux_optimizer.zero_grad()
-        surrogate, value = pre.auxiliary_loss(probe, (inputs,))
-        surrogate.backward()
-        results.append((value, [p.grad.clone() for pair in pre.aux_params.values() for p in pair]))
+        value, gradients = pre.auxiliary_gradients(probe, (inputs,))
+        results.append((value, dense_gradients(pre, gradients)))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
     for low_rank, dense in zip(results[0][1], results[1][1], strict=True):
         assert torch.allclose(low_rank, dense, rtol=1e-10, atol=1e-13)
@@ -420,9 +432,8 @@ def test_train_mode_batchnorm_auxiliary_gradient_equals_dense_and_keeps_statisti
         for name, m in pre.selection.layers.items()
     }
     before = {name: buffer.clone() for name, buffer in model.named_buffers()}
-    surrogate, value = pre.auxiliary_loss(probe, (inputs,))
-    surrogate.backward()
-    actual = [p.grad.clone() for pair in pre.aux_params.values() for p in pair]
+    value, gradients = pre.auxiliary_gradients(probe, (inputs,))
+    actual = dense_gradients(pre, gradients)
     for name, buffer in model.named_buffers():
         assert torch.equal(buffer, before[name]), name
 
@@ -439,3 +450,117 @@ def test_train_mode_batchnorm_auxiliary_gradient_equals_dense_and_keeps_statisti
     assert pre.aux_losses  # the auxiliary step ran
     for (name, buffer), expected_buffer in zip(model.named_buffers(), twin.buffers(), strict=True):
         assert torch.equal(buffer, expected_buffer), name
+
+
+def dense_fishleg_updates(model, batches, momentum_on, q_structure, aux_period, momentum, lr):
+    """Garcia et al. 2023, Algorithm 1 written densely: explicit ``Q`` from copies of the
+    initial auxiliary parameters, the explicit batch Fisher, autograd of the dense auxiliary
+    loss and torch's Adam; the update of every step in row-major ``[W | b]`` order."""
+    pre = natgrad.FishLeg(copy.deepcopy(model), q_structure=q_structure)  # for the initial λ
+    leaves = [
+        p.detach().clone().requires_grad_(True) for pair in pre.aux_params.values() for p in pair
+    ]
+    adam = torch.optim.Adam(leaves, lr=1e-2)
+    order, damping = matrix_order(model), 1e-3
+    momentum_buffer, updates = None, []
+    for step, (inputs, targets) in enumerate(batches):
+        model.zero_grad()
+        F.cross_entropy(model(inputs), targets).backward()
+        gradient = torch.cat(
+            [torch.cat([m.weight.grad, m.bias.grad[:, None]], 1).reshape(-1) for m in model[::2]]
+        )
+        if momentum_on == "gradient":
+            mixed = (
+                gradient if step == 0 else momentum * momentum_buffer + (1 - momentum) * gradient
+            )
+            momentum_buffer = probe = mixed
+        else:
+            probe = gradient
+        if step % aux_period == 0:
+            fisher = dense_batch(model, inputs, targets, "categorical", "mean").exact_fisher()
+            fisher = fisher[order][:, order]
+            u = probe / probe.norm()
+            v = dense_q_of(leaves, q_structure) @ u
+            objective = 0.5 * v @ (fisher + damping * torch.eye(len(v))) @ v - u @ v
+            adam.zero_grad()
+            objective.backward()
+            adam.step()
+        q = dense_q_of(leaves, q_structure).detach()
+        if momentum_on == "gradient":
+            update = q @ momentum_buffer
+        else:
+            fresh = q @ gradient
+            update = fresh if step == 0 else momentum * momentum_buffer + (1 - momentum) * fresh
+            momentum_buffer = update
+        updates.append(update)
+        with torch.no_grad():
+            for param, delta in zip(model.parameters(), vector_blocks(model, update), strict=True):
+                param -= lr * delta
+    return updates
+
+
+def vector_blocks(model, vector):
+    """A row-major ``[W | b]`` vector as ``(weight, bias)`` blocks of the linear layers."""
+    blocks, offset = [], 0
+    for module in model[::2]:
+        d_out, d_in = module.weight.shape
+        matrix = vector[offset : offset + d_out * (d_in + 1)].reshape(d_out, d_in + 1)
+        blocks += [matrix[:, :d_in], matrix[:, d_in]]
+        offset += d_out * (d_in + 1)
+    return blocks
+
+
+@pytest.mark.parametrize("batch_size", [2, 6])  # Q on the rows of Ē and Ā / on Ē^T Ā
+@pytest.mark.parametrize("q_structure", ["kron", "diag"])
+@pytest.mark.parametrize("momentum_on", ["gradient", "update"])
+def test_training_with_momentum_and_auxiliary_period_equals_dense_algorithm(
+    momentum_on, q_structure, batch_size
+):
+    """Eight steps with momentum 0.9 and an auxiliary step every third one: FishLeg's updates
+    (standard and fused paths, identical) equal the dense Algorithm 1 to 1e-10. With momentum
+    on the gradient FishLeg keeps Q ḡ by momentum between auxiliary steps and recomputes it
+    after each, which a momentum of Q ḡ carried across a change of Q would fail."""
+    torch.manual_seed(13)
+    initial = make_model()
+    batches = [(torch.randn(batch_size, 3), torch.randint(0, 2, (batch_size,))) for _ in range(8)]
+    assert fishleg._low_rank_pays(torch.ones(batch_size, 4), torch.ones(batch_size, 4)) == (
+        batch_size == 2
+    )
+    settings = {"momentum": 0.9, "aux_period": 3, "lr": 0.1}
+    expected = dense_fishleg_updates(
+        copy.deepcopy(initial), batches, momentum_on, q_structure, **settings
+    )
+    runs = []
+    for fused in (False, True):
+        model = copy.deepcopy(initial)
+        pre = natgrad.FishLeg(
+            model,
+            damping=1e-3,
+            aux_lr=1e-2,
+            aux_period=settings["aux_period"],
+            momentum=settings["momentum"],
+            momentum_on=momentum_on,
+            q_structure=q_structure,
+        )
+        opt = torch.optim.SGD(model.parameters(), lr=settings["lr"])
+        updates = []
+        for inputs, targets in batches:
+            opt.zero_grad()
+            logits = model(inputs)
+            loss = F.cross_entropy(logits, targets)
+            pre.backward(loss) if fused else loss.backward()
+            pre.step(logits)
+            updates.append(
+                torch.cat(
+                    [
+                        torch.cat([m.weight.grad, m.bias.grad[:, None]], 1).reshape(-1)
+                        for m in model[::2]
+                    ]
+                )
+            )
+            opt.step()
+        assert len(pre.aux_losses) == 3
+        runs.append(updates)
+    for standard, fused_update, dense in zip(*runs, expected, strict=True):
+        assert torch.equal(standard, fused_update)
+        assert relative_error(standard, dense) <= 1e-10
