@@ -280,22 +280,24 @@ def damped_solve(
     """
     if not damping > 0:
         raise ValueError(f"damping must be positive, got {damping}")
-    if not bool(torch.isfinite(matrix).all() & torch.isfinite(rhs).all()):
+    if not (is_finite_matrix(matrix) and is_finite_matrix(rhs)):
         raise FloatingPointError("the curvature system contains NaN or Inf")
-    work = matrix.to(torch.float64)  # symmetric: both factorisations read one triangle
     target = rhs.to(torch.float64)
     vector = target.dim() == 1
     if vector:
         target = target.unsqueeze(1)
-    shifted = work.clone()
-    shifted.diagonal().add_(damping)
-    factor, info = torch.linalg.cholesky_ex(shifted)
+    # one float64 copy, factorised in place (symmetric: both factorisations read one triangle)
+    factor = matrix.to(torch.float64, copy=True)
+    factor.diagonal().add_(damping)
+    info = torch.empty((), dtype=torch.int32, device=matrix.device)
+    torch.linalg.cholesky_ex(factor, out=(factor, info))
     # solved whatever info says (a failed factor gives non-finite or wrong values, which the
     # one check below sends to the fallback)
     solution = torch.cholesky_solve(target, factor)
+    del factor
     report = SolveReport("cholesky", damping)
     if not bool((info == 0) & torch.isfinite(solution).all()):
-        eigenvalues, eigenvectors = torch.linalg.eigh(work)
+        eigenvalues, eigenvectors = torch.linalg.eigh(matrix.to(torch.float64))
         eigenvalues = eigenvalues.clamp_min(0)
         projected = eigenvectors.T @ target
         level = damping
@@ -369,33 +371,56 @@ def furthest_fallback(reports: list[SolveReport]) -> SolveReport:
 
 
 def damped_inverse(
-    matrix: Tensor, damping: float, max_damping_increases: int = 8
+    matrix: Tensor, damping: float, max_damping_increases: int = 8, scale: float = 1.0
 ) -> tuple[Tensor, SolveReport]:
-    """``(M + damping I)^{-1}`` for a symmetric positive semi-definite ``M``, in ``M``'s dtype.
+    """``(scale M + damping I)^{-1}`` for a symmetric positive semi-definite ``M``, in ``M``'s
+    dtype (``scale > 0``: the normaliser of a running sum, so that ``M`` is not copied to be
+    scaled).
 
-    Cholesky factorisation and ``cholesky_inverse`` (about ``d^3`` flops); if the factorisation
-    fails or is not finite, the same eigendecomposition ladder as :func:`damped_solve`, with a
-    :class:`NumericalWarning`. Used for Kronecker factors, where a float32 ``d x d`` inverse is
-    accurate enough once damped and a float64 one costs several times more.
+    Cholesky factorisation and ``cholesky_inverse`` of ``M + (damping / scale) I`` (about
+    ``d^3`` flops), both in place in one copy of ``M`` that becomes the inverse, divided by
+    ``scale``: no other ``d x d`` temporary. If the factorisation fails or is not finite, the
+    same eigendecomposition ladder as :func:`damped_solve`, with a :class:`NumericalWarning`.
+    Used for Kronecker factors, where a float32 ``d x d`` inverse is accurate enough once damped
+    and a float64 one costs several times more.
     """
     if not damping > 0:
         raise ValueError(f"damping must be positive, got {damping}")
-    if not bool(torch.isfinite(matrix).all()):
-        raise FloatingPointError("the curvature factor contains NaN or Inf")
-    shifted = matrix + torch.diag(matrix.new_full((matrix.shape[0],), damping))
-    factor, info = torch.linalg.cholesky_ex(shifted)
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    check_finite_matrix(matrix, "the curvature factor contains NaN or Inf")
+    work = matrix.clone()
+    work.diagonal().add_(damping / scale)
+    info = torch.empty((), dtype=torch.int32, device=matrix.device)
+    torch.linalg.cholesky_ex(work, out=(work, info))
     if int(info) == 0:
-        inverse = torch.cholesky_inverse(factor)
-        if bool(torch.isfinite(inverse).all()):
-            return inverse, SolveReport("cholesky", damping)
+        torch.cholesky_inverse(work, out=work)
+        if is_finite_matrix(work):
+            return work.div_(scale), SolveReport("cholesky", damping)
+    del work
     eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    return damped_solve(matrix, eye, damping, max_damping_increases)
+    return damped_solve(scale * matrix, eye, damping, max_damping_increases)
+
+
+def is_finite_matrix(matrix: Tensor) -> bool:
+    """Whether every entry is finite, from the largest magnitude (a reduction that propagates
+    NaN): no temporary of the matrix's size, unlike ``torch.isfinite(matrix).all()``."""
+    if matrix.numel() == 0:
+        return True
+    return bool(torch.isfinite(torch.linalg.vector_norm(matrix, float("inf"))))
+
+
+def check_finite_matrix(matrix: Tensor, message: str) -> None:
+    """Raise ``FloatingPointError(message)`` if ``matrix`` has a NaN or Inf entry."""
+    if not is_finite_matrix(matrix):
+        raise FloatingPointError(message)
 
 
 __all__ = [
     "SOLVE_METHODS",
     "NumericalWarning",
     "SolveReport",
+    "check_finite_matrix",
     "combine_rows",
     "damped_inverse",
     "damped_solve",
@@ -403,6 +428,7 @@ __all__ = [
     "furthest_fallback",
     "gram",
     "input_gram",
+    "is_finite_matrix",
     "jtu",
     "jvp",
     "per_datapoint_grads",
