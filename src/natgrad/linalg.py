@@ -286,15 +286,18 @@ def damped_solve(
     vector = target.dim() == 1
     if vector:
         target = target.unsqueeze(1)
-    # one float64 copy, factorised in place (symmetric: both factorisations read one triangle)
-    factor = matrix.to(torch.float64, copy=True)
+    # one float64 copy, factorised in place, column-major as LAPACK wants it (the transpose:
+    # M is symmetric, and both factorisations read one triangle); two triangular solves, as
+    # cholesky_solve would do after copying the factor
+    factor = _column_major(matrix.to(torch.float64, copy=True))
     factor.diagonal().add_(damping)
     info = torch.empty((), dtype=torch.int32, device=matrix.device)
     torch.linalg.cholesky_ex(factor, out=(factor, info))
     # solved whatever info says (a failed factor gives non-finite or wrong values, which the
     # one check below sends to the fallback)
-    solution = torch.cholesky_solve(target, factor)
-    del factor
+    half = torch.linalg.solve_triangular(factor, target, upper=False)
+    solution = torch.linalg.solve_triangular(factor.T, half, upper=True)
+    del factor, half
     report = SolveReport("cholesky", damping)
     if not bool((info == 0) & torch.isfinite(solution).all()):
         eigenvalues, eigenvectors = torch.linalg.eigh(matrix.to(torch.float64))
@@ -389,17 +392,23 @@ def damped_inverse(
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
     check_finite_matrix(matrix, "the curvature factor contains NaN or Inf")
-    work = matrix.clone()
+    work = _column_major(matrix.clone())
     work.diagonal().add_(damping / scale)
     info = torch.empty((), dtype=torch.int32, device=matrix.device)
     torch.linalg.cholesky_ex(work, out=(work, info))
     if int(info) == 0:
         torch.cholesky_inverse(work, out=work)
-        if is_finite_matrix(work):
-            return work.div_(scale), SolveReport("cholesky", damping)
+        if is_finite_matrix(work):  # symmetric: its row-major transpose is the inverse
+            return work.T.div_(scale), SolveReport("cholesky", damping)
     del work
     eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
     return damped_solve(scale * matrix, eye, damping, max_damping_increases)
+
+
+def _column_major(matrix: Tensor) -> Tensor:
+    """The transpose of a row-major symmetric matrix, a column-major view of the same memory:
+    the layout in which LAPACK factorises and inverts in place, without a copy."""
+    return matrix.T
 
 
 def is_finite_matrix(matrix: Tensor) -> bool:
