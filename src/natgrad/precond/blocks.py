@@ -38,6 +38,7 @@ from natgrad.linalg import (
     input_gram,
     jtu,
     per_datapoint_grads,
+    symmetric_gram,
     token_gram,
     token_matrix,
     token_sums,
@@ -138,7 +139,9 @@ class LayerBatch:
         other = rows if other_rows is None else other_rows
         if not uses_input_gram(self.d_in, rows, other):  # the datapoint gradients, formed
             grads = self._datapoint_grads(rows)
-            return grads @ (grads if other_rows is None else self._datapoint_grads(other)).T
+            if other_rows is None:
+                return symmetric_gram(grads)
+            return grads @ self._datapoint_grads(other).T
         if self._inputs_gram is None:
             self._inputs_gram = input_gram(self.inputs, self.has_bias)  # shared across calls
         return gram(
