@@ -221,6 +221,34 @@ def gram(
     return rows_a @ rows_b.T
 
 
+def gram_times(
+    output_grads: Tensor, other_output_grads: Tensor, weights: Tensor, inputs_gram: Tensor
+) -> Tensor:
+    """``J_a J_b^T w`` without the Gram, for one token per datapoint (``T = 1``).
+
+    ``(J_a J_b^T w)_{kn} = e^a_{kn} · sum_m P_{nm} sum_j w_{jm} e^b_{jm}``, ``P`` the input
+    products (:func:`input_gram`, ``(N, N)``): ``N^2 d_out`` multiplications instead of the
+    ``K_a K_b N^2 d_out`` of the Gram.
+
+    Parameters
+    ----------
+    output_grads, other_output_grads
+        ``E_a`` ``(K_a, N, 1, d_out)`` and ``E_b`` ``(K_b, N, 1, d_out)``.
+    weights
+        ``w``, ``(K_b N,)`` in ``E_b``'s row order.
+    inputs_gram
+        ``input_gram(inputs, has_bias)``.
+
+    Returns
+    -------
+    Tensor of shape ``(K_a N,)``.
+    """
+    k_b, n = other_output_grads.shape[:2]
+    combined = torch.einsum("jm,jmd->md", weights.reshape(k_b, n), other_output_grads[:, :, 0])
+    mapped = inputs_gram @ combined
+    return torch.einsum("knd,nd->kn", output_grads[:, :, 0], mapped).reshape(-1)
+
+
 SYMMETRIC_BLOCK = 128
 """Rows of a symmetric product computed by one GEMM in :func:`symmetric_gram`."""
 
@@ -462,6 +490,7 @@ __all__ = [
     "damped_solves",
     "furthest_fallback",
     "gram",
+    "gram_times",
     "input_gram",
     "is_finite_matrix",
     "jtu",

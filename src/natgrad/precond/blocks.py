@@ -35,6 +35,7 @@ from natgrad.adapters import LayerAdapter
 from natgrad.linalg import (
     combine_rows,
     gram,
+    gram_times,
     input_gram,
     jtu,
     per_datapoint_grads,
@@ -148,6 +149,15 @@ class LayerBatch:
             self.inputs, rows, other_rows, has_bias=self.has_bias, inputs_gram=self._inputs_gram
         )
 
+    def gram_times(self, rows: Tensor, other_rows: Tensor, weights: Tensor) -> Tensor:
+        """``J_a J_b^T w`` ``(K_a N,)`` for a weight vector ``w`` ``(K_b N,)``: without the
+        Gram for one token per datapoint (:func:`natgrad.linalg.gram_times`)."""
+        if rows.shape[2] != 1:
+            return self.gram(rows, other_rows) @ weights
+        if self._inputs_gram is None:
+            self._inputs_gram = input_gram(self.inputs, self.has_bias)
+        return gram_times(rows, other_rows, weights, self._inputs_gram)
+
     def write_combination(self, rows: Tensor, coefficients: Tensor) -> None:
         """``.grad ← J^T u = sum_{k,n} u_{kn} g_{kn}``: ``u^T G`` from the datapoint gradients
         ``G`` if :meth:`gram` formed and kept them, else one GEMM ``E_u^T A`` the size of
@@ -251,6 +261,11 @@ class DirectBatch:
             return flat @ flat.T
         return flat @ other_rows.reshape(-1, other_rows.shape[-1]).T
 
+    def gram_times(self, rows: Tensor, other_rows: Tensor, weights: Tensor) -> Tensor:
+        """``G_a G_b^T w`` ``(K_a N,)``, as ``G_a (G_b^T w)``."""
+        flat_b = other_rows.reshape(-1, other_rows.shape[-1])
+        return rows.reshape(-1, rows.shape[-1]) @ (weights @ flat_b)
+
     def write_combination(self, rows: Tensor, coefficients: Tensor) -> None:
         """``.grad ← sum_{k,n} u_{kn} g_{kn}``."""
         self.write_flat(torch.einsum("kn,knp->p", coefficients, rows))
@@ -288,6 +303,10 @@ class TokenBatch(LayerBatch):
     def gram(self, rows: Tensor, other_rows: Tensor | None = None) -> Tensor:
         """``J_a J_b^T`` of output-gradient rows ``(K_a, N, T, d_out)`` and ``(K_b, ...)``."""
         return token_gram(self.inputs, rows, other_rows)
+
+    def gram_times(self, rows: Tensor, other_rows: Tensor, weights: Tensor) -> Tensor:
+        """``J_a J_b^T w``, from the Gram (:meth:`gram`)."""
+        return self.gram(rows, other_rows) @ weights
 
     def write_combination(self, rows: Tensor, coefficients: Tensor) -> None:
         """``.grad ← J^T u``: ``sum_k u_{kn} e_{knt}`` added into row ``i_{nt}``."""

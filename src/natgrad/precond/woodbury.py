@@ -207,7 +207,7 @@ class NGD(Preconditioner):
             curvature = _scaled_curvature(group, rows, scale)
             if target is None:
                 rhs = scale * sum(
-                    b.gram(e, b.loss_grads) @ weights for b, e in zip(group, rows, strict=True)
+                    b.gram_times(e, b.loss_grads, weights) for b, e in zip(group, rows, strict=True)
                 )
             else:
                 rhs = target
@@ -288,6 +288,7 @@ def _scaled_curvature(group: list[Block], rows: list[Tensor], scale: Tensor) -> 
             curvature += block
         else:
             curvature = curvature + block
+        del block  # not held while the next block's Gram is computed
     curvature = curvature.to(torch.result_type(curvature, scale))
     return curvature.mul_(scale.unsqueeze(1)).mul_(scale)
 
