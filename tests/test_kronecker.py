@@ -11,7 +11,7 @@ from torch import nn
 
 import natgrad
 from natgrad.likelihoods import get_likelihood
-from natgrad.precond import kronecker
+from natgrad.precond import factors
 from natgrad.precond.inverses import EigenInverse, FOOFInverse, KroneckerInverse
 from natgrad.precond.layer_gradient import LayerGradient
 from oracle import relative_error
@@ -27,7 +27,7 @@ def fold_block(request, monkeypatch):
     that the factors are folded block row by block row in their upper triangle only and made
     whole when read."""
     if request.param is not None:
-        monkeypatch.setattr(kronecker, "FOLD_BLOCK", request.param)
+        monkeypatch.setattr(factors, "FOLD_BLOCK", request.param)
     return request.param
 
 

@@ -49,7 +49,10 @@ for inversion are dealt out over the ranks by cost and each rank broadcasts its 
 a large part of the step (wide layers, frequent inversions).
 
 The per-layer inverses are typed (:mod:`natgrad.precond.inverses`), and are applied to the
-gradient's low-rank factors when that is cheaper (:mod:`natgrad.precond.layer_gradient`).
+gradient's low-rank factors when that is cheaper (:mod:`natgrad.precond.layer_gradient`). The
+batch statistics are folded in place, a dense factor in its upper triangle only
+(:mod:`natgrad.precond.factors`), made whole before it is read; an inversion works from the
+running sums and the EMA normaliser (no normalised copy) and replaces the layer's inverse.
 
 ``nn.Embedding`` (:class:`~natgrad.precond.blocks.TokenBatch`): the inputs are one-hot, so
 ``Σ_A`` is diagonal, the token frequencies ``diag(c_v) / (N T)``, and is kept as that vector
@@ -62,7 +65,6 @@ exactly, for any vocabulary size.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
@@ -70,13 +72,14 @@ from torch import Tensor, nn
 
 from natgrad.adapters import LayerAdapter
 from natgrad.datapoints import check_fisher, output_vectors, row_multipliers, row_weight
-from natgrad.linalg import check_finite_matrix, token_frequencies
+from natgrad.linalg import check_finite_matrix
 from natgrad.precond.assignment import InversionAssignment
 from natgrad.precond.base import Preconditioner
 from natgrad.precond.blocks import Block, LayerBatch
 from natgrad.precond.checks import Damping, check_count
+from natgrad.precond.factors import Outer, input_statistic, symmetrise_upper_
 from natgrad.precond.inverses import EigenInverse, FOOFInverse, KroneckerInverse, LayerInverse
-from natgrad.precond.layer_gradient import LayerGradient, augmented_inputs
+from natgrad.precond.layer_gradient import LayerGradient
 
 if TYPE_CHECKING:
     from natgrad.distributed import PendingAverage
@@ -93,75 +96,6 @@ def input_covariance(
     """``Σ_A`` of one batch's input rows: ``Ā^T Ā / (N T)``, or its diagonal
     ``(num_embeddings,)`` for token inputs (module docstring)."""
     return input_statistic(adapter, module, rows, dtype).dense()
-
-
-FOLD_BLOCK = 128
-"""Rows of a factor updated by one GEMM when only its upper triangle is folded
-(:meth:`Outer.fold_into` with ``upper=True``)."""
-
-
-@dataclass
-class Outer:
-    """A batch statistic ``scale * rows^T rows`` kept as its rows, so that folding it into a
-    moving average is in-place GEMMs (:meth:`fold_into`); or, with ``rows=None``, a tensor
-    ``diagonal`` (a diagonal factor's vector) that is folded elementwise."""
-
-    rows: Tensor | None
-    scale: float = 1.0
-    diagonal: Tensor | None = None
-
-    def dense(self) -> Tensor:
-        """The statistic as a tensor (the diagonal's vector for a diagonal statistic)."""
-        if self.rows is None:
-            return self.diagonal
-        return self.scale * (self.rows.T @ self.rows)
-
-    def fold_into(self, average: Tensor | None, decay: float, upper: bool = False) -> Tensor:
-        """``decay * average + (1 - decay) * statistic``, written into ``average`` (no temporary
-        of its size), or ``(1 - decay) * statistic`` as a new tensor if ``average`` is None.
-
-        With ``upper=True`` only the blocks of :data:`FOLD_BLOCK` rows on and above the
-        diagonal of ``average`` are updated, one GEMM per block row (about half the flops of
-        the whole product, the statistic being symmetric); the rest of the lower triangle is
-        left stale, for :func:`symmetrise_upper_` to restore before the matrix is read.
-        """
-        if self.rows is None:
-            if average is None:
-                return (1 - decay) * self.diagonal
-            return average.mul_(decay).add_(self.diagonal, alpha=1 - decay)
-        alpha = (1 - decay) * self.scale
-        rows = self.rows
-        if average is None:
-            return torch.mm(rows.T, rows).mul_(alpha)
-        if not upper:
-            return average.addmm_(rows.T, rows, beta=decay, alpha=alpha)
-        for start in range(0, average.shape[0], FOLD_BLOCK):
-            stop = start + FOLD_BLOCK
-            average[start:stop, start:].addmm_(
-                rows[:, start:stop].T, rows[:, start:], beta=decay, alpha=alpha
-            )
-        return average
-
-
-def symmetrise_upper_(matrix: Tensor) -> Tensor:
-    """Copy the blocks above the diagonal blocks of :data:`FOLD_BLOCK` rows onto the lower
-    triangle, in place: the whole symmetric matrix after :meth:`Outer.fold_into` with
-    ``upper=True`` (whose diagonal blocks are whole)."""
-    for start in range(0, matrix.shape[0] - FOLD_BLOCK, FOLD_BLOCK):
-        stop = start + FOLD_BLOCK
-        matrix[stop:, start:stop].copy_(matrix[start:stop, stop:].T)
-    return matrix
-
-
-def input_statistic(
-    adapter: LayerAdapter, module: nn.Module, rows: Tensor, dtype: torch.dtype
-) -> Outer:
-    """``Σ_A`` of one batch's input rows as an :class:`Outer`: ``Ā^T Ā / (N T)``, or the
-    diagonal ``(num_embeddings,)`` for token inputs (module docstring)."""
-    if adapter.token_inputs:
-        return Outer(None, diagonal=token_frequencies(rows, module.num_embeddings, dtype))
-    inputs = augmented_inputs(rows, adapter.has_bias(module))
-    return Outer(inputs, 1.0 / inputs.shape[0])
 
 
 def _check_schedule(
