@@ -11,6 +11,7 @@ from torch import nn
 
 import natgrad
 from natgrad.likelihoods import get_likelihood
+from natgrad.precond import factors
 from natgrad.precond.inverses import EigenInverse, FOOFInverse, KroneckerInverse
 from natgrad.precond.layer_gradient import LayerGradient
 from oracle import relative_error
@@ -18,6 +19,16 @@ from oracle import relative_error
 pytestmark = pytest.mark.usefixtures("float64")
 
 TOLERANCE = 1e-8
+
+
+@pytest.fixture(params=[None, 2], ids=["shipped-fold-block", "fold-block-2"])
+def fold_block(request, monkeypatch):
+    """FOLD_BLOCK as shipped (one block for these tiny layers: the whole product), and 2, so
+    that the factors are folded block row by block row in their upper triangle only and made
+    whole when read."""
+    if request.param is not None:
+        monkeypatch.setattr(factors, "FOLD_BLOCK", request.param)
+    return request.param
 
 
 def make_model() -> nn.Module:
@@ -189,9 +200,10 @@ def test_foof_matches_equation_6(kfac_damping):
         assert relative_error(actual[layer], expected) <= TOLERANCE
 
 
-@pytest.mark.parametrize("method", ["foof", "kfac"])
-def test_ema_and_schedule_follow_algorithm_1(method):
-    """Step by step: factors in the S steps before each inversion, inverses every T steps."""
+@pytest.mark.parametrize("method", ["foof", "kfac", "kfac-correct"])
+def test_ema_and_schedule_follow_algorithm_1(method, fold_block):
+    """Step by step: factors in the S steps before each inversion, inverses every T steps (the
+    inverses computed from the running sums and the EMA normaliser)."""
     torch.manual_seed(2)
     model = make_model()
     decay, period, window, damping = 0.9, 3, 2, 0.1
@@ -205,6 +217,7 @@ def test_ema_and_schedule_follow_algorithm_1(method):
             model,
             fisher="empirical",
             damping=damping,
+            damping_mode="correct" if method == "kfac-correct" else "heuristic",
             ema_decay=decay,
             inv_period=period,
             pre_inversion_steps=window,
@@ -232,12 +245,13 @@ def test_ema_and_schedule_follow_algorithm_1(method):
             if method == "foof":
                 expected = gradient @ torch.linalg.inv(a_cov + damping * torch.eye(a_cov.shape[0]))
             else:
-                expected = kron_solve(g_cov, a_cov, gradient, "heuristic", damping)
+                mode = "correct" if method == "kfac-correct" else "heuristic"
+                expected = kron_solve(g_cov, a_cov, gradient, mode, damping)
             assert relative_error(actual[layer], expected) <= TOLERANCE, (step, layer)
 
 
 @pytest.mark.parametrize("method", ["foof", "kfac"])
-def test_factors_fold_in_place_into_the_explicit_moving_average(method):
+def test_factors_fold_in_place_into_the_explicit_moving_average(method, fold_block):
     """The running sums are the explicit EMA of the batch covariances, and every fold after the
     first writes into the same tensors (one GEMM each, no d x d temporaries)."""
     torch.manual_seed(3)
@@ -352,7 +366,7 @@ def test_kfac_update_agrees_with_curvlinops_inverse(damping_mode, fisher, reduct
 
 
 @pytest.mark.parametrize("method", ["kfac", "foof"])
-def test_state_dict_resumes_bit_identically(method):
+def test_state_dict_resumes_bit_identically(method, fold_block):
     torch.manual_seed(4)
     batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(5)]
 
@@ -559,3 +573,48 @@ def test_state_of_the_same_inverse_type_but_other_options_is_refused(method, sav
     with pytest.raises(ValueError, match="build it with the saved options"):
         method(make_model(), **other).load_state_dict(pre.state_dict())
     method(make_model(), **saved).load_state_dict(pre.state_dict())  # the same options load
+
+
+@pytest.mark.parametrize("method", ["kfac", "foof"])
+def test_fused_backward_gives_the_standard_updates(method, fold_block):
+    """pre.backward(loss) and loss.backward() give the same updates (up to round-off: autograd
+    sums the output gradients in another order) over steps that fold, invert and only apply
+    (EMA normaliser below one, factors folded by blocks)."""
+    torch.manual_seed(6)
+    batches = [(torch.randn(7, 4), torch.randint(0, 3, (7,))) for _ in range(5)]
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = make_model()
+        options = {"ema_decay": 0.7, "inv_period": 2, "damping": 0.1}
+        if method == "kfac":
+            pre = natgrad.KFAC(model, fisher="exact", **options)
+        else:
+            pre = natgrad.FOOF(model, **options)
+        updates = []
+        for inputs, targets in batches:
+            model.zero_grad()
+            logits = model(inputs)
+            loss = F.cross_entropy(logits, targets)
+            pre.backward(loss) if fused else loss.backward()
+            pre.step(logits)
+            updates.append(weight_matrix_grads(model))
+        runs.append(updates)
+    for standard, fused in zip(*runs, strict=True):
+        for a, b in zip(standard, fused, strict=True):
+            assert relative_error(b, a) <= 1e-12
+
+
+def test_failed_inversion_keeps_the_previous_inverse():
+    """A non-finite factor fails the inversion before the layer's inverse is dropped to make
+    room for the new one: the step is skipped and the previous inverse stays."""
+    torch.manual_seed(7)
+    model = make_model()
+    pre = natgrad.FOOF(model, damping=0.1)
+    inputs, targets = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    one_step(model, pre, inputs, targets)
+    previous = pre.inverses["0"]
+    pre._input_factors["0"][0, 0] = math.nan  # stays NaN through the next fold
+    with pytest.warns(natgrad.NonFiniteWarning, match="NaN or Inf"):
+        one_step(model, pre, inputs, targets)
+    assert pre.inverses["0"] is previous

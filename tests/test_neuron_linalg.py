@@ -19,6 +19,7 @@ from natgrad.linalg import (
     token_sums,
 )
 from natgrad.precond.blocks import TokenBatch
+from oracle import relative_error
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -174,3 +175,17 @@ def test_token_gram_branches_match_explicit_gradients(monkeypatch, indices, uses
     assert torch.allclose(linalg.token_gram(indices, rows_a, rows_b), expected, atol=1e-12)
     if uses_sums is not None:
         assert bool(calls) == uses_sums
+
+
+@pytest.mark.parametrize(("positions", "d_in", "d_out"), [(1, 4, 5), (40, 2, 2)])
+def test_symmetric_gram_by_blocks_matches_explicit_gradients(monkeypatch, positions, d_in, d_out):
+    """Blocks of 3 rows (the shipped size exceeds these K N): the upper blocks by GEMMs and
+    their mirror give the whole Gram, for T = 1 and for the materialised branch."""
+    monkeypatch.setattr(linalg, "SYMMETRIC_BLOCK", 3)
+    torch.manual_seed(1)
+    inputs = torch.randn(4, positions, d_in)
+    grads = torch.randn(3, 4, positions, d_out)
+    rows = explicit_grads(inputs, grads, True)
+    expected = rows @ rows.T
+    assert relative_error(gram(inputs, grads, has_bias=True), expected) <= 1e-12
+    assert relative_error(linalg.symmetric_gram(rows), expected) <= 1e-12

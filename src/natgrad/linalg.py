@@ -203,8 +203,13 @@ def gram(
     if t == 1:
         products = input_gram(inputs, has_bias) if inputs_gram is None else inputs_gram
         flat_a = output_grads.reshape(k_a * n, d_out)
-        flat_b = flat_a if other_output_grads is None else grads_b.reshape(k_b * n, d_out)
-        return (flat_a @ flat_b.T).mul_(products if k_a * k_b == 1 else products.repeat(k_a, k_b))
+        if other_output_grads is None:
+            result = symmetric_gram(flat_a)
+        else:
+            result = flat_a @ grads_b.reshape(k_b * n, d_out).T
+        # the input products repeat in every (k_a, k_b) block: broadcast, not copied
+        result.view(k_a, n, k_b, n).mul_(products.view(1, n, 1, n))
+        return result
     if uses_input_gram(inputs.shape[-1], output_grads, grads_b):
         products = input_gram(inputs, has_bias) if inputs_gram is None else inputs_gram
         weighted_b = torch.einsum("nmts,jmso->njmto", products, grads_b)
@@ -212,9 +217,59 @@ def gram(
         return result.reshape(k_a * n, k_b * n)
     rows_a = per_datapoint_grads(inputs, output_grads, has_bias)
     if other_output_grads is None:
-        return rows_a @ rows_a.T
+        return symmetric_gram(rows_a)
     rows_b = per_datapoint_grads(inputs, grads_b, has_bias)
     return rows_a @ rows_b.T
+
+
+def gram_times(
+    output_grads: Tensor, other_output_grads: Tensor, weights: Tensor, inputs_gram: Tensor
+) -> Tensor:
+    """``J_a J_b^T w`` without the Gram, for one token per datapoint (``T = 1``).
+
+    ``(J_a J_b^T w)_{kn} = e^a_{kn} · sum_m P_{nm} sum_j w_{jm} e^b_{jm}``, ``P`` the input
+    products (:func:`input_gram`, ``(N, N)``): ``N^2 d_out`` multiplications instead of the
+    ``K_a K_b N^2 d_out`` of the Gram.
+
+    Parameters
+    ----------
+    output_grads, other_output_grads
+        ``E_a`` ``(K_a, N, 1, d_out)`` and ``E_b`` ``(K_b, N, 1, d_out)``.
+    weights
+        ``w``, ``(K_b N,)`` in ``E_b``'s row order.
+    inputs_gram
+        ``input_gram(inputs, has_bias)``.
+
+    Returns
+    -------
+    Tensor of shape ``(K_a N,)``.
+    """
+    k_b, n = other_output_grads.shape[:2]
+    combined = torch.einsum("jm,jmd->md", weights.reshape(k_b, n), other_output_grads[:, :, 0])
+    mapped = inputs_gram @ combined
+    return torch.einsum("knd,nd->kn", output_grads[:, :, 0], mapped).reshape(-1)
+
+
+SYMMETRIC_BLOCK = 128
+"""Rows of a symmetric product computed by one GEMM in :func:`symmetric_gram`."""
+
+
+def symmetric_gram(rows: Tensor) -> Tensor:
+    """``rows @ rows.T``, symmetric: the blocks of :data:`SYMMETRIC_BLOCK` rows on and above
+    the diagonal by one GEMM per block row (about half the flops of the whole product), then
+    copied onto the lower triangle."""
+    count = rows.shape[0]
+    if count <= SYMMETRIC_BLOCK:
+        return rows @ rows.T
+    result = rows.new_empty(count, count)
+    for start in range(0, count, SYMMETRIC_BLOCK):
+        stop = start + SYMMETRIC_BLOCK
+        # beta=0: the uninitialised memory is ignored, not multiplied
+        result[start:stop, start:].addmm_(rows[start:stop], rows[start:].T, beta=0)
+    for start in range(0, count - SYMMETRIC_BLOCK, SYMMETRIC_BLOCK):
+        stop = start + SYMMETRIC_BLOCK
+        result[stop:, start:stop].copy_(result[start:stop, stop:].T)
+    return result
 
 
 def jvp(inputs: Tensor, output_grads: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -278,29 +333,37 @@ def damped_solve(
        ``max_damping_increases`` times.
 
     Returns the solution in ``rhs``'s dtype and a :class:`SolveReport`. Raises a
-    ``FloatingPointError`` if ``matrix`` or ``rhs`` contains NaN or Inf (judged by their sum in
-    float64, so entries whose sum overflows float64 count as well).
+    ``FloatingPointError`` if ``matrix`` or ``rhs`` contains NaN or Inf.
     """
     if not damping > 0:
         raise ValueError(f"damping must be positive, got {damping}")
-    work = matrix.to(torch.float64)  # symmetric: both factorisations read one triangle
     target = rhs.to(torch.float64)
-    # NaN and Inf propagate into a sum (one host synchronisation for both checks; a float64
-    # sum of float32 entries cannot overflow)
-    if not math.isfinite(float(work.sum() + target.sum())):
+    # NaN and Inf propagate into a sum: one host synchronisation checks both in the usual case
+    # (a float64 sum of float32 entries cannot overflow); the entrywise check tells a float64
+    # sum that overflowed from a non-finite entry
+    total = matrix.sum(dtype=torch.float64) + target.sum()
+    if not math.isfinite(float(total)) and not (
+        is_finite_matrix(matrix) and is_finite_matrix(target)
+    ):
         raise FloatingPointError("the curvature system contains NaN or Inf")
     vector = target.dim() == 1
     if vector:
         target = target.unsqueeze(1)
-    shifted = work.clone()
-    shifted.diagonal().add_(damping)
-    factor, info = torch.linalg.cholesky_ex(shifted)
+    # one float64 copy, factorised in place, column-major as LAPACK wants it (the transpose:
+    # M is symmetric, and both factorisations read one triangle); two triangular solves, as
+    # cholesky_solve would do after copying the factor
+    factor = _column_major(matrix.to(torch.float64, copy=True))
+    factor.diagonal().add_(damping)
+    info = torch.empty((), dtype=torch.int32, device=matrix.device)
+    torch.linalg.cholesky_ex(factor, out=(factor, info))
     # solved whatever info says (a failed factor gives non-finite or wrong values, which the
     # one check below sends to the fallback)
-    solution = torch.cholesky_solve(target, factor)
+    half = torch.linalg.solve_triangular(factor, target, upper=False)
+    solution = torch.linalg.solve_triangular(factor.T, half, upper=True)
+    del factor, half
     report = SolveReport("cholesky", damping)
-    if int(info) != 0 or not math.isfinite(float(solution.sum())):
-        eigenvalues, eigenvectors = torch.linalg.eigh(work)
+    if not bool((info == 0) & torch.isfinite(solution.sum())):
+        eigenvalues, eigenvectors = torch.linalg.eigh(matrix.to(torch.float64))
         eigenvalues = eigenvalues.clamp_min(0)
         projected = eigenvectors.T @ target
         level = damping
@@ -374,43 +437,74 @@ def furthest_fallback(reports: list[SolveReport]) -> SolveReport:
 
 
 def damped_inverse(
-    matrix: Tensor, damping: float, max_damping_increases: int = 8
+    matrix: Tensor, damping: float, max_damping_increases: int = 8, scale: float = 1.0
 ) -> tuple[Tensor, SolveReport]:
-    """``(M + damping I)^{-1}`` for a symmetric positive semi-definite ``M``, in ``M``'s dtype.
+    """``(scale M + damping I)^{-1}`` for a symmetric positive semi-definite ``M``, in ``M``'s
+    dtype (``scale > 0``: the normaliser of a running sum, so that ``M`` is not copied to be
+    scaled).
 
-    Cholesky factorisation and ``cholesky_inverse`` (about ``d^3`` flops); if the factorisation
-    fails or is not finite, the same eigendecomposition ladder as :func:`damped_solve`, with a
-    :class:`NumericalWarning`. Used for Kronecker factors, where a float32 ``d x d`` inverse is
-    accurate enough once damped and a float64 one costs several times more.
+    Cholesky factorisation and ``cholesky_inverse`` of ``M + (damping / scale) I`` (about
+    ``d^3`` flops), both in place in one copy of ``M`` that becomes the inverse, divided by
+    ``scale``: no other ``d x d`` temporary. If the factorisation fails or is not finite, the
+    same eigendecomposition ladder as :func:`damped_solve`, with a :class:`NumericalWarning`.
+    Used for Kronecker factors, where a float32 ``d x d`` inverse is accurate enough once damped
+    and a float64 one costs several times more.
     """
     if not damping > 0:
         raise ValueError(f"damping must be positive, got {damping}")
-    if not bool(torch.isfinite(matrix).all()):
-        raise FloatingPointError("the curvature factor contains NaN or Inf")
-    shifted = matrix + torch.diag(matrix.new_full((matrix.shape[0],), damping))
-    factor, info = torch.linalg.cholesky_ex(shifted)
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    check_finite_matrix(matrix, "the curvature factor contains NaN or Inf")
+    work = _column_major(matrix.clone())
+    work.diagonal().add_(damping / scale)
+    info = torch.empty((), dtype=torch.int32, device=matrix.device)
+    torch.linalg.cholesky_ex(work, out=(work, info))
     if int(info) == 0:
-        inverse = torch.cholesky_inverse(factor)
-        if bool(torch.isfinite(inverse).all()):
-            return inverse, SolveReport("cholesky", damping)
+        torch.cholesky_inverse(work, out=work)
+        if is_finite_matrix(work):  # symmetric: its row-major transpose is the inverse
+            return work.T.div_(scale), SolveReport("cholesky", damping)
+    del work
     eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    return damped_solve(matrix, eye, damping, max_damping_increases)
+    return damped_solve(scale * matrix, eye, damping, max_damping_increases)
+
+
+def _column_major(matrix: Tensor) -> Tensor:
+    """The transpose of a row-major symmetric matrix, a column-major view of the same memory:
+    the layout in which LAPACK factorises and inverts in place, without a copy."""
+    return matrix.T
+
+
+def is_finite_matrix(matrix: Tensor) -> bool:
+    """Whether every entry is finite: a finite sum has no NaN or Inf among its terms (a
+    reduction, no temporary of the matrix's size, unlike ``torch.isfinite(matrix).all()``,
+    which decides only when the sum overflows)."""
+    return bool(torch.isfinite(matrix.sum())) or bool(torch.isfinite(matrix).all())
+
+
+def check_finite_matrix(matrix: Tensor, message: str) -> None:
+    """Raise ``FloatingPointError(message)`` if ``matrix`` has a NaN or Inf entry."""
+    if not is_finite_matrix(matrix):
+        raise FloatingPointError(message)
 
 
 __all__ = [
     "SOLVE_METHODS",
     "NumericalWarning",
     "SolveReport",
+    "check_finite_matrix",
     "combine_rows",
     "damped_inverse",
     "damped_solve",
     "damped_solves",
     "furthest_fallback",
     "gram",
+    "gram_times",
     "input_gram",
+    "is_finite_matrix",
     "jtu",
     "jvp",
     "per_datapoint_grads",
+    "symmetric_gram",
     "token_frequencies",
     "token_gram",
     "token_matrix",

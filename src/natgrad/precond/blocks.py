@@ -35,9 +35,11 @@ from natgrad.adapters import LayerAdapter
 from natgrad.linalg import (
     combine_rows,
     gram,
+    gram_times,
     input_gram,
     jtu,
     per_datapoint_grads,
+    symmetric_gram,
     token_gram,
     token_matrix,
     token_sums,
@@ -144,12 +146,23 @@ class LayerBatch:
         other = rows if other_rows is None else other_rows
         if not uses_input_gram(self.d_in, rows, other):  # the datapoint gradients, formed
             grads = self._datapoint_grads(rows)
-            return grads @ (grads if other_rows is None else self._datapoint_grads(other)).T
+            if other_rows is None:
+                return symmetric_gram(grads)
+            return grads @ self._datapoint_grads(other).T
         if self._inputs_gram is None:
             self._inputs_gram = input_gram(self.inputs, self.has_bias)  # shared across calls
         return gram(
             self.inputs, rows, other_rows, has_bias=self.has_bias, inputs_gram=self._inputs_gram
         )
+
+    def gram_times(self, rows: Tensor, other_rows: Tensor, weights: Tensor) -> Tensor:
+        """``J_a J_b^T w`` ``(K_a N,)`` for a weight vector ``w`` ``(K_b N,)``: without the
+        Gram for one token per datapoint (:func:`natgrad.linalg.gram_times`)."""
+        if rows.shape[2] != 1:
+            return self.gram(rows, other_rows) @ weights
+        if self._inputs_gram is None:
+            self._inputs_gram = input_gram(self.inputs, self.has_bias)
+        return gram_times(rows, other_rows, weights, self._inputs_gram)
 
     def write_combination(self, rows: Tensor, coefficients: Tensor) -> None:
         """``.grad ← J^T u = sum_{k,n} u_{kn} g_{kn}``: ``u^T G`` from the datapoint gradients
@@ -257,6 +270,11 @@ class DirectBatch:
             return flat @ flat.T
         return flat @ other_rows.reshape(-1, other_rows.shape[-1]).T
 
+    def gram_times(self, rows: Tensor, other_rows: Tensor, weights: Tensor) -> Tensor:
+        """``G_a G_b^T w`` ``(K_a N,)``, as ``G_a (G_b^T w)``."""
+        flat_b = other_rows.reshape(-1, other_rows.shape[-1])
+        return rows.reshape(-1, rows.shape[-1]) @ (weights @ flat_b)
+
     def write_combination(self, rows: Tensor, coefficients: Tensor) -> None:
         """``.grad ← sum_{k,n} u_{kn} g_{kn}``."""
         self.write_flat(torch.einsum("kn,knp->p", coefficients, rows))
@@ -294,6 +312,10 @@ class TokenBatch(LayerBatch):
     def gram(self, rows: Tensor, other_rows: Tensor | None = None) -> Tensor:
         """``J_a J_b^T`` of output-gradient rows ``(K_a, N, T, d_out)`` and ``(K_b, ...)``."""
         return token_gram(self.inputs, rows, other_rows)
+
+    def gram_times(self, rows: Tensor, other_rows: Tensor, weights: Tensor) -> Tensor:
+        """``J_a J_b^T w``, from the Gram (:meth:`gram`)."""
+        return self.gram(rows, other_rows) @ weights
 
     def write_combination(self, rows: Tensor, coefficients: Tensor) -> None:
         """``.grad ← J^T u``: ``sum_k u_{kn} e_{knt}`` added into row ``i_{nt}``."""

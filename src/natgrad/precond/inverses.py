@@ -64,9 +64,15 @@ class LayerInverse(ABC):
     @classmethod
     @abstractmethod
     def compute(
-        cls: type[InverseT], input_cov: Tensor, grad_cov: Tensor | None, damping: float
+        cls: type[InverseT],
+        input_cov: Tensor,
+        grad_cov: Tensor | None,
+        damping: float,
+        scale: float = 1.0,
     ) -> InverseT:
-        """The inverse of the normalised factors ``(Σ_A, Σ_G)`` with damping ``λ``."""
+        """The inverse of the normalised factors ``(Σ_A, Σ_G) = scale * (input_cov, grad_cov)``
+        with damping ``λ`` (``scale``: the EMA normaliser, so that the running sums are not
+        copied to be normalised)."""
 
     @classmethod
     @abstractmethod
@@ -123,12 +129,12 @@ class KroneckerInverse(LayerInverse):
 
     @classmethod
     def compute(
-        cls, input_cov: Tensor, grad_cov: Tensor | None, damping: float
+        cls, input_cov: Tensor, grad_cov: Tensor | None, damping: float, scale: float = 1.0
     ) -> KroneckerInverse:
         input_damping, grad_damping = heuristic_split(input_cov, grad_cov, damping)
         return cls(
-            damped_factor_inverse(input_cov, input_damping),
-            damped_factor_inverse(grad_cov, grad_damping),
+            damped_factor_inverse(input_cov, input_damping, scale),
+            damped_factor_inverse(grad_cov, grad_damping, scale),
             input_damping,
             grad_damping,
         )
@@ -166,9 +172,11 @@ class EigenInverse(LayerInverse):
     """Eigenvectors of ``Σ_A``; ``None`` (the identity) for a diagonal ``Σ_A``."""
 
     @classmethod
-    def compute(cls, input_cov: Tensor, grad_cov: Tensor | None, damping: float) -> EigenInverse:
-        input_values, input_vectors = eigen(input_cov)
-        grad_values, grad_vectors = eigen(grad_cov)
+    def compute(
+        cls, input_cov: Tensor, grad_cov: Tensor | None, damping: float, scale: float = 1.0
+    ) -> EigenInverse:
+        input_values, input_vectors = eigen(input_cov, scale)
+        grad_values, grad_vectors = eigen(grad_cov, scale)
         return cls(input_values, grad_values, grad_vectors, damping, input_vectors)
 
     @classmethod
@@ -221,12 +229,14 @@ class FOOFInverse(LayerInverse):
     """``λ_E`` (with KFAC's damping split only)."""
 
     @classmethod
-    def compute(cls, input_cov: Tensor, grad_cov: Tensor | None, damping: float) -> FOOFInverse:
+    def compute(
+        cls, input_cov: Tensor, grad_cov: Tensor | None, damping: float, scale: float = 1.0
+    ) -> FOOFInverse:
         if grad_cov is None:
-            return cls(damped_factor_inverse(input_cov, damping), 1.0)
+            return cls(damped_factor_inverse(input_cov, damping, scale), 1.0)
         input_damping, grad_damping = heuristic_split(input_cov, grad_cov, damping)
         return cls(
-            damped_factor_inverse(input_cov, input_damping),
+            damped_factor_inverse(input_cov, input_damping, scale),
             1.0 / grad_damping,
             input_damping,
             grad_damping,
@@ -257,16 +267,16 @@ def mean_eigenvalue(factor: Tensor) -> float:
     return diagonal.sum().item() / factor.shape[0]
 
 
-def damped_factor_inverse(factor: Tensor, damping: float) -> Tensor:
-    """``(F + λ I)^{-1}``; elementwise for a diagonal kept as a vector (entries ``>= 0``)."""
+def damped_factor_inverse(factor: Tensor, damping: float, scale: float = 1.0) -> Tensor:
+    """``(s F + λ I)^{-1}``; elementwise for a diagonal kept as a vector (entries ``>= 0``)."""
     if factor.dim() == 1:
-        return 1.0 / (factor + damping)
-    return damped_inverse(factor, damping)[0]
+        return 1.0 / (scale * factor + damping)
+    return damped_inverse(factor, damping, scale=scale)[0]
 
 
 def heuristic_split(input_cov: Tensor, grad_cov: Tensor, damping: float) -> tuple[float, float]:
     """``(λ_A, λ_E)`` with ``λ_A λ_E = λ`` and ``λ_A/λ_E = (d_out tr A)/(d_in tr G)``
-    (Benzing 2022, eq. 2)."""
+    (Benzing 2022, eq. 2); the same for factors scaled alike (running sums of one EMA)."""
     return split_damping(mean_eigenvalue(input_cov), mean_eigenvalue(grad_cov), damping)
 
 
@@ -279,13 +289,13 @@ def split_damping(mean_input: Number, mean_grad: Number, damping: Number) -> tup
     return root * ratio, root / ratio
 
 
-def eigen(matrix: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Eigenvalues (clamped at 0) and eigenvectors; a diagonal kept as a vector is its own
-    eigenvalues, with the identity (``None``) as eigenvectors."""
+def eigen(matrix: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor | None]:
+    """Eigenvalues (clamped at 0) and eigenvectors of ``scale * matrix``; a diagonal kept as a
+    vector is its own eigenvalues, with the identity (``None``) as eigenvectors."""
     if matrix.dim() == 1:
-        return matrix.clamp_min(0), None
+        return (scale * matrix).clamp_min(0), None
     values, vectors = torch.linalg.eigh(matrix.to(torch.float64))
-    return values.clamp_min(0).to(matrix.dtype), vectors.to(matrix.dtype)
+    return (scale * values).clamp_min(0).to(matrix.dtype), vectors.to(matrix.dtype)
 
 
 __all__ = [

@@ -49,7 +49,10 @@ for inversion are dealt out over the ranks by cost and each rank broadcasts its 
 a large part of the step (wide layers, frequent inversions).
 
 The per-layer inverses are typed (:mod:`natgrad.precond.inverses`), and are applied to the
-gradient's low-rank factors when that is cheaper (:mod:`natgrad.precond.layer_gradient`).
+gradient's low-rank factors when that is cheaper (:mod:`natgrad.precond.layer_gradient`). The
+batch statistics are folded in place, a dense factor in its upper triangle only
+(:mod:`natgrad.precond.factors`), made whole before it is read; an inversion works from the
+running sums and the EMA normaliser (no normalised copy) and replaces the layer's inverse.
 
 ``nn.Embedding`` (:class:`~natgrad.precond.blocks.TokenBatch`): the inputs are one-hot, so
 ``Σ_A`` is diagonal, the token frequencies ``diag(c_v) / (N T)``, and is kept as that vector
@@ -62,7 +65,6 @@ exactly, for any vocabulary size.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
@@ -70,13 +72,14 @@ from torch import Tensor, nn
 
 from natgrad.adapters import LayerAdapter
 from natgrad.datapoints import check_fisher, output_vectors, row_multipliers, row_weight
-from natgrad.linalg import token_frequencies
+from natgrad.linalg import check_finite_matrix
 from natgrad.precond.assignment import InversionAssignment
 from natgrad.precond.base import Preconditioner
 from natgrad.precond.blocks import Block, LayerBatch
 from natgrad.precond.checks import Damping, check_count
+from natgrad.precond.factors import Outer, input_statistic, symmetrise_upper_
 from natgrad.precond.inverses import EigenInverse, FOOFInverse, KroneckerInverse, LayerInverse
-from natgrad.precond.layer_gradient import LayerGradient, augmented_inputs
+from natgrad.precond.layer_gradient import LayerGradient
 
 if TYPE_CHECKING:
     from natgrad.distributed import PendingAverage
@@ -93,46 +96,6 @@ def input_covariance(
     """``Σ_A`` of one batch's input rows: ``Ā^T Ā / (N T)``, or its diagonal
     ``(num_embeddings,)`` for token inputs (module docstring)."""
     return input_statistic(adapter, module, rows, dtype).dense()
-
-
-@dataclass
-class Outer:
-    """A batch statistic ``scale * rows^T rows`` kept as its rows, so that folding it into a
-    moving average is one in-place GEMM (:meth:`fold_into`); or, with ``rows=None``, a tensor
-    ``diagonal`` (a diagonal factor's vector) that is folded elementwise."""
-
-    rows: Tensor | None
-    scale: float = 1.0
-    diagonal: Tensor | None = None
-
-    def dense(self) -> Tensor:
-        """The statistic as a tensor (the diagonal's vector for a diagonal statistic)."""
-        if self.rows is None:
-            return self.diagonal
-        return self.scale * (self.rows.T @ self.rows)
-
-    def fold_into(self, average: Tensor | None, decay: float) -> Tensor:
-        """``decay * average + (1 - decay) * statistic``, written into ``average`` (no temporary
-        of its size), or ``(1 - decay) * statistic`` as a new tensor if ``average`` is None."""
-        if self.rows is None:
-            if average is None:
-                return (1 - decay) * self.diagonal
-            return average.mul_(decay).add_(self.diagonal, alpha=1 - decay)
-        alpha = (1 - decay) * self.scale
-        if average is None:
-            return torch.mm(self.rows.T, self.rows).mul_(alpha)
-        return average.addmm_(self.rows.T, self.rows, beta=decay, alpha=alpha)
-
-
-def input_statistic(
-    adapter: LayerAdapter, module: nn.Module, rows: Tensor, dtype: torch.dtype
-) -> Outer:
-    """``Σ_A`` of one batch's input rows as an :class:`Outer`: ``Ā^T Ā / (N T)``, or the
-    diagonal ``(num_embeddings,)`` for token inputs (module docstring)."""
-    if adapter.token_inputs:
-        return Outer(None, diagonal=token_frequencies(rows, module.num_embeddings, dtype))
-    inputs = augmented_inputs(rows, adapter.has_bias(module))
-    return Outer(inputs, 1.0 / inputs.shape[0])
 
 
 def _check_schedule(
@@ -212,6 +175,8 @@ class KroneckerPreconditioner(Preconditioner):
         self._input_factors: dict[str, Tensor] = {}
         self._grad_factors: dict[str, Tensor] = {}
         self._pending_factors: PendingAverage | None = None
+        # layers whose dense factors hold a stale lower triangle (folded upper only)
+        self._stale_lower: set[str] = set()
         self.ema_weights: dict[str, float] = {}
         self.inverses: dict[str, LayerInverse] = {}
         self.assignment = InversionAssignment(self.communicator)
@@ -219,20 +184,27 @@ class KroneckerPreconditioner(Preconditioner):
     @property
     def input_factors(self) -> dict[str, Tensor]:
         """Per layer, the running (unnormalised) EMA sum of the input covariances."""
-        self._settle_factors()
+        self._settle_factors(list(self._stale_lower))
         return self._input_factors
 
     @property
     def grad_factors(self) -> dict[str, Tensor]:
         """Per layer, the running (unnormalised) EMA sum of the output-gradient covariances."""
-        self._settle_factors()
+        self._settle_factors(list(self._stale_lower))
         return self._grad_factors
 
-    def _settle_factors(self) -> None:
-        """Wait for a factor average still under way (module docstring)."""
+    def _settle_factors(self, names: Iterable[str] = ()) -> None:
+        """Wait for a factor average still under way (module docstring); then make the
+        factors of ``names`` whole where only their upper triangle was folded."""
         if self._pending_factors is not None:
             pending, self._pending_factors = self._pending_factors, None
             pending.wait()
+        for name in names:
+            if name in self._stale_lower:
+                self._stale_lower.discard(name)
+                for factor in (self._input_factors[name], self._grad_factors.get(name)):
+                    if factor is not None and factor.dim() == 2:
+                        symmetrise_upper_(factor)
 
     # ------------------------------------------------------------------ schedule
     def updates_factors(self, step: int) -> bool:
@@ -268,16 +240,20 @@ class KroneckerPreconditioner(Preconditioner):
         )
 
     def _fold_in(self, name: str, input_stat: Outer, grad_stat: Outer | None) -> None:
-        """Fold one batch's statistics into the layer's moving averages, in place."""
+        """Fold one batch's statistics into the layer's moving averages, in place; a dense
+        average only in its upper triangle (made whole when next read: :meth:`_settle_factors`)."""
+        self._settle_factors()
         decay = self.ema_decay
         first = name not in self.ema_weights
-        self.input_factors[name] = input_stat.fold_into(
-            None if first else self.input_factors[name], decay
+        self._input_factors[name] = input_stat.fold_into(
+            None if first else self._input_factors[name], decay, upper=True
         )
         if grad_stat is not None:
-            self.grad_factors[name] = grad_stat.fold_into(
-                None if first else self.grad_factors[name], decay
+            self._grad_factors[name] = grad_stat.fold_into(
+                None if first else self._grad_factors[name], decay, upper=True
             )
+        if not first:
+            self._stale_lower.add(name)
         previous = 0.0 if first else self.ema_weights[name]
         self.ema_weights[name] = decay * previous + (1 - decay)
 
@@ -313,8 +289,9 @@ class KroneckerPreconditioner(Preconditioner):
         if updated:
             # the averages were identical on all ranks before this fold and are linear in the
             # batch statistics: averaging them averages this step's statistics
-            factors = [self.input_factors[b.name] for b in updated] + [
-                self.grad_factors[b.name] for b in updated if b.name in self.grad_factors
+            # (a stale lower triangle is averaged too, and restored from the averaged upper one)
+            factors = [self._input_factors[b.name] for b in updated] + [
+                self._grad_factors[b.name] for b in updated if b.name in self._grad_factors
             ]
             if inverting:
                 self.communicator.average_(factors, "factors")
@@ -354,23 +331,37 @@ class KroneckerPreconditioner(Preconditioner):
         broadcast with ``spread_inversions`` (:mod:`natgrad.precond.assignment`)."""
         if not names:
             return
+        self._settle_factors(names)
         if not (self.spread_inversions and self.communicator.active):
             for name in names:
-                self.inverses[name] = self._invert(*self.normalised_factors(name))
+                self.inverses[name] = self._invert_layer(name, replaces=True)
             return
         self.inverses.update(
             self.assignment.invert(
                 {name: self._inversion_cost(name) for name in names},
-                lambda name: self._invert(*self.normalised_factors(name)),
+                self._invert_layer,
                 lambda name: self.inverse_type.empty_like(
-                    self.input_factors[name], self.grad_factors.get(name)
+                    self._input_factors[name], self._grad_factors.get(name)
                 ),
             )
         )
 
+    def _invert_layer(self, name: str, replaces: bool = False) -> LayerInverse:
+        """The inverse of a layer's normalised factors, computed from the running sums and the
+        EMA normaliser (no normalised copy). ``replaces``: the result replaces the layer's
+        inverse, which is dropped first, once the factors are known to be finite, so that its
+        memory can hold the new one (a failed inversion keeps it)."""
+        input_factor, grad_factor = self._input_factors[name], self._grad_factors.get(name)
+        if replaces:
+            for factor in (input_factor, grad_factor):
+                if factor is not None:
+                    check_finite_matrix(factor, "the curvature factor contains NaN or Inf")
+            self.inverses.pop(name, None)
+        return self._invert(input_factor, grad_factor, 1.0 / self.ema_weights[name])
+
     def _inversion_cost(self, name: str) -> int:
         """``d_in^3 + d_out^3`` of a layer's factors (``d_in`` for a diagonal ``Σ_A``)."""
-        factors = [self.input_factors[name], self.grad_factors.get(name)]
+        factors = [self._input_factors[name], self._grad_factors.get(name)]
         return sum(
             factor.shape[0] ** 3 if factor.dim() == 2 else factor.shape[0]
             for factor in factors
@@ -382,8 +373,11 @@ class KroneckerPreconditioner(Preconditioner):
         (:meth:`natgrad.precond.assignment.InversionAssignment.owners`)."""
         return self.assignment.owners({name: self._inversion_cost(name) for name in names})
 
-    def _invert(self, input_cov: Tensor, grad_cov: Tensor | None) -> LayerInverse:
-        """The inverse of a layer's normalised factors at the current damping."""
+    def _invert(
+        self, input_factor: Tensor, grad_factor: Tensor | None, scale: float
+    ) -> LayerInverse:
+        """The inverse of a layer's normalised factors ``scale * (input_factor, grad_factor)``
+        at the current damping."""
         raise NotImplementedError
 
     @property
@@ -419,6 +413,7 @@ class KroneckerPreconditioner(Preconditioner):
             )
         super().load_state_dict(state)
         self._settle_factors()  # an average under way would land in the replaced factors
+        self._stale_lower.clear()
         self._input_factors = {k: v.clone() for k, v in state["input_factors"].items()}
         self._grad_factors = {k: v.clone() for k, v in state["grad_factors"].items()}
         self.ema_weights = dict(state["ema_weights"])
@@ -503,11 +498,15 @@ class KFAC(KroneckerPreconditioner):
     def _settings(self) -> str:
         return f"damping_mode={self.damping_mode}, " + super()._settings()
 
-    def _invert(self, input_cov: Tensor, grad_cov: Tensor | None) -> LayerInverse:
+    def _invert(
+        self, input_factor: Tensor, grad_factor: Tensor | None, scale: float
+    ) -> LayerInverse:
         if self.damping_mode == "heuristic":
-            return KroneckerInverse.compute(input_cov, grad_cov, self.current_damping())
+            return KroneckerInverse.compute(
+                input_factor, grad_factor, self.current_damping(), scale
+            )
         damping = self.current_damping() if self.damping_mode == "correct" else 0.0
-        return EigenInverse.compute(input_cov, grad_cov, damping)
+        return EigenInverse.compute(input_factor, grad_factor, damping, scale)
 
     @property
     def inverse_type(self) -> type[LayerInverse]:
@@ -602,8 +601,10 @@ class FOOF(KroneckerPreconditioner):
             self.communicator.average_(list(self.input_factors.values()), "factors")
         self.invert_all()
 
-    def _invert(self, input_cov: Tensor, grad_cov: Tensor | None) -> LayerInverse:
-        return FOOFInverse.compute(input_cov, grad_cov, self.current_damping())
+    def _invert(
+        self, input_factor: Tensor, grad_factor: Tensor | None, scale: float
+    ) -> LayerInverse:
+        return FOOFInverse.compute(input_factor, grad_factor, self.current_damping(), scale)
 
     @property
     def inverse_type(self) -> type[LayerInverse]:

@@ -224,16 +224,10 @@ class NGD(Preconditioner):
                     self._solve_in_parameter_space(group, rows, scale, weights, target, damping)
                 )
                 continue
-            grams = [b.gram(e) for b, e in zip(group, rows, strict=True)]
-            curvature = grams[0]
-            for block_gram in grams[1:]:
-                curvature = curvature + block_gram
-            curvature = curvature * (
-                scale * scale if isinstance(scale, float) else torch.outer(scale, scale)
-            )
+            curvature = _scaled_curvature(group, rows, scale)
             if target is None:
                 rhs = scale * sum(
-                    b.gram(e, b.loss_grads) @ weights for b, e in zip(group, rows, strict=True)
+                    b.gram_times(e, b.loss_grads, weights) for b, e in zip(group, rows, strict=True)
                 )
             else:
                 rhs = target
@@ -304,6 +298,24 @@ class _System:
             coefficients = (self.scale * solution).reshape(self.rows[0].shape[0], -1)
             for batch, rows in zip(self.group, self.rows, strict=True):
                 batch.write_combination(rows, coefficients)
+
+
+def _scaled_curvature(group: list[Block], rows: list[Tensor], scale: float | Tensor) -> Tensor:
+    """``diag(s) (sum_b J_b J_b^T) diag(s)``, summed and scaled in place (every block's Gram is
+    a new tensor), in the dtype the blocks' Grams and ``s`` promote to; a number ``s`` scales
+    every row alike."""
+    curvature = group[0].gram(rows[0])
+    for batch, batch_rows in zip(group[1:], rows[1:], strict=True):
+        block = batch.gram(batch_rows)
+        if torch.result_type(curvature, block) == curvature.dtype:
+            curvature += block
+        else:
+            curvature = curvature + block
+        del block  # not held while the next block's Gram is computed
+    if isinstance(scale, float):
+        return curvature.mul_(scale * scale)
+    curvature = curvature.to(torch.result_type(curvature, scale))
+    return curvature.mul_(scale.unsqueeze(1)).mul_(scale)
 
 
 def _datapoint_weights(factor: float | Tensor, per_sample_output_grad: Tensor) -> Tensor:
