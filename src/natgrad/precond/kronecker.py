@@ -85,6 +85,9 @@ DampingMode = Literal["heuristic", "correct", "none"]
 DAMPING_MODES: tuple[DampingMode, ...] = get_args(DampingMode)
 KroneckerFisher = Literal["mc", "empirical", "ief", "exact"]
 KFAC_FISHERS: tuple[KroneckerFisher, ...] = get_args(KroneckerFisher)
+DEFAULT_INV_PERIOD = 20
+"""The default ``inv_period`` ``T`` of KFAC and FOOF (factors every step, ``S = None``):
+module docstring, "Default schedule"."""
 
 
 def input_covariance(
@@ -189,7 +192,7 @@ class KroneckerPreconditioner(Preconditioner):
         fisher: KroneckerFisher = "mc",
         ema_decay: float = 0.95,
         factor_period: int = 1,
-        inv_period: int = 1,
+        inv_period: int = DEFAULT_INV_PERIOD,
         pre_inversion_steps: int | None = None,
         mc_samples: int = 1,
         spread_inversions: bool = False,
