@@ -50,9 +50,9 @@ def build(method: str, model: nn.Module) -> natgrad.Preconditioner:
     if method == "ief":
         return natgrad.IEF(model)
     if method == "kfac":
-        return natgrad.KFAC(model)  # inverting every step (inv_period=1): the worst case
+        return natgrad.KFAC(model, inv_period=1)  # inverting every step: the worst case
     if method == "foof":
-        return natgrad.FOOF(model)
+        return natgrad.FOOF(model, inv_period=1)
     return natgrad.NGD(model, fisher="exact")
 
 

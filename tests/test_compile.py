@@ -27,7 +27,9 @@ pytestmark = [
 
 METHODS = {
     "ef": lambda model: natgrad.EF(model, damping=1e-3),
-    "kfac": lambda model: natgrad.KFAC(model, fisher="empirical", ema_decay=0.5, damping=1e-2),
+    "kfac": lambda model: natgrad.KFAC(
+        model, fisher="empirical", ema_decay=0.5, damping=1e-2, inv_period=1
+    ),
 }
 
 

@@ -223,7 +223,10 @@ KRONECKER_AND_FISHLEG: dict[str, Callable[..., natgrad.Preconditioner]] = {
 }
 RESUMED: dict[str, Callable[..., natgrad.Preconditioner]] = {
     "ngd-mc": lambda model, **kw: natgrad.NGD(model, fisher="mc", mc_samples=2, **kw),
-    "kfac-mc": lambda model, **kw: natgrad.KFAC(model, fisher="mc", ema_decay=0.5, **kw),
+    # saved after a step with inversion
+    "kfac-mc": lambda model, **kw: natgrad.KFAC(
+        model, fisher="mc", ema_decay=0.5, inv_period=1, **kw
+    ),
     # saved after a step without inversion, while its factor average runs in the background
     "kfac-mc-spread-T2": lambda model, **kw: natgrad.KFAC(
         model, fisher="mc", ema_decay=0.5, inv_period=2, spread_inversions=True, **kw

@@ -26,8 +26,8 @@ METHODS = {
     "ef": lambda model: natgrad.EF(model, damping=0.1),
     "ief": lambda model: natgrad.IEF(model, damping=0.1),
     "tengrad": lambda model: natgrad.TENGraD(model, damping=0.1),
-    "kfac": lambda model: natgrad.KFAC(model, damping=0.1),
-    "foof": lambda model: natgrad.FOOF(model, damping=0.1),
+    "kfac": lambda model: natgrad.KFAC(model, damping=0.1, inv_period=1),
+    "foof": lambda model: natgrad.FOOF(model, damping=0.1, inv_period=1),
     "fishleg": lambda model: natgrad.FishLeg(model, damping=0.1, aux_period=1),
 }
 

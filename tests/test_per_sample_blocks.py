@@ -374,12 +374,15 @@ def test_kronecker_and_fishleg_give_plain_gradients_to_other_blocks(make):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda m: natgrad.KFAC(m, fisher="empirical", ema_decay=0.0),
-        lambda m: natgrad.KFAC(m, ema_decay=0.5),
-        lambda m: natgrad.KFAC(m, fisher="exact", damping_mode="correct", ema_decay=0.0),
-        lambda m: natgrad.KFAC(m, fisher="exact", damping_mode="none", ema_decay=0.5),
-        lambda m: natgrad.FOOF(m, ema_decay=0.0),
-        lambda m: natgrad.FOOF(m, kfac_damping=True, fisher="empirical"),
+        # inv_period=1: the second step inverts the factors the first one folded in
+        lambda m: natgrad.KFAC(m, fisher="empirical", ema_decay=0.0, inv_period=1),
+        lambda m: natgrad.KFAC(m, ema_decay=0.5, inv_period=1),
+        lambda m: natgrad.KFAC(
+            m, fisher="exact", damping_mode="correct", ema_decay=0.0, inv_period=1
+        ),
+        lambda m: natgrad.KFAC(m, fisher="exact", damping_mode="none", ema_decay=0.5, inv_period=1),
+        lambda m: natgrad.FOOF(m, ema_decay=0.0, inv_period=1),
+        lambda m: natgrad.FOOF(m, kfac_damping=True, fisher="empirical", inv_period=1),
         lambda m: natgrad.FishLeg(m, aux_period=1),
         lambda m: natgrad.FishLeg(m, aux_period=1, momentum_on="update"),
         lambda m: natgrad.FishLeg(m, aux_period=1, q_structure="diag"),

@@ -37,8 +37,8 @@ def default_methods(damping: float = 1e-7) -> dict[str, MethodFactory]:
         "ef": lambda m: natgrad.EF(m, damping=damping),
         "ief": lambda m: natgrad.IEF(m, damping=damping),
         "mc": lambda m: natgrad.NGD(m, fisher="mc", damping=damping),
-        "kfac": lambda m: natgrad.KFAC(m, ema_decay=0.0, damping=1e-3),
-        "foof": lambda m: natgrad.FOOF(m, ema_decay=0.0, damping=1.0),
+        "kfac": lambda m: natgrad.KFAC(m, ema_decay=0.0, damping=1e-3, inv_period=1),
+        "foof": lambda m: natgrad.FOOF(m, ema_decay=0.0, damping=1.0, inv_period=1),
     }
 
 
