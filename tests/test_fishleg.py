@@ -293,6 +293,20 @@ def test_state_dict_resumes_bit_identically(momentum_on):
         assert all(torch.equal(a, e) for a, e in zip(step_a, step_e, strict=True))
 
 
+def test_state_of_the_earlier_layout_is_refused_with_the_version():
+    # natgrad 0.1.0 kept the momentum of Q g in momentum_buffers and no direction_buffers:
+    # loading it would silently drop that momentum, so it is refused, naming the version
+    torch.manual_seed(4)
+    model = make_model()
+    pre = natgrad.FishLeg(model, aux_period=2, momentum_on="update")
+    forward_backward(model, pre, torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    earlier = pre.state_dict()
+    earlier["momentum_buffers"] = earlier.pop("direction_buffers")
+    fresh = natgrad.FishLeg(make_model(), aux_period=2, momentum_on="update")
+    with pytest.raises(ValueError, match=r"natgrad 0\.1\.0.*start FishLeg afresh"):
+        fresh.load_state_dict(earlier)
+
+
 def test_non_finite_fisher_product_skips_auxiliary_step(monkeypatch):
     torch.manual_seed(5)
     model = make_model()

@@ -58,6 +58,20 @@ def test_large_finite_systems_are_solved():
     assert relative_error(solution.double(), expected) <= 1e-6
 
 
+def test_huge_finite_float64_systems_are_not_called_non_finite():
+    # a float64 sum of finite entries near the largest double overflows: the entries, not the
+    # sum, decide, in the single and the batched solve alike
+    matrix = torch.diag(torch.tensor([1e308, 1e308], dtype=torch.float64))
+    rhs = torch.tensor([1e308, 1e308], dtype=torch.float64)
+    assert not math.isfinite(float(matrix.sum() + rhs.sum()))
+    expected = torch.ones(2, dtype=torch.float64)
+    solution, _ = damped_solve(matrix, rhs, 1e-3)
+    torch.testing.assert_close(solution, expected, rtol=1e-12, atol=0)
+    solutions, _ = damped_solves([(matrix, rhs), (matrix, rhs)], 1e-3)
+    for batched in solutions:
+        torch.testing.assert_close(batched, expected, rtol=1e-12, atol=0)
+
+
 def counted_by_definition(logits: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Rows with a nonzero gradient or an exactly one-hot softmax."""
     probs = torch.softmax(logits, dim=-1)

@@ -338,14 +338,7 @@ def damped_solve(
     if not damping > 0:
         raise ValueError(f"damping must be positive, got {damping}")
     target = rhs.to(torch.float64)
-    # NaN and Inf propagate into a sum: one host synchronisation checks both in the usual case
-    # (a float64 sum of float32 entries cannot overflow); the entrywise check tells a float64
-    # sum that overflowed from a non-finite entry
-    total = matrix.sum(dtype=torch.float64) + target.sum()
-    if not math.isfinite(float(total)) and not (
-        is_finite_matrix(matrix) and is_finite_matrix(target)
-    ):
-        raise FloatingPointError("the curvature system contains NaN or Inf")
+    _check_finite_system(matrix, target)
     vector = target.dim() == 1
     if vector:
         target = target.unsqueeze(1)
@@ -416,8 +409,7 @@ def damped_solves(
             continue
         matrices = torch.stack([systems[i][0] for i in indices]).to(torch.float64)
         targets = torch.stack([systems[i][1] for i in indices]).to(torch.float64).unsqueeze(2)
-        if not math.isfinite(float(matrices.sum() + targets.sum())):
-            raise FloatingPointError("the curvature system contains NaN or Inf")
+        _check_finite_system(matrices, targets)
         matrices.diagonal(dim1=1, dim2=2).add_(damping)  # a fresh copy: safe in place
         factors, info = torch.linalg.cholesky_ex(matrices)
         batch_solutions = torch.cholesky_solve(targets, factors).squeeze(2)
@@ -479,6 +471,19 @@ def is_finite_matrix(matrix: Tensor) -> bool:
     reduction, no temporary of the matrix's size, unlike ``torch.isfinite(matrix).all()``,
     which decides only when the sum overflows)."""
     return bool(torch.isfinite(matrix.sum())) or bool(torch.isfinite(matrix).all())
+
+
+def _check_finite_system(matrix: Tensor, target: Tensor) -> None:
+    """Raise a ``FloatingPointError`` if ``matrix`` or ``target`` has a NaN or Inf entry.
+
+    NaN and Inf propagate into a sum, so one host synchronisation decides in the usual case (a
+    float64 sum of float32 entries cannot overflow); only a non-finite sum, which a float64
+    system of huge finite entries can also give, is looked at entry by entry."""
+    total = matrix.sum(dtype=torch.float64) + target.sum(dtype=torch.float64)
+    if not math.isfinite(float(total)) and not (
+        is_finite_matrix(matrix) and is_finite_matrix(target)
+    ):
+        raise FloatingPointError("the curvature system contains NaN or Inf")
 
 
 def check_finite_matrix(matrix: Tensor, message: str) -> None:

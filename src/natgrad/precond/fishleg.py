@@ -35,8 +35,9 @@ Each step (DESIGN.md gives the statement in clean notation):
    per layer, every ``aux_period`` steps).
 
 Data parallelism (``distributed="global"``, :mod:`natgrad.distributed`): the ranks average the
-layer gradients before momentum (``momentum_on="gradient"``), or the fresh directions ``Q g``
-before momentum and, on auxiliary steps, the gradients for the probe (``"update"``); and the
+fresh directions ``Q g`` before momentum, and also the layer gradients (``momentum_on=
+"gradient"``, every step: twice DDP's traffic) or, on auxiliary steps, the gradients for the
+probe (``"update"``); and the
 auxiliary gradients (and the value of ``A(λ)``) before Adam, so each rank's Fisher-vector
 product on its own shard contributes the average ``F`` of the global objective. ``Q(λ)``, the
 momentum and Adam's state stay identical on all ranks.
@@ -534,6 +535,13 @@ class FishLeg(Preconditioner):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "direction_buffers" not in state:
+            raise ValueError(
+                "this FishLeg state was saved by natgrad 0.1.0, whose momentum buffers and "
+                "auxiliary Adam state have another layout (full factors; the momentum of Q g "
+                "under momentum_on='update' in momentum_buffers): resume it with natgrad "
+                "0.1.0, or restore the model and its optimizer and start FishLeg afresh"
+            )
         super().load_state_dict(state)
         with torch.no_grad():
             for name, pair in self.aux_params.items():
