@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from natgrad.likelihoods import Bernoulli, Categorical, Gaussian
+from natgrad.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood
 from oracle import per_sample_loss
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -43,6 +43,10 @@ def test_hessian_square_root_and_product(name, likelihood, variance):
         root = columns[:, n, :].T
         assert torch.allclose(root @ root.T, hessian, rtol=1e-10, atol=1e-12)
         assert torch.allclose(products[n], hessian @ vectors[n], rtol=1e-10, atol=1e-12)
+    # each likelihood's own product (diagonal forms for Gaussian and Bernoulli) is the generic
+    # S (S^T v) of its square root
+    generic = Likelihood.hessian_vector_product(likelihood, logits, vectors)
+    assert torch.allclose(products, generic, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -182,6 +184,29 @@ def test_r9_decides_by_its_rule_on_constructed_runs(
     }
 
 
+@pytest.mark.parametrize(
+    ("ief", "tie"),
+    [
+        ((0.45, 0.55), True),  # 0.1 below SGD's mean, within SGD's range 0.2: a tie
+        ((0.15, 0.25), False),  # 0.4 below: a win, no tie
+        ((0.95, 1.05), False),  # 0.4 above SGD's mean, beyond the spread 0.2: a loss, no tie
+    ],
+)
+def test_r9_records_ief_best_as_a_tie_when_it_ties_sgd(tmp_path, monkeypatch, ief, tie):
+    finals = {"sgd": (0.5, 0.7), "ef 1e-7": (0.9, 0.9), "ef 1e-4": (0.9, 0.9), "ief 1e-7": ief}
+    monkeypatch.setattr(training.tuning, "tune", fake_tune(finals))
+    monkeypatch.setattr(training.tuning, "plot", lambda selected, path: [])
+    monkeypatch.setattr(
+        training,
+        "compare_updates",
+        lambda *args, **kwargs: {"cos_sgd_ef7": 0.5, "cos_sgd_ef4": 0.97},
+    )
+    finding = training.r9_ef_damping(tmp_path, seeds=(0, 1), task_name="wine-mlp", epochs=1)
+    assert finding.checks["iEF(1e-7) best"] == (not tie and ief[0] < 0.5)
+    assert ("iEF(1e-7) best" in finding.ties) == tie
+    assert ("[ ] iEF(1e-7) best (tie within seeds' spread)" in finding.report()) == tie
+
+
 @pytest.mark.filterwarnings("ignore::natgrad.NumericalWarning")  # damping 3e-9: fallbacks expected
 def test_r9_stores_the_runs_it_tuned(tmp_path):
     """The real claim, tiny: the SGD losses it stores are those of training the selected
@@ -246,7 +271,7 @@ def test_r4_decides_by_its_rule_on_constructed_runs(
     finals = {"sgd": 0.5, "kfac": kfac, "kfac m=0": kfac_m0, "ng (mc, batch)": 0.7}
     finals |= {(FULL_BATCH, "sgd"): 0.4, "ng (mc, full batch)": full_batch_ng}
     monkeypatch.setattr(training, "mlp_problem", lambda *args: (runner.get_task("wine-mlp"), None))
-    monkeypatch.setattr(training, "_subset", lambda data, size: data)
+    monkeypatch.setattr(training, "subset", lambda data, size: data)
     monkeypatch.setattr(training.tuning, "tune", fake_tune(finals))
     monkeypatch.setattr(training.tuning, "plot", lambda selected, path: [])
     finding = training.r4_kfac_vs_subsampled_ng(tmp_path, seeds=(0, 1), full_batch_points=100)
@@ -300,6 +325,7 @@ def test_training_claims_run_tiny(tmp_path, monkeypatch):
     """R4-R6 on one epoch with one-point grids: the checks and the JSON come out."""
     grid = {"lr": [1e-2], "damping": [1.0]}
     monkeypatch.setattr(training, "CURVATURE_GRID", grid)
+    monkeypatch.setattr(training, "FULL_BATCH_GRID", grid)
     monkeypatch.setattr(training, "KRONECKER_GRID", {**grid, "inv_period": [1]})
     monkeypatch.setattr(training, "SGD_GRID", {"lr": [1e-2], "momentum": [0.9]})
     monkeypatch.setattr(training, "DAMPINGS", [1.0])
@@ -334,18 +360,21 @@ def test_r12_one_check_per_cell_on_constructed_runs(tmp_path, monkeypatch):
 
 def test_verdict_summary_table_and_report_on_constructed_findings():
     findings = [
-        Finding("R1", "all hold", {"a": True, "b": True}, seconds=3.4),
-        Finding("R2", "one of three", {"a": True, "b": False, "c": False}, seconds=12.6),
+        Finding("R1", "all hold", {"a": True, "b": True}, seconds=3.4, cpu_seconds=1.2),
+        Finding(
+            "R2", "one of three", {"a": True, "b": False, "c": False}, seconds=12.6, cpu_seconds=5.1
+        ),
         Finding("R3", "none", {"a": False}),
     ]
     assert [f.verdict for f in findings] == ["reproduced", "partly", "not reproduced"]
     assert summary_table(findings).splitlines()[2:] == [
-        "| R1 | all hold | reproduced | 2/2 | 3 |",
-        "| R2 | one of three | partly | 1/3 | 13 |",
-        "| R3 | none | not reproduced | 0/1 | 0 |",
+        "| R1 | all hold | reproduced | 2/2 | 3 | 1 |",
+        "| R2 | one of three | partly | 1/3 | 13 | 5 |",
+        "| R3 | none | not reproduced | 0/1 | 0 | 0 |",
+        "| total | | | | 16 | 6 |",
     ]
     assert findings[1].report().splitlines() == [
-        "R2 one of three: PARTLY (13 s)",
+        "R2 one of three: PARTLY (13 s wall, 5 s CPU)",
         "  [x] a",
         "  [ ] b",
         "  [ ] c",
@@ -360,6 +389,8 @@ def test_run_claim_times_saves_and_runs_on_one_thread(tmp_path, monkeypatch):
         return Finding("R0", "a claim", {"held": True})
 
     monkeypatch.setitem(reproduce.CLAIMS, "R0", reproduce.Claim("R0", "a claim", claim))
+    cpu_clock = iter([10.0, 13.5])  # the claim's CPU time: 3.5 s, whatever the wall clock
+    monkeypatch.setattr(reproduce, "cpu_seconds", lambda: next(cpu_clock))
     torch.set_num_threads(2)
     try:
         finding = reproduce.run_claim("R0", tmp_path, seeds=[4])
@@ -367,9 +398,27 @@ def test_run_claim_times_saves_and_runs_on_one_thread(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(1)
     assert seen == [(1, (4,), False)] and after == 2
-    assert finding.seconds > 0 and json.loads((tmp_path / "R0.json").read_text())["seconds"] > 0
+    record = json.loads((tmp_path / "R0.json").read_text())
+    assert finding.seconds > 0 and record["seconds"] == finding.seconds
+    assert finding.cpu_seconds == 3.5 and record["cpu_seconds"] == 3.5
+    assert "s wall, 4 s CPU)" in finding.report()
     with pytest.raises(ValueError, match="unknown claim 'R99'"):
         reproduce.run_claim("R99", tmp_path)
+
+
+def test_cpu_seconds_include_ended_child_processes():
+    """R11 measures in fresh processes: their CPU time counts for the claim."""
+    before = reproduce.cpu_seconds()
+    own = reproduce.time.process_time()
+    child = subprocess.run(
+        [sys.executable, "-c", "import time; sum(range(10**7)); print(time.process_time())"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    spent_in_child = float(child.stdout)
+    assert spent_in_child > 0
+    # what the parent spent meanwhile is at most its own process time's increase
+    parent = reproduce.time.process_time() - own
+    assert reproduce.cpu_seconds() - before >= parent + 0.5 * spent_in_child
 
 
 @pytest.mark.parametrize("name", ["mnist5k"])
@@ -392,9 +441,9 @@ def test_subsets_of_the_class_sorted_images_mix_classes():
     the first rows (400 zeros and 100 ones among the first 500)."""
     data = runner.load_dataset("mnist5k")
     assert torch.equal(data.train_targets[:500].unique(), torch.tensor([0, 1]))  # the trap
-    subset = training._subset(data, 500)
+    subset = training.subset(data, 500)
     assert torch.bincount(subset.train_targets, minlength=10).min() >= 30
-    assert torch.equal(training._subset(data, 500).train_inputs, subset.train_inputs)
+    assert torch.equal(training.subset(data, 500).train_inputs, subset.train_inputs)
     again = training.shuffled(data)
     assert sorted(again.train_targets.tolist()) == sorted(data.train_targets.tolist())
     first = (again.train_inputs[0] == data.train_inputs).all(dim=1).nonzero().flatten()

@@ -14,7 +14,7 @@ from torch import nn
 
 import natgrad
 from natgrad.lab.datasets import load_dataset
-from natgrad.lab.reproduce import Finding
+from natgrad.lab.reproduce import Finding, fishleg_claims, training
 from natgrad.lab.reproduce.fishleg_claims import (
     FLOOR_FACTOR,
     converged_fraction,
@@ -165,6 +165,58 @@ def test_r7_runs_tiny_and_decides_by_its_rule(tmp_path):
     assert record["verdict"] == finding.verdict and record["claim"] == "R7"
     assert record["numbers"]["40 samples"]["epochs"] == 3
     assert sum("fishleg seed" in line and "cos(Q u" in line for line in finding.lines) == 4
+
+
+def constructed_runs(label, finals):
+    return [
+        {
+            "method": label,
+            "registry_method": label,
+            "hyper": {"lr": 0.1},
+            "seed": seed,
+            "train_loss": [2.0, final],
+            "step_seconds": [1e-3],
+            "diverged": not math.isfinite(final),
+            "warnings": {},
+        }
+        for seed, final in enumerate(finals)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fishleg", "held", "tie"),
+    [
+        ((0.10, 0.12), True, False),  # 0.09 below Adam's mean 0.2, spread 0.02: a win
+        ((0.18, 0.20), False, True),  # 0.01 below, within the range 0.02: a tie
+        ((0.25, 0.27), False, False),  # above: a loss
+    ],
+)
+def test_r8_decides_fishleg_vs_adam_with_the_seeds_spread_on_a_shuffled_subset(
+    tmp_path, monkeypatch, fishleg, held, tie
+):
+    """R8's "<" checks are wins by more than the seeds' spread (a tie fails and is listed in
+    ties), and ``train_size`` takes a fixed random subset of the digit-sorted images."""
+    finals = {"sgdm": (0.5, 0.5), "adam": (0.19, 0.21), "kfac": (0.3, 0.3)}
+    seen = []
+
+    def fake_tune(task, data, contenders, seeds, progress=print):
+        seen.append(data)
+        return {c.label: constructed_runs(c.label, finals[c.label]) for c in contenders}
+
+    monkeypatch.setattr(fishleg_claims.tuning, "tune", fake_tune)
+    monkeypatch.setattr(fishleg_claims.tuning, "plot", lambda selected, path: [])
+    monkeypatch.setattr(
+        fishleg_claims, "tune_fishleg", lambda *args: constructed_runs("fishleg", fishleg)
+    )
+    finding = r8_autoencoder(tmp_path, seeds=(0, 1), train_size=200)
+    check = "FishLeg's mean final train loss < Adam's"
+    assert finding.checks[check] == held and (check in finding.ties) == tie
+    assert finding.checks["FishLeg's mean final train loss < SGDm's"]
+    assert not finding.checks["KFAC's mean final train loss < Adam's"]
+    data = seen[0]
+    assert len(data.train_inputs) == 200 and torch.bincount(data.train_targets).min() >= 10
+    expected = training.subset(get_task("mnist5k-autoencoder").load_data(), 200)
+    assert torch.equal(data.train_inputs, expected.train_inputs)
 
 
 @pytest.mark.slow  # tunes and trains

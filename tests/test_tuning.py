@@ -182,9 +182,24 @@ def test_compare_spread_is_the_larger_range():
     assert comparison.mean_a == pytest.approx(1.15) and comparison.mean_b == pytest.approx(2.05)
 
 
-def test_less_with_a_spread():
-    assert tuning.less(1.0, 1.5) and not tuning.less(1.0, 1.5, spread=0.5)
-    assert tuning.less(1.0, math.inf) and not tuning.less(math.inf, 1.0)
+@pytest.mark.parametrize(
+    ("rivals", "outcome"),
+    [
+        ({"b": [1.4, 1.5, 1.6], "c": [2.0, 2.0, 2.0]}, "win"),
+        ({"b": [1.4, 1.5, 1.6], "c": [1.2, 1.25, 1.3]}, "tie"),  # c within the spread
+        ({"b": [1.2, 1.25, 1.3], "c": [0.5, 0.5, 0.5]}, "loss"),  # a loss outweighs a tie
+        ({"b": [math.inf] * 3, "c": [2.0, 2.0, 2.0]}, "win"),  # b diverged
+    ],
+)
+def test_joint_outcome_of_beating_every_rival(rivals, outcome):
+    selected = selected_with({"a": [1.0, 1.2, 1.1], **rivals})
+    comparisons = [tuning.compare(selected, "a", rival) for rival in rivals]
+    assert tuning.joint_outcome(comparisons) == outcome
+    diverged = selected_with({"a": [math.inf] * 3, "b": [math.inf] * 3, "c": [2.0] * 3})
+    both = [tuning.compare(diverged, "a", "b")]
+    assert both[0].outcome == "both diverged" and tuning.joint_outcome(both) == "loss"
+    with pytest.raises(ValueError, match="at least one comparison"):
+        tuning.joint_outcome([])
 
 
 def test_finding_fails_a_tie_and_says_so(tmp_path, monkeypatch):

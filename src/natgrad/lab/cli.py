@@ -32,7 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from natgrad.lab.registry import REGISTRY
-from natgrad.lab.reproduce import CLAIMS
+from natgrad.lab.reproduce import CLAIMS, cpu_seconds
 from natgrad.lab.reproduce.laplace_claims import DATASET_FISHER, laplace_comparison
 from natgrad.lab.runner import (
     TASKS,
@@ -270,13 +270,14 @@ def _reproduce(args: argparse.Namespace) -> int:
 def _laplace(args: argparse.Namespace) -> int:
     """``natgrad laplace``."""
     name = f"laplace-{args.dataset}"
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     with torch_threads(1):
         finding = laplace_comparison(
             Path(args.output), args.dataset, args.seeds, args.epochs, args.samples, args.hidden,
             claim=name,
         )
     finding.seconds = time.perf_counter() - start
+    finding.cpu_seconds = cpu_seconds() - cpu_start
     finding.save(args.output)
     print(finding.report())
     print(f"wrote {args.output}/{name}.json and {name}_reliability.png")

@@ -1,16 +1,18 @@
 """Re-run the papers' findings at CPU scale, each with its numbers, figures and a verdict.
 
 Every claim is a function ``run(output, seeds=..., full=False, ...) -> Finding`` listed in
-:data:`CLAIMS`; :func:`run_claim` times it and writes ``<output>/<claim>.json``. Verdicts follow
-the rule of :mod:`natgrad.lab.reproduce.finding`, fixed in the code before any run: each claim is
-split into sub-claims decided by stated comparisons of measured numbers, and the claim is
-"reproduced" (all hold), "partly" (some) or "not reproduced" (none). ``docs/reproduction.md``
-records each claim's setup, scale, numbers and verdict.
+:data:`CLAIMS`; :func:`run_claim` times it (wall-clock and CPU seconds) and writes
+``<output>/<claim>.json``. Verdicts follow the rule of :mod:`natgrad.lab.reproduce.finding`,
+fixed in the code before any run: each claim is split into sub-claims decided by stated
+comparisons of measured numbers, and the claim is "reproduced" (all hold), "partly" (some) or
+"not reproduced" (none). ``docs/reproduction.md`` records each claim's setup, scale, numbers
+and verdict.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,6 +63,14 @@ CLAIMS: dict[str, Claim] = {
 }
 
 
+def cpu_seconds() -> float:
+    """CPU seconds (user and system) of this process and of its child processes that have
+    ended, e.g. R11's fresh processes: unlike wall-clock time, this does not grow when other
+    work shares the machine."""
+    times = os.times()
+    return time.process_time() + times.children_user + times.children_system
+
+
 def run_claim(
     name: str,
     output: str | Path,
@@ -69,7 +79,8 @@ def run_claim(
     data_dir: str | None = None,
     **settings: object,
 ) -> Finding:
-    """Run claim ``name``, time it, and write its JSON (and figures) into ``output``.
+    """Run claim ``name``, time it (wall-clock and process CPU seconds), and write its JSON (and
+    figures) into ``output``.
 
     ``settings`` are passed to the claim's function (e.g. ``epochs=1`` for a smoke run);
     ``data_dir`` only to claims that read user-provided files. Claims run with one torch
@@ -81,10 +92,11 @@ def run_claim(
     run = CLAIMS[name].run
     if data_dir is not None and "data_dir" in inspect.signature(run).parameters:
         settings["data_dir"] = data_dir
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     with torch_threads(1):
         finding = run(Path(output), seeds=tuple(seeds), full=full, **settings)
     finding.seconds = time.perf_counter() - start
+    finding.cpu_seconds = cpu_seconds() - cpu_start
     finding.save(output)
     return finding
 
@@ -95,6 +107,7 @@ __all__ = [
     "Claim",
     "Finding",
     "MissingDataError",
+    "cpu_seconds",
     "run_claim",
     "summary_table",
 ]

@@ -41,6 +41,12 @@ class Finding:
         Paths of the figures written.
     seconds
         Wall-clock runtime of the claim.
+    cpu_seconds
+        CPU time of the claim's process and its ended child processes over the same span
+        (:func:`natgrad.lab.reproduce.cpu_seconds`): on a machine shared with other work the
+        wall-clock time inflates, this much less. Runs shared
+        with an earlier claim of the same process (:func:`natgrad.lab.reproduce.tuning.cached_run`)
+        count for the claim that trained them.
     ties
         The checks whose comparison was a tie within the seeds' spread.
     """
@@ -52,6 +58,7 @@ class Finding:
     numbers: dict[str, Any] = field(default_factory=dict)
     figures: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     ties: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -71,7 +78,10 @@ class Finding:
 
     def report(self) -> str:
         """The finding as printed text: verdict, measurements, then each check."""
-        lines = [f"{self.claim} {self.statement}: {self.verdict.upper()} ({self.seconds:.0f} s)"]
+        lines = [
+            f"{self.claim} {self.statement}: {self.verdict.upper()} "
+            f"({self.seconds:.0f} s wall, {self.cpu_seconds:.0f} s CPU)"
+        ]
         lines += [f"  {line}" for line in self.lines]
         lines += [
             f"  [{'x' if held else ' '}] {check}"
@@ -103,14 +113,21 @@ def _jsonable(value: Any) -> Any:
 
 
 def summary_table(findings: list[Finding]) -> str:
-    """A markdown table of verdicts, one row per claim."""
-    rows = ["| claim | statement | verdict | checks held | seconds |", "|---|---|---|---|---|"]
+    """A markdown table of verdicts, one row per claim, with its wall-clock and CPU seconds and
+    their totals."""
+    rows = [
+        "| claim | statement | verdict | checks held | wall seconds | CPU seconds |",
+        "|---|---|---|---|---|---|",
+    ]
     for finding in findings:
         held = sum(finding.checks.values())
         rows.append(
             f"| {finding.claim} | {finding.statement} | {finding.verdict} | "
-            f"{held}/{len(finding.checks)} | {finding.seconds:.0f} |"
+            f"{held}/{len(finding.checks)} | {finding.seconds:.0f} | {finding.cpu_seconds:.0f} |"
         )
+    wall = sum(finding.seconds for finding in findings)
+    cpu = sum(finding.cpu_seconds for finding in findings)
+    rows.append(f"| total | | | | {wall:.0f} | {cpu:.0f} |")
     return "\n".join(rows)
 
 

@@ -378,10 +378,12 @@ def finding(
     output: Path,
     extra_lines: Sequence[str] = (),
     extra_numbers: dict[str, Any] | None = None,
+    ties: Sequence[str] = (),
 ) -> Finding:
     """The finding of a comparison of tuned runs: a line and the numbers of each contender,
     each comparison's outcome (a tie within the seeds' spread named as such), and their loss
-    curves in ``<output>/<claim>.png``."""
+    curves in ``<output>/<claim>.png``. ``ties`` names further checks, decided from several
+    comparisons (:func:`joint_outcome`), that were ties."""
     held, compared_lines, records = decide(checks)
     return Finding(
         claim,
@@ -391,13 +393,21 @@ def finding(
         {**numbers(selected), **({"comparisons": records} if records else {}),
          **(extra_numbers or {})},
         plot(selected, Path(output) / f"{claim}.png"),
-        ties=[name for name, record in records.items() if record["outcome"] == "tie"],
+        ties=[name for name, record in records.items() if record["outcome"] == "tie"]
+        + list(ties),
     )  # fmt: skip
 
 
-def less(a: float, b: float, spread: float = 0.0) -> bool:
-    """``a < b`` by more than ``spread`` for final losses, false when ``a`` is not finite."""
-    return math.isfinite(a) and b - a > spread
+def joint_outcome(comparisons: Sequence[Comparison]) -> Literal["win", "tie", "loss"]:
+    """The outcome of "``a`` beats every rival" from its comparisons with each: ``win`` if
+    every one is a win, ``loss`` if any is a loss or ``both diverged``, else ``tie`` (no loss,
+    some tie within the seeds' spread)."""
+    if not comparisons:
+        raise ValueError("a joint outcome needs at least one comparison")
+    outcomes = {comparison.outcome for comparison in comparisons}
+    if outcomes & {"loss", "both diverged"}:
+        return "loss"
+    return "tie" if "tie" in outcomes else "win"
 
 
 __all__ = [
@@ -411,7 +421,7 @@ __all__ = [
     "describe",
     "extend_at_boundary",
     "finding",
-    "less",
+    "joint_outcome",
     "lines",
     "mean_final",
     "ms_per_step",
