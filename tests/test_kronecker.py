@@ -610,7 +610,7 @@ def test_failed_inversion_keeps_the_previous_inverse():
     room for the new one: the step is skipped and the previous inverse stays."""
     torch.manual_seed(7)
     model = make_model()
-    pre = natgrad.FOOF(model, damping=0.1)
+    pre = natgrad.FOOF(model, damping=0.1, inv_period=1)
     inputs, targets = torch.randn(6, 4), torch.randint(0, 3, (6,))
     one_step(model, pre, inputs, targets)
     previous = pre.inverses["0"]
