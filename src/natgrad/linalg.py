@@ -254,22 +254,39 @@ SYMMETRIC_BLOCK = 128
 """Rows of a symmetric product computed by one GEMM in :func:`symmetric_gram`."""
 
 
+def upper_addmm_(
+    out: Tensor, rows: Tensor, beta: float, alpha: float, block: int = SYMMETRIC_BLOCK
+) -> Tensor:
+    """``beta * out + alpha * rows @ rows.T`` on the blocks of ``block`` rows on and above the
+    diagonal of ``out`` only, in place, one GEMM per block row (about half the flops of the
+    whole symmetric product); the rest of the lower triangle is left as it was, for
+    :func:`mirror_upper_` to restore (``beta=0``: ``out``'s old values are ignored, not
+    multiplied)."""
+    for start in range(0, out.shape[0], block):
+        stop = start + block
+        out[start:stop, start:].addmm_(rows[start:stop], rows[start:].T, beta=beta, alpha=alpha)
+    return out
+
+
+def mirror_upper_(matrix: Tensor, block: int = SYMMETRIC_BLOCK) -> Tensor:
+    """Copy the blocks above the diagonal blocks of ``block`` rows onto the lower triangle, in
+    place: the whole symmetric matrix after :func:`upper_addmm_` (whose diagonal blocks are
+    whole)."""
+    for start in range(0, matrix.shape[0] - block, block):
+        stop = start + block
+        matrix[stop:, start:stop].copy_(matrix[start:stop, stop:].T)
+    return matrix
+
+
 def symmetric_gram(rows: Tensor) -> Tensor:
     """``rows @ rows.T``, symmetric: the blocks of :data:`SYMMETRIC_BLOCK` rows on and above
-    the diagonal by one GEMM per block row (about half the flops of the whole product), then
-    copied onto the lower triangle."""
+    the diagonal (:func:`upper_addmm_`), then copied onto the lower triangle."""
     count = rows.shape[0]
     if count <= SYMMETRIC_BLOCK:
         return rows @ rows.T
     result = rows.new_empty(count, count)
-    for start in range(0, count, SYMMETRIC_BLOCK):
-        stop = start + SYMMETRIC_BLOCK
-        # beta=0: the uninitialised memory is ignored, not multiplied
-        result[start:stop, start:].addmm_(rows[start:stop], rows[start:].T, beta=0)
-    for start in range(0, count - SYMMETRIC_BLOCK, SYMMETRIC_BLOCK):
-        stop = start + SYMMETRIC_BLOCK
-        result[stop:, start:stop].copy_(result[start:stop, stop:].T)
-    return result
+    upper_addmm_(result, rows, beta=0.0, alpha=1.0, block=SYMMETRIC_BLOCK)
+    return mirror_upper_(result, SYMMETRIC_BLOCK)
 
 
 def jvp(inputs: Tensor, output_grads: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -508,10 +525,12 @@ __all__ = [
     "is_finite_matrix",
     "jtu",
     "jvp",
+    "mirror_upper_",
     "per_datapoint_grads",
     "symmetric_gram",
     "token_frequencies",
     "token_gram",
     "token_matrix",
     "token_sums",
+    "upper_addmm_",
 ]

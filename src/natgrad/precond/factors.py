@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from natgrad.adapters import LayerAdapter
-from natgrad.linalg import token_frequencies
+from natgrad.linalg import mirror_upper_, token_frequencies, upper_addmm_
 from natgrad.precond.layer_gradient import augmented_inputs
 
 FOLD_BLOCK = 128
@@ -61,22 +61,13 @@ class Outer:
             return torch.mm(rows.T, rows).mul_(alpha)
         if not upper:
             return average.addmm_(rows.T, rows, beta=decay, alpha=alpha)
-        for start in range(0, average.shape[0], FOLD_BLOCK):
-            stop = start + FOLD_BLOCK
-            average[start:stop, start:].addmm_(
-                rows[:, start:stop].T, rows[:, start:], beta=decay, alpha=alpha
-            )
-        return average
+        return upper_addmm_(average, rows.T, beta=decay, alpha=alpha, block=FOLD_BLOCK)
 
 
 def symmetrise_upper_(matrix: Tensor) -> Tensor:
-    """Copy the blocks above the diagonal blocks of :data:`FOLD_BLOCK` rows onto the lower
-    triangle, in place: the whole symmetric matrix after :meth:`Outer.fold_into` with
-    ``upper=True`` (whose diagonal blocks are whole)."""
-    for start in range(0, matrix.shape[0] - FOLD_BLOCK, FOLD_BLOCK):
-        stop = start + FOLD_BLOCK
-        matrix[stop:, start:stop].copy_(matrix[start:stop, stop:].T)
-    return matrix
+    """The whole symmetric matrix after :meth:`Outer.fold_into` with ``upper=True``: the
+    blocks of :data:`FOLD_BLOCK` rows above the diagonal copied onto the lower triangle."""
+    return mirror_upper_(matrix, FOLD_BLOCK)
 
 
 def input_statistic(
