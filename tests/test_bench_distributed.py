@@ -11,9 +11,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo import process_group, spawn_ranks
 from natgrad.lab import runner
 from natgrad.lab.sweep import study_name
 
@@ -28,21 +27,14 @@ def task() -> runner.Task:
 
 def worker(rank: int, directory: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{directory}/store", rank=rank, world_size=2
-    )
-    try:
+    with process_group(rank, directory):
         data = runner.load_dataset("wine")
         runs = {m: runner.train_run(task(), m, HYPER[m], 0, data) for m in HYPER}
         torch.save({m: r["train_loss"] for m, r in runs.items()}, f"{directory}/rank{rank}.pt")
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def test_two_ranks_train_like_one_process_on_the_global_batches(tmp_path):
-    mp.spawn(worker, args=(str(tmp_path),), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = spawn_ranks(worker, str(tmp_path))
     data = runner.load_dataset("wine")
     for method, hyper in HYPER.items():
         single = torch.tensor(runner.train_run(task(), method, hyper, 0, data)["train_loss"])

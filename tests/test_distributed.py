@@ -11,27 +11,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime
 import os
 import re
 import traceback
-import warnings
 from collections.abc import Callable
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import natgrad
+from gloo import WORLD, process_group, spawn_ranks
 from natgrad.distributed import step_seed
 from natgrad.likelihoods import get_likelihood
 from oracle import damped_direction, dense_batch, expected_update, relative_error
 from problems import MeanOverTokens
 
-WORLD = 2
 DAMPING = 1e-2
 SIZES = (4, 4)
 UNEQUAL = (5, 3)
@@ -430,27 +427,19 @@ def worker(rank: int, directory: str) -> None:
     # built before the process group exists: "auto" chooses "off", and step() must refuse
     early_model = make_model()
     early = natgrad.EF(early_model)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{os.path.join(directory, 'store')}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        inputs, targets = batches(1, rank)[0]
-        with pytest.raises(RuntimeError, match="initialised after") as error:
-            _step_last(early_model, early, inputs, targets)
-        results["errors/auto-before-init"] = str(error.value)
-        for name, run in scenarios(rank).items():
-            try:
-                results[name] = run()
-            except Exception:  # reported by the test of this scenario
-                results[name] = RuntimeError(traceback.format_exc())
-    finally:
-        torch.save(results, os.path.join(directory, f"rank{rank}.pt"))
-        dist.barrier()  # no rank tears down while the other still drains a collective
-        dist.destroy_process_group()
+    with process_group(rank, directory):
+        try:
+            inputs, targets = batches(1, rank)[0]
+            with pytest.raises(RuntimeError, match="initialised after") as error:
+                _step_last(early_model, early, inputs, targets)
+            results["errors/auto-before-init"] = str(error.value)
+            for name, run in scenarios(rank).items():
+                try:
+                    results[name] = run()
+                except Exception:  # reported by the test of this scenario
+                    results[name] = RuntimeError(traceback.format_exc())
+        finally:
+            torch.save(results, os.path.join(directory, f"rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -462,13 +451,7 @@ def ranks(tmp_path_factory) -> list[dict[str, object]]:
     ranks meet at a barrier before tearing down, so neither exits while the other still
     drains a transfer.
     """
-    directory = str(tmp_path_factory.mktemp("distributed"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mp.spawn(worker, args=(directory,), nprocs=WORLD, join=True)
-    return [
-        torch.load(os.path.join(directory, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)
-    ]
+    return spawn_ranks(worker, str(tmp_path_factory.mktemp("distributed")))
 
 
 def result(ranks: list[dict[str, object]], name: str) -> list:

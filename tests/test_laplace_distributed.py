@@ -3,19 +3,16 @@ fitting the whole data set: every rank ends with the posterior of all the data."
 
 from __future__ import annotations
 
-import datetime
 import os
-import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import natgrad
+from gloo import WORLD, process_group, spawn_ranks
 
-WORLD = 2
 STRUCTURES = ("full", "kron", "diag")
 
 pytestmark = pytest.mark.skipif(
@@ -51,28 +48,14 @@ def fit(structure: str, rank: int | None) -> dict[str, torch.Tensor]:
 def worker(rank: int, directory: str) -> None:
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{os.path.join(directory, 'store')}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
+    with process_group(rank, directory):
         results = {structure: fit(structure, rank) for structure in STRUCTURES}
         torch.save(results, os.path.join(directory, f"rank{rank}.pt"))
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("laplace_distributed"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mp.spawn(worker, args=(directory,), nprocs=WORLD, join=True)
-    return [torch.load(os.path.join(directory, f"rank{r}.pt")) for r in range(WORLD)]
+    return spawn_ranks(worker, str(tmp_path_factory.mktemp("laplace_distributed")))
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)
