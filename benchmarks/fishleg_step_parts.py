@@ -9,7 +9,7 @@ steps), it times with the process's CPU time (median of repeated calls):
 * ``Q g`` of every layer from its rank-``N`` rows (the products with the triangular factors,
   what a step with momentum on ``Q g`` adds to the forward and backward pass);
 * the outer products ``Ēᵀ Ā`` of every layer (one per layer: autograd's weight gradient, or
-  FishLeg's momentum update on the fused path);
+  FishLeg's momentum update on the fused path, into a buffer with padded rows as FishLeg's);
 * the exact Fisher-vector product of the batch and one Adam step on the auxiliary blocks;
 * the full-rank products of an auxiliary step with momentum on ``g``: ``P = ḡ R Rᵀ``,
   ``K = L Lᵀ ḡ``, ``P Wᵀ``, ``Wᵀ K``, the gradients' lower triangles and ``Q ḡ`` after Adam.
@@ -29,6 +29,7 @@ from torch import nn
 
 import natgrad
 from natgrad.fisher_vector import fisher_vector_product
+from natgrad.linalg import aligned_empty
 from natgrad.precond import kron_q
 from step_time import make_model, random_batches, run_steps
 
@@ -70,8 +71,8 @@ def measure(batch: int) -> dict[str, float]:
         for name, row in rows.items():
             pre._q_rows(name, row)
 
-    outer = {
-        n: torch.zeros(m.out_features, m.in_features + 1)
+    outer = {  # rows padded as FishLeg's momentum buffers (natgrad.linalg.aligned_empty)
+        n: aligned_empty(m.out_features, m.in_features + 1, like=m.weight.detach()).zero_()
         for n, m in zip(rows, linears, strict=True)
     }
 

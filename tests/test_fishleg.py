@@ -10,14 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import natgrad
+from natgrad import linalg
 from natgrad.precond import fishleg, kron_q
 from oracle import batch_fisher, dense_batch, relative_error
 
 pytestmark = pytest.mark.usefixtures("float64")
 
 
-def make_model() -> nn.Module:
-    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+def make_model(hidden: int = 4) -> nn.Module:
+    return nn.Sequential(nn.Linear(3, hidden), nn.Tanh(), nn.Linear(hidden, 2))
 
 
 def randomise(pre: natgrad.FishLeg) -> None:
@@ -524,22 +525,25 @@ def vector_blocks(model, vector):
     return blocks
 
 
+@pytest.mark.parametrize("hidden", [4, 260])  # 260: the factors' products in column blocks
 @pytest.mark.parametrize("batch_size", [2, 6])  # Q on the rows of Ē and Ā / on Ē^T Ā
 @pytest.mark.parametrize("q_structure", ["kron", "diag"])
 @pytest.mark.parametrize("momentum_on", ["gradient", "update"])
 def test_training_with_momentum_and_auxiliary_period_equals_dense_algorithm(
-    momentum_on, q_structure, batch_size
+    momentum_on, q_structure, batch_size, hidden
 ):
     """Eight steps with momentum 0.9 and an auxiliary step every third one: FishLeg's updates
     (standard and fused paths, identical) equal the dense Algorithm 1 to 1e-10. With momentum
     on the gradient FishLeg keeps Q ḡ by momentum between auxiliary steps and recomputes it
-    after each, which a momentum of Q ḡ carried across a change of Q would fail."""
+    after each, which a momentum of Q ḡ carried across a change of Q would fail. The momentum
+    buffers have padded rows (the bias column makes them ``hidden + 1`` or 4 wide)."""
     torch.manual_seed(13)
-    initial = make_model()
+    initial = make_model(hidden)
     batches = [(torch.randn(batch_size, 3), torch.randint(0, 2, (batch_size,))) for _ in range(8)]
-    assert fishleg._low_rank_pays(torch.ones(batch_size, 4), torch.ones(batch_size, 4)) == (
+    assert fishleg._low_rank_pays(torch.ones(batch_size, hidden), torch.ones(batch_size, 4)) == (
         batch_size == 2
     )
+    assert len(kron_q.product_blocks(hidden)) == (2 if hidden > 4 else 1)
     settings = {"momentum": 0.9, "aux_period": 3, "lr": 0.1}
     expected = dense_fishleg_updates(
         copy.deepcopy(initial), batches, momentum_on, q_structure, **settings
@@ -574,6 +578,8 @@ def test_training_with_momentum_and_auxiliary_period_equals_dense_algorithm(
             )
             opt.step()
         assert len(pre.aux_losses) == 3
+        for buffer in [*pre.momentum_buffers.values(), *pre.direction_buffers.values()]:
+            assert buffer.stride(0) % linalg.ROW_ALIGNMENT == 0
         runs.append(updates)
     for standard, fused_update, dense in zip(*runs, expected, strict=True):
         assert torch.equal(standard, fused_update)

@@ -11,7 +11,7 @@ from oracle import relative_error
 
 pytestmark = pytest.mark.usefixtures("float64")
 
-D_OUT, D_IN, RANK = 520, 300, 7  # 4 and 2 column blocks
+D_OUT, D_IN, RANK = 520, 300, 7  # 4 and 2 column blocks, in products and for Adam
 
 
 def lower(size: int) -> torch.Tensor:
@@ -21,6 +21,11 @@ def lower(size: int) -> torch.Tensor:
 def test_the_factors_are_split_into_blocks():
     assert kron_q.block_width(D_OUT) == 130 and kron_q.block_width(D_IN) == 150
     assert kron_q.block_width(200) == 200  # one block: a dense product
+    # the products' blocks: 128 columns from column 0, a narrow last block joined
+    assert kron_q.product_blocks(D_OUT) == [(0, 128), (128, 256), (256, 384), (384, 520)]
+    assert kron_q.product_blocks(D_IN) == [(0, 128), (128, 300)]
+    assert kron_q.product_blocks(330) == [(0, 128), (128, 256), (256, 330)]
+    assert kron_q.product_blocks(200) == [(0, 200)]
 
 
 def test_triangular_products_equal_dense_products():

@@ -250,6 +250,25 @@ def gram_times(
     return torch.einsum("knd,nd->kn", output_grads[:, :, 0], mapped).reshape(-1)
 
 
+ROW_ALIGNMENT = 16
+"""Elements (64 bytes in float32) a row of :func:`aligned_empty` is padded to a multiple of."""
+
+
+def aligned_empty(rows: int, columns: int, like: Tensor) -> Tensor:
+    """An uninitialised ``rows x columns`` matrix (``like``'s dtype and device) whose row
+    stride is ``columns`` rounded up to a multiple of :data:`ROW_ALIGNMENT`: a view of a
+    slightly wider matrix. A GEMM that accumulates into a matrix with an odd row stride (a
+    weight matrix with its bias column, ``d_in + 1`` wide) is markedly slower at one thread
+    (MKL, ``1000 x 1001`` += rank 100: ~1.4x); the padding costs at most 15 columns."""
+    stride = -(-columns // ROW_ALIGNMENT) * ROW_ALIGNMENT
+    return like.new_empty(rows, stride)[:, :columns]
+
+
+def aligned_copy(matrix: Tensor) -> Tensor:
+    """A copy of a matrix in an :func:`aligned_empty` matrix."""
+    return aligned_empty(*matrix.shape, like=matrix).copy_(matrix)
+
+
 SYMMETRIC_BLOCK = 128
 """Rows of a symmetric product computed by one GEMM in :func:`symmetric_gram`."""
 
@@ -510,9 +529,12 @@ def check_finite_matrix(matrix: Tensor, message: str) -> None:
 
 
 __all__ = [
+    "ROW_ALIGNMENT",
     "SOLVE_METHODS",
     "NumericalWarning",
     "SolveReport",
+    "aligned_copy",
+    "aligned_empty",
     "check_finite_matrix",
     "combine_rows",
     "damped_inverse",

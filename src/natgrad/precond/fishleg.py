@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from natgrad.fisher_vector import fisher_vector_product
+from natgrad.linalg import aligned_copy
 from natgrad.precond import kron_q
 from natgrad.precond.base import NonFiniteWarning, Preconditioner
 from natgrad.precond.blocks import LayerBatch, TokenBatch
@@ -276,7 +277,7 @@ class FishLeg(Preconditioner):
             if self.momentum_on == "gradient":
                 with torch.no_grad():
                     for name, gradient in self.momentum_buffers.items():
-                        self.direction_buffers[name] = self._q_dense(name, gradient)
+                        self.direction_buffers[name].copy_(self._q_dense(name, gradient))
         with torch.no_grad():
             if self.momentum_on == "update":
                 directions = {name: self._q_rows(name, row) for name, row in rows.items()}
@@ -316,8 +317,8 @@ class FishLeg(Preconditioner):
             self.communicator.average_(list(fresh.values()), kind)
         for name, matrix in fresh.items():
             previous = buffers.get(name)
-            if previous is None:
-                buffers[name] = _dense(matrix)
+            if previous is None:  # rows padded for the GEMMs that accumulate into it
+                buffers[name] = aligned_copy(_dense(matrix))
             elif isinstance(matrix, Tensor):
                 previous.mul_(self.momentum).add_(matrix, alpha=1 - self.momentum)
             else:
@@ -548,8 +549,10 @@ class FishLeg(Preconditioner):
                 for param, saved in zip(pair, state["aux_params"][name], strict=True):
                     param.copy_(saved if self.q_structure == "diag" else torch.tril(saved))
         self.aux_optimizer.load_state_dict(state["aux_optimizer"])
-        self.momentum_buffers = {k: v.clone() for k, v in state["momentum_buffers"].items()}
-        self.direction_buffers = {k: v.clone() for k, v in state["direction_buffers"].items()}
+        self.momentum_buffers = {k: aligned_copy(v) for k, v in state["momentum_buffers"].items()}
+        self.direction_buffers = {
+            k: aligned_copy(v) for k, v in state["direction_buffers"].items()
+        }
 
     def _settings(self) -> str:
         return (
