@@ -507,7 +507,7 @@ def test_inverse_round_trips_through_its_tensors(kind, diagonal_input):
     else:
         input_cov = random_factor(d_in, rank=3 if kind == "none" else None)
     grad_cov = random_factor(d_out, rank=2 if kind == "none" else None) if two_sided else None
-    gradient = LayerGradient(torch.randn(rank, d_out), torch.randn(rank, d_in))
+    gradient = LayerGradient(torch.randn(rank, d_out), torch.randn(rank, d_in - 1), has_bias=True)
     inverse = inverse_type.compute(input_cov, grad_cov, damping)
 
     entries = {
@@ -515,13 +515,13 @@ def test_inverse_round_trips_through_its_tensors(kind, diagonal_input):
     }
     rebuilt = inverse_type.from_tensors(entries)
     assert list(rebuilt.tensors()) == list(inverse.tensors())
-    weight, bias = rebuilt.apply(gradient, has_bias=True, out=None)
+    weight, bias = rebuilt.apply(gradient, out=None)
     update = torch.cat([weight, bias.unsqueeze(1)], dim=1)
     dense_input = torch.diag(input_cov) if diagonal_input else input_cov
     expected = dense_inverse_update(kind, dense_input, grad_cov, damping, gradient.dense())
     assert torch.allclose(update, expected, rtol=1e-9, atol=1e-12)
     assert torch.equal(update, torch.cat([t.reshape(d_out, -1) for t in inverse.apply(
-        gradient, has_bias=True, out=None)], dim=1))  # fmt: skip
+        gradient, out=None)], dim=1))  # fmt: skip
 
     empty = inverse_type.empty_like(input_cov, grad_cov).tensors()
     assert list(empty) == list(entries)
@@ -534,6 +534,45 @@ def test_inverse_round_trips_through_its_tensors(kind, diagonal_input):
     first = next(iter(entries))
     with pytest.raises(ValueError, match=f"lack \\['{first}'\\]"):
         inverse_type.from_tensors({k: v for k, v in entries.items() if k != first})
+
+
+@pytest.mark.parametrize("kind", sorted(INVERSE_KINDS))
+@pytest.mark.parametrize("diagonal_input", [False, True])
+@pytest.mark.parametrize("has_bias", [False, True])
+@pytest.mark.parametrize("rank", [2, 12], ids=["low-rank", "dense"])
+def test_inverse_applies_to_the_scaled_gradient_in_either_form(
+    kind, diagonal_input, has_bias, rank
+):
+    """Every inverse applied to ``scale Ē^T [A, 1]``, from the rows (rank 2: the inverses map
+    the rows, the bias column apart) or from the dense gradient (rank 12), with or without a
+    bias, equals the explicit Kronecker solve on the dense gradient, the weight written into
+    the given ``.grad`` buffer where the inverse writes in place."""
+    torch.manual_seed(13)
+    inverse_type, two_sided, damping = INVERSE_KINDS[kind]
+    d_out, d_weight, scale = 3, 5, 0.7
+    d_in = d_weight + int(has_bias)
+    if diagonal_input:
+        input_cov = torch.rand(d_in) * (torch.arange(d_in) % 3 != 0)
+    else:
+        input_cov = random_factor(d_in, rank=3 if kind == "none" else None)
+    grad_cov = random_factor(d_out, rank=2 if kind == "none" else None) if two_sided else None
+    grad_rows, inputs = torch.randn(rank, d_out), torch.randn(rank, d_weight)
+    gradient = LayerGradient(grad_rows, inputs, has_bias=has_bias, scale=scale)
+    assert gradient.low_rank_pays(two_sided) == (rank == 2)
+    inverse = inverse_type.compute(input_cov, grad_cov, damping)
+    buffer = torch.full((d_out, d_weight), math.nan)
+    weight, bias = inverse.apply(gradient, out=buffer)
+
+    augmented = torch.cat([inputs, torch.ones(rank, 1)], dim=1) if has_bias else inputs
+    dense_gradient = scale * grad_rows.T @ augmented
+    dense_input = torch.diag(input_cov) if diagonal_input else input_cov
+    expected = dense_inverse_update(kind, dense_input, grad_cov, damping, dense_gradient)
+    assert relative_error(weight, expected[:, :d_weight]) <= 1e-10
+    assert (bias is None) == (not has_bias)
+    if has_bias:
+        assert relative_error(bias, expected[:, d_weight]) <= 1e-10
+    if inverse_type is not EigenInverse:  # KFAC and FOOF write the weight into the buffer
+        assert weight is buffer
 
 
 def test_state_of_another_damping_mode_is_refused_by_name():

@@ -319,11 +319,9 @@ class KroneckerPreconditioner(Preconditioner):
                 self._pending_factors = self.communicator.start_average(factors, "factors")
         self._invert_layers(inverting)
         for batch in batches:
-            batch.write_grad(
-                *self.inverses[batch.name].apply(
-                    LayerGradient.of(batch, factor), batch.has_bias, batch.grad_buffer()
-                )
-            )
+            buffer = batch.grad_buffer()
+            update = self.inverses[batch.name].apply(LayerGradient.of(batch, factor), buffer)
+            batch.write_grad(*update, buffer)
 
     def _batch_statistics(
         self, batch: LayerBatch, factor: float, per_sample_output_grad: Tensor
