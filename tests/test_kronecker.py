@@ -141,13 +141,22 @@ def one_step(model, pre, inputs, targets, reduction="mean"):
     return plain, weight_matrix_grads(model), logits.detach()
 
 
+def applied_low_rank(batch: int, two_sided: bool) -> bool:
+    """Whether the inverses of :func:`make_model`'s first layer map the rows of a batch of
+    ``batch`` (the low-rank form) rather than the dense gradient."""
+    gradient = LayerGradient(torch.zeros(batch, 5), torch.zeros(batch, 4), has_bias=True)
+    return gradient.low_rank_pays(two_sided)
+
+
+@pytest.mark.parametrize("batch", [12, 2], ids=["dense-form", "low-rank-form"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("fisher", ["mc", "empirical", "ief", "exact"])
 @pytest.mark.parametrize("damping_mode", ["heuristic", "correct", "none"])
-def test_kfac_matches_dense_kronecker_solve(damping_mode, fisher, reduction):
+def test_kfac_matches_dense_kronecker_solve(damping_mode, fisher, reduction, batch):
+    assert applied_low_rank(batch, two_sided=True) == (batch == 2)
     torch.manual_seed(0)
     model = make_model()
-    inputs, targets = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    inputs, targets = torch.randn(batch, 4), torch.randint(0, 3, (batch,))
     damping, samples, seed = 1e-2, 4, 5
     pre = natgrad.KFAC(
         model,
@@ -175,11 +184,13 @@ def test_kfac_matches_dense_kronecker_solve(damping_mode, fisher, reduction):
         assert relative_error(actual[layer], expected) <= TOLERANCE
 
 
+@pytest.mark.parametrize("batch", [9, 2], ids=["dense-form", "low-rank-form"])
 @pytest.mark.parametrize("kfac_damping", [False, True])
-def test_foof_matches_equation_6(kfac_damping):
+def test_foof_matches_equation_6(kfac_damping, batch):
+    assert applied_low_rank(batch, two_sided=False) == (batch == 2)
     torch.manual_seed(1)
     model = make_model()
-    inputs, targets = torch.randn(9, 4), torch.randint(0, 3, (9,))
+    inputs, targets = torch.randn(batch, 4), torch.randint(0, 3, (batch,))
     damping = 0.3
     pre = natgrad.FOOF(
         model, damping=damping, ema_decay=0.0, kfac_damping=kfac_damping, fisher="empirical"
@@ -614,13 +625,16 @@ def test_state_of_the_same_inverse_type_but_other_options_is_refused(method, sav
     method(make_model(), **saved).load_state_dict(pre.state_dict())  # the same options load
 
 
+@pytest.mark.parametrize("batch", [7, 2], ids=["dense-form", "low-rank-form"])
 @pytest.mark.parametrize("method", ["kfac", "foof"])
-def test_fused_backward_gives_the_standard_updates(method, fold_block):
+def test_fused_backward_gives_the_standard_updates(method, fold_block, batch):
     """pre.backward(loss) and loss.backward() give the same updates (up to round-off: autograd
     sums the output gradients in another order) over steps that fold, invert and only apply
-    (EMA normaliser below one, factors folded by blocks)."""
+    (EMA normaliser below one, factors folded by blocks), with the inverses applied to the
+    dense gradient or to its rows."""
+    assert applied_low_rank(batch, two_sided=method == "kfac") == (batch == 2)
     torch.manual_seed(6)
-    batches = [(torch.randn(7, 4), torch.randint(0, 3, (7,))) for _ in range(5)]
+    batches = [(torch.randn(batch, 4), torch.randint(0, 3, (batch,))) for _ in range(5)]
     runs = []
     for fused in (False, True):
         torch.manual_seed(0)
