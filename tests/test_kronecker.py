@@ -141,13 +141,22 @@ def one_step(model, pre, inputs, targets, reduction="mean"):
     return plain, weight_matrix_grads(model), logits.detach()
 
 
+def applied_low_rank(batch: int, two_sided: bool) -> bool:
+    """Whether the inverses of :func:`make_model`'s first layer map the rows of a batch of
+    ``batch`` (the low-rank form) rather than the dense gradient."""
+    gradient = LayerGradient(torch.zeros(batch, 5), torch.zeros(batch, 4), has_bias=True)
+    return gradient.low_rank_pays(two_sided)
+
+
+@pytest.mark.parametrize("batch", [12, 2], ids=["dense-form", "low-rank-form"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("fisher", ["mc", "empirical", "ief", "exact"])
 @pytest.mark.parametrize("damping_mode", ["heuristic", "correct", "none"])
-def test_kfac_matches_dense_kronecker_solve(damping_mode, fisher, reduction):
+def test_kfac_matches_dense_kronecker_solve(damping_mode, fisher, reduction, batch):
+    assert applied_low_rank(batch, two_sided=True) == (batch == 2)
     torch.manual_seed(0)
     model = make_model()
-    inputs, targets = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    inputs, targets = torch.randn(batch, 4), torch.randint(0, 3, (batch,))
     damping, samples, seed = 1e-2, 4, 5
     pre = natgrad.KFAC(
         model,
@@ -175,11 +184,13 @@ def test_kfac_matches_dense_kronecker_solve(damping_mode, fisher, reduction):
         assert relative_error(actual[layer], expected) <= TOLERANCE
 
 
+@pytest.mark.parametrize("batch", [9, 2], ids=["dense-form", "low-rank-form"])
 @pytest.mark.parametrize("kfac_damping", [False, True])
-def test_foof_matches_equation_6(kfac_damping):
+def test_foof_matches_equation_6(kfac_damping, batch):
+    assert applied_low_rank(batch, two_sided=False) == (batch == 2)
     torch.manual_seed(1)
     model = make_model()
-    inputs, targets = torch.randn(9, 4), torch.randint(0, 3, (9,))
+    inputs, targets = torch.randn(batch, 4), torch.randint(0, 3, (batch,))
     damping = 0.3
     pre = natgrad.FOOF(
         model, damping=damping, ema_decay=0.0, kfac_damping=kfac_damping, fisher="empirical"
@@ -507,7 +518,7 @@ def test_inverse_round_trips_through_its_tensors(kind, diagonal_input):
     else:
         input_cov = random_factor(d_in, rank=3 if kind == "none" else None)
     grad_cov = random_factor(d_out, rank=2 if kind == "none" else None) if two_sided else None
-    gradient = LayerGradient(torch.randn(rank, d_out), torch.randn(rank, d_in))
+    gradient = LayerGradient(torch.randn(rank, d_out), torch.randn(rank, d_in - 1), has_bias=True)
     inverse = inverse_type.compute(input_cov, grad_cov, damping)
 
     entries = {
@@ -515,13 +526,13 @@ def test_inverse_round_trips_through_its_tensors(kind, diagonal_input):
     }
     rebuilt = inverse_type.from_tensors(entries)
     assert list(rebuilt.tensors()) == list(inverse.tensors())
-    weight, bias = rebuilt.apply(gradient, has_bias=True, out=None)
+    weight, bias = rebuilt.apply(gradient, out=None)
     update = torch.cat([weight, bias.unsqueeze(1)], dim=1)
     dense_input = torch.diag(input_cov) if diagonal_input else input_cov
     expected = dense_inverse_update(kind, dense_input, grad_cov, damping, gradient.dense())
     assert torch.allclose(update, expected, rtol=1e-9, atol=1e-12)
     assert torch.equal(update, torch.cat([t.reshape(d_out, -1) for t in inverse.apply(
-        gradient, has_bias=True, out=None)], dim=1))  # fmt: skip
+        gradient, out=None)], dim=1))  # fmt: skip
 
     empty = inverse_type.empty_like(input_cov, grad_cov).tensors()
     assert list(empty) == list(entries)
@@ -534,6 +545,45 @@ def test_inverse_round_trips_through_its_tensors(kind, diagonal_input):
     first = next(iter(entries))
     with pytest.raises(ValueError, match=f"lack \\['{first}'\\]"):
         inverse_type.from_tensors({k: v for k, v in entries.items() if k != first})
+
+
+@pytest.mark.parametrize("kind", sorted(INVERSE_KINDS))
+@pytest.mark.parametrize("diagonal_input", [False, True])
+@pytest.mark.parametrize("has_bias", [False, True])
+@pytest.mark.parametrize("rank", [2, 12], ids=["low-rank", "dense"])
+def test_inverse_applies_to_the_scaled_gradient_in_either_form(
+    kind, diagonal_input, has_bias, rank
+):
+    """Every inverse applied to ``scale Ē^T [A, 1]``, from the rows (rank 2: the inverses map
+    the rows, the bias column apart) or from the dense gradient (rank 12), with or without a
+    bias, equals the explicit Kronecker solve on the dense gradient, the weight written into
+    the given ``.grad`` buffer where the inverse writes in place."""
+    torch.manual_seed(13)
+    inverse_type, two_sided, damping = INVERSE_KINDS[kind]
+    d_out, d_weight, scale = 3, 5, 0.7
+    d_in = d_weight + int(has_bias)
+    if diagonal_input:
+        input_cov = torch.rand(d_in) * (torch.arange(d_in) % 3 != 0)
+    else:
+        input_cov = random_factor(d_in, rank=3 if kind == "none" else None)
+    grad_cov = random_factor(d_out, rank=2 if kind == "none" else None) if two_sided else None
+    grad_rows, inputs = torch.randn(rank, d_out), torch.randn(rank, d_weight)
+    gradient = LayerGradient(grad_rows, inputs, has_bias=has_bias, scale=scale)
+    assert gradient.low_rank_pays(two_sided) == (rank == 2)
+    inverse = inverse_type.compute(input_cov, grad_cov, damping)
+    buffer = torch.full((d_out, d_weight), math.nan)
+    weight, bias = inverse.apply(gradient, out=buffer)
+
+    augmented = torch.cat([inputs, torch.ones(rank, 1)], dim=1) if has_bias else inputs
+    dense_gradient = scale * grad_rows.T @ augmented
+    dense_input = torch.diag(input_cov) if diagonal_input else input_cov
+    expected = dense_inverse_update(kind, dense_input, grad_cov, damping, dense_gradient)
+    assert relative_error(weight, expected[:, :d_weight]) <= 1e-10
+    assert (bias is None) == (not has_bias)
+    if has_bias:
+        assert relative_error(bias, expected[:, d_weight]) <= 1e-10
+    if inverse_type is not EigenInverse:  # KFAC and FOOF write the weight into the buffer
+        assert weight is buffer
 
 
 def test_state_of_another_damping_mode_is_refused_by_name():
@@ -575,13 +625,16 @@ def test_state_of_the_same_inverse_type_but_other_options_is_refused(method, sav
     method(make_model(), **saved).load_state_dict(pre.state_dict())  # the same options load
 
 
+@pytest.mark.parametrize("batch", [7, 2], ids=["dense-form", "low-rank-form"])
 @pytest.mark.parametrize("method", ["kfac", "foof"])
-def test_fused_backward_gives_the_standard_updates(method, fold_block):
+def test_fused_backward_gives_the_standard_updates(method, fold_block, batch):
     """pre.backward(loss) and loss.backward() give the same updates (up to round-off: autograd
     sums the output gradients in another order) over steps that fold, invert and only apply
-    (EMA normaliser below one, factors folded by blocks)."""
+    (EMA normaliser below one, factors folded by blocks), with the inverses applied to the
+    dense gradient or to its rows."""
+    assert applied_low_rank(batch, two_sided=method == "kfac") == (batch == 2)
     torch.manual_seed(6)
-    batches = [(torch.randn(7, 4), torch.randint(0, 3, (7,))) for _ in range(5)]
+    batches = [(torch.randn(batch, 4), torch.randint(0, 3, (batch,))) for _ in range(5)]
     runs = []
     for fused in (False, True):
         torch.manual_seed(0)

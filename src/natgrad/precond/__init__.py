@@ -2,7 +2,8 @@
 
 from natgrad.precond.base import NonFiniteWarning, Preconditioner
 from natgrad.precond.fishleg import FishLeg
-from natgrad.precond.kronecker import FOOF, KFAC
+from natgrad.precond.foof import FOOF
+from natgrad.precond.kfac import KFAC
 from natgrad.precond.woodbury import EF, IEF, NGD, STRUCTURES, TENGraD
 
 __all__ = [

@@ -84,10 +84,11 @@ class LayerInverse(ABC):
 
     @abstractmethod
     def apply(
-        self, gradient: LayerGradient, has_bias: bool, out: Tensor | None
+        self, gradient: LayerGradient, out: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
-        """The update ``ΔW`` as ``(weight (d_out, d_in), bias or None)``, the weight written
-        into ``out`` where the computation allows it."""
+        """The update ``ΔW`` as ``(weight (d_out, d_in), bias or None)`` (a bias if
+        ``gradient.has_bias``), the weight written into ``out`` where the computation allows
+        it."""
 
     @abstractmethod
     def with_diagonal_input(self: InverseT) -> InverseT:
@@ -144,9 +145,9 @@ class KroneckerInverse(LayerInverse):
         return cls(torch.empty_like(input_factor), torch.empty_like(grad_factor), 0.0, 0.0)
 
     def apply(
-        self, gradient: LayerGradient, has_bias: bool, out: Tensor | None
+        self, gradient: LayerGradient, out: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
-        return split_sandwich(self.grad, gradient, self.input, has_bias, out)
+        return split_sandwich(self.grad, gradient, self.input, out)
 
     def with_diagonal_input(self) -> KroneckerInverse:
         if self.input.dim() == 1:
@@ -190,7 +191,7 @@ class EigenInverse(LayerInverse):
         )
 
     def apply(
-        self, gradient: LayerGradient, has_bias: bool, out: Tensor | None
+        self, gradient: LayerGradient, out: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
         rotated = sandwich(self.grad_vectors, gradient, self.input_vectors)
         eigenvalues = torch.outer(self.grad_values, self.input_values)
@@ -204,7 +205,7 @@ class EigenInverse(LayerInverse):
         update = self.grad_vectors @ scaled
         if self.input_vectors is not None:
             update = update @ self.input_vectors.T
-        return split_bias(update, has_bias)
+        return split_bias(update, gradient.has_bias)
 
     def with_diagonal_input(self) -> EigenInverse:
         if self.input_vectors is None:
@@ -249,11 +250,11 @@ class FOOFInverse(LayerInverse):
         return cls(torch.empty_like(input_factor), 0.0, 0.0, 0.0)
 
     def apply(
-        self, gradient: LayerGradient, has_bias: bool, out: Tensor | None
+        self, gradient: LayerGradient, out: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
         if self.scale != 1.0:
             gradient = gradient.scaled(self.scale)
-        return split_sandwich(None, gradient, self.input, has_bias, out)
+        return split_sandwich(None, gradient, self.input, out)
 
     def with_diagonal_input(self) -> FOOFInverse:
         if self.input.dim() == 1:

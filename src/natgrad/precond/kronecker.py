@@ -1,4 +1,5 @@
-"""Kronecker-factored preconditioners: KFAC (Benzing 2022, eq. 2-4, App. D-E) and FOOF (eq. 5-6).
+"""Kronecker-factored preconditioners: the machinery KFAC (Benzing 2022, eq. 2-4, App. D-E;
+:mod:`natgrad.precond.kfac`) and FOOF (eq. 5-6; :mod:`natgrad.precond.foof`) share.
 
 Per layer with weight matrix ``W`` (``d_out x d_in``, bias as an extra input column), the
 curvature block is approximated by ``Σ_A ⊗ Σ_G`` with
@@ -96,14 +97,12 @@ from natgrad.precond.base import Preconditioner
 from natgrad.precond.blocks import Block, LayerBatch
 from natgrad.precond.checks import Damping, check_count
 from natgrad.precond.factors import Outer, input_statistic, symmetrise_upper_
-from natgrad.precond.inverses import EigenInverse, FOOFInverse, KroneckerInverse, LayerInverse
+from natgrad.precond.inverses import LayerInverse
 from natgrad.precond.layer_gradient import LayerGradient
 
 if TYPE_CHECKING:
     from natgrad.distributed import PendingAverage
 
-DampingMode = Literal["heuristic", "correct", "none"]
-DAMPING_MODES: tuple[DampingMode, ...] = get_args(DampingMode)
 KroneckerFisher = Literal["mc", "empirical", "ief", "exact"]
 KFAC_FISHERS: tuple[KroneckerFisher, ...] = get_args(KroneckerFisher)
 DEFAULT_INV_PERIOD = 20
@@ -320,11 +319,9 @@ class KroneckerPreconditioner(Preconditioner):
                 self._pending_factors = self.communicator.start_average(factors, "factors")
         self._invert_layers(inverting)
         for batch in batches:
-            batch.write_grad(
-                *self.inverses[batch.name].apply(
-                    LayerGradient.of(batch, factor), batch.has_bias, batch.grad_buffer()
-                )
-            )
+            buffer = batch.grad_buffer()
+            update = self.inverses[batch.name].apply(LayerGradient.of(batch, factor), buffer)
+            batch.write_grad(*update, buffer)
 
     def _batch_statistics(
         self, batch: LayerBatch, factor: float, per_sample_output_grad: Tensor
@@ -482,179 +479,8 @@ def _cloned(entries: Mapping[str, Tensor | float]) -> dict[str, Tensor | float]:
     return {k: v.clone() if isinstance(v, Tensor) else v for k, v in entries.items()}
 
 
-class KFAC(KroneckerPreconditioner):
-    """Kronecker-factored approximate curvature (Benzing 2022, eq. 2-4, App. D-E).
-
-    Default schedule ``factor_period=1, inv_period=20, pre_inversion_steps=None``: the factors
-    take in every batch, the inverses are recomputed every 20 steps. In one measurement on
-    Benzing 2022's MLP (200 steps, two seeds, the step size tuned per schedule) it reached a
-    10x lower loss than inverting every step, at 3.6x instead of 11.8x the CPU time of an SGD
-    step; on a small CNN its best step size was a third of the one that suited inverting
-    every step (``python benchmarks/kronecker_schedule.py``; module docstring).
-    ``inv_period=1`` inverts every step.
-
-    Parameters
-    ----------
-    model
-        The model; its forward pass must return the logits ``(N, C)``.
-    damping
-        ``λ > 0`` (or a callable of the step): split into ``λ_A, λ_E`` (heuristic) or added to
-        the Kronecker product (correct); ignored for ``damping_mode="none"``.
-    damping_mode
-        ``"heuristic"`` (default), ``"correct"`` or ``"none"``.
-    **options
-        ``fisher``, the schedule (``ema_decay``, ``factor_period``, ``inv_period``,
-        ``pre_inversion_steps``), ``mc_samples`` and ``spread_inversions`` as for
-        :class:`KroneckerPreconditioner`, and the options every preconditioner takes
-        (:class:`~natgrad.precond.base.Preconditioner`).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        damping: Damping = 1e-3,
-        damping_mode: DampingMode = "heuristic",
-        **options: Any,
-    ) -> None:
-        if damping_mode not in DAMPING_MODES:
-            raise ValueError(
-                f"unknown damping_mode={damping_mode!r}: choose one of {DAMPING_MODES}"
-            )
-        self.damping_mode = damping_mode
-        super().__init__(model, damping=damping, **options)
-
-    def _settings(self) -> str:
-        return f"damping_mode={self.damping_mode}, " + super()._settings()
-
-    def _invert(
-        self, input_factor: Tensor, grad_factor: Tensor | None, scale: float
-    ) -> LayerInverse:
-        if self.damping_mode == "heuristic":
-            return KroneckerInverse.compute(
-                input_factor, grad_factor, self.current_damping(), scale
-            )
-        damping = self.current_damping() if self.damping_mode == "correct" else 0.0
-        return EigenInverse.compute(input_factor, grad_factor, damping, scale)
-
-    @property
-    def inverse_type(self) -> type[LayerInverse]:
-        return KroneckerInverse if self.damping_mode == "heuristic" else EigenInverse
-
-    @property
-    def inverse_form(self) -> dict[str, Any]:
-        return {"damping_mode": self.damping_mode}
-
-
-class FOOF(KroneckerPreconditioner):
-    """First-order optimisation on neurons, FOOF (Benzing 2022, eq. 5-6, Algorithm 1, App. K).
-
-    Default schedule ``factor_period=1, inv_period=20, pre_inversion_steps=None``, as
-    :class:`KFAC`. Inverting every step (``inv_period=1``) cost FOOF 7.1x an SGD step on Benzing
-    2022's MLP (loss 1.8e-3 after 200 steps), ``inv_period=50`` 2.4x (4.6e-3; module docstring,
-    ``python benchmarks/kronecker_schedule.py``).
-
-    ``ΔW = ∇W (Σ_A + λ I)^{-1}`` per layer, ``Σ_A`` the normalised EMA of the input covariance.
-    With ``kfac_damping=True`` it is the variant of App. D.8 used in Fig. 3: ``Σ_G`` and the
-    heuristic ``λ_A, λ_E`` are computed as in :class:`KFAC` (with ``fisher`` and
-    ``mc_samples``), and the update is ``∇W (Σ_A + λ_A I)^{-1} / λ_E``.
-
-    Parameters
-    ----------
-    model
-        The model; its forward pass must return the logits ``(N, C)``.
-    damping
-        ``λ > 0`` (default 1), or a callable of the step.
-    kfac_damping
-        Whether to use KFAC's damping split (App. D.8).
-    **options
-        The schedule (``ema_decay``, ``factor_period``, ``inv_period``,
-        ``pre_inversion_steps``), ``spread_inversions`` and, with ``kfac_damping``, ``fisher``
-        and ``mc_samples``, as for :class:`KroneckerPreconditioner`; and the options every
-        preconditioner takes (:class:`~natgrad.precond.base.Preconditioner`).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        damping: Damping = 1.0,
-        kfac_damping: bool = False,
-        **options: Any,
-    ) -> None:
-        self.kfac_damping = bool(kfac_damping)
-        self.uses_grad_factor = self.kfac_damping
-        super().__init__(model, damping=damping, **options)
-
-    def _settings(self) -> str:
-        return f"kfac_damping={self.kfac_damping}, " + super()._settings()
-
-    def warm_start(self, inputs: Iterable[Tensor]) -> None:
-        """Fold the input covariances of a few batches into the EMA before training (App. K).
-
-        Runs the model forward (without gradients) on each batch, then computes the inverses.
-        Only the input factor needs no labels, so this is available for plain FOOF. With
-        ``distributed="global"`` every rank passes as many batches and the factors are averaged.
-        """
-        if self.kfac_damping:
-            raise ValueError(
-                "warm_start() needs labels for the second factor: use kfac_damping=False"
-            )
-        handles = []
-        calls: dict[str, list[Tensor]] = {name: [] for name in self.selection.layers}
-        for name, module in self.selection.layers.items():
-            adapter = self.adapters[name]
-
-            def record(module: nn.Module, args: tuple, name: str = name, adapter=adapter) -> None:
-                calls[name].append(adapter.input_rows(module, args[0].detach()))
-
-            handles.append(module.register_forward_pre_hook(record))
-        count = 0
-        try:
-            with torch.no_grad():
-                for batch_inputs in inputs:
-                    self.model(batch_inputs)
-                    count += 1
-                    # a module called several times: its calls' rows are one batch's tokens,
-                    # as in step()
-                    for name, rows in calls.items():
-                        if rows:
-                            module = self.selection.layers[name]
-                            statistic = input_statistic(
-                                self.adapters[name], module, torch.cat(rows, dim=1),
-                                module.weight.dtype,
-                            )  # fmt: skip
-                            self._fold_in(name, statistic, None)
-                            rows.clear()
-        finally:
-            for handle in handles:
-                handle.remove()
-            self.capture.clear()
-        if self.communicator.active:
-            self.communicator.check_same_count(count, "warm_start batches")
-            self.communicator.average_(list(self.input_factors.values()), "factors")
-        self.invert_all()
-
-    def _invert(
-        self, input_factor: Tensor, grad_factor: Tensor | None, scale: float
-    ) -> LayerInverse:
-        return FOOFInverse.compute(input_factor, grad_factor, self.current_damping(), scale)
-
-    @property
-    def inverse_type(self) -> type[LayerInverse]:
-        return FOOFInverse
-
-    @property
-    def inverse_form(self) -> dict[str, Any]:
-        return {"kfac_damping": self.kfac_damping}
-
-
 __all__ = [
-    "DAMPING_MODES",
-    "FOOF",
-    "KFAC",
     "KFAC_FISHERS",
-    "DampingMode",
     "KroneckerFisher",
     "KroneckerPreconditioner",
 ]
