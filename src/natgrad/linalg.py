@@ -45,7 +45,7 @@ def input_gram(inputs: Tensor, has_bias: bool) -> Tensor:
         products = flat @ flat.T
     else:
         products = torch.einsum("nti,msi->nmts", inputs, inputs)
-    return products + 1 if has_bias else products
+    return products.add_(1) if has_bias else products  # a new tensor: safe in place
 
 
 def _pairwise_cost(n: int, t: int, d_in: int, d_out: int, k_a: int, k_b: int) -> int:
@@ -207,6 +207,8 @@ def gram(
             result = symmetric_gram(flat_a)
         else:
             result = flat_a @ grads_b.reshape(k_b * n, d_out).T
+        if k_a == k_b == 1:
+            return result.mul_(products)
         # the input products repeat in every (k_a, k_b) block: broadcast, not copied
         result.view(k_a, n, k_b, n).mul_(products.view(1, n, 1, n))
         return result
@@ -314,16 +316,22 @@ def jtu(
     coefficients: Tensor,
     has_bias: bool,
     out: Tensor | None = None,
+    bias_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``J^T u = sum_{k,n} u_{kn} g_{kn}`` as ``(weight (d_out, d_in), bias or None)``.
 
     Computed as ``E_u^T A`` with ``E_u = sum_k u_k ⊙ E_k`` (Shrestha 2023, eq. 43): one GEMM the
-    size of autograd's own weight gradient, written into ``out`` if given.
+    size of autograd's own weight gradient, written into ``out`` if given (the bias into
+    ``bias_out``).
     """
-    combined = combine_rows(coefficients, output_grads)
-    flat_grads = combined.reshape(-1, combined.shape[-1])
+    sets, num, _, d_out = output_grads.shape
+    if sets == 1:  # the loss gradients alone: one product, nothing to sum over k
+        combined = output_grads * coefficients.view(1, num, 1, 1)
+    else:
+        combined = torch.einsum("kn,knto->nto", coefficients, output_grads)
+    flat_grads = combined.reshape(-1, d_out)
     weight = torch.mm(flat_grads.T, inputs.reshape(-1, inputs.shape[-1]), out=out)
-    bias = flat_grads.sum(dim=0) if has_bias else None
+    bias = torch.sum(flat_grads, dim=0, out=bias_out) if has_bias else None
     return weight, bias
 
 
@@ -372,7 +380,7 @@ def damped_solve(
     solution = torch.linalg.solve_triangular(factor.T, half, upper=True)
     del factor, half
     report = SolveReport("cholesky", damping)
-    if not bool((info == 0) & torch.isfinite(solution.sum())):
+    if int(info) != 0 or not math.isfinite(float(solution.sum())):
         eigenvalues, eigenvectors = torch.linalg.eigh(matrix.to(torch.float64))
         eigenvalues = eigenvalues.clamp_min(0)
         projected = eigenvectors.T @ target

@@ -296,17 +296,27 @@ class Preconditioner:
         # the model output is a target too, so that the backward pass reaches it (and natgrad
         # reads its gradient) even when only fallback tensors are preconditioned
         targets = [*outputs, *plain, self.capture.output]
-        grads = torch.autograd.grad(loss, targets, allow_unused=True)
-        for name, module in self.selection.layers.items():
-            if module.weight.grad is None:
-                # step() writes the direction into this buffer, reused from step to step
-                buffer = self._grad_buffers.get(name)
-                if buffer is None or buffer.shape != module.weight.shape:
-                    buffer = self._grad_buffers[name] = torch.empty_like(module.weight)
-                module.weight.grad = buffer
+        self.capture.layer_grads_given = True  # assigned below, not by the layers' hooks
+        try:
+            grads = torch.autograd.grad(loss, targets, allow_unused=True)
+        finally:
+            self.capture.layer_grads_given = False
         calls = [call for calls in self.capture.calls.values() for call in calls]
         for call, grad in zip(calls, grads[: len(outputs)], strict=True):
-            call.output_grad = None if grad is None else grad.detach()
+            call.output_grad = grad  # no graph (create_graph=False): nothing to detach
+        for name, module in self.selection.layers.items():
+            layer_calls = self.capture.calls[name]
+            if not layer_calls or any(call.output_grad is None for call in layer_calls):
+                continue  # not in the loss: step() leaves its .grad as loss.backward() would
+            # step() writes the direction into these buffers, reused from step to step
+            bias = module.bias if self.adapters[name].has_bias(module) else None
+            for key, param in ((name, module.weight), (f"{name}.bias", bias)):
+                if param is None or not param.requires_grad or param.grad is not None:
+                    continue
+                buffer = self._grad_buffers.get(key)
+                if buffer is None or buffer.shape != param.shape or buffer.dtype != param.dtype:
+                    buffer = self._grad_buffers[key] = torch.empty_like(param)
+                param.grad = buffer
         for param, grad in zip(plain, grads[len(outputs) : len(outputs) + len(plain)], strict=True):
             if grad is None:
                 continue
@@ -346,7 +356,7 @@ class Preconditioner:
         )
         batches = self._layer_batches(logits.shape[0], factor * scale)
         try:
-            finite = self._all_finite([logits.detach(), output_grad], batches)
+            finite = self._all_finite(logits.detach(), [output_grad], batches)
             finite, plain = self._agree(finite, batches)
             if not finite and scale != 1.0:
                 self._leave_overflow_to_scaler()
@@ -635,16 +645,21 @@ class Preconditioner:
         ]
 
     @staticmethod
-    def _all_finite(tensors: list[Tensor], batches: list[Block]) -> bool:
-        """Whether ``tensors`` and every captured value are finite, by one sum per tensor
-        (NaN and Inf propagate into a sum; a sum overflowing float range also counts as
-        non-finite, as in the hook that skips sampling labels from such logits)."""
-        tensors = list(tensors)
+    def _all_finite(logits: Tensor, tensors: list[Tensor], batches: list[Block]) -> bool:
+        """Whether ``logits``, ``tensors`` and every captured value are finite, in one
+        synchronisation: the largest magnitude of each tensor (NaN and Inf propagate into it,
+        finite values cannot overflow it), all in one multi-tensor reduction, and the sum of
+        the logits, whose overflow also counts as non-finite, as in the hook that skips
+        sampling labels from such logits."""
+        tensors = [logits, *tensors]
         for batch in batches:
             tensors += batch.captured()
-        # the per-tensor sums added in float64 (which they cannot overflow): one synchronisation
-        sums = torch.stack([t.sum() for t in tensors])
-        return math.isfinite(float(sums.sum(dtype=torch.float64)))
+        # integers (token indices) are finite, and an empty tensor has no infinity norm
+        checked = [t for t in tensors if t.is_floating_point() and t.numel()]
+        largest = torch._foreach_norm(checked, math.inf)
+        # finite magnitudes and a float32 sum cannot overflow a float64 sum; NaN, Inf propagate
+        total = torch.stack([*largest, logits.sum()]).sum(dtype=torch.float64)
+        return math.isfinite(float(total))
 
     def _leave_overflow_to_scaler(self) -> None:
         """An overflow of the scaled loss: Inf in every preconditioned gradient, so that

@@ -131,14 +131,29 @@ class LayerBatch:
             return buffer
         return None
 
+    def bias_buffer(self) -> Tensor | None:
+        """The trained bias's existing ``.grad``, to be overwritten in place (``None`` if
+        there is none in the bias's float32/float64 dtype)."""
+        if not self.has_bias:
+            return None
+        grad = self.module.bias.grad
+        if grad is None or grad.dtype != self.module.bias.dtype or not grad.is_contiguous():
+            return None
+        return grad if grad.dtype in (torch.float32, torch.float64) else None
+
     def write_grad(
-        self, weight_grad: Tensor, bias_grad: Tensor | None, buffer: Tensor | None = None
+        self,
+        weight_grad: Tensor,
+        bias_grad: Tensor | None,
+        buffer: Tensor | None = None,
+        bias_buffer: Tensor | None = None,
     ) -> None:
         """Store a layer-shaped direction in the parameters' ``.grad``; a ``weight_grad`` that
-        is ``buffer`` (:meth:`grad_buffer`, written in place) is there already."""
+        is ``buffer`` (:meth:`grad_buffer`, written in place) is there already, and so is a
+        ``bias_grad`` that is ``bias_buffer`` (:meth:`bias_buffer`)."""
         if buffer is None or weight_grad is not buffer:
             self.adapter.write_grad(self.module, weight_grad, bias_grad)
-        elif bias_grad is not None:
+        elif bias_grad is not None and (bias_buffer is None or bias_grad is not bias_buffer):
             self.module.bias.grad = bias_grad.to(self.module.bias.dtype).contiguous()
 
     def gram(self, rows: Tensor, other_rows: Tensor | None = None) -> Tensor:
@@ -187,8 +202,11 @@ class LayerBatch:
                 weight = buffer.copy_(weight)
             self.write_grad(weight, combined.sum(dim=(0, 1)) if self.has_bias else None, buffer)
         else:
-            weight, bias = jtu(self.inputs, rows, coefficients, self.has_bias, out=buffer)
-            self.write_grad(weight, bias, buffer)
+            bias_buffer = self.bias_buffer() if buffer is not None else None
+            weight, bias = jtu(
+                self.inputs, rows, coefficients, self.has_bias, out=buffer, bias_out=bias_buffer
+            )
+            self.write_grad(weight, bias, buffer, bias_buffer)
 
     def per_datapoint_grads(self, rows: Tensor) -> Tensor:
         """``g_{kn}`` as rows ``(K N, P)``: the weight in the layout of ``module.weight``, then
