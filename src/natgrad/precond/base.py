@@ -176,6 +176,10 @@ class Preconditioner:
                 "(datapoint='token') are offered by the Woodbury methods (natgrad.NGD, EF, IEF)"
             )
         self.reduction = check_reduction(reduction)
+        # a likelihood of one's own may override check_output_grad without the newer `factor`
+        self._check_takes_factor = "factor" in inspect.signature(
+            self.likelihood.check_output_grad
+        ).parameters
         self.damping = damping if callable(damping) else check_damping(damping)
         selection = select_layers(model, unsupported, overrides)
         self.selection = (
@@ -369,7 +373,7 @@ class Preconditioner:
                 return
             self.likelihood.check_output_grad(
                 logits, output_grad if scale == 1.0 else output_grad / scale, self.reduction,
-                counted=counted,
+                counted=counted, **({"factor": factor} if self._check_takes_factor else {}),
             )  # fmt: skip
             per_sample_output_grad = at_least_float32(output_grad.detach()) / (factor * scale)
             batches += self._fallback_batches(logits.detach(), per_sample_output_grad)
