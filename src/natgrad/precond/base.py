@@ -472,8 +472,10 @@ class Preconditioner:
     def _agree(self, finite: bool, batches: list[Block]) -> tuple[bool, list[nn.Parameter]]:
         """Whether the step is finite on every rank, and the plain parameters to average
         after it (those with a gradient on some rank; all of them without communication)."""
-        present = {batch.name for batch in batches}
         plain = list(self.selection.plain.values())
+        if not self.communicator.active:  # nothing to agree on: the plain gradients there are
+            return finite, [param for param in plain if param.grad is not None]
+        present = {batch.name for batch in batches}
         finite, used = self.communicator.agree(
             finite,
             {name: name in present for name in [*self.selection.layers, *self.selection.direct]},
@@ -551,12 +553,18 @@ class Preconditioner:
             for call in calls:
                 adapter.check_input(module, call.layer_input)
                 layer_inputs.append(at_least_float32(call.layer_input))
-            loss_grads = _concat(
-                [at_least_float32(adapter.output_rows(module, c.output_grad, 0)) for c in calls],
-                dim=1,
-            )
-            seen = [x.shape[0] for x in layer_inputs] + [loss_grads.shape[0]]
-            wrong = next((size for size in seen if size != num_datapoints), None)
+            if len(calls) == 1:  # the usual case: nothing to concatenate
+                loss_grads = at_least_float32(adapter.output_rows(module, calls[0].output_grad, 0))
+            else:
+                loss_grads = torch.cat(
+                    [at_least_float32(adapter.output_rows(module, c.output_grad, 0)) for c in calls],
+                    dim=1,
+                )
+            wrong = loss_grads.shape[0] if loss_grads.shape[0] != num_datapoints else None
+            for x in layer_inputs:
+                if x.shape[0] != num_datapoints:
+                    wrong = x.shape[0]
+                    break
             if wrong is not None:
                 raise ValueError(
                     f"layer '{name}' saw a batch of {wrong} rows but the logits have "
