@@ -177,9 +177,9 @@ class Preconditioner:
             )
         self.reduction = check_reduction(reduction)
         # a likelihood of one's own may override check_output_grad without the newer `factor`
-        self._check_takes_factor = "factor" in inspect.signature(
-            self.likelihood.check_output_grad
-        ).parameters
+        self._check_takes_factor = (
+            "factor" in inspect.signature(self.likelihood.check_output_grad).parameters
+        )
         self.damping = damping if callable(damping) else check_damping(damping)
         selection = select_layers(model, unsupported, overrides)
         self.selection = (
@@ -556,10 +556,8 @@ class Preconditioner:
             if len(calls) == 1:  # the usual case: nothing to concatenate
                 loss_grads = at_least_float32(adapter.output_rows(module, calls[0].output_grad, 0))
             else:
-                loss_grads = torch.cat(
-                    [at_least_float32(adapter.output_rows(module, c.output_grad, 0)) for c in calls],
-                    dim=1,
-                )
+                rows = [adapter.output_rows(module, c.output_grad, 0) for c in calls]
+                loss_grads = torch.cat([at_least_float32(r) for r in rows], dim=1)
             wrong = loss_grads.shape[0] if loss_grads.shape[0] != num_datapoints else None
             for x in layer_inputs:
                 if x.shape[0] != num_datapoints:
