@@ -324,13 +324,18 @@ def jtu(
     size of autograd's own weight gradient, written into ``out`` if given (the bias into
     ``bias_out``).
     """
-    sets, num, _, d_out = output_grads.shape
+    sets, num, tokens, d_out = output_grads.shape
+    flat_inputs = inputs.reshape(-1, inputs.shape[-1])
+    if sets == 1 and tokens == 1:  # E^T diag(u), the coefficients broadcast over its rows
+        scaled = output_grads.reshape(num, d_out).T * coefficients
+        weight = torch.mm(scaled, flat_inputs, out=out)
+        return weight, torch.sum(scaled, dim=1, out=bias_out) if has_bias else None
     if sets == 1:  # the loss gradients alone: one product, nothing to sum over k
         combined = output_grads * coefficients.view(1, num, 1, 1)
     else:
         combined = torch.einsum("kn,knto->nto", coefficients, output_grads)
     flat_grads = combined.reshape(-1, d_out)
-    weight = torch.mm(flat_grads.T, inputs.reshape(-1, inputs.shape[-1]), out=out)
+    weight = torch.mm(flat_grads.T, flat_inputs, out=out)
     bias = torch.sum(flat_grads, dim=0, out=bias_out) if has_bias else None
     return weight, bias
 

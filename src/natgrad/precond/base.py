@@ -359,8 +359,9 @@ class Preconditioner:
             logits, self.reduction, *(() if counted is None else (counted,))
         )
         batches = self._layer_batches(logits.shape[0], factor * scale)
+        values = logits.detach()
         try:
-            finite = self._all_finite(logits.detach(), [output_grad], batches)
+            finite = self._all_finite(values, [output_grad], batches)
             finite, plain = self._agree(finite, batches)
             if not finite and scale != 1.0:
                 self._leave_overflow_to_scaler()
@@ -375,8 +376,9 @@ class Preconditioner:
                 logits, output_grad if scale == 1.0 else output_grad / scale, self.reduction,
                 counted=counted, **({"factor": factor} if self._check_takes_factor else {}),
             )  # fmt: skip
-            per_sample_output_grad = at_least_float32(output_grad.detach()) / (factor * scale)
-            batches += self._fallback_batches(logits.detach(), per_sample_output_grad)
+            # the captured gradient has no graph (autograd's, detached by the capture)
+            per_sample_output_grad = at_least_float32(output_grad) / (factor * scale)
+            batches += self._fallback_batches(values, per_sample_output_grad)
             if not batches:
                 raise RuntimeError(
                     "no captured layer received a gradient: call loss.backward() on a loss that "

@@ -204,7 +204,7 @@ class NGD(Preconditioner):
             root_weights = (
                 math.sqrt(factor) if not isinstance(factor, Tensor) else row_weights.sqrt()
             )
-            target = root_weights * target_coefficients(self.fisher, row_grads)
+            target = target_coefficients(self.fisher, row_grads, root_weights)
         pending: list[_System] = []
         reports: list[SolveReport] = []
 
