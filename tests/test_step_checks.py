@@ -1,9 +1,10 @@
 """The cheaper per-step checks of the Woodbury step give the answers of the explicit ones.
 
-The damped solve judges its system's finiteness by one float64 sum, the categorical likelihood
-skips the softmax when every row receives a gradient, the normalisation rows overwrite their
-fresh ``x̂`` in place, and a direction written into the weight's ``.grad`` buffer is not
-stored a second time: each is checked here against the explicit computation it replaces.
+The damped solve judges its system's finiteness by one sum of each tensor, the step its
+captured tensors' by one sum each, the categorical likelihood skips the softmax when every row
+receives a gradient, the normalisation rows overwrite their fresh ``x̂`` in place, and a
+direction written into the weight's or the bias's ``.grad`` buffer is not stored a second
+time: each is checked here against the explicit computation it replaces.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def test_a_non_finite_right_hand_side_is_refused(bad):
 
 
 def test_large_finite_systems_are_solved():
-    # entries whose float32 sum would overflow stay finite in the float64 check
+    # entries whose float32 sum overflows are looked at one by one: finite
     matrix = torch.diag(torch.tensor([3e38, 2e38, 3e38, 1e38], dtype=torch.float32))
     rhs = torch.tensor([3e38, 1e38, -3e38, 2e38], dtype=torch.float32)
     assert not math.isfinite(float(matrix.sum()))  # float32 overflows
@@ -184,37 +185,31 @@ def test_directions_written_in_place_are_the_weights_grad(fused):
             assert all(not torch.equal(p.grad, g) for p, g in zip(params, plain, strict=True))
 
 
-def finite_by_definition(logits: torch.Tensor, tensors: list[torch.Tensor]) -> bool:
-    """Every entry finite, and the logits' sum too (its overflow counts as non-finite, as in
+def finite_by_definition(tensors: list[torch.Tensor]) -> bool:
+    """Every entry finite, and every tensor's sum too (its overflow counts as non-finite, as in
     the hook that skips sampling labels from such logits)."""
-    entries = all(bool(torch.isfinite(t).all()) for t in [logits, *tensors])
-    return entries and bool(torch.isfinite(logits.sum()))
+    entries = all(bool(torch.isfinite(t).all()) for t in tensors)
+    return entries and all(bool(torch.isfinite(t.sum())) for t in tensors)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, None])
-@pytest.mark.parametrize("where", ["logits", "first", "last", "large"])
+@pytest.mark.parametrize("where", ["first", "last", "overflow"])
 def test_the_finiteness_check_gives_the_entrywise_answer(dtype, bad, where):
+    """One sum per tensor, read one at a time, against the entries and the tensors' sums."""
     torch.manual_seed(3)
-    logits = torch.randn(6, 4)
     tensors = [
-        torch.randn(1000, dtype=dtype), torch.randn(3, 7, dtype=torch.float32).T, torch.empty(0),
-        torch.randint(0, 5, (4, 2)), torch.randn(33, 5, dtype=torch.float64),
+        torch.randn(6, 4), torch.randn(1000, dtype=dtype), torch.randn(3, 7, dtype=dtype).T,
+        torch.empty(0), torch.randint(0, 5, (4, 2)), torch.randn(33, 5, dtype=torch.float64),
     ]  # fmt: skip
-    if where == "large":  # finite entries whose sum overflows float32: still finite
-        tensors[1][2, 1] = tensors[1][0, 0] = torch.finfo(torch.float32).max
+    if where == "overflow":  # finite entries whose sum overflows: not finite
+        tensors[2][2, 1] = tensors[2][0, 0] = torch.finfo(dtype).max
     if bad is not None:
-        spoilt = {"logits": logits, "first": tensors[0], "last": tensors[-1], "large": tensors[1]}
-        spoilt[where][tuple(size // 2 for size in spoilt[where].shape)] = bad
-    expected = finite_by_definition(logits, tensors)
-    assert natgrad.Preconditioner._all_finite(logits, tensors, []) == expected
-    assert expected == (bad is None)
-
-
-def test_logits_whose_sum_overflows_are_not_finite():
-    logits = torch.full((2, 3), torch.finfo(torch.float32).max / 2, dtype=torch.float32)
-    assert bool(torch.isfinite(logits).all())
-    assert not natgrad.Preconditioner._all_finite(logits, [torch.zeros(3)], [])
+        spoilt = tensors[{"first": 0, "last": -1, "overflow": 1}[where]]
+        spoilt[tuple(size // 2 for size in spoilt.shape)] = bad
+    expected = finite_by_definition(tensors)
+    assert natgrad.Preconditioner._all_finite(tensors, []) == expected
+    assert expected == (bad is None and where != "overflow")
 
 
 class WithIdleHead(nn.Module):

@@ -244,11 +244,10 @@ class Categorical(Likelihood):
         # vote; a batch with none (every row certain) cannot reveal c and passes
         positive = (grad > 0) & (probs > finfo.tiny / finfo.eps)
         # masked sums, not boolean indexing: no copy of the selected entries (LLM-sized logits);
-        # the three numbers read in one synchronisation
-        row_sum, grads_sum, probs_sum = torch.stack(
-            [torch.linalg.vector_norm(grad.sum(dim=-1), math.inf),
-             grad.where(positive, 0).sum(), probs.where(positive, 0).sum()]
-        ).tolist()  # fmt: skip
+        # three numbers read one by one (stacking them costs more than the reads on the CPU)
+        row_sum = float(torch.linalg.vector_norm(grad.sum(dim=-1), math.inf))
+        grads_sum = float(grad.where(positive, 0).sum())
+        probs_sum = float(probs.where(positive, 0).sum())
         if row_sum > precision * expected:
             raise ValueError(
                 "the gradient w.r.t. the logits is not that of a softmax cross-entropy loss "

@@ -506,13 +506,11 @@ def is_finite_matrix(matrix: Tensor) -> bool:
 def _check_finite_system(matrix: Tensor, target: Tensor) -> None:
     """Raise a ``FloatingPointError`` if ``matrix`` or ``target`` has a NaN or Inf entry.
 
-    NaN and Inf propagate into a sum, so one host synchronisation decides in the usual case (a
-    float64 sum of float32 entries cannot overflow); only a non-finite sum, which a float64
-    system of huge finite entries can also give, is looked at entry by entry."""
-    total = matrix.sum(dtype=torch.float64) + target.sum(dtype=torch.float64)
-    if not math.isfinite(float(total)) and not (
-        is_finite_matrix(matrix) and is_finite_matrix(target)
-    ):
+    NaN and Inf propagate into a sum, so one sum of each decides in the usual case; only a
+    non-finite total, which huge finite entries can also give (a float32 sum overflows near
+    3.4e38), is looked at entry by entry."""
+    total = float(matrix.sum()) + float(target.sum())
+    if not math.isfinite(total) and not (is_finite_matrix(matrix) and is_finite_matrix(target)):
         raise FloatingPointError("the curvature system contains NaN or Inf")
 
 
