@@ -1,9 +1,10 @@
 """The cheaper per-step checks of the Woodbury step give the answers of the explicit ones.
 
-The damped solve judges its system's finiteness by one float64 sum, the categorical likelihood
-skips the softmax when every row receives a gradient, the normalisation rows overwrite their
-fresh ``x̂`` in place, and a direction written into the weight's ``.grad`` buffer is not
-stored a second time: each is checked here against the explicit computation it replaces.
+The damped solve judges its system's finiteness by one sum of each tensor, the step its
+captured tensors' by one sum each, the categorical likelihood skips the softmax when every row
+receives a gradient, the normalisation rows overwrite their fresh ``x̂`` in place, and a
+direction written into the weight's or the bias's ``.grad`` buffer is not stored a second
+time: each is checked here against the explicit computation it replaces.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import natgrad
 from natgrad.direct import norm_adapter_for
 from natgrad.likelihoods import Categorical
 from natgrad.linalg import damped_solve, damped_solves
-from oracle import relative_error
+from oracle import dense_batch, expected_update, flat_grad, relative_error
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -48,7 +49,7 @@ def test_a_non_finite_right_hand_side_is_refused(bad):
 
 
 def test_large_finite_systems_are_solved():
-    # entries whose float32 sum would overflow stay finite in the float64 check
+    # entries whose float32 sum overflows are looked at one by one: finite
     matrix = torch.diag(torch.tensor([3e38, 2e38, 3e38, 1e38], dtype=torch.float32))
     rhs = torch.tensor([3e38, 1e38, -3e38, 2e38], dtype=torch.float32)
     assert not math.isfinite(float(matrix.sum()))  # float32 overflows
@@ -182,3 +183,91 @@ def test_directions_written_in_place_are_the_weights_grad(fused):
         if not fused:  # the plain gradient was replaced by the direction, bias included
             params = list(model.parameters())
             assert all(not torch.equal(p.grad, g) for p, g in zip(params, plain, strict=True))
+
+
+def finite_by_definition(tensors: list[torch.Tensor]) -> bool:
+    """Every entry finite, and every tensor's sum too (its overflow counts as non-finite, as in
+    the hook that skips sampling labels from such logits)."""
+    entries = all(bool(torch.isfinite(t).all()) for t in tensors)
+    return entries and all(bool(torch.isfinite(t.sum())) for t in tensors)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, None])
+@pytest.mark.parametrize("where", ["first", "last", "overflow"])
+def test_the_finiteness_check_gives_the_entrywise_answer(dtype, bad, where):
+    """One sum per tensor, read one at a time, against the entries and the tensors' sums."""
+    torch.manual_seed(3)
+    tensors = [
+        torch.randn(6, 4), torch.randn(1000, dtype=dtype), torch.randn(3, 7, dtype=dtype).T,
+        torch.empty(0), torch.randint(0, 5, (4, 2)), torch.randn(33, 5, dtype=torch.float64),
+    ]  # fmt: skip
+    if where == "overflow":  # finite entries whose sum overflows: not finite
+        tensors[2][2, 1] = tensors[2][0, 0] = torch.finfo(dtype).max
+    if bad is not None:
+        spoilt = tensors[{"first": 0, "last": -1, "overflow": 1}[where]]
+        spoilt[tuple(size // 2 for size in spoilt.shape)] = bad
+    expected = finite_by_definition(tensors)
+    assert natgrad.Preconditioner._all_finite(tensors, []) == expected
+    assert expected == (bad is None and where != "overflow")
+
+
+class WithIdleHead(nn.Module):
+    """An MLP whose auxiliary head runs in the forward pass but is not part of the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+        self.idle = nn.Linear(5, 2)
+
+    def forward(self, x):
+        self.idle(x)
+        return self.body(x)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "ief"])
+def test_fused_step_leaves_a_layer_outside_the_loss_alone(fisher):
+    """Its ``.grad`` stays ``None``, as ``loss.backward()`` leaves it (the fused backward once
+    gave it an uninitialised buffer), and every other direction is the standard path's."""
+    torch.manual_seed(4)
+    inputs, targets = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    grads = []
+    for fused in (False, True):
+        torch.manual_seed(5)
+        model = WithIdleHead()
+        pre = natgrad.NGD(model, fisher=fisher, damping=0.1)
+        for _ in range(2):
+            model.zero_grad()
+            logits = model(inputs)
+            loss = F.cross_entropy(logits, targets)
+            pre.backward(loss) if fused else loss.backward()
+            pre.step(logits)
+            assert model.idle.weight.grad is None and model.idle.bias.grad is None
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.body.parameters()]))
+    assert relative_error(grads[1], grads[0]) <= 1e-12
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "ief"])
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_directions_in_reused_buffers_match_the_dense_oracle(fisher, set_to_none):
+    """Over several fused steps the weight and bias directions are written into the same
+    ``.grad`` buffers (reused by ``pre.backward``, or kept by ``zero_grad(set_to_none=False)``);
+    each step's direction is the dense solve's at the current weights."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    pre = natgrad.NGD(model, fisher=fisher, damping=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    buffers = None
+    for step in range(3):
+        inputs, targets = torch.randn(6, 5), torch.randint(0, 3, (6,))
+        batch = dense_batch(model, inputs, targets, "categorical", "mean")
+        expected = expected_update(batch, fisher, "full", 0.1, None)
+        model.zero_grad(set_to_none=set_to_none)
+        logits = model(inputs)
+        pre.backward(F.cross_entropy(logits, targets))
+        pre.step(logits)
+        assert relative_error(flat_grad(list(model.parameters())), expected) <= 1e-8
+        if step > 0:  # the same tensors hold each step's direction
+            assert all(p.grad is b for p, b in zip(model.parameters(), buffers, strict=True))
+        buffers = [p.grad for p in model.parameters()]
+        opt.step()

@@ -141,6 +141,13 @@ class LinearAdapter(LayerAdapter):
         shape = output_grad.shape
         return output_grad.reshape(*shape[: lead + 1], -1, shape[-1])
 
+    def to_weight(self, module: nn.Module, matrix: Tensor) -> Tensor:
+        # nn.Linear stores the (d_out, d_in) matrix itself: no reshape (a torch call) per step
+        return matrix if module.weight.dim() == 2 else super().to_weight(module, matrix)
+
+    def to_matrix(self, module: nn.Module, weight: Tensor) -> Tensor:
+        return weight if module.weight.dim() == 2 else super().to_matrix(module, weight)
+
 
 class TransposedLinearAdapter(LinearAdapter):
     """A linear layer whose weight is stored as ``(d_in, d_out)``: ``y = x W + b``.

@@ -178,6 +178,9 @@ class Capture:
         )
         self._in_forward = False
         self._nested = False
+        self.layer_grads_given = False
+        """Set while :meth:`natgrad.Preconditioner.backward` runs: it assigns every call's
+        output gradient itself, so the layers' tensor hooks have nothing to record."""
         self._paused = False
         self._stepped: weakref.ref[Tensor] | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -269,13 +272,14 @@ class Capture:
                 return
             if watched is not capture.output:
                 return
+            grad = grad.detach() if grad.requires_grad else grad  # create_graph=True only
             if capture.output_grad is not None:  # a further backward pass: gradients add up
-                capture.output_grad = capture.output_grad + grad.detach()
+                capture.output_grad = capture.output_grad + grad
                 return
-            capture.output_grad = grad.detach()
+            capture.output_grad = grad
             on_output_grad = capture._on_output_grad()
             if on_output_grad is not None:
-                on_output_grad(watched, grad.detach())
+                on_output_grad(watched, grad)
 
         output.register_hook(output_hook)
 
@@ -286,7 +290,7 @@ class Capture:
             self._in_forward and torch.is_grad_enabled() and output.requires_grad
         ):
             return None
-        layer_input = args[0].detach()
+        layer_input = args[0].detach() if args[0].requires_grad else args[0]
         size = self.batch_size
         # a batch of one looked up from indices (position ids) and broadcast over the batch; an
         # input that requires a gradient (a learned query) is the model's own computation
@@ -306,10 +310,11 @@ class Capture:
 
         def grad_hook(grad: Tensor) -> None:
             capture, recorded = this(), call_ref()
-            if capture is None or capture._nested or recorded is None:
+            if capture is None or capture._nested or capture.layer_grads_given or recorded is None:
                 return
+            grad = grad.detach() if grad.requires_grad else grad  # create_graph=True only
             previous = recorded.output_grad
-            recorded.output_grad = grad.detach() if previous is None else previous + grad.detach()
+            recorded.output_grad = grad if previous is None else previous + grad
 
         output.register_hook(grad_hook)
         return output if broadcast else None

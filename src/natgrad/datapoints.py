@@ -90,8 +90,11 @@ def row_weight(fisher: str, mc_samples: int) -> float:
     return 1.0 / mc_samples if fisher == "mc" else 1.0
 
 
-def target_coefficients(fisher: str, per_sample_output_grad: Tensor) -> Tensor:
-    """``b`` of the right-hand side ``J^T b`` (true-label rows, before any row scaling).
+def target_coefficients(
+    fisher: str, per_sample_output_grad: Tensor, scale: float | Tensor = 1.0
+) -> Tensor:
+    """``b`` of the right-hand side ``J^T b`` (true-label rows, before any row scaling), times
+    ``scale`` (a number, or one per datapoint).
 
     ``J^T 1`` is the gradient of the summed loss (``empirical``, Wu et al. 2024, eq. 17);
     ``J^T s_iEF`` is the iEF right-hand side (``ief``, Wu et al. 2024, eq. 19) with
@@ -99,12 +102,18 @@ def target_coefficients(fisher: str, per_sample_output_grad: Tensor) -> Tensor:
     ``sqrt(s_n)``, so ``b = sqrt(s)`` gives back ``J^T 1``.
     """
     if fisher == "empirical":
-        return per_sample_output_grad.new_ones(per_sample_output_grad.shape[0])
-    if fisher == "ief":
-        return Likelihood.logits_grad_norms_sq(per_sample_output_grad)
-    if fisher == "ief_matrix":
-        return Likelihood.logits_grad_norms_sq(per_sample_output_grad).sqrt()
-    raise ValueError(f"fisher={fisher!r} has no right-hand side in the span of its rows")
+        num = per_sample_output_grad.shape[0]
+        if not isinstance(scale, Tensor):  # one call: the scale itself, N times
+            return per_sample_output_grad.new_full((num,), scale)
+        coefficients = per_sample_output_grad.new_ones(num)
+    elif fisher == "ief":
+        coefficients = Likelihood.logits_grad_norms_sq(per_sample_output_grad)
+    elif fisher == "ief_matrix":
+        coefficients = Likelihood.logits_grad_norms_sq(per_sample_output_grad).sqrt_()
+    else:
+        raise ValueError(f"fisher={fisher!r} has no right-hand side in the span of its rows")
+    # a number scales the new tensor in place; weights promote it as a product does
+    return coefficients * scale if isinstance(scale, Tensor) else coefficients.mul_(scale)
 
 
 def row_multipliers(fisher: str, per_sample_output_grad: Tensor) -> Tensor | None:

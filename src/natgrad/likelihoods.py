@@ -106,13 +106,19 @@ class Likelihood(ABC):
         return torch.einsum("knc,kn->nc", columns, torch.einsum("knc,nc->kn", columns, vectors))
 
     def check_output_grad(
-        self, logits: Tensor, output_grad: Tensor, reduction: str, counted: Tensor | None = None
+        self,
+        logits: Tensor,
+        output_grad: Tensor,
+        reduction: str,
+        counted: Tensor | None = None,
+        factor: float | None = None,
     ) -> None:
         """Raise if ``output_grad`` cannot be ``c * d l / d z`` of this likelihood.
 
         The default accepts anything; likelihoods whose gradients have a recognisable form
-        (categorical) override it to catch a wrong reduction or a different loss. ``counted``:
-        :meth:`counted` of these logits and gradient, if the caller has it.
+        (categorical) override it to catch a wrong reduction or a different loss. ``counted``
+        and ``factor``: :meth:`counted` of these logits and gradient and the
+        :meth:`reduction_factor` of ``reduction`` that goes with it, if the caller has them.
         """
         return None
 
@@ -208,7 +214,12 @@ class Categorical(Likelihood):
         return probs * vectors - probs * (probs * vectors).sum(dim=-1, keepdim=True)
 
     def check_output_grad(
-        self, logits: Tensor, output_grad: Tensor, reduction: str, counted: Tensor | None = None
+        self,
+        logits: Tensor,
+        output_grad: Tensor,
+        reduction: str,
+        counted: Tensor | None = None,
+        factor: float | None = None,
     ) -> None:
         """Check that ``output_grad = c (softmax(z) - e_y)`` with the declared reduction.
 
@@ -222,22 +233,21 @@ class Categorical(Likelihood):
         dtype = torch.promote_types(output_grad.dtype, torch.float32)
         grad = output_grad.detach().to(dtype)
         if counted is None:
-            counted = self.counted(logits, grad)
-        expected = self.reduction_factor(logits, reduction, counted)
+            counted, factor = self.counted(logits, grad), None
+        expected = self.reduction_factor(logits, reduction, counted) if factor is None else factor
         # round-off of the gradient's dtype: 2^-7 relative in bfloat16, 2^-10 in float16
-        precision = max(1e-3, 4 * torch.finfo(output_grad.dtype).eps)
+        finfo = torch.finfo(output_grad.dtype)
+        precision = max(1e-3, 4 * finfo.eps)
         probs = torch.softmax(logits.detach().to(dtype), dim=-1)
         # entries near the subnormal range carry few significant bits (a very confident row's
         # c * pi_k of 1e-40 in float32): they would bias the ratio, so only clearly normal ones
         # vote; a batch with none (every row certain) cannot reveal c and passes
-        finfo = torch.finfo(output_grad.dtype)
         positive = (grad > 0) & (probs > finfo.tiny / finfo.eps)
         # masked sums, not boolean indexing: no copy of the selected entries (LLM-sized logits);
-        # the three numbers read in one synchronisation
-        row_sum, grads_sum, probs_sum = torch.stack(
-            [grad.sum(dim=-1).abs().max(), grad.where(positive, 0).sum(),
-             probs.where(positive, 0).sum()]
-        ).tolist()  # fmt: skip
+        # three numbers read one by one (stacking them costs more than the reads on the CPU)
+        row_sum = float(torch.linalg.vector_norm(grad.sum(dim=-1), math.inf))
+        grads_sum = float(grad.where(positive, 0).sum())
+        probs_sum = float(probs.where(positive, 0).sum())
         if row_sum > precision * expected:
             raise ValueError(
                 "the gradient w.r.t. the logits is not that of a softmax cross-entropy loss "
@@ -340,7 +350,12 @@ class Bernoulli(Likelihood):
         return probs.unsqueeze(0) - labels
 
     def check_output_grad(
-        self, logits: Tensor, output_grad: Tensor, reduction: str, counted: Tensor | None = None
+        self,
+        logits: Tensor,
+        output_grad: Tensor,
+        reduction: str,
+        counted: Tensor | None = None,
+        factor: float | None = None,
     ) -> None:
         """Check that the implied targets ``y = sigma(z) - g / c`` lie in ``[0, 1]``.
 

@@ -45,7 +45,7 @@ def input_gram(inputs: Tensor, has_bias: bool) -> Tensor:
         products = flat @ flat.T
     else:
         products = torch.einsum("nti,msi->nmts", inputs, inputs)
-    return products + 1 if has_bias else products
+    return products.add_(1) if has_bias else products  # a new tensor: safe in place
 
 
 def _pairwise_cost(n: int, t: int, d_in: int, d_out: int, k_a: int, k_b: int) -> int:
@@ -207,6 +207,8 @@ def gram(
             result = symmetric_gram(flat_a)
         else:
             result = flat_a @ grads_b.reshape(k_b * n, d_out).T
+        if k_a == k_b == 1:
+            return result.mul_(products)
         # the input products repeat in every (k_a, k_b) block: broadcast, not copied
         result.view(k_a, n, k_b, n).mul_(products.view(1, n, 1, n))
         return result
@@ -333,16 +335,27 @@ def jtu(
     coefficients: Tensor,
     has_bias: bool,
     out: Tensor | None = None,
+    bias_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``J^T u = sum_{k,n} u_{kn} g_{kn}`` as ``(weight (d_out, d_in), bias or None)``.
 
     Computed as ``E_u^T A`` with ``E_u = sum_k u_k ⊙ E_k`` (Shrestha 2023, eq. 43): one GEMM the
-    size of autograd's own weight gradient, written into ``out`` if given.
+    size of autograd's own weight gradient, written into ``out`` if given (the bias into
+    ``bias_out``).
     """
-    combined = combine_rows(coefficients, output_grads)
-    flat_grads = combined.reshape(-1, combined.shape[-1])
-    weight = torch.mm(flat_grads.T, inputs.reshape(-1, inputs.shape[-1]), out=out)
-    bias = flat_grads.sum(dim=0) if has_bias else None
+    sets, num, tokens, d_out = output_grads.shape
+    flat_inputs = inputs.reshape(-1, inputs.shape[-1])
+    if sets == 1 and tokens == 1:  # E^T diag(u), the coefficients broadcast over its rows
+        scaled = output_grads.reshape(num, d_out).T * coefficients
+        weight = torch.mm(scaled, flat_inputs, out=out)
+        return weight, torch.sum(scaled, dim=1, out=bias_out) if has_bias else None
+    if sets == 1:  # the loss gradients alone: one product, nothing to sum over k
+        combined = output_grads * coefficients.view(1, num, 1, 1)
+    else:
+        combined = torch.einsum("kn,knto->nto", coefficients, output_grads)
+    flat_grads = combined.reshape(-1, d_out)
+    weight = torch.mm(flat_grads.T, flat_inputs, out=out)
+    bias = torch.sum(flat_grads, dim=0, out=bias_out) if has_bias else None
     return weight, bias
 
 
@@ -391,7 +404,7 @@ def damped_solve(
     solution = torch.linalg.solve_triangular(factor.T, half, upper=True)
     del factor, half
     report = SolveReport("cholesky", damping)
-    if not bool((info == 0) & torch.isfinite(solution.sum())):
+    if int(info) != 0 or not math.isfinite(float(solution.sum())):
         eigenvalues, eigenvectors = torch.linalg.eigh(matrix.to(torch.float64))
         eigenvalues = eigenvalues.clamp_min(0)
         projected = eigenvectors.T @ target
@@ -512,13 +525,11 @@ def is_finite_matrix(matrix: Tensor) -> bool:
 def _check_finite_system(matrix: Tensor, target: Tensor) -> None:
     """Raise a ``FloatingPointError`` if ``matrix`` or ``target`` has a NaN or Inf entry.
 
-    NaN and Inf propagate into a sum, so one host synchronisation decides in the usual case (a
-    float64 sum of float32 entries cannot overflow); only a non-finite sum, which a float64
-    system of huge finite entries can also give, is looked at entry by entry."""
-    total = matrix.sum(dtype=torch.float64) + target.sum(dtype=torch.float64)
-    if not math.isfinite(float(total)) and not (
-        is_finite_matrix(matrix) and is_finite_matrix(target)
-    ):
+    NaN and Inf propagate into a sum, so one sum of each decides in the usual case; only a
+    non-finite total, which huge finite entries can also give (a float32 sum overflows near
+    3.4e38), is looked at entry by entry."""
+    total = float(matrix.sum()) + float(target.sum())
+    if not math.isfinite(total) and not (is_finite_matrix(matrix) and is_finite_matrix(target)):
         raise FloatingPointError("the curvature system contains NaN or Inf")
 
 

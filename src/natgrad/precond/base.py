@@ -176,6 +176,10 @@ class Preconditioner:
                 "(datapoint='token') are offered by the Woodbury methods (natgrad.NGD, EF, IEF)"
             )
         self.reduction = check_reduction(reduction)
+        # a likelihood of one's own may override check_output_grad without the newer `factor`
+        self._check_takes_factor = (
+            "factor" in inspect.signature(self.likelihood.check_output_grad).parameters
+        )
         self.damping = damping if callable(damping) else check_damping(damping)
         selection = select_layers(model, unsupported, overrides)
         self.selection = (
@@ -296,17 +300,27 @@ class Preconditioner:
         # the model output is a target too, so that the backward pass reaches it (and natgrad
         # reads its gradient) even when only fallback tensors are preconditioned
         targets = [*outputs, *plain, self.capture.output]
-        grads = torch.autograd.grad(loss, targets, allow_unused=True)
-        for name, module in self.selection.layers.items():
-            if module.weight.grad is None:
-                # step() writes the direction into this buffer, reused from step to step
-                buffer = self._grad_buffers.get(name)
-                if buffer is None or buffer.shape != module.weight.shape:
-                    buffer = self._grad_buffers[name] = torch.empty_like(module.weight)
-                module.weight.grad = buffer
+        self.capture.layer_grads_given = True  # assigned below, not by the layers' hooks
+        try:
+            grads = torch.autograd.grad(loss, targets, allow_unused=True)
+        finally:
+            self.capture.layer_grads_given = False
         calls = [call for calls in self.capture.calls.values() for call in calls]
         for call, grad in zip(calls, grads[: len(outputs)], strict=True):
-            call.output_grad = None if grad is None else grad.detach()
+            call.output_grad = grad  # no graph (create_graph=False): nothing to detach
+        for name, module in self.selection.layers.items():
+            layer_calls = self.capture.calls[name]
+            if not layer_calls or any(call.output_grad is None for call in layer_calls):
+                continue  # not in the loss: step() leaves its .grad as loss.backward() would
+            # step() writes the direction into these buffers, reused from step to step
+            bias = module.bias if self.adapters[name].has_bias(module) else None
+            for key, param in ((name, module.weight), (f"{name}.bias", bias)):
+                if param is None or not param.requires_grad or param.grad is not None:
+                    continue
+                buffer = self._grad_buffers.get(key)
+                if buffer is None or buffer.shape != param.shape or buffer.dtype != param.dtype:
+                    buffer = self._grad_buffers[key] = torch.empty_like(param)
+                param.grad = buffer
         for param, grad in zip(plain, grads[len(outputs) : len(outputs) + len(plain)], strict=True):
             if grad is None:
                 continue
@@ -345,8 +359,9 @@ class Preconditioner:
             logits, self.reduction, *(() if counted is None else (counted,))
         )
         batches = self._layer_batches(logits.shape[0], factor * scale)
+        values = logits.detach()
         try:
-            finite = self._all_finite([logits.detach(), output_grad], batches)
+            finite = self._all_finite([values, output_grad], batches)
             finite, plain = self._agree(finite, batches)
             if not finite and scale != 1.0:
                 self._leave_overflow_to_scaler()
@@ -359,10 +374,11 @@ class Preconditioner:
                 return
             self.likelihood.check_output_grad(
                 logits, output_grad if scale == 1.0 else output_grad / scale, self.reduction,
-                counted=counted,
+                counted=counted, **({"factor": factor} if self._check_takes_factor else {}),
             )  # fmt: skip
-            per_sample_output_grad = at_least_float32(output_grad.detach()) / (factor * scale)
-            batches += self._fallback_batches(logits.detach(), per_sample_output_grad)
+            # the captured gradient has no graph (autograd's, detached by the capture)
+            per_sample_output_grad = at_least_float32(output_grad) / (factor * scale)
+            batches += self._fallback_batches(values, per_sample_output_grad)
             if not batches:
                 raise RuntimeError(
                     "no captured layer received a gradient: call loss.backward() on a loss that "
@@ -458,8 +474,10 @@ class Preconditioner:
     def _agree(self, finite: bool, batches: list[Block]) -> tuple[bool, list[nn.Parameter]]:
         """Whether the step is finite on every rank, and the plain parameters to average
         after it (those with a gradient on some rank; all of them without communication)."""
-        present = {batch.name for batch in batches}
         plain = list(self.selection.plain.values())
+        if not self.communicator.active:  # nothing to agree on: the plain gradients there are
+            return finite, [param for param in plain if param.grad is not None]
+        present = {batch.name for batch in batches}
         finite, used = self.communicator.agree(
             finite,
             {name: name in present for name in [*self.selection.layers, *self.selection.direct]},
@@ -537,12 +555,16 @@ class Preconditioner:
             for call in calls:
                 adapter.check_input(module, call.layer_input)
                 layer_inputs.append(at_least_float32(call.layer_input))
-            loss_grads = _concat(
-                [at_least_float32(adapter.output_rows(module, c.output_grad, 0)) for c in calls],
-                dim=1,
-            )
-            seen = [x.shape[0] for x in layer_inputs] + [loss_grads.shape[0]]
-            wrong = next((size for size in seen if size != num_datapoints), None)
+            if len(calls) == 1:  # the usual case: nothing to concatenate
+                loss_grads = at_least_float32(adapter.output_rows(module, calls[0].output_grad, 0))
+            else:
+                rows = [adapter.output_rows(module, c.output_grad, 0) for c in calls]
+                loss_grads = torch.cat([at_least_float32(r) for r in rows], dim=1)
+            wrong = loss_grads.shape[0] if loss_grads.shape[0] != num_datapoints else None
+            for x in layer_inputs:
+                if x.shape[0] != num_datapoints:
+                    wrong = x.shape[0]
+                    break
             if wrong is not None:
                 raise ValueError(
                     f"layer '{name}' saw a batch of {wrong} rows but the logits have "
@@ -638,13 +660,13 @@ class Preconditioner:
     def _all_finite(tensors: list[Tensor], batches: list[Block]) -> bool:
         """Whether ``tensors`` and every captured value are finite, by one sum per tensor
         (NaN and Inf propagate into a sum; a sum overflowing float range also counts as
-        non-finite, as in the hook that skips sampling labels from such logits)."""
+        non-finite, as in the hook that skips sampling labels from such logits), each read as
+        a number: no stacking of the sums (a torch call dearer than the reads on small
+        tensors), and the first non-finite one decides."""
         tensors = list(tensors)
         for batch in batches:
             tensors += batch.captured()
-        # the per-tensor sums added in float64 (which they cannot overflow): one synchronisation
-        sums = torch.stack([t.sum() for t in tensors])
-        return math.isfinite(float(sums.sum(dtype=torch.float64)))
+        return all(math.isfinite(float(t.sum())) for t in tensors)
 
     def _leave_overflow_to_scaler(self) -> None:
         """An overflow of the scaled loss: Inf in every preconditioned gradient, so that

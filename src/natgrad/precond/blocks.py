@@ -52,6 +52,16 @@ be kept from the Gram to ``J^T u`` (which then costs a ``K N x P`` product inste
 weight-gradient GEMM over all positions)."""
 
 
+def add_into(gram: Tensor, into: Tensor | None) -> Tensor:
+    """``into + gram``, in place in ``into`` where its dtype holds the sum (``gram`` if
+    ``into`` is ``None``): the Grams of a group of blocks summed without a temporary."""
+    if into is None:
+        return gram
+    if torch.result_type(into, gram) == into.dtype:
+        return into.add_(gram)
+    return into + gram
+
+
 @dataclass
 class LayerBatch:
     """One layer's neuron view for the current batch.
@@ -131,38 +141,68 @@ class LayerBatch:
             return buffer
         return None
 
+    def bias_buffer(self) -> Tensor | None:
+        """The trained bias's existing ``.grad``, to be overwritten in place (``None`` if
+        there is none in the bias's float32/float64 dtype)."""
+        if not self.has_bias:
+            return None
+        grad = self.module.bias.grad
+        if grad is None or grad.dtype != self.module.bias.dtype or not grad.is_contiguous():
+            return None
+        return grad if grad.dtype in (torch.float32, torch.float64) else None
+
     def write_grad(
-        self, weight_grad: Tensor, bias_grad: Tensor | None, buffer: Tensor | None = None
+        self,
+        weight_grad: Tensor,
+        bias_grad: Tensor | None,
+        buffer: Tensor | None = None,
+        bias_buffer: Tensor | None = None,
     ) -> None:
         """Store a layer-shaped direction in the parameters' ``.grad``; a ``weight_grad`` that
-        is ``buffer`` (:meth:`grad_buffer`, written in place) is there already."""
+        is ``buffer`` (:meth:`grad_buffer`, written in place) is there already, and so is a
+        ``bias_grad`` that is ``bias_buffer`` (:meth:`bias_buffer`)."""
         if buffer is None or weight_grad is not buffer:
             self.adapter.write_grad(self.module, weight_grad, bias_grad)
-        elif bias_grad is not None:
+        elif bias_grad is not None and (bias_buffer is None or bias_grad is not bias_buffer):
             self.module.bias.grad = bias_grad.to(self.module.bias.dtype).contiguous()
 
-    def gram(self, rows: Tensor, other_rows: Tensor | None = None) -> Tensor:
-        """``J_a J_b^T`` of output-gradient rows ``(K_a, N, T, d_out)`` and ``(K_b, ...)``."""
+    def gram(
+        self, rows: Tensor, other_rows: Tensor | None = None, into: Tensor | None = None
+    ) -> Tensor:
+        """``J_a J_b^T`` of output-gradient rows ``(K_a, N, T, d_out)`` and ``(K_b, ...)``;
+        added to ``into`` (a Gram of the same shape, returned) if given (:func:`add_into`)."""
+        if other_rows is None and rows.shape[0] == 1 and rows.shape[2] == 1:
+            # one set of rows, one position per datapoint: (A A^T [+ 1]) ⊙ (E E^T), the
+            # product added to ``into`` by one call (Shrestha 2023, eq. 41)
+            outer = symmetric_gram(rows.reshape(rows.shape[1], -1))
+            products = self._input_products()
+            if into is not None and into.dtype == outer.dtype == products.dtype:
+                return into.addcmul_(outer, products)
+            return add_into(outer.mul_(products), into)
         other = rows if other_rows is None else other_rows
         if not uses_input_gram(self.d_in, rows, other):  # the datapoint gradients, formed
             grads = self._datapoint_grads(rows)
             if other_rows is None:
-                return symmetric_gram(grads)
-            return grads @ self._datapoint_grads(other).T
+                return add_into(symmetric_gram(grads), into)
+            return add_into(grads @ self._datapoint_grads(other).T, into)
+        result = gram(
+            self.inputs, rows, other_rows, has_bias=self.has_bias,
+            inputs_gram=self._input_products(),
+        )  # fmt: skip
+        return add_into(result, into)
+
+    def _input_products(self) -> Tensor:
+        """:func:`natgrad.linalg.input_gram` of the inputs, computed once per batch."""
         if self._inputs_gram is None:
-            self._inputs_gram = input_gram(self.inputs, self.has_bias)  # shared across calls
-        return gram(
-            self.inputs, rows, other_rows, has_bias=self.has_bias, inputs_gram=self._inputs_gram
-        )
+            self._inputs_gram = input_gram(self.inputs, self.has_bias)
+        return self._inputs_gram
 
     def gram_times(self, rows: Tensor, other_rows: Tensor, weights: Tensor) -> Tensor:
         """``J_a J_b^T w`` ``(K_a N,)`` for a weight vector ``w`` ``(K_b N,)``: without the
         Gram for one token per datapoint (:func:`natgrad.linalg.gram_times`)."""
         if rows.shape[2] != 1:
             return self.gram(rows, other_rows) @ weights
-        if self._inputs_gram is None:
-            self._inputs_gram = input_gram(self.inputs, self.has_bias)
-        return gram_times(rows, other_rows, weights, self._inputs_gram)
+        return gram_times(rows, other_rows, weights, self._input_products())
 
     def write_combination(self, rows: Tensor, coefficients: Tensor) -> None:
         """``.grad ← J^T u = sum_{k,n} u_{kn} g_{kn}``: ``u^T G`` from the datapoint gradients
@@ -187,8 +227,11 @@ class LayerBatch:
                 weight = buffer.copy_(weight)
             self.write_grad(weight, combined.sum(dim=(0, 1)) if self.has_bias else None, buffer)
         else:
-            weight, bias = jtu(self.inputs, rows, coefficients, self.has_bias, out=buffer)
-            self.write_grad(weight, bias, buffer)
+            bias_buffer = self.bias_buffer() if buffer is not None else None
+            weight, bias = jtu(
+                self.inputs, rows, coefficients, self.has_bias, out=buffer, bias_out=bias_buffer
+            )
+            self.write_grad(weight, bias, buffer, bias_buffer)
 
     def per_datapoint_grads(self, rows: Tensor) -> Tensor:
         """``g_{kn}`` as rows ``(K N, P)``: the weight in the layout of ``module.weight``, then
@@ -263,12 +306,15 @@ class DirectBatch:
         extra = tensors[1] if len(tensors) > 1 else None
         return replace(self, loss_grads=tensors[0], extra_grads=extra)
 
-    def gram(self, rows: Tensor, other_rows: Tensor | None = None) -> Tensor:
-        """``G_a G_b^T`` of rows ``(K_a, N, P)`` and ``(K_b, N, P)``."""
+    def gram(
+        self, rows: Tensor, other_rows: Tensor | None = None, into: Tensor | None = None
+    ) -> Tensor:
+        """``G_a G_b^T`` of rows ``(K_a, N, P)`` and ``(K_b, N, P)``; added to ``into`` if
+        given (:func:`add_into`)."""
         flat = rows.reshape(-1, rows.shape[-1])
         if other_rows is None:
-            return flat @ flat.T
-        return flat @ other_rows.reshape(-1, other_rows.shape[-1]).T
+            return add_into(flat @ flat.T, into)
+        return add_into(flat @ other_rows.reshape(-1, other_rows.shape[-1]).T, into)
 
     def gram_times(self, rows: Tensor, other_rows: Tensor, weights: Tensor) -> Tensor:
         """``G_a G_b^T w`` ``(K_a N,)``, as ``G_a (G_b^T w)``."""
@@ -309,9 +355,12 @@ class TokenBatch(LayerBatch):
     def num_params(self) -> int:
         return self.loss_grads.shape[-1] * self.module.num_embeddings
 
-    def gram(self, rows: Tensor, other_rows: Tensor | None = None) -> Tensor:
-        """``J_a J_b^T`` of output-gradient rows ``(K_a, N, T, d_out)`` and ``(K_b, ...)``."""
-        return token_gram(self.inputs, rows, other_rows)
+    def gram(
+        self, rows: Tensor, other_rows: Tensor | None = None, into: Tensor | None = None
+    ) -> Tensor:
+        """``J_a J_b^T`` of output-gradient rows ``(K_a, N, T, d_out)`` and ``(K_b, ...)``;
+        added to ``into`` if given (:func:`add_into`)."""
+        return add_into(token_gram(self.inputs, rows, other_rows), into)
 
     def gram_times(self, rows: Tensor, other_rows: Tensor, weights: Tensor) -> Tensor:
         """``J_a J_b^T w``, from the Gram (:meth:`gram`)."""
@@ -374,4 +423,12 @@ def tied_batches(embedding: TokenBatch, linear: LayerBatch) -> list[DirectBatch]
 Block = LayerBatch | DirectBatch
 
 
-__all__ = ["KEPT_GRADS_RATIO", "Block", "DirectBatch", "LayerBatch", "TokenBatch", "tied_batches"]
+__all__ = [
+    "KEPT_GRADS_RATIO",
+    "Block",
+    "DirectBatch",
+    "LayerBatch",
+    "TokenBatch",
+    "add_into",
+    "tied_batches",
+]

@@ -204,7 +204,7 @@ class NGD(Preconditioner):
             root_weights = (
                 math.sqrt(factor) if not isinstance(factor, Tensor) else row_weights.sqrt()
             )
-            target = root_weights * target_coefficients(self.fisher, row_grads)
+            target = target_coefficients(self.fisher, row_grads, root_weights)
         pending: list[_System] = []
         reports: list[SolveReport] = []
 
@@ -219,7 +219,7 @@ class NGD(Preconditioner):
             rows = [_curvature_rows(b, multipliers) for b in group]
             sets, num = rows[0].shape[:2]
             scale = row_scale if isinstance(row_scale, float) else row_scale.repeat(sets)
-            if sets * num > sum(b.num_params for b in group):
+            if _fewer_parameters_than(group, sets * num):
                 reports.append(
                     self._solve_in_parameter_space(group, rows, scale, weights, target, damping)
                 )
@@ -301,21 +301,27 @@ class _System:
 
 
 def _scaled_curvature(group: list[Block], rows: list[Tensor], scale: float | Tensor) -> Tensor:
-    """``diag(s) (sum_b J_b J_b^T) diag(s)``, summed and scaled in place (every block's Gram is
-    a new tensor), in the dtype the blocks' Grams and ``s`` promote to; a number ``s`` scales
-    every row alike."""
+    """``diag(s) (sum_b J_b J_b^T) diag(s)``, each block's Gram added in place to the first's
+    (:func:`~natgrad.precond.blocks.add_into`), in the dtype the blocks' Grams and ``s``
+    promote to; a number ``s`` scales every row alike."""
     curvature = group[0].gram(rows[0])
     for batch, batch_rows in zip(group[1:], rows[1:], strict=True):
-        block = batch.gram(batch_rows)
-        if torch.result_type(curvature, block) == curvature.dtype:
-            curvature += block
-        else:
-            curvature = curvature + block
-        del block  # not held while the next block's Gram is computed
+        curvature = batch.gram(batch_rows, into=curvature)
     if isinstance(scale, float):
         return curvature.mul_(scale * scale)
     curvature = curvature.to(torch.result_type(curvature, scale))
     return curvature.mul_(scale.unsqueeze(1)).mul_(scale)
+
+
+def _fewer_parameters_than(group: list[Block], count: int) -> bool:
+    """Whether the blocks of ``group`` hold fewer than ``count`` parameters, summed only as
+    far as needed (usually the first layer decides)."""
+    total = 0
+    for batch in group:
+        total += batch.num_params
+        if total >= count:
+            return False
+    return True
 
 
 def _datapoint_weights(factor: float | Tensor, per_sample_output_grad: Tensor) -> Tensor:
