@@ -37,6 +37,15 @@ SGD step on that copy alternately, on the same batches, and reports the medians 
 ratio, and the ratio of the means: with ``factor_period=10`` the median is the cost of a step
 that folds no factor, the mean counts the folding steps at their share (a goal counts as met
 when both ratios meet it). The load average is printed before and after.
+
+Page faults
+-----------
+The worker also counts the minor page faults (``ru_minflt`` of the measuring thread, of the
+process where the platform has no per-thread count) of each timed step of the method and of the
+SGD step before it, and reports their medians: pages the kernel had to map (and zero) on first
+touch, because the allocator handed them back to the system after an earlier step. Each costs
+a few microseconds here; the counts move by tens of percent between identical runs (they depend
+on where large blocks land in the heap), so compare them over several runs.
 """
 
 from __future__ import annotations
