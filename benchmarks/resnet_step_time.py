@@ -37,6 +37,15 @@ SGD step on that copy alternately, on the same batches, and reports the medians 
 ratio, and the ratio of the means: with ``factor_period=10`` the median is the cost of a step
 that folds no factor, the mean counts the folding steps at their share (a goal counts as met
 when both ratios meet it). The load average is printed before and after.
+
+Page faults
+-----------
+The worker also counts the minor page faults (``ru_minflt`` of the measuring thread, of the
+process where the platform has no per-thread count) of each timed step of the method and of the
+SGD step before it, and reports their medians: pages the kernel had to map (and zero) on first
+touch, because the allocator handed them back to the system after an earlier step. Each costs
+a few microseconds here; the counts move by tens of percent between identical runs (they depend
+on where large blocks land in the heap), so compare them over several runs.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -125,6 +135,15 @@ METHODS = ["sgd", *PRECONDITIONERS, *(f"{name}-fused" for name in PRECONDITIONER
 TIME_GOALS = {"ef": 1.6, "ief": 1.6, "kfac": 1.6, "foof": 1.5}
 
 
+FAULTS_WHO = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)
+"""Whose minor page faults are counted: this thread's where the platform says (Linux)."""
+
+
+def minor_faults() -> int:
+    """Minor page faults so far (``ru_minflt``; each a page the kernel mapped on first touch)."""
+    return resource.getrusage(FAULTS_WHO).ru_minflt
+
+
 def worker(method: str, args: argparse.Namespace) -> Row:
     """Measure one method in this process (module docstring, "Time and memory")."""
     torch.set_num_threads(args.threads)
@@ -147,20 +166,28 @@ def worker(method: str, args: argparse.Namespace) -> Row:
     run_steps(reference, sgd_opt, None, False, draw, 5)
     method_times: list[float] = []
     sgd_times: list[float] = []
+    method_faults: list[int] = []
+    sgd_faults: list[int] = []
     for _ in range(args.steps):
         batch = draw()
 
         def same(batch: Batch = batch) -> Batch:
             return batch
 
+        before = minor_faults()
         sgd_times += run_steps(reference, sgd_opt, None, False, same, 1, timer)
+        between = minor_faults()
         method_times += run_steps(model, opt, pre, fused, same, 1, timer)
+        method_faults.append(minor_faults() - between)
+        sgd_faults.append(between - before)
     row: Row = {
         "method": method,
         "ms": 1e3 * statistics.median(method_times),
         "sgd_ms": 1e3 * statistics.median(sgd_times),
         "alone_ms": 1e3 * statistics.median(alone[-args.steps :]),
         "peak_mib": peak_increase_mib,
+        "faults": statistics.median(method_faults),
+        "sgd_faults": statistics.median(sgd_faults),
         "threads": torch.get_num_threads(),
         "clock": args.clock,
     }
@@ -187,13 +214,13 @@ def format_table(rows: list[Row]) -> str:
     sgd_peak = next((r["peak_mib"] for r in rows if r["method"] == "sgd" and "ms" in r), None)
     lines = [
         "| method | ms/step | SGD ms/step (same run) | ratio | ratio of means | goal "
-        "| peak RSS increase MiB | memory ratio vs SGD |",
-        "|---|---|---|---|---|---|---|---|",
+        "| peak RSS increase MiB | memory ratio vs SGD | minor faults/step | SGD's (same run) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if "error" in row:
             last = row["error"].splitlines()[-1] if row["error"] else "failed"
-            lines.append(f"| {row['method']} | failed: {last} | | | | | | |")
+            lines.append(f"| {row['method']} | failed: {last} | | | | | | | | |")
             continue
         goal = TIME_GOALS.get(row["method"].removesuffix("-fused"))
         met = goal is not None and max(row["ratio"], row["mean_ratio"]) <= goal
@@ -201,7 +228,8 @@ def format_table(rows: list[Row]) -> str:
         memory = "" if not sgd_peak else f"{row['peak_mib'] / sgd_peak:.2f}"
         lines.append(
             f"| {row['method']} | {row['ms']:.1f} | {row['sgd_ms']:.1f} | {row['ratio']:.2f} "
-            f"| {row['mean_ratio']:.2f} | {verdict} | {row['peak_mib']:.0f} | {memory} |"
+            f"| {row['mean_ratio']:.2f} | {verdict} | {row['peak_mib']:.0f} | {memory} "
+            f"| {row['faults']:.0f} | {row['sgd_faults']:.0f} |"
         )
     return "\n".join(lines)
 

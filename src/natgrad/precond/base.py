@@ -586,9 +586,10 @@ class Preconditioner:
                     module=module,
                     adapter=adapter,
                     layer_inputs=layer_inputs,
-                    loss_grads=(loss_grads / factor).unsqueeze(0),
+                    loss_output_grads=loss_grads.unsqueeze(0),
                     extra_grads=extra,
                     has_bias=adapter.has_bias(module),
+                    loss_factor=factor,
                 )
             )
         for name, module in self.selection.direct.items():

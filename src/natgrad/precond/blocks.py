@@ -71,21 +71,48 @@ class LayerBatch:
     patches are formed only by what needs them: its weight gradients, per datapoint or summed,
     come from the inputs directly where the adapter computes them so
     (:attr:`natgrad.adapters.LayerAdapter.grads_from_inputs`).
-    ``loss_grads`` are the true-label output gradients of the per-datapoint losses (the
-    reduction factor removed), shape ``(1, N, T, d_out)``; ``extra_grads`` the ``K`` extra
-    datapoint sets of ``mc`` / ``exact``, shape ``(K, N, T, d_out)``, or ``None``.
+    ``loss_output_grads`` are the true-label output-gradient rows as the loss's backward pass
+    gave them, shape ``(1, N, T, d_out)``, still multiplied by ``loss_factor``, the reduction
+    factor ``c`` (times a gradient scaler's scale); :attr:`loss_grads`, the rows of the
+    per-datapoint losses, divides it out at first use, and a solver that folds ``1 / c`` into
+    its own scaling reads the rows without that copy (:meth:`loss_rows`). ``extra_grads`` are
+    the ``K`` extra datapoint sets of ``mc`` / ``exact``, shape ``(K, N, T, d_out)``, or
+    ``None``.
     """
 
     name: str
     module: nn.Module
     adapter: LayerAdapter
     layer_inputs: list[Tensor]
-    loss_grads: Tensor
+    loss_output_grads: Tensor
     extra_grads: Tensor | None
     has_bias: bool
+    loss_factor: float = 1.0
+    _loss_grads: Tensor | None = field(default=None, repr=False)
     _rows: Tensor | None = field(default=None, repr=False)
     _inputs_gram: Tensor | None = field(default=None, repr=False)
     _kept_grads: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def loss_grads(self) -> Tensor:
+        """The true-label output gradients of the per-datapoint losses (the reduction factor
+        removed), ``(1, N, T, d_out)``, divided at first use."""
+        if self._loss_grads is None:
+            self._loss_grads = (
+                self.loss_output_grads
+                if self.loss_factor == 1.0
+                else self.loss_output_grads / self.loss_factor
+            )
+        return self._loss_grads
+
+    def loss_rows(self) -> tuple[Tensor, float]:
+        """The true-label rows as stored and the factor ``c`` they carry: ``loss_grads`` is
+        ``rows / c``. Grams, ``J^T u`` and ``J_a J_b^T w`` are linear in the rows, so a solver
+        that scales by ``1 / c`` itself saves copying the rows (an activation-sized tensor
+        per layer)."""
+        if self._loss_grads is not None:
+            return self._loss_grads, 1.0
+        return self.loss_output_grads, self.loss_factor
 
     @property
     def inputs(self) -> Tensor:
@@ -102,12 +129,12 @@ class LayerBatch:
 
     @property
     def num_params(self) -> int:
-        return self.loss_grads.shape[-1] * (self.d_in + int(self.has_bias))
+        return self.loss_output_grads.shape[-1] * (self.d_in + int(self.has_bias))
 
     def captured(self) -> list[Tensor]:
         """The captured tensors, for the finiteness check of a step."""
         inputs = self.layer_inputs if self.layer_inputs else [self.inputs]
-        tensors = [*inputs, self.loss_grads]
+        tensors = [*inputs, self.loss_output_grads]
         return tensors if self.extra_grads is None else [*tensors, self.extra_grads]
 
     def parameters(self) -> list[nn.Parameter]:
@@ -128,8 +155,9 @@ class LayerBatch:
         gradients then come from the rows)."""
         extra = tensors[2] if len(tensors) > 2 else None
         return replace(
-            self, layer_inputs=[], _rows=tensors[0], loss_grads=tensors[1], extra_grads=extra,
-            _inputs_gram=None, _kept_grads=None,
+            self, layer_inputs=[], _rows=tensors[0], loss_output_grads=tensors[1],
+            loss_factor=1.0, _loss_grads=None, extra_grads=extra, _inputs_gram=None,
+            _kept_grads=None,
         )  # fmt: skip
 
     def grad_buffer(self) -> Tensor | None:
@@ -287,6 +315,10 @@ class DirectBatch:
     def num_params(self) -> int:
         return self.loss_grads.shape[-1]
 
+    def loss_rows(self) -> tuple[Tensor, float]:
+        """``(loss_grads, 1.0)``: the rows carry no factor (as :meth:`LayerBatch.loss_rows`)."""
+        return self.loss_grads, 1.0
+
     def captured(self) -> list[Tensor]:
         """The rows, for the finiteness check of a step."""
         return (
@@ -353,7 +385,7 @@ class TokenBatch(LayerBatch):
 
     @property
     def num_params(self) -> int:
-        return self.loss_grads.shape[-1] * self.module.num_embeddings
+        return self.loss_output_grads.shape[-1] * self.module.num_embeddings
 
     def gram(
         self, rows: Tensor, other_rows: Tensor | None = None, into: Tensor | None = None

@@ -46,6 +46,7 @@ for models mixing both kinds.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -64,7 +65,7 @@ from natgrad.datapoints import (
 )
 from natgrad.linalg import SolveReport, damped_solve, damped_solves, furthest_fallback
 from natgrad.precond.base import Preconditioner
-from natgrad.precond.blocks import Block
+from natgrad.precond.blocks import Block, add_into
 from natgrad.precond.checks import Damping, check_count
 
 Structure = Literal["full", "layer"]
@@ -216,22 +217,24 @@ class NGD(Preconditioner):
             pending.clear()
 
         for group in groups:
-            rows = [_curvature_rows(b, multipliers) for b in group]
+            rows, carried = zip(*(_curvature_rows(b, multipliers) for b in group), strict=True)
             sets, num = rows[0].shape[:2]
             scale = row_scale if isinstance(row_scale, float) else row_scale.repeat(sets)
             if _fewer_parameters_than(group, sets * num):
+                unscaled = [e if c == 1.0 else e / c for e, c in zip(rows, carried, strict=True)]
                 reports.append(
-                    self._solve_in_parameter_space(group, rows, scale, weights, target, damping)
+                    self._solve_in_parameter_space(group, unscaled, scale, weights, target, damping)
                 )
                 continue
-            curvature = _scaled_curvature(group, rows, scale)
+            curvature = _scaled_curvature(group, rows, carried, scale)
             if target is None:
                 rhs = scale * sum(
-                    b.gram_times(e, b.loss_grads, weights) for b, e in zip(group, rows, strict=True)
+                    _times_loss_rows(b, e, c, weights)
+                    for b, e, c in zip(group, rows, carried, strict=True)
                 )
             else:
                 rhs = target
-            pending.append(_System(group, rows, scale, curvature, rhs))
+            pending.append(_System(group, list(rows), list(carried), scale, curvature, rhs))
             if sum(system.curvature.numel() for system in pending) > BATCHED_SOLVE_ENTRIES:
                 solve_pending()
         if pending:
@@ -280,6 +283,8 @@ class _System:
 
     group: list[Block]
     rows: list[Tensor]
+    carried: list[float]
+    """The factor each block's rows carry (:func:`_curvature_rows`)."""
     scale: float | Tensor
     curvature: Tensor
     rhs: Tensor
@@ -287,26 +292,36 @@ class _System:
     def write(self, solution: Tensor, weights: Tensor, damping: float, extra: bool) -> None:
         """Write ``J^T u`` of the solution into the group's ``.grad``; ``extra``: the rows are
         extra datapoints (``mc``/``exact``), combined with the loss gradients (Woodbury)."""
+        sets = self.rows[0].shape[0]
         if extra:
-            extra_coefficients = (-self.scale * solution / damping).reshape(
-                self.rows[0].shape[0], -1
-            )
-            coefficients = torch.cat([(weights / damping).unsqueeze(0), extra_coefficients])
+            extra_coefficients = (-self.scale * solution / damping).reshape(sets, -1)
             for batch, rows in zip(self.group, self.rows, strict=True):
-                batch.write_combination(torch.cat([batch.loss_grads, rows]), coefficients)
+                loss_rows, loss_factor = batch.loss_rows()
+                coefficients = torch.cat(
+                    [(weights / (damping * loss_factor)).unsqueeze(0), extra_coefficients]
+                )
+                batch.write_combination(torch.cat([loss_rows, rows]), coefficients)
         else:
-            coefficients = (self.scale * solution).reshape(self.rows[0].shape[0], -1)
-            for batch, rows in zip(self.group, self.rows, strict=True):
-                batch.write_combination(rows, coefficients)
+            coefficients = (self.scale * solution).reshape(sets, -1)
+            for batch, rows, carried in zip(self.group, self.rows, self.carried, strict=True):
+                batch.write_combination(
+                    rows, coefficients if carried == 1.0 else coefficients / carried
+                )
 
 
-def _scaled_curvature(group: list[Block], rows: list[Tensor], scale: float | Tensor) -> Tensor:
+def _scaled_curvature(
+    group: list[Block], rows: Sequence[Tensor], carried: Sequence[float], scale: float | Tensor
+) -> Tensor:
     """``diag(s) (sum_b J_b J_b^T) diag(s)``, each block's Gram added in place to the first's
     (:func:`~natgrad.precond.blocks.add_into`), in the dtype the blocks' Grams and ``s``
-    promote to; a number ``s`` scales every row alike."""
-    curvature = group[0].gram(rows[0])
-    for batch, batch_rows in zip(group[1:], rows[1:], strict=True):
-        curvature = batch.gram(batch_rows, into=curvature)
+    promote to; a number ``s`` scales every row alike. Block ``b``'s rows are ``carried[b]``
+    times those of ``J_b``."""
+    curvature = None
+    for batch, batch_rows, factor in zip(group, rows, carried, strict=True):
+        if factor == 1.0:
+            curvature = batch.gram(batch_rows, into=curvature)
+        else:
+            curvature = add_into(batch.gram(batch_rows).div_(factor**2), curvature)
     if isinstance(scale, float):
         return curvature.mul_(scale * scale)
     curvature = curvature.to(torch.result_type(curvature, scale))
@@ -324,6 +339,13 @@ def _fewer_parameters_than(group: list[Block], count: int) -> bool:
     return True
 
 
+def _times_loss_rows(batch: Block, rows: Tensor, carried: float, weights: Tensor) -> Tensor:
+    """``J_e J_L^T w`` of curvature rows carrying the factor ``carried`` and the block's
+    true-label rows (their own factor divided out through ``w``, without copying them)."""
+    loss_rows, loss_factor = batch.loss_rows()
+    return batch.gram_times(rows, loss_rows, weights / (carried * loss_factor))
+
+
 def _datapoint_weights(factor: float | Tensor, per_sample_output_grad: Tensor) -> Tensor:
     """``c_n`` of every datapoint, ``(N,)``: the reduction factor, or the given weights."""
     if isinstance(factor, Tensor):
@@ -331,15 +353,20 @@ def _datapoint_weights(factor: float | Tensor, per_sample_output_grad: Tensor) -
     return per_sample_output_grad.new_full((per_sample_output_grad.shape[0],), factor)
 
 
-def _curvature_rows(batch: Block, multipliers: Tensor | None) -> Tensor:
-    """The rows of the curvature: extra datapoints (``mc``, ``exact``, per-token true-label
-    rows), or the true-label rows, each scaled by its datapoint's multiplier (``ief_matrix``,
-    one per row in row order)."""
-    rows = batch.extra_grads if batch.extra_grads is not None else batch.loss_grads
+def _curvature_rows(batch: Block, multipliers: Tensor | None) -> tuple[Tensor, float]:
+    """The rows of the curvature and the factor ``c`` they carry (the rows are ``c`` times
+    those of ``J``): extra datapoints (``mc``, ``exact``, per-token true-label rows), or the
+    true-label rows as the loss gave them (:meth:`~natgrad.precond.blocks.LayerBatch.loss_rows`,
+    not copied to divide ``c`` out), each scaled by its datapoint's multiplier (``ief_matrix``,
+    one per row in row order; ``c`` folded into them)."""
+    if batch.extra_grads is not None:
+        rows, carried = batch.extra_grads, 1.0
+    else:
+        rows, carried = batch.loss_rows()
     if multipliers is None:
-        return rows
+        return rows, carried
     trailing = (1,) * (rows.dim() - 2)
-    return rows * multipliers.reshape(rows.shape[0], rows.shape[1], *trailing)
+    return rows * (multipliers / carried).reshape(rows.shape[0], rows.shape[1], *trailing), 1.0
 
 
 class EF(NGD):
