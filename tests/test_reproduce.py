@@ -347,15 +347,36 @@ def test_r12_one_check_per_cell_on_constructed_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(training.tuning, "tune", fake_tune(finals))
     finding = training.r12_tengrad_vs_sgd(tmp_path, seeds=(0,), epochs=1, datasets=("wine",))
     assert list(finding.checks.values()) == [False, False, True] and finding.verdict == "partly"
-    assert [line.split(":")[0] for line in finding.lines] == [
+    assert [line.split(":")[0] for line in finding.lines[:3]] == [
         "wine [4]",
         "wine [32, 16]",
         "wine [32, 16, 16]",
     ]
-    assert all(f"SGD {math.log(0.5):.3f}, TENGraD {math.log(0.2):.3f}" in x for x in finding.lines)
+    assert all(
+        f"SGD {math.log(0.5):.3f}, TENGraD {math.log(0.2):.3f}" in x for x in finding.lines[:3]
+    )
+    assert [finding.numbers["comparisons"][name]["outcome"] for name in finding.checks] == [
+        "loss",
+        "loss",
+        "win",
+    ]
+    assert finding.ties == []
     for hidden in ("[4]", "[32, 16]", "[32, 16, 16]"):
         cell = finding.numbers["wine"][hidden]
         assert {k: v["final_train_loss_mean"] for k, v in cell.items()} == finals
+
+
+def test_r12_a_difference_within_the_seeds_spread_is_a_tie(tmp_path, monkeypatch):
+    """TENGraD's mean (0.2) is below SGD's (0.5) by less than its seeds' spread (0.38): every
+    cell is a tie, so neither the paper's SGD cells nor its TENGraD cell hold, and all three are
+    recorded as ties."""
+    monkeypatch.setattr(
+        training.tuning, "tune", fake_tune({"sgd": (0.5, 0.5), "tengrad": (0.01, 0.39)})
+    )
+    finding = training.r12_tengrad_vs_sgd(tmp_path, seeds=(0, 1), epochs=1, datasets=("wine",))
+    assert list(finding.checks.values()) == [False, False, False]
+    assert finding.ties == list(finding.checks)
+    assert sum("tie within seeds' spread" in line for line in finding.lines) == 3
 
 
 def test_verdict_summary_table_and_report_on_constructed_findings():
