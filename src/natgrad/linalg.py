@@ -177,6 +177,7 @@ def gram(
     other_output_grads: Tensor | None = None,
     has_bias: bool = False,
     inputs_gram: Tensor | None = None,
+    upper: bool = False,
 ) -> Tensor:
     """Gram matrix ``J_a J_b^T`` of one layer's datapoint gradients.
 
@@ -192,6 +193,10 @@ def gram(
         Whether the layer has a trained bias (a constant input column).
     inputs_gram
         ``input_gram(inputs, has_bias)`` if already computed (it is shared across calls).
+    upper
+        For the symmetric Gram only: the blocks of :data:`SYMMETRIC_BLOCK` rows on and above
+        the diagonal are enough (the caller sums several and mirrors the sum once,
+        :func:`mirror_upper_`); the rest of the lower triangle may then hold anything.
 
     Returns
     -------
@@ -204,7 +209,7 @@ def gram(
         products = input_gram(inputs, has_bias) if inputs_gram is None else inputs_gram
         flat_a = output_grads.reshape(k_a * n, d_out)
         if other_output_grads is None:
-            result = symmetric_gram(flat_a)
+            result = symmetric_gram(flat_a, mirror=not upper)
         else:
             result = flat_a @ grads_b.reshape(k_b * n, d_out).T
         # the input products repeat in every (k_a, k_b) block: broadcast, not copied
@@ -217,7 +222,7 @@ def gram(
         return result.reshape(k_a * n, k_b * n)
     rows_a = per_datapoint_grads(inputs, output_grads, has_bias)
     if other_output_grads is None:
-        return symmetric_gram(rows_a)
+        return symmetric_gram(rows_a, mirror=not upper)
     rows_b = per_datapoint_grads(inputs, grads_b, has_bias)
     return rows_a @ rows_b.T
 
@@ -245,9 +250,10 @@ def gram_times(
     Tensor of shape ``(K_a N,)``.
     """
     k_b, n = other_output_grads.shape[:2]
-    combined = torch.einsum("jm,jmd->md", weights.reshape(k_b, n), other_output_grads[:, :, 0])
+    combined = combine_rows(weights.reshape(k_b, n), other_output_grads)[:, 0]
     mapped = inputs_gram @ combined
-    return torch.einsum("knd,nd->kn", output_grads[:, :, 0], mapped).reshape(-1)
+    # row by row: an einsum would run this as N batched products of strided rows
+    return torch.linalg.vecdot(output_grads[:, :, 0], mapped).reshape(-1)
 
 
 SYMMETRIC_BLOCK = 128
@@ -255,38 +261,41 @@ SYMMETRIC_BLOCK = 128
 
 
 def upper_addmm_(
-    out: Tensor, rows: Tensor, beta: float, alpha: float, block: int = SYMMETRIC_BLOCK
+    out: Tensor, rows: Tensor, beta: float, alpha: float, block: int | None = None
 ) -> Tensor:
-    """``beta * out + alpha * rows @ rows.T`` on the blocks of ``block`` rows on and above the
-    diagonal of ``out`` only, in place, one GEMM per block row (about half the flops of the
-    whole symmetric product); the rest of the lower triangle is left as it was, for
-    :func:`mirror_upper_` to restore (``beta=0``: ``out``'s old values are ignored, not
-    multiplied)."""
+    """``beta * out + alpha * rows @ rows.T`` on the blocks of ``block`` rows (default
+    :data:`SYMMETRIC_BLOCK`) on and above the diagonal of ``out`` only, in place, one GEMM per
+    block row (about half the flops of the whole symmetric product); the rest of the lower
+    triangle is left as it was, for :func:`mirror_upper_` to restore (``beta=0``: ``out``'s
+    old values are ignored, not multiplied)."""
+    block = SYMMETRIC_BLOCK if block is None else block
     for start in range(0, out.shape[0], block):
         stop = start + block
         out[start:stop, start:].addmm_(rows[start:stop], rows[start:].T, beta=beta, alpha=alpha)
     return out
 
 
-def mirror_upper_(matrix: Tensor, block: int = SYMMETRIC_BLOCK) -> Tensor:
-    """Copy the blocks above the diagonal blocks of ``block`` rows onto the lower triangle, in
-    place: the whole symmetric matrix after :func:`upper_addmm_` (whose diagonal blocks are
-    whole)."""
+def mirror_upper_(matrix: Tensor, block: int | None = None) -> Tensor:
+    """Copy the blocks above the diagonal blocks of ``block`` rows (default
+    :data:`SYMMETRIC_BLOCK`) onto the lower triangle, in place: the whole symmetric matrix
+    after :func:`upper_addmm_` (whose diagonal blocks are whole)."""
+    block = SYMMETRIC_BLOCK if block is None else block
     for start in range(0, matrix.shape[0] - block, block):
         stop = start + block
         matrix[stop:, start:stop].copy_(matrix[start:stop, stop:].T)
     return matrix
 
 
-def symmetric_gram(rows: Tensor) -> Tensor:
+def symmetric_gram(rows: Tensor, mirror: bool = True) -> Tensor:
     """``rows @ rows.T``, symmetric: the blocks of :data:`SYMMETRIC_BLOCK` rows on and above
-    the diagonal (:func:`upper_addmm_`), then copied onto the lower triangle."""
+    the diagonal (:func:`upper_addmm_`), then copied onto the lower triangle
+    (``mirror=False``: not copied, the rest of the lower triangle holds anything)."""
     count = rows.shape[0]
     if count <= SYMMETRIC_BLOCK:
         return rows @ rows.T
     result = rows.new_empty(count, count)
-    upper_addmm_(result, rows, beta=0.0, alpha=1.0, block=SYMMETRIC_BLOCK)
-    return mirror_upper_(result, SYMMETRIC_BLOCK)
+    upper_addmm_(result, rows, beta=0.0, alpha=1.0)
+    return mirror_upper_(result) if mirror else result
 
 
 def jvp(inputs: Tensor, output_grads: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -300,12 +309,23 @@ def jvp(inputs: Tensor, output_grads: Tensor, weight: Tensor, bias: Tensor | Non
     return torch.einsum("knto,nto->kn", output_grads, mapped)
 
 
+COMBINED_SETS = 16
+"""Up to this many row sets :func:`combine_rows` adds one by one (beyond, one contraction)."""
+
+
 def combine_rows(coefficients: Tensor, output_grads: Tensor) -> Tensor:
     """``E_u = sum_k u_k ⊙ E_k``, ``(N, T, d_out)``, of coefficients ``(K, N)`` and rows
-    ``(K, N, T, d_out)`` (one product for ``K = 1``, the loss gradients alone)."""
-    if output_grads.shape[0] == 1:
-        return (output_grads * coefficients.view(1, -1, 1, 1)).squeeze(0)
-    return torch.einsum("kn,knto->nto", coefficients, output_grads)
+    ``(K, N, T, d_out)``: for up to :data:`COMBINED_SETS` sets one product and ``K - 1``
+    in-place multiply-adds (torch's einsum would run ``N`` small strided products), else one
+    contraction."""
+    sets = output_grads.shape[0]
+    if sets > COMBINED_SETS:
+        return torch.einsum("kn,knto->nto", coefficients, output_grads)
+    column = coefficients.view(sets, -1, *(1,) * (output_grads.dim() - 2))
+    combined = output_grads[0] * column[0]
+    for k in range(1, sets):
+        combined.addcmul_(output_grads[k], column[k])
+    return combined
 
 
 def jtu(
@@ -320,7 +340,13 @@ def jtu(
     Computed as ``E_u^T A`` with ``E_u = sum_k u_k ⊙ E_k`` (Shrestha 2023, eq. 43): one GEMM the
     size of autograd's own weight gradient, written into ``out`` if given.
     """
-    combined = combine_rows(coefficients, output_grads)
+    return combined_jtu(inputs, combine_rows(coefficients, output_grads), has_bias, out)
+
+
+def combined_jtu(
+    inputs: Tensor, combined: Tensor, has_bias: bool, out: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`jtu` from the combined rows ``E_u`` ``(N, T, d_out)`` (:func:`combine_rows`)."""
     flat_grads = combined.reshape(-1, combined.shape[-1])
     weight = torch.mm(flat_grads.T, inputs.reshape(-1, inputs.shape[-1]), out=out)
     bias = flat_grads.sum(dim=0) if has_bias else None
@@ -355,14 +381,14 @@ def damped_solve(
     if not damping > 0:
         raise ValueError(f"damping must be positive, got {damping}")
     target = rhs.to(torch.float64)
-    _check_finite_system(matrix, target)
+    # one float64 copy, checked, then factorised in place, column-major as LAPACK wants it
+    # (the transpose: M is symmetric, and both factorisations read one triangle); two
+    # triangular solves, as cholesky_solve would do after copying the factor
+    factor = _column_major(matrix.to(torch.float64, copy=True))
+    _check_finite_system(factor, target)
     vector = target.dim() == 1
     if vector:
         target = target.unsqueeze(1)
-    # one float64 copy, factorised in place, column-major as LAPACK wants it (the transpose:
-    # M is symmetric, and both factorisations read one triangle); two triangular solves, as
-    # cholesky_solve would do after copying the factor
-    factor = _column_major(matrix.to(torch.float64, copy=True))
     factor.diagonal().add_(damping)
     info = torch.empty((), dtype=torch.int32, device=matrix.device)
     torch.linalg.cholesky_ex(factor, out=(factor, info))
@@ -510,11 +536,13 @@ def check_finite_matrix(matrix: Tensor, message: str) -> None:
 
 
 __all__ = [
+    "COMBINED_SETS",
     "SOLVE_METHODS",
     "NumericalWarning",
     "SolveReport",
     "check_finite_matrix",
     "combine_rows",
+    "combined_jtu",
     "damped_inverse",
     "damped_solve",
     "damped_solves",

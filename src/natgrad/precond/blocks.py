@@ -34,10 +34,10 @@ from torch import Tensor, nn
 from natgrad.adapters import LayerAdapter
 from natgrad.linalg import (
     combine_rows,
+    combined_jtu,
     gram,
     gram_times,
     input_gram,
-    jtu,
     per_datapoint_grads,
     symmetric_gram,
     token_gram,
@@ -141,19 +141,22 @@ class LayerBatch:
         elif bias_grad is not None:
             self.module.bias.grad = bias_grad.to(self.module.bias.dtype).contiguous()
 
-    def gram(self, rows: Tensor, other_rows: Tensor | None = None) -> Tensor:
-        """``J_a J_b^T`` of output-gradient rows ``(K_a, N, T, d_out)`` and ``(K_b, ...)``."""
+    def gram(self, rows: Tensor, other_rows: Tensor | None = None, upper: bool = False) -> Tensor:
+        """``J_a J_b^T`` of output-gradient rows ``(K_a, N, T, d_out)`` and ``(K_b, ...)``;
+        ``upper``: of the symmetric Gram, only the blocks on and above the diagonal need to be
+        right (:func:`natgrad.linalg.gram`)."""
         other = rows if other_rows is None else other_rows
         if not uses_input_gram(self.d_in, rows, other):  # the datapoint gradients, formed
             grads = self._datapoint_grads(rows)
             if other_rows is None:
-                return symmetric_gram(grads)
+                return symmetric_gram(grads, mirror=not upper)
             return grads @ self._datapoint_grads(other).T
         if self._inputs_gram is None:
             self._inputs_gram = input_gram(self.inputs, self.has_bias)  # shared across calls
         return gram(
-            self.inputs, rows, other_rows, has_bias=self.has_bias, inputs_gram=self._inputs_gram
-        )
+            self.inputs, rows, other_rows, has_bias=self.has_bias,
+            inputs_gram=self._inputs_gram, upper=upper,
+        )  # fmt: skip
 
     def gram_times(self, rows: Tensor, other_rows: Tensor, weights: Tensor) -> Tensor:
         """``J_a J_b^T w`` ``(K_a N,)`` for a weight vector ``w`` ``(K_b N,)``: without the
@@ -164,14 +167,18 @@ class LayerBatch:
             self._inputs_gram = input_gram(self.inputs, self.has_bias)
         return gram_times(rows, other_rows, weights, self._inputs_gram)
 
-    def write_combination(self, rows: Tensor, coefficients: Tensor) -> None:
-        """``.grad ← J^T u = sum_{k,n} u_{kn} g_{kn}``: ``u^T G`` from the datapoint gradients
-        ``G`` if :meth:`gram` formed and kept them, else one GEMM ``E_u^T A`` the size of
-        autograd's weight gradient (Shrestha 2023, eq. 43), computed from the layer inputs
-        where the adapter does so without the rows ``A``."""
+    def write_combination(
+        self, rows: Tensor, coefficients: Tensor, loss_coefficients: Tensor | None = None
+    ) -> None:
+        """``.grad ← J^T u = sum_{k,n} u_{kn} g_{kn}``, plus ``sum_n w_n g_n`` over the
+        true-label rows for ``loss_coefficients`` ``w`` ``(N,)``: ``u^T G`` from the
+        datapoint gradients ``G`` if :meth:`gram` formed and kept them (and no ``w``), else one
+        GEMM ``E_u^T A`` the size of autograd's weight gradient (Shrestha 2023, eq. 43),
+        computed from the layer inputs where the adapter does so without the rows ``A``."""
         buffer = self.grad_buffer()
-        if self._kept_grads is not None and self._kept_grads[0] is rows:
-            grads, size = self._kept_grads[1], rows.shape[-1] * self.d_in
+        kept = self._kept_grads
+        if loss_coefficients is None and kept is not None and kept[0] is rows:
+            grads, size = kept[1], rows.shape[-1] * self.d_in
             flat = coefficients.reshape(1, -1).to(grads.dtype)
             if buffer is not None and buffer.is_contiguous():
                 torch.mm(flat, grads[:, :size], out=buffer.view(1, -1))
@@ -180,14 +187,17 @@ class LayerBatch:
                 weight = (flat @ grads[:, :size]).view(-1, self.d_in)
             bias = (flat @ grads[:, size:])[0] if self.has_bias else None
             self.write_grad(weight, bias, buffer)
-        elif self.layer_inputs and self.adapter.grads_from_inputs:
-            combined = combine_rows(coefficients, rows)
+            return
+        combined = combine_rows(coefficients, rows)
+        if loss_coefficients is not None:
+            combined.addcmul_(self.loss_grads[0], _per_datapoint(loss_coefficients, combined))
+        if self.layer_inputs and self.adapter.grads_from_inputs:
             weight = self.adapter.weight_grad(self.module, self.layer_inputs, combined)
             if buffer is not None:
                 weight = buffer.copy_(weight)
             self.write_grad(weight, combined.sum(dim=(0, 1)) if self.has_bias else None, buffer)
         else:
-            weight, bias = jtu(self.inputs, rows, coefficients, self.has_bias, out=buffer)
+            weight, bias = combined_jtu(self.inputs, combined, self.has_bias, out=buffer)
             self.write_grad(weight, bias, buffer)
 
     def per_datapoint_grads(self, rows: Tensor) -> Tensor:
@@ -263,8 +273,9 @@ class DirectBatch:
         extra = tensors[1] if len(tensors) > 1 else None
         return replace(self, loss_grads=tensors[0], extra_grads=extra)
 
-    def gram(self, rows: Tensor, other_rows: Tensor | None = None) -> Tensor:
-        """``G_a G_b^T`` of rows ``(K_a, N, P)`` and ``(K_b, N, P)``."""
+    def gram(self, rows: Tensor, other_rows: Tensor | None = None, upper: bool = False) -> Tensor:
+        """``G_a G_b^T`` of rows ``(K_a, N, P)`` and ``(K_b, N, P)`` (whole, whatever
+        ``upper`` says)."""
         flat = rows.reshape(-1, rows.shape[-1])
         if other_rows is None:
             return flat @ flat.T
@@ -275,9 +286,15 @@ class DirectBatch:
         flat_b = other_rows.reshape(-1, other_rows.shape[-1])
         return rows.reshape(-1, rows.shape[-1]) @ (weights @ flat_b)
 
-    def write_combination(self, rows: Tensor, coefficients: Tensor) -> None:
-        """``.grad ← sum_{k,n} u_{kn} g_{kn}``."""
-        self.write_flat(torch.einsum("kn,knp->p", coefficients, rows))
+    def write_combination(
+        self, rows: Tensor, coefficients: Tensor, loss_coefficients: Tensor | None = None
+    ) -> None:
+        """``.grad ← sum_{k,n} u_{kn} g_{kn}`` (plus ``sum_n w_n g_n`` of the true-label rows
+        for ``loss_coefficients`` ``w``)."""
+        vector = coefficients.reshape(-1) @ rows.reshape(-1, rows.shape[-1])
+        if loss_coefficients is not None:
+            vector += loss_coefficients @ self.loss_grads[0]
+        self.write_flat(vector)
 
     def per_datapoint_grads(self, rows: Tensor) -> Tensor:
         """The rows as a ``(K N, P)`` matrix."""
@@ -309,17 +326,23 @@ class TokenBatch(LayerBatch):
     def num_params(self) -> int:
         return self.loss_grads.shape[-1] * self.module.num_embeddings
 
-    def gram(self, rows: Tensor, other_rows: Tensor | None = None) -> Tensor:
-        """``J_a J_b^T`` of output-gradient rows ``(K_a, N, T, d_out)`` and ``(K_b, ...)``."""
+    def gram(self, rows: Tensor, other_rows: Tensor | None = None, upper: bool = False) -> Tensor:
+        """``J_a J_b^T`` of output-gradient rows ``(K_a, N, T, d_out)`` and ``(K_b, ...)``
+        (whole, whatever ``upper`` says)."""
         return token_gram(self.inputs, rows, other_rows)
 
     def gram_times(self, rows: Tensor, other_rows: Tensor, weights: Tensor) -> Tensor:
         """``J_a J_b^T w``, from the Gram (:meth:`gram`)."""
         return self.gram(rows, other_rows) @ weights
 
-    def write_combination(self, rows: Tensor, coefficients: Tensor) -> None:
-        """``.grad ← J^T u``: ``sum_k u_{kn} e_{knt}`` added into row ``i_{nt}``."""
-        combined = torch.einsum("kn,kntd->ntd", coefficients, rows)
+    def write_combination(
+        self, rows: Tensor, coefficients: Tensor, loss_coefficients: Tensor | None = None
+    ) -> None:
+        """``.grad ← J^T u``: ``sum_k u_{kn} e_{knt}`` (plus ``w_n e_{nt}`` of the true-label
+        rows for ``loss_coefficients`` ``w``) added into row ``i_{nt}``."""
+        combined = combine_rows(coefficients, rows)
+        if loss_coefficients is not None:
+            combined.addcmul_(self.loss_grads[0], _per_datapoint(loss_coefficients, combined))
         buffer = self.grad_buffer()
         grad = token_matrix(
             self.inputs, combined, self.module.num_embeddings, None if buffer is None else buffer.T
@@ -332,6 +355,11 @@ class TokenBatch(LayerBatch):
         ``module.weight``."""
         sums = token_sums(self.inputs, rows, self.module.num_embeddings)
         return sums.reshape(rows.shape[0] * rows.shape[1], -1)
+
+
+def _per_datapoint(coefficients: Tensor, rows: Tensor) -> Tensor:
+    """Coefficients ``(N,)`` shaped to broadcast over rows ``(N, ...)``."""
+    return coefficients.view(-1, *(1,) * (rows.dim() - 1))
 
 
 def tied_batches(embedding: TokenBatch, linear: LayerBatch) -> list[DirectBatch]:

@@ -62,7 +62,13 @@ from natgrad.datapoints import (
     row_weight,
     target_coefficients,
 )
-from natgrad.linalg import SolveReport, damped_solve, damped_solves, furthest_fallback
+from natgrad.linalg import (
+    SolveReport,
+    damped_solve,
+    damped_solves,
+    furthest_fallback,
+    mirror_upper_,
+)
 from natgrad.precond.base import Preconditioner
 from natgrad.precond.blocks import Block
 from natgrad.precond.checks import Damping, check_count
@@ -291,9 +297,8 @@ class _System:
             extra_coefficients = (-self.scale * solution / damping).reshape(
                 self.rows[0].shape[0], -1
             )
-            coefficients = torch.cat([(weights / damping).unsqueeze(0), extra_coefficients])
             for batch, rows in zip(self.group, self.rows, strict=True):
-                batch.write_combination(torch.cat([batch.loss_grads, rows]), coefficients)
+                batch.write_combination(rows, extra_coefficients, weights / damping)
         else:
             coefficients = (self.scale * solution).reshape(self.rows[0].shape[0], -1)
             for batch, rows in zip(self.group, self.rows, strict=True):
@@ -303,15 +308,17 @@ class _System:
 def _scaled_curvature(group: list[Block], rows: list[Tensor], scale: float | Tensor) -> Tensor:
     """``diag(s) (sum_b J_b J_b^T) diag(s)``, summed and scaled in place (every block's Gram is
     a new tensor), in the dtype the blocks' Grams and ``s`` promote to; a number ``s`` scales
-    every row alike."""
-    curvature = group[0].gram(rows[0])
+    every row alike. The blocks' Grams need to be right only on and above the diagonal blocks
+    (``upper=True``): their sum is mirrored onto the lower triangle once."""
+    curvature = group[0].gram(rows[0], upper=True)
     for batch, batch_rows in zip(group[1:], rows[1:], strict=True):
-        block = batch.gram(batch_rows)
+        block = batch.gram(batch_rows, upper=True)
         if torch.result_type(curvature, block) == curvature.dtype:
             curvature += block
         else:
             curvature = curvature + block
         del block  # not held while the next block's Gram is computed
+    mirror_upper_(curvature)
     if isinstance(scale, float):
         return curvature.mul_(scale * scale)
     curvature = curvature.to(torch.result_type(curvature, scale))
