@@ -101,3 +101,47 @@ def test_logits_gradient_norms():
 def test_gaussian_variance_must_be_positive():
     with pytest.raises(ValueError, match="variance must be positive"):
         Gaussian(variance=0.0)
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3, 10])
+def test_categorical_root_has_one_column_fewer_than_classes(classes):
+    """The softmax Hessian has rank C - 1: its square root has C - 1 columns (one zero column
+    for C = 1), and S S^T equals the autograd Hessian of the cross-entropy also for confident,
+    saturated, tied and underflowing rows."""
+    torch.manual_seed(5)
+    logits = torch.randn(6, classes) * 3
+    logits[1] = 0.0  # ties: every class equally likely
+    logits[2, 0] = 800.0  # saturated: softmax exactly one-hot, the Hessian zero
+    logits[3, -1] = 40.0  # one class holds all but ~e^-40 of the mass
+    logits[4] = torch.linspace(-750.0, 0.0, classes)  # probabilities underflowing to zero
+    columns = Categorical().hessian_sqrt(logits)
+    assert columns.shape == (max(classes - 1, 1), 6, classes)
+    targets = torch.zeros(6, dtype=torch.long)
+    for n in range(6):
+        hessian = torch.autograd.functional.hessian(
+            lambda z, n=n: per_sample_loss("categorical", z, targets[n], 1.0), logits[n]
+        )
+        root = columns[:, n, :].T
+        assert torch.allclose(root @ root.T, hessian, rtol=1e-10, atol=1e-14)
+    assert torch.all(columns[:, 2] == 0)
+
+
+def test_token_level_categorical_root_is_block_diagonal_over_tokens():
+    """Token-level logits (N, T, C): T (C - 1) columns per sequence, column (t, k) at token t
+    only, whose outer products sum to the Hessian of the sequence's summed token losses."""
+    torch.manual_seed(6)
+    num, tokens, classes = 2, 3, 4
+    logits = torch.randn(num, tokens, classes)
+    columns = Categorical().hessian_sqrt(logits)
+    assert columns.shape == (tokens * (classes - 1), num, tokens, classes)
+    targets = torch.randint(0, classes, (num, tokens))
+    for n in range(num):
+        hessian = torch.autograd.functional.hessian(
+            lambda z, n=n: F.cross_entropy(z, targets[n], reduction="sum"), logits[n]
+        ).reshape(tokens * classes, tokens * classes)
+        root = columns[:, n].reshape(columns.shape[0], -1).T
+        assert torch.allclose(root @ root.T, hessian, rtol=1e-10, atol=1e-14)
+        for t in range(tokens):  # column (t, k) is zero at every other token
+            others = [s for s in range(tokens) if s != t]
+            block = columns[t * (classes - 1) : (t + 1) * (classes - 1), n][:, others]
+            assert torch.all(block == 0)

@@ -177,6 +177,7 @@ def gram(
     other_output_grads: Tensor | None = None,
     has_bias: bool = False,
     inputs_gram: Tensor | None = None,
+    upper: bool = False,
 ) -> Tensor:
     """Gram matrix ``J_a J_b^T`` of one layer's datapoint gradients.
 
@@ -192,6 +193,10 @@ def gram(
         Whether the layer has a trained bias (a constant input column).
     inputs_gram
         ``input_gram(inputs, has_bias)`` if already computed (it is shared across calls).
+    upper
+        For the symmetric Gram only: the blocks of :data:`SYMMETRIC_BLOCK` rows on and above
+        the diagonal are enough (the caller sums several and mirrors the sum once,
+        :func:`mirror_upper_`); the rest of the lower triangle may then hold anything.
 
     Returns
     -------
@@ -204,7 +209,7 @@ def gram(
         products = input_gram(inputs, has_bias) if inputs_gram is None else inputs_gram
         flat_a = output_grads.reshape(k_a * n, d_out)
         if other_output_grads is None:
-            result = symmetric_gram(flat_a)
+            result = symmetric_gram(flat_a, mirror=not upper)
         else:
             result = flat_a @ grads_b.reshape(k_b * n, d_out).T
         if k_a == k_b == 1:
@@ -219,7 +224,7 @@ def gram(
         return result.reshape(k_a * n, k_b * n)
     rows_a = per_datapoint_grads(inputs, output_grads, has_bias)
     if other_output_grads is None:
-        return symmetric_gram(rows_a)
+        return symmetric_gram(rows_a, mirror=not upper)
     rows_b = per_datapoint_grads(inputs, grads_b, has_bias)
     return rows_a @ rows_b.T
 
@@ -247,9 +252,10 @@ def gram_times(
     Tensor of shape ``(K_a N,)``.
     """
     k_b, n = other_output_grads.shape[:2]
-    combined = torch.einsum("jm,jmd->md", weights.reshape(k_b, n), other_output_grads[:, :, 0])
+    combined = combine_rows(weights.reshape(k_b, n), other_output_grads)[:, 0]
     mapped = inputs_gram @ combined
-    return torch.einsum("knd,nd->kn", output_grads[:, :, 0], mapped).reshape(-1)
+    # row by row: an einsum would run this as N batched products of strided rows
+    return torch.linalg.vecdot(output_grads[:, :, 0], mapped).reshape(-1)
 
 
 ROW_ALIGNMENT = 16
@@ -276,38 +282,41 @@ SYMMETRIC_BLOCK = 128
 
 
 def upper_addmm_(
-    out: Tensor, rows: Tensor, beta: float, alpha: float, block: int = SYMMETRIC_BLOCK
+    out: Tensor, rows: Tensor, beta: float, alpha: float, block: int | None = None
 ) -> Tensor:
-    """``beta * out + alpha * rows @ rows.T`` on the blocks of ``block`` rows on and above the
-    diagonal of ``out`` only, in place, one GEMM per block row (about half the flops of the
-    whole symmetric product); the rest of the lower triangle is left as it was, for
-    :func:`mirror_upper_` to restore (``beta=0``: ``out``'s old values are ignored, not
-    multiplied)."""
+    """``beta * out + alpha * rows @ rows.T`` on the blocks of ``block`` rows (default
+    :data:`SYMMETRIC_BLOCK`) on and above the diagonal of ``out`` only, in place, one GEMM per
+    block row (about half the flops of the whole symmetric product); the rest of the lower
+    triangle is left as it was, for :func:`mirror_upper_` to restore (``beta=0``: ``out``'s
+    old values are ignored, not multiplied)."""
+    block = SYMMETRIC_BLOCK if block is None else block
     for start in range(0, out.shape[0], block):
         stop = start + block
         out[start:stop, start:].addmm_(rows[start:stop], rows[start:].T, beta=beta, alpha=alpha)
     return out
 
 
-def mirror_upper_(matrix: Tensor, block: int = SYMMETRIC_BLOCK) -> Tensor:
-    """Copy the blocks above the diagonal blocks of ``block`` rows onto the lower triangle, in
-    place: the whole symmetric matrix after :func:`upper_addmm_` (whose diagonal blocks are
-    whole)."""
+def mirror_upper_(matrix: Tensor, block: int | None = None) -> Tensor:
+    """Copy the blocks above the diagonal blocks of ``block`` rows (default
+    :data:`SYMMETRIC_BLOCK`) onto the lower triangle, in place: the whole symmetric matrix
+    after :func:`upper_addmm_` (whose diagonal blocks are whole)."""
+    block = SYMMETRIC_BLOCK if block is None else block
     for start in range(0, matrix.shape[0] - block, block):
         stop = start + block
         matrix[stop:, start:stop].copy_(matrix[start:stop, stop:].T)
     return matrix
 
 
-def symmetric_gram(rows: Tensor) -> Tensor:
+def symmetric_gram(rows: Tensor, mirror: bool = True) -> Tensor:
     """``rows @ rows.T``, symmetric: the blocks of :data:`SYMMETRIC_BLOCK` rows on and above
-    the diagonal (:func:`upper_addmm_`), then copied onto the lower triangle."""
+    the diagonal (:func:`upper_addmm_`), then copied onto the lower triangle
+    (``mirror=False``: not copied, the rest of the lower triangle holds anything)."""
     count = rows.shape[0]
     if count <= SYMMETRIC_BLOCK:
         return rows @ rows.T
     result = rows.new_empty(count, count)
-    upper_addmm_(result, rows, beta=0.0, alpha=1.0, block=SYMMETRIC_BLOCK)
-    return mirror_upper_(result, SYMMETRIC_BLOCK)
+    upper_addmm_(result, rows, beta=0.0, alpha=1.0)
+    return mirror_upper_(result) if mirror else result
 
 
 def jvp(inputs: Tensor, output_grads: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -321,12 +330,23 @@ def jvp(inputs: Tensor, output_grads: Tensor, weight: Tensor, bias: Tensor | Non
     return torch.einsum("knto,nto->kn", output_grads, mapped)
 
 
+COMBINED_SETS = 16
+"""Up to this many row sets :func:`combine_rows` adds one by one (beyond, one contraction)."""
+
+
 def combine_rows(coefficients: Tensor, output_grads: Tensor) -> Tensor:
     """``E_u = sum_k u_k ⊙ E_k``, ``(N, T, d_out)``, of coefficients ``(K, N)`` and rows
-    ``(K, N, T, d_out)`` (one product for ``K = 1``, the loss gradients alone)."""
-    if output_grads.shape[0] == 1:
-        return (output_grads * coefficients.view(1, -1, 1, 1)).squeeze(0)
-    return torch.einsum("kn,knto->nto", coefficients, output_grads)
+    ``(K, N, T, d_out)``: for up to :data:`COMBINED_SETS` sets one product and ``K - 1``
+    in-place multiply-adds (torch's einsum would run ``N`` small strided products), else one
+    contraction."""
+    sets = output_grads.shape[0]
+    if sets > COMBINED_SETS:
+        return torch.einsum("kn,knto->nto", coefficients, output_grads)
+    column = coefficients.view(sets, -1, *(1,) * (output_grads.dim() - 2))
+    combined = output_grads[0] * column[0]
+    for k in range(1, sets):
+        combined.addcmul_(output_grads[k], column[k])
+    return combined
 
 
 def jtu(
@@ -344,17 +364,24 @@ def jtu(
     ``bias_out``).
     """
     sets, num, tokens, d_out = output_grads.shape
-    flat_inputs = inputs.reshape(-1, inputs.shape[-1])
     if sets == 1 and tokens == 1:  # E^T diag(u), the coefficients broadcast over its rows
         scaled = output_grads.reshape(num, d_out).T * coefficients
-        weight = torch.mm(scaled, flat_inputs, out=out)
+        weight = torch.mm(scaled, inputs.reshape(-1, inputs.shape[-1]), out=out)
         return weight, torch.sum(scaled, dim=1, out=bias_out) if has_bias else None
-    if sets == 1:  # the loss gradients alone: one product, nothing to sum over k
-        combined = output_grads * coefficients.view(1, num, 1, 1)
-    else:
-        combined = torch.einsum("kn,knto->nto", coefficients, output_grads)
-    flat_grads = combined.reshape(-1, d_out)
-    weight = torch.mm(flat_grads.T, flat_inputs, out=out)
+    combined = combine_rows(coefficients, output_grads)
+    return combined_jtu(inputs, combined, has_bias, out, bias_out)
+
+
+def combined_jtu(
+    inputs: Tensor,
+    combined: Tensor,
+    has_bias: bool,
+    out: Tensor | None = None,
+    bias_out: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`jtu` from the combined rows ``E_u`` ``(N, T, d_out)`` (:func:`combine_rows`)."""
+    flat_grads = combined.reshape(-1, combined.shape[-1])
+    weight = torch.mm(flat_grads.T, inputs.reshape(-1, inputs.shape[-1]), out=out)
     bias = torch.sum(flat_grads, dim=0, out=bias_out) if has_bias else None
     return weight, bias
 
@@ -375,7 +402,10 @@ def damped_solve(
     The solve runs in float64 (an ``N x N`` system is cheap) and falls back in steps, each
     reported with a :class:`NumericalWarning`:
 
-    1. Cholesky factorisation of ``M + damping I``;
+    1. Cholesky factorisation of ``M + damping I``; for a float32 ``M`` of at least
+       :data:`MIXED_MIN_SIZE` rows and one right-hand side, first in float32 with float64
+       iterative refinement (:func:`refined_solve`), which gives a float64 solution of the same
+       backward error at about half the cost, and in float64 if it does not converge;
     2. if that fails (``M`` indefinite through round-off), an eigendecomposition of ``M`` with
        negative eigenvalues clamped to zero;
     3. if the result is still not finite, the damping is multiplied by 10, up to
@@ -387,22 +417,27 @@ def damped_solve(
     if not damping > 0:
         raise ValueError(f"damping must be positive, got {damping}")
     target = rhs.to(torch.float64)
-    _check_finite_system(matrix, target)
+    # one float64 copy, checked, then factorised in place, column-major as LAPACK wants it
+    # (the transpose: M is symmetric, and both factorisations read one triangle); two
+    # triangular solves, as cholesky_solve would do after copying the factor
+    factor = _column_major(matrix.to(torch.float64, copy=True))
+    _check_finite_system(factor, target)
     vector = target.dim() == 1
     if vector:
         target = target.unsqueeze(1)
-    # one float64 copy, factorised in place, column-major as LAPACK wants it (the transpose:
-    # M is symmetric, and both factorisations read one triangle); two triangular solves, as
-    # cholesky_solve would do after copying the factor
-    factor = _column_major(matrix.to(torch.float64, copy=True))
-    factor.diagonal().add_(damping)
-    info = torch.empty((), dtype=torch.int32, device=matrix.device)
-    torch.linalg.cholesky_ex(factor, out=(factor, info))
-    # solved whatever info says (a failed factor gives non-finite or wrong values, which the
-    # one check below sends to the fallback)
-    half = torch.linalg.solve_triangular(factor, target, upper=False)
-    solution = torch.linalg.solve_triangular(factor.T, half, upper=True)
-    del factor, half
+    solution = None
+    if matrix.dtype == torch.float32 and matrix.shape[0] >= MIXED_MIN_SIZE and vector:
+        solution = refined_solve(matrix, factor.T, target, damping)
+    info = torch.zeros((), dtype=torch.int32, device=matrix.device)
+    if solution is None:
+        factor.diagonal().add_(damping)
+        torch.linalg.cholesky_ex(factor, out=(factor, info))
+        # solved whatever info says (a failed factor gives non-finite or wrong values, which
+        # the one check below sends to the fallback)
+        half = torch.linalg.solve_triangular(factor, target, upper=False)
+        solution = torch.linalg.solve_triangular(factor.T, half, upper=True)
+        del half
+    del factor
     report = SolveReport("cholesky", damping)
     if int(info) != 0 or not math.isfinite(float(solution.sum())):
         eigenvalues, eigenvectors = torch.linalg.eigh(matrix.to(torch.float64))
@@ -428,6 +463,64 @@ def damped_solve(
     if vector:
         solution = solution.squeeze(1)
     return solution.to(rhs.dtype), report
+
+
+MIXED_MIN_SIZE = 256
+"""Systems of at least this many float32 rows are factorised in float32 and refined in float64
+(:func:`refined_solve`); smaller ones cost little in float64."""
+REFINEMENT_STEPS = 6
+"""At most this many refinement steps of :func:`refined_solve` before it gives up."""
+
+
+def refined_solve(
+    matrix: Tensor, system: Tensor, target: Tensor, damping: float
+) -> Tensor | None:
+    """``(M + damping I)^{-1} b`` by a float32 Cholesky factor refined in float64, or ``None``.
+
+    Mixed-precision iterative refinement as LAPACK's ``dsposv`` does it (Buttari et al. 2007):
+    the float32 factor of ``M + damping I`` solves for a correction of the float64 residual
+    ``r = b - (M + damping I) x`` until ``||r|| <= sqrt(n) eps64 ||M + damping I||_F ||x||``,
+    the backward error of a float64 Cholesky solve. ``None`` (the caller solves in float64)
+    when the float32 factorisation fails or the residual does not halve at every step, which
+    happens when the system's condition number nears ``1 / eps32``.
+
+    Parameters
+    ----------
+    matrix
+        ``M``, float32 ``(n, n)``, symmetric (one triangle read); not modified.
+    system
+        ``M`` in float64 (a copy, for the residuals; not modified).
+    target
+        ``b``, float64 ``(n, 1)``.
+    damping
+        ``damping > 0``.
+    """
+    factor = _column_major(matrix.clone())  # float32, factorised in place
+    factor.diagonal().add_(damping)
+    info = torch.empty((), dtype=torch.int32, device=matrix.device)
+    torch.linalg.cholesky_ex(factor, out=(factor, info))
+    if int(info) != 0:
+        return None
+
+    def correction(residual: Tensor) -> Tensor:
+        half = torch.linalg.solve_triangular(factor, residual.to(factor.dtype), upper=False)
+        return torch.linalg.solve_triangular(factor.T, half, upper=True).to(torch.float64)
+
+    size = system.shape[0]
+    norm = float(torch.linalg.matrix_norm(system)) + damping * math.sqrt(size)
+    tolerance = math.sqrt(size) * torch.finfo(torch.float64).eps * norm
+    solution = correction(target)
+    previous = math.inf
+    for _ in range(REFINEMENT_STEPS):
+        residual = torch.addmm(target, system, solution, alpha=-1.0).sub_(solution, alpha=damping)
+        residual_norm = float(residual.norm())
+        if not math.isfinite(residual_norm) or residual_norm > previous / 2:
+            return None
+        if residual_norm <= tolerance * float(solution.norm()):
+            return solution
+        solution += correction(residual)
+        previous = residual_norm
+    return None
 
 
 SOLVE_METHODS = ("cholesky", "eigh", "eigh+damping")
@@ -540,6 +633,9 @@ def check_finite_matrix(matrix: Tensor, message: str) -> None:
 
 
 __all__ = [
+    "COMBINED_SETS",
+    "MIXED_MIN_SIZE",
+    "REFINEMENT_STEPS",
     "ROW_ALIGNMENT",
     "SOLVE_METHODS",
     "NumericalWarning",
@@ -548,6 +644,7 @@ __all__ = [
     "aligned_empty",
     "check_finite_matrix",
     "combine_rows",
+    "combined_jtu",
     "damped_inverse",
     "damped_solve",
     "damped_solves",
@@ -560,6 +657,7 @@ __all__ = [
     "jvp",
     "mirror_upper_",
     "per_datapoint_grads",
+    "refined_solve",
     "symmetric_gram",
     "token_frequencies",
     "token_gram",

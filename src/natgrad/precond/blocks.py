@@ -34,10 +34,10 @@ from torch import Tensor, nn
 from natgrad.adapters import LayerAdapter
 from natgrad.linalg import (
     combine_rows,
+    combined_jtu,
     gram,
     gram_times,
     input_gram,
-    jtu,
     per_datapoint_grads,
     symmetric_gram,
     token_gram,
@@ -195,14 +195,20 @@ class LayerBatch:
             self.module.bias.grad = bias_grad.to(self.module.bias.dtype).contiguous()
 
     def gram(
-        self, rows: Tensor, other_rows: Tensor | None = None, into: Tensor | None = None
+        self,
+        rows: Tensor,
+        other_rows: Tensor | None = None,
+        into: Tensor | None = None,
+        upper: bool = False,
     ) -> Tensor:
         """``J_a J_b^T`` of output-gradient rows ``(K_a, N, T, d_out)`` and ``(K_b, ...)``;
-        added to ``into`` (a Gram of the same shape, returned) if given (:func:`add_into`)."""
+        added to ``into`` (a Gram of the same shape, returned) if given (:func:`add_into`);
+        ``upper``: of the symmetric Gram, only the blocks on and above the diagonal need to be
+        right (:func:`natgrad.linalg.gram`)."""
         if other_rows is None and rows.shape[0] == 1 and rows.shape[2] == 1:
             # one set of rows, one position per datapoint: (A A^T [+ 1]) ⊙ (E E^T), the
             # product added to ``into`` by one call (Shrestha 2023, eq. 41)
-            outer = symmetric_gram(rows.reshape(rows.shape[1], -1))
+            outer = symmetric_gram(rows.reshape(rows.shape[1], -1), mirror=not upper)
             products = self._input_products()
             if into is not None and into.dtype == outer.dtype == products.dtype:
                 return into.addcmul_(outer, products)
@@ -211,11 +217,11 @@ class LayerBatch:
         if not uses_input_gram(self.d_in, rows, other):  # the datapoint gradients, formed
             grads = self._datapoint_grads(rows)
             if other_rows is None:
-                return add_into(symmetric_gram(grads), into)
+                return add_into(symmetric_gram(grads, mirror=not upper), into)
             return add_into(grads @ self._datapoint_grads(other).T, into)
         result = gram(
             self.inputs, rows, other_rows, has_bias=self.has_bias,
-            inputs_gram=self._input_products(),
+            inputs_gram=self._input_products(), upper=upper,
         )  # fmt: skip
         return add_into(result, into)
 
@@ -232,14 +238,18 @@ class LayerBatch:
             return self.gram(rows, other_rows) @ weights
         return gram_times(rows, other_rows, weights, self._input_products())
 
-    def write_combination(self, rows: Tensor, coefficients: Tensor) -> None:
-        """``.grad ← J^T u = sum_{k,n} u_{kn} g_{kn}``: ``u^T G`` from the datapoint gradients
-        ``G`` if :meth:`gram` formed and kept them, else one GEMM ``E_u^T A`` the size of
-        autograd's weight gradient (Shrestha 2023, eq. 43), computed from the layer inputs
-        where the adapter does so without the rows ``A``."""
+    def write_combination(
+        self, rows: Tensor, coefficients: Tensor, loss_coefficients: Tensor | None = None
+    ) -> None:
+        """``.grad ← J^T u = sum_{k,n} u_{kn} g_{kn}``, plus ``sum_n w_n g_n`` over the
+        true-label rows for ``loss_coefficients`` ``w`` ``(N,)``: ``u^T G`` from the
+        datapoint gradients ``G`` if :meth:`gram` formed and kept them (and no ``w``), else one
+        GEMM ``E_u^T A`` the size of autograd's weight gradient (Shrestha 2023, eq. 43),
+        computed from the layer inputs where the adapter does so without the rows ``A``."""
         buffer = self.grad_buffer()
-        if self._kept_grads is not None and self._kept_grads[0] is rows:
-            grads, size = self._kept_grads[1], rows.shape[-1] * self.d_in
+        kept = self._kept_grads
+        if loss_coefficients is None and kept is not None and kept[0] is rows:
+            grads, size = kept[1], rows.shape[-1] * self.d_in
             flat = coefficients.reshape(1, -1).to(grads.dtype)
             if buffer is not None and buffer.is_contiguous():
                 torch.mm(flat, grads[:, :size], out=buffer.view(1, -1))
@@ -248,16 +258,21 @@ class LayerBatch:
                 weight = (flat @ grads[:, :size]).view(-1, self.d_in)
             bias = (flat @ grads[:, size:])[0] if self.has_bias else None
             self.write_grad(weight, bias, buffer)
-        elif self.layer_inputs and self.adapter.grads_from_inputs:
-            combined = combine_rows(coefficients, rows)
+            return
+        combined = combine_rows(coefficients, rows)
+        if loss_coefficients is not None:
+            loss_rows, loss_factor = self.loss_rows()
+            weights = _per_datapoint(loss_coefficients / loss_factor, combined)
+            combined.addcmul_(loss_rows[0], weights)
+        if self.layer_inputs and self.adapter.grads_from_inputs:
             weight = self.adapter.weight_grad(self.module, self.layer_inputs, combined)
             if buffer is not None:
                 weight = buffer.copy_(weight)
             self.write_grad(weight, combined.sum(dim=(0, 1)) if self.has_bias else None, buffer)
         else:
             bias_buffer = self.bias_buffer() if buffer is not None else None
-            weight, bias = jtu(
-                self.inputs, rows, coefficients, self.has_bias, out=buffer, bias_out=bias_buffer
+            weight, bias = combined_jtu(
+                self.inputs, combined, self.has_bias, out=buffer, bias_out=bias_buffer
             )
             self.write_grad(weight, bias, buffer, bias_buffer)
 
@@ -339,10 +354,14 @@ class DirectBatch:
         return replace(self, loss_grads=tensors[0], extra_grads=extra)
 
     def gram(
-        self, rows: Tensor, other_rows: Tensor | None = None, into: Tensor | None = None
+        self,
+        rows: Tensor,
+        other_rows: Tensor | None = None,
+        into: Tensor | None = None,
+        upper: bool = False,
     ) -> Tensor:
         """``G_a G_b^T`` of rows ``(K_a, N, P)`` and ``(K_b, N, P)``; added to ``into`` if
-        given (:func:`add_into`)."""
+        given (:func:`add_into`); whole, whatever ``upper`` says."""
         flat = rows.reshape(-1, rows.shape[-1])
         if other_rows is None:
             return add_into(flat @ flat.T, into)
@@ -353,9 +372,15 @@ class DirectBatch:
         flat_b = other_rows.reshape(-1, other_rows.shape[-1])
         return rows.reshape(-1, rows.shape[-1]) @ (weights @ flat_b)
 
-    def write_combination(self, rows: Tensor, coefficients: Tensor) -> None:
-        """``.grad ← sum_{k,n} u_{kn} g_{kn}``."""
-        self.write_flat(torch.einsum("kn,knp->p", coefficients, rows))
+    def write_combination(
+        self, rows: Tensor, coefficients: Tensor, loss_coefficients: Tensor | None = None
+    ) -> None:
+        """``.grad ← sum_{k,n} u_{kn} g_{kn}`` (plus ``sum_n w_n g_n`` of the true-label rows
+        for ``loss_coefficients`` ``w``)."""
+        vector = coefficients.reshape(-1) @ rows.reshape(-1, rows.shape[-1])
+        if loss_coefficients is not None:
+            vector += loss_coefficients @ self.loss_grads[0]
+        self.write_flat(vector)
 
     def per_datapoint_grads(self, rows: Tensor) -> Tensor:
         """The rows as a ``(K N, P)`` matrix."""
@@ -388,19 +413,30 @@ class TokenBatch(LayerBatch):
         return self.loss_output_grads.shape[-1] * self.module.num_embeddings
 
     def gram(
-        self, rows: Tensor, other_rows: Tensor | None = None, into: Tensor | None = None
+        self,
+        rows: Tensor,
+        other_rows: Tensor | None = None,
+        into: Tensor | None = None,
+        upper: bool = False,
     ) -> Tensor:
         """``J_a J_b^T`` of output-gradient rows ``(K_a, N, T, d_out)`` and ``(K_b, ...)``;
-        added to ``into`` if given (:func:`add_into`)."""
+        added to ``into`` if given (:func:`add_into`); whole, whatever ``upper`` says."""
         return add_into(token_gram(self.inputs, rows, other_rows), into)
 
     def gram_times(self, rows: Tensor, other_rows: Tensor, weights: Tensor) -> Tensor:
         """``J_a J_b^T w``, from the Gram (:meth:`gram`)."""
         return self.gram(rows, other_rows) @ weights
 
-    def write_combination(self, rows: Tensor, coefficients: Tensor) -> None:
-        """``.grad ← J^T u``: ``sum_k u_{kn} e_{knt}`` added into row ``i_{nt}``."""
-        combined = torch.einsum("kn,kntd->ntd", coefficients, rows)
+    def write_combination(
+        self, rows: Tensor, coefficients: Tensor, loss_coefficients: Tensor | None = None
+    ) -> None:
+        """``.grad ← J^T u``: ``sum_k u_{kn} e_{knt}`` (plus ``w_n e_{nt}`` of the true-label
+        rows for ``loss_coefficients`` ``w``) added into row ``i_{nt}``."""
+        combined = combine_rows(coefficients, rows)
+        if loss_coefficients is not None:
+            loss_rows, loss_factor = self.loss_rows()
+            weights = _per_datapoint(loss_coefficients / loss_factor, combined)
+            combined.addcmul_(loss_rows[0], weights)
         buffer = self.grad_buffer()
         grad = token_matrix(
             self.inputs, combined, self.module.num_embeddings, None if buffer is None else buffer.T
@@ -413,6 +449,11 @@ class TokenBatch(LayerBatch):
         ``module.weight``."""
         sums = token_sums(self.inputs, rows, self.module.num_embeddings)
         return sums.reshape(rows.shape[0] * rows.shape[1], -1)
+
+
+def _per_datapoint(coefficients: Tensor, rows: Tensor) -> Tensor:
+    """Coefficients ``(N,)`` shaped to broadcast over rows ``(N, ...)``."""
+    return coefficients.view(-1, *(1,) * (rows.dim() - 1))
 
 
 def tied_batches(embedding: TokenBatch, linear: LayerBatch) -> list[DirectBatch]:

@@ -63,7 +63,13 @@ from natgrad.datapoints import (
     row_weight,
     target_coefficients,
 )
-from natgrad.linalg import SolveReport, damped_solve, damped_solves, furthest_fallback
+from natgrad.linalg import (
+    SolveReport,
+    damped_solve,
+    damped_solves,
+    furthest_fallback,
+    mirror_upper_,
+)
 from natgrad.precond.base import Preconditioner
 from natgrad.precond.blocks import Block, add_into
 from natgrad.precond.checks import Damping, check_count
@@ -296,11 +302,7 @@ class _System:
         if extra:
             extra_coefficients = (-self.scale * solution / damping).reshape(sets, -1)
             for batch, rows in zip(self.group, self.rows, strict=True):
-                loss_rows, loss_factor = batch.loss_rows()
-                coefficients = torch.cat(
-                    [(weights / (damping * loss_factor)).unsqueeze(0), extra_coefficients]
-                )
-                batch.write_combination(torch.cat([loss_rows, rows]), coefficients)
+                batch.write_combination(rows, extra_coefficients, weights / damping)
         else:
             coefficients = (self.scale * solution).reshape(sets, -1)
             for batch, rows, carried in zip(self.group, self.rows, self.carried, strict=True):
@@ -315,13 +317,16 @@ def _scaled_curvature(
     """``diag(s) (sum_b J_b J_b^T) diag(s)``, each block's Gram added in place to the first's
     (:func:`~natgrad.precond.blocks.add_into`), in the dtype the blocks' Grams and ``s``
     promote to; a number ``s`` scales every row alike. Block ``b``'s rows are ``carried[b]``
-    times those of ``J_b``."""
+    times those of ``J_b``. The blocks' Grams need to be right only on and above the diagonal
+    blocks (``upper=True``): their sum is mirrored onto the lower triangle once."""
     curvature = None
     for batch, batch_rows, factor in zip(group, rows, carried, strict=True):
         if factor == 1.0:
-            curvature = batch.gram(batch_rows, into=curvature)
+            curvature = batch.gram(batch_rows, into=curvature, upper=True)
         else:
-            curvature = add_into(batch.gram(batch_rows).div_(factor**2), curvature)
+            gram = batch.gram(batch_rows, upper=True).div_(factor**2)
+            curvature = add_into(gram, curvature)
+    mirror_upper_(curvature)
     if isinstance(scale, float):
         return curvature.mul_(scale * scale)
     curvature = curvature.to(torch.result_type(curvature, scale))
