@@ -59,8 +59,10 @@ def torch_loss(likelihood: str, logits, targets, reduction: str):
     return F.binary_cross_entropy_with_logits(logits, targets, reduction=reduction)
 
 
-def run_natgrad(model, inputs, targets, likelihood, reduction, fused=False, **kwargs):
-    pre = natgrad.NGD(model, likelihood=likelihood, reduction=reduction, **kwargs)
+def run_natgrad(
+    model, inputs, targets, likelihood, reduction, fused=False, preconditioner=natgrad.NGD, **kwargs
+):
+    pre = preconditioner(model, likelihood=likelihood, reduction=reduction, **kwargs)
     model.zero_grad()
     logits = model(inputs)
     loss = torch_loss(likelihood, logits, targets, reduction)

@@ -14,7 +14,7 @@ from torch import nn
 
 import natgrad
 from oracle import dense_batch, expected_update, flat_grad, relative_error
-from problems import make_targets, torch_loss
+from problems import make_targets, run_natgrad
 
 # layer sizes 15 and 12: N = 5 takes Woodbury in both layers, 13 Woodbury in the first and
 # P x P in the second, 40 P x P in both
@@ -31,17 +31,10 @@ def _problem(num: int, likelihood: str) -> tuple[nn.Module, torch.Tensor, torch.
 
 
 def _tengrad_update(model, inputs, targets, likelihood, reduction, damping, fused=False):
-    pre = natgrad.TENGraD(model, likelihood=likelihood, reduction=reduction, damping=damping)
-    model.zero_grad()
-    logits = model(inputs)
-    loss = torch_loss(likelihood, logits, targets, reduction)
-    if fused:
-        pre.backward(loss)
-    else:
-        loss.backward()
-    pre.step(logits)
-    pre.remove()
-    return flat_grad(list(model.parameters()))
+    return run_natgrad(
+        model, inputs, targets, likelihood, reduction, fused=fused,
+        preconditioner=natgrad.TENGraD, damping=damping,
+    )[0]  # fmt: skip
 
 
 def _blocks(model: nn.Module) -> list[list[nn.Parameter]]:
