@@ -363,11 +363,6 @@ def jtu(
     size of autograd's own weight gradient, written into ``out`` if given (the bias into
     ``bias_out``).
     """
-    sets, num, tokens, d_out = output_grads.shape
-    if sets == 1 and tokens == 1:  # E^T diag(u), the coefficients broadcast over its rows
-        scaled = output_grads.reshape(num, d_out).T * coefficients
-        weight = torch.mm(scaled, inputs.reshape(-1, inputs.shape[-1]), out=out)
-        return weight, torch.sum(scaled, dim=1, out=bias_out) if has_bias else None
     combined = combine_rows(coefficients, output_grads)
     return combined_jtu(inputs, combined, has_bias, out, bias_out)
 
