@@ -328,7 +328,7 @@ class KroneckerPreconditioner(Preconditioner):
     ) -> tuple[Outer, Outer | None]:
         """The current batch's ``(Σ_A, Σ_G)`` of a layer (``Σ_G`` is None for FOOF)."""
         input_stat = input_statistic(
-            batch.adapter, batch.module, batch.inputs, batch.loss_grads.dtype
+            batch.adapter, batch.module, batch.inputs, batch.loss_output_grads.dtype
         )
         if not self.uses_grad_factor:
             return input_stat, None

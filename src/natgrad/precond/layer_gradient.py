@@ -50,7 +50,9 @@ class LayerGradient:
         not pay, and the adapter computes weight gradients without the rows ``A``
         (convolutions: no unfolded patches); low rank ``(Ē, Ā)`` otherwise.
         """
-        rows = batch.loss_grads[0]
+        # the rows as stored, their reduction factor folded into the scale (no divided copy)
+        stored, carried = batch.loss_rows()
+        rows, scale = stored[0], scale / carried
         if isinstance(batch, TokenBatch):
             matrix = token_matrix(batch.inputs, scale * rows, batch.module.num_embeddings).T
             return cls(has_bias=batch.has_bias, matrix=matrix)
