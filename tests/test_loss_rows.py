@@ -11,6 +11,8 @@ outnumber the parameters.
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -101,3 +103,31 @@ def test_parameter_space_solve_divides_the_reduction_factor_out(fisher):
     batch = dense_batch(model, inputs, targets, "categorical", "mean")
     expected = expected_update(batch, fisher, "full", DAMPING, module_blocks(model))
     assert relative_error(actual, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fisher", ["empirical", "exact"])
+def test_the_solve_runs_after_the_captured_layer_outputs_are_freed(fisher, fused, monkeypatch):
+    """Once the blocks are built, the step lets go of what no block reads (here the
+    BatchNorm's output, which nothing else holds: Tanh keeps its own output), so the solve's
+    tensors can reuse that memory; the update is still the oracle's."""
+    torch.manual_seed(0)
+    model = conv_model()
+    pre = natgrad.NGD(model, fisher=fisher, damping=DAMPING)
+    outputs: list[weakref.ref] = []
+    model[1].register_forward_hook(lambda module, args, out: outputs.append(weakref.ref(out)))
+    alive_in_solve = []
+    solve = pre._precondition
+
+    def spy(*args):
+        alive_in_solve.append(outputs[-1]() is not None)
+        solve(*args)
+
+    monkeypatch.setattr(pre, "_precondition", spy)
+    inputs, targets = torch.randn(5, 2, 4, 4), torch.randint(0, 3, (5,))
+    update = natgrad_step(pre, model, inputs, targets, fused)
+    pre.remove()
+    assert alive_in_solve == [False]
+    batch = dense_batch(model, inputs, targets, "categorical", "mean")
+    expected = expected_update(batch, fisher, "full", DAMPING, module_blocks(model))
+    assert relative_error(update, expected) <= TOLERANCE

@@ -221,8 +221,7 @@ class Capture:
 
     def clear(self) -> None:
         """Forget the recorded tensors (frees the activations they hold)."""
-        for calls in self.calls.values():
-            calls.clear()
+        self.drop_calls()
         if self.output is not None:
             self._stepped = weakref.ref(self.output)
         self.output = None
@@ -231,6 +230,13 @@ class Capture:
         self.model_kwargs = {}
         self.batch_size = None
         self.returned = None
+
+    def drop_calls(self) -> None:
+        """Forget the recorded layer calls but keep the model output, its gradient and the
+        model's arguments: the tensors of the calls that nothing else holds (layer outputs, a
+        normalisation layer's input and output gradient once its rows are formed) are freed."""
+        for calls in self.calls.values():
+            calls.clear()
 
     @contextmanager
     def paused(self) -> Iterator[None]:

@@ -359,6 +359,11 @@ class Preconditioner:
             logits, self.reduction, *(() if counted is None else (counted,))
         )
         batches = self._layer_batches(logits.shape[0], factor * scale)
+        # the blocks hold what the step reads: the layer outputs, and what only the rows of
+        # normalisation layers needed, are freed before the step allocates its own tensors
+        # (less memory at the peak, fewer fresh pages for the allocator to fault in)
+        self.capture.drop_calls()
+        self._extra_grads = None
         values = logits.detach()
         try:
             finite = self._all_finite([values, output_grad], batches)
