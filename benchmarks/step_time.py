@@ -35,9 +35,14 @@ neither the timings nor the memory figures of one method leak into another's. A 
 with ``torch.optim.SGD(lr=1e-4, momentum=0.9)`` (``--lr``; FishLeg applies its own momentum, so
 its optimiser has none). In the worker, after the memory phase below (and ``--train-steps``),
 the method's step and a plain SGD step on a copy of the method's current weights are timed
-alternately (SGD, method, SGD, ...), so
-the ratio compares two measurements taken under the same conditions (the same process, the
-same load from whatever else runs on the machine). The figures are medians of wall-clock
+alternately (SGD, method, SGD, ...), so the ratio compares two measurements taken under the
+same conditions (the same load from whatever else runs on the machine). The SGD copy runs in a
+child process of the worker that takes a step whenever the worker sends it a batch
+(``--reference own-process``, the default), so that each has a heap of its own, as a user's
+training process would; ``--reference same-process`` runs it in the worker's process (the
+script's only mode before), where its steps reuse (or are trimmed out of) the heap the
+method's steps grow, and its page faults, hence its time, depend on the method it is
+interleaved with. The figures are medians of wall-clock
 ``time.perf_counter`` per step, in ms (the JSON rows add means, which count a method's
 occasional expensive steps, such as FishLeg's auxiliary ones, in proportion). Run it on an
 otherwise idle machine: with two OpenMP threads, another busy process can make any step several
@@ -75,14 +80,17 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing
 import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from multiprocessing.connection import Connection
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -314,6 +322,92 @@ def run_steps(
     return times
 
 
+FAULTS_WHO = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)
+"""Whose minor page faults are counted: this thread's where the platform says (Linux)."""
+
+REFERENCES = ("own-process", "same-process")
+"""Where the SGD reference steps run (module docstring, "Time")."""
+
+
+def minor_faults() -> int:
+    """Minor page faults so far (``ru_minflt``; each a page the kernel mapped on first touch)."""
+    return resource.getrusage(FAULTS_WHO).ru_minflt
+
+
+def timed_sgd_step(
+    model: nn.Module, opt: torch.optim.Optimizer, batch: Batch, clock: Callable[[], float]
+) -> tuple[float, int]:
+    """One plain SGD step on ``batch``: its time by ``clock`` and its minor page faults."""
+    before = minor_faults()
+    (seconds,) = run_steps(model, opt, None, False, lambda: batch, 1, clock)
+    return seconds, minor_faults() - before
+
+
+def sgd_copy(
+    build: Callable[[], nn.Module], state: dict[str, Tensor], lr: float
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """``build()`` with the weights ``state``, and its SGD optimiser (momentum 0.9)."""
+    model = build()
+    model.load_state_dict(state)
+    return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+
+def reference_process(
+    connection: Connection,
+    build: Callable[[], nn.Module],
+    state: dict[str, Tensor],
+    lr: float,
+    threads: int,
+    clock: str,
+) -> None:
+    """The SGD reference in a process of its own: one step per batch received, answered with
+    its time and minor faults, until ``None`` arrives."""
+    torch.set_num_threads(threads)
+    model, opt = sgd_copy(build, state, lr)
+    while (batch := connection.recv()) is not None:
+        connection.send(timed_sgd_step(model, opt, batch, CLOCKS[clock]))
+
+
+@contextmanager
+def sgd_reference(
+    build: Callable[[], nn.Module],
+    state: dict[str, Tensor],
+    lr: float,
+    threads: int,
+    clock: str,
+    where: Literal["own-process", "same-process"],
+) -> Iterator[Callable[[Batch], tuple[float, int]]]:
+    """A plain SGD step on ``build()`` with a copy of the weights ``state``, as a function of
+    the batch that returns the step's time (by ``clock``) and its minor page faults.
+
+    ``where="same-process"``: the copy lives in this process. ``"own-process"``: in a child
+    process that takes a step whenever it is sent a batch, so that its steps and the caller's
+    still alternate (under the same load) but each has a heap of its own, as in a user's
+    training process (module docstring, "Time"). ``build`` must be importable by name (a
+    module-level function) for the child.
+    """
+    if where == "same-process":
+        model, opt = sgd_copy(build, state, lr)
+        yield lambda batch: timed_sgd_step(model, opt, batch, CLOCKS[clock])
+        return
+    context = multiprocessing.get_context("spawn")
+    connection, child_end = context.Pipe()
+    process = context.Process(
+        target=reference_process, args=(child_end, build, state, lr, threads, clock)
+    )
+    process.start()
+
+    def step(batch: Batch) -> tuple[float, int]:
+        connection.send(batch)
+        return connection.recv()
+
+    try:
+        yield step
+    finally:
+        connection.send(None)
+        process.join()
+
+
 def max_rss_mib() -> float:
     """The process's resident-memory high-water mark ``ru_maxrss`` in MiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -329,8 +423,9 @@ def worker(
     train_steps: int = 0,
     threads: int = 2,
     clock: str = "wall",
+    reference: Literal["own-process", "same-process"] = "own-process",
 ) -> Row:
-    """Measure one method in this process.
+    """Measure one method in this process (and its SGD reference, by default in a child).
 
     Parameters
     ----------
@@ -350,6 +445,8 @@ def worker(
         Torch's intra-op threads.
     clock
         A name of :data:`CLOCKS`.
+    reference
+        Where the SGD reference steps run (:func:`sgd_reference`).
 
     Returns
     -------
@@ -376,20 +473,16 @@ def worker(
     run_steps(model, opt, pre, fused, draw, train_steps)
 
     # timing phase: the method (already warm) and SGD on a copy of its weights, alternately
-    reference = make_model()
-    reference.load_state_dict(model.state_dict())
-    sgd_opt = torch.optim.SGD(reference.parameters(), lr=lr, momentum=0.9)
-    run_steps(reference, sgd_opt, None, False, draw, warmup)
     method_times: list[float] = []
     sgd_times: list[float] = []
-    for _ in range(steps):
-        batch = draw()  # the same batch for both
-
-        def same(batch: Batch = batch) -> Batch:
-            return batch
-
-        sgd_times += run_steps(reference, sgd_opt, None, False, same, 1, timer)
-        method_times += run_steps(model, opt, pre, fused, same, 1, timer)
+    state = model.state_dict()
+    with sgd_reference(make_model, state, lr, threads, clock, reference) as sgd_step:
+        for _ in range(warmup):
+            sgd_step(draw())
+        for _ in range(steps):
+            batch = draw()  # the same batch for both
+            sgd_times.append(sgd_step(batch)[0])
+            method_times += run_steps(model, opt, pre, fused, lambda b=batch: b, 1, timer)
     row: Row = {
         "batch": batch_size,
         "method": method,
@@ -401,6 +494,7 @@ def worker(
         "sgd_mean_ms": 1e3 * statistics.mean(sgd_times),
         "clock": clock,
         "threads": torch.get_num_threads(),
+        "reference": reference,
     }
     row["ratio"] = row["ms"] / row["sgd_ms"]
     row["mean_ratio"] = row["mean_ms"] / row["sgd_mean_ms"]
@@ -466,12 +560,13 @@ def run_worker(
     train_steps: int,
     threads: int = 2,
     clock: str = "wall",
+    reference: str = "own-process",
 ) -> Row:
     """Run :func:`worker` in a fresh Python process and return its row."""
     arguments = [
         "--worker", method, "--batch-sizes", str(batch_size), "--steps", str(steps),
         "--warmup", str(warmup), "--lr", str(lr), "--train-steps", str(train_steps),
-        "--threads", str(threads), "--clock", clock,
+        "--threads", str(threads), "--clock", clock, "--reference", reference,
     ]  # fmt: skip
     return spawn_worker(__file__, arguments, {"batch": batch_size, "method": method})
 
@@ -531,6 +626,10 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=0, help="steps before timing")
     parser.add_argument("--threads", type=int, default=2, choices=(1, 2))
     parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS))
+    parser.add_argument(
+        "--reference", default=REFERENCES[0], choices=REFERENCES,
+        help="where the SGD reference steps run (module docstring, 'Time')",
+    )  # fmt: skip
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -539,7 +638,7 @@ def main() -> None:
     if args.worker:
         row = worker(
             args.worker, args.batch_sizes[0], args.steps, args.warmup, args.lr, args.train_steps,
-            args.threads, args.clock,
+            args.threads, args.clock, args.reference,
         )  # fmt: skip
         print(json.dumps(row))
         return
@@ -549,7 +648,8 @@ def main() -> None:
     for batch_size in args.batch_sizes:
         for method in methods:
             arguments = (
-                args.steps, args.warmup, args.lr, args.train_steps, args.threads, args.clock
+                args.steps, args.warmup, args.lr, args.train_steps, args.threads, args.clock,
+                args.reference,
             )  # fmt: skip
             rows.append(run_worker(method, batch_size, *arguments))
             status = "FAILED" if "error" in rows[-1] else "done"
@@ -560,7 +660,7 @@ def main() -> None:
         f"Median ms/step ({CLOCK_NAMES[args.clock]}), torch threads = {args.threads}, "
         f"lr {args.lr:g}, "
         f"{args.steps} timed steps after {args.warmup} warm-up and {args.train_steps} training "
-        f"steps; SGD timed alternately in the same process. "
+        f"steps; SGD timed alternately ({args.reference.replace('-', ' ')}). "
         f"1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end "
         f"({os.cpu_count()} CPUs).\n"
     )
