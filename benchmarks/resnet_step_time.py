@@ -17,8 +17,8 @@ or ``thread``, as in ``benchmarks/step_time.py``), ``--batch-size``
 ``--lr`` so that the weights, and the preconditioner's state, are those of a model in training,
 not of one at initialisation), ``--lr`` (default 1e-3), ``--steps`` (timed steps, default 40),
 ``--busy N`` (run ``N`` busy-looping processes while measuring, to see the cost of a core
-shared with another job), ``--reference`` (``own-process``, the default, or ``same-process``:
-where the SGD reference runs, see "Time and memory") and ``--json PATH``. The script is a
+shared with another job), ``--reference`` (``own-process`` or ``same-process``: where the SGD
+reference runs, see "Time and memory") and ``--json PATH``. The script is a
 benchmark, not a test: it prints the table and checks nothing.
 
 Methods
@@ -35,13 +35,15 @@ As in ``benchmarks/step_time.py``: each method runs in its own subprocess; the w
 ``--train-steps`` steps (its warm-up) and reports the increase of the high-water mark in MiB;
 then it copies the trained weights into a second model and times the method's step and a plain
 SGD step on that copy alternately, on the same batches, and reports the medians and their
-ratio, and the ratio of the means. The SGD copy runs in a child process of the worker that
-takes one step whenever the worker sends it a batch (``--reference own-process``), so the two
-still alternate under the same load but each has its own heap, as a user's training process
-would: in the worker's own process (``--reference same-process``, the script's only mode
-before) the SGD step ran in the heap the method's larger step had just grown, and page-faulted
-less than in a process of its own (0-3,000 minor faults per step against 8,000-10,000; its
-step 100-115 ms against 125-135 ms), which made every ratio look worse than a user sees. With
+ratio, and the ratio of the means. At one thread (the default) the SGD copy runs in a child
+process of the worker that takes one step whenever the worker sends it a batch (``--reference
+own-process``), so the two still alternate under the same load but each has its own heap, as a
+user's training process would. In the worker's own process (``--reference same-process``, the
+default at two threads, where ``own-process`` is refused: see ``benchmarks/step_time.py``)
+the SGD step runs in the heap the method's larger step has just grown, and page-faults less
+than in a process of its own (0-6,100 minor faults per step against 7,100-11,300; its step
+104-115 ms against 116-134 ms, idle, docs/performance.md), which makes every ratio look worse
+than a user sees. With
 ``factor_period=10`` the median is the cost of a step that folds no factor, the mean counts
 the folding steps at their share (a goal counts as met when both ratios meet it). The load
 average is printed before and after.
@@ -77,10 +79,11 @@ from step_time import (
     REFERENCES,
     max_rss_mib,
     minor_faults,
+    reference_place,
     run_steps,
     sgd_reference,
     spawn_worker,
-)  # fmt: skip
+)
 
 CLASSES = 10
 Row = dict[str, Any]
@@ -257,14 +260,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed steps per method")
     parser.add_argument("--busy", type=int, default=0, help="busy-looping processes meanwhile")
     parser.add_argument(
-        "--reference", default=REFERENCES[0], choices=REFERENCES,
-        help="where the SGD reference steps run (module docstring)",
+        "--reference", choices=REFERENCES,
+        help="where the SGD reference steps run (default: own-process at one thread, "
+        "same-process at two; module docstring)",
     )  # fmt: skip
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 1 or args.train_steps < 0 or args.busy < 0:
         parser.error("--steps must be >= 1, --train-steps and --busy >= 0")
+    try:
+        args.reference = reference_place(args.reference, args.threads)
+    except ValueError as error:
+        parser.error(str(error))
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return

@@ -36,13 +36,16 @@ with ``torch.optim.SGD(lr=1e-4, momentum=0.9)`` (``--lr``; FishLeg applies its o
 its optimiser has none). In the worker, after the memory phase below (and ``--train-steps``),
 the method's step and a plain SGD step on a copy of the method's current weights are timed
 alternately (SGD, method, SGD, ...), so the ratio compares two measurements taken under the
-same conditions (the same load from whatever else runs on the machine). The SGD copy runs in a
-child process of the worker that takes a step whenever the worker sends it a batch
-(``--reference own-process``, the default), so that each has a heap of its own, as a user's
-training process would; ``--reference same-process`` runs it in the worker's process (the
-script's only mode before), where its steps reuse (or are trimmed out of) the heap the
-method's steps grow, and its page faults, hence its time, depend on the method it is
-interleaved with. The figures are medians of wall-clock
+same conditions (the same load from whatever else runs on the machine). Where the SGD copy
+runs is ``--reference``. ``same-process`` (the default at two threads): in the worker's
+process, where its steps reuse (or are trimmed out of) the heap the method's steps grow, so
+its page faults, hence its time, depend on the method it is interleaved with (on the small
+ResNet of ``benchmarks/resnet_step_time.py``, 8-22% faster than SGD in a process of its own).
+``own-process`` (the default at one thread): in a child process of the worker that takes a
+step whenever the worker sends it a batch, so that each has a heap of its own, as a user's
+training process would. It needs ``--threads 1``: at two threads the waiting process's OpenMP
+threads spin for their next parallel region on the cores the other is computing on, which
+made both steps 1.5-2x slower on this machine's 2 cores. The figures are medians of wall-clock
 ``time.perf_counter`` per step, in ms (the JSON rows add means, which count a method's
 occasional expensive steps, such as FishLeg's auxiliary ones, in proportion). Run it on an
 otherwise idle machine: with two OpenMP threads, another busy process can make any step several
@@ -329,6 +332,22 @@ REFERENCES = ("own-process", "same-process")
 """Where the SGD reference steps run (module docstring, "Time")."""
 
 
+def reference_place(requested: str | None, threads: int) -> str:
+    """Where the SGD reference runs for ``--reference requested`` (``None``: the default) at
+    ``threads`` torch threads: in a process of its own at one thread, in the method's process
+    at more, where the idle process's OpenMP threads would spin-wait for their next parallel
+    region on the cores the other process is computing on (module docstring, "Time")."""
+    if requested is None:
+        return "own-process" if threads == 1 else "same-process"
+    if requested == "own-process" and threads > 1:
+        raise ValueError(
+            "--reference own-process needs --threads 1: with more threads, the waiting "
+            "process's OpenMP threads spin on the cores the other process is using (both "
+            "steps ran 1.5-2x slower on 2 cores); use --reference same-process"
+        )
+    return requested
+
+
 def minor_faults() -> int:
     """Minor page faults so far (``ru_minflt``; each a page the kernel mapped on first touch)."""
     return resource.getrusage(FAULTS_WHO).ru_minflt
@@ -423,9 +442,9 @@ def worker(
     train_steps: int = 0,
     threads: int = 2,
     clock: str = "wall",
-    reference: Literal["own-process", "same-process"] = "own-process",
+    reference: Literal["own-process", "same-process"] = "same-process",
 ) -> Row:
-    """Measure one method in this process (and its SGD reference, by default in a child).
+    """Measure one method in this process (and its SGD reference, here or in a child).
 
     Parameters
     ----------
@@ -560,7 +579,7 @@ def run_worker(
     train_steps: int,
     threads: int = 2,
     clock: str = "wall",
-    reference: str = "own-process",
+    reference: str = "same-process",
 ) -> Row:
     """Run :func:`worker` in a fresh Python process and return its row."""
     arguments = [
@@ -627,14 +646,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, choices=(1, 2))
     parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS))
     parser.add_argument(
-        "--reference", default=REFERENCES[0], choices=REFERENCES,
-        help="where the SGD reference steps run (module docstring, 'Time')",
+        "--reference", choices=REFERENCES,
+        help="where the SGD reference steps run (default: own-process at one thread, "
+        "same-process at two; module docstring, 'Time')",
     )  # fmt: skip
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.train_steps < 0:
         parser.error("--steps must be >= 1, --warmup and --train-steps >= 0")
+    try:
+        args.reference = reference_place(args.reference, args.threads)
+    except ValueError as error:
+        parser.error(str(error))
     if args.worker:
         row = worker(
             args.worker, args.batch_sizes[0], args.steps, args.warmup, args.lr, args.train_steps,

@@ -257,7 +257,12 @@ class FishLeg(Preconditioner):
             if isinstance(batch, TokenBatch):
                 rows[batch.name] = LayerGradient.of(batch, factor).dense()
             else:
-                grad_rows = factor * batch.loss_grads[0].reshape(-1, batch.loss_grads.shape[-1])
+                # the rows as stored, their factor and ``c`` folded into one scale (no copy
+                # when it is one, as without a gradient scaler)
+                stored, carried = batch.loss_rows()
+                grad_rows = stored[0].reshape(-1, stored.shape[-1])
+                if factor != carried:
+                    grad_rows = grad_rows * (factor / carried)
                 rows[batch.name] = (grad_rows, augmented_inputs(batch.inputs, batch.has_bias))
         auxiliary = self.steps % self.aux_period == 0
         with torch.no_grad():
