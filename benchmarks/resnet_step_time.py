@@ -42,8 +42,8 @@ user's training process would. In the worker's own process (``--reference same-p
 default at two threads, where ``own-process`` is refused: see ``benchmarks/step_time.py``)
 the SGD step runs in the heap the method's larger step has just grown, and page-faults less
 than in a process of its own (0-6,100 minor faults per step against 7,100-11,300; its step
-104-115 ms against 116-134 ms, idle, docs/performance.md), which makes every ratio look worse
-than a user sees. With
+104-115 ms against 116-134 ms, idle, docs/performance.md), which made the EF and iEF ratios
+measured that way look worse than the comparison a user makes. With
 ``factor_period=10`` the median is the cost of a step that folds no factor, the mean counts
 the folding steps at their share (a goal counts as met when both ratios meet it). The load
 average is printed before and after.

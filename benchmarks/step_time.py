@@ -15,7 +15,8 @@ default 30), ``--warmup`` (default 5), ``--lr`` (the learning rate of every opti
 to other jobs on the machine when one thread runs; ``cpu``: the process's CPU time, all
 threads), ``--train-steps K`` (default 0: train the method ``K`` more steps after the memory
 phase, before timing, so that the weights and the preconditioner's state are those of a model
-in training) and ``--json PATH`` to write the rows. The script is a benchmark, not a test: it
+in training), ``--reference`` (``own-process`` or ``same-process``: where the SGD reference
+runs, see "Time") and ``--json PATH`` to write the rows. The script is a benchmark, not a test: it
 prints the table and checks nothing.
 
 Methods
@@ -40,14 +41,15 @@ same conditions (the same load from whatever else runs on the machine). Where th
 runs is ``--reference``. ``same-process`` (the default at two threads): in the worker's
 process, where its steps reuse (or are trimmed out of) the heap the method's steps grow, so
 its page faults, hence its time, depend on the method it is interleaved with (on the small
-ResNet of ``benchmarks/resnet_step_time.py``, 8-22% faster than SGD in a process of its own).
+ResNet of ``benchmarks/resnet_step_time.py``, 4-20% faster than SGD in a process of its own).
 ``own-process`` (the default at one thread): in a child process of the worker that takes a
 step whenever the worker sends it a batch, so that each has a heap of its own, as a user's
-training process would. It needs ``--threads 1``: at two threads the waiting process's OpenMP
-threads spin for their next parallel region on the cores the other is computing on, which
-made both steps 1.5-2x slower on this machine's 2 cores. The figures are medians of wall-clock
-``time.perf_counter`` per step, in ms (the JSON rows add means, which count a method's
-occasional expensive steps, such as FishLeg's auxiliary ones, in proportion). Run it on an
+training process would. It needs ``--threads 1``: at two threads the waiting process's idle
+OpenMP threads spin on the cores the other is computing on (SGD ran up to 2x slower on this
+machine's 2 cores, and as fast as in one process with ``OMP_WAIT_POLICY=PASSIVE``). The
+figures are medians of wall-clock ``time.perf_counter`` per step, in ms (the JSON rows add
+means, which count a method's occasional expensive steps, such as FishLeg's auxiliary ones, in
+proportion). Run it on an
 otherwise idle machine: with two OpenMP threads, another busy process can make any step several
 times slower (a thread waits at a barrier for one that is descheduled), which the alternation
 does not fully cancel; the header prints the load average before and after the run. On a busy
@@ -85,6 +87,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import pickle
 import resource
 import statistics
 import subprocess
@@ -342,8 +345,8 @@ def reference_place(requested: str | None, threads: int) -> str:
     if requested == "own-process" and threads > 1:
         raise ValueError(
             "--reference own-process needs --threads 1: with more threads, the waiting "
-            "process's OpenMP threads spin on the cores the other process is using (both "
-            "steps ran 1.5-2x slower on 2 cores); use --reference same-process"
+            "process's idle OpenMP threads spin on the cores the other process is using (SGD "
+            "ran up to 2x slower on 2 cores); use --reference same-process"
         )
     return requested
 
@@ -374,17 +377,20 @@ def sgd_copy(
 def reference_process(
     connection: Connection,
     build: Callable[[], nn.Module],
-    state: dict[str, Tensor],
+    state: bytes,
     lr: float,
     threads: int,
     clock: str,
 ) -> None:
-    """The SGD reference in a process of its own: one step per batch received, answered with
-    its time and minor faults, until ``None`` arrives."""
+    """The SGD reference in a process of its own: one step per pickled batch received,
+    answered with its time and minor faults, until an empty message arrives. Tensors travel as
+    plain pickles (copied into this process's own memory before the step is timed), not
+    through ``multiprocessing``'s tensor sharing, which would move the sender's tensors into
+    shared memory."""
     torch.set_num_threads(threads)
-    model, opt = sgd_copy(build, state, lr)
-    while (batch := connection.recv()) is not None:
-        connection.send(timed_sgd_step(model, opt, batch, CLOCKS[clock]))
+    model, opt = sgd_copy(build, pickle.loads(state), lr)
+    while message := connection.recv_bytes():
+        connection.send(timed_sgd_step(model, opt, pickle.loads(message), CLOCKS[clock]))
 
 
 @contextmanager
@@ -412,19 +418,35 @@ def sgd_reference(
     context = multiprocessing.get_context("spawn")
     connection, child_end = context.Pipe()
     process = context.Process(
-        target=reference_process, args=(child_end, build, state, lr, threads, clock)
+        target=reference_process,
+        args=(child_end, build, pickle.dumps(state), lr, threads, clock),
     )
     process.start()
+    child_end.close()  # the child's end lives in the child: its exit ends the pipe here
 
     def step(batch: Batch) -> tuple[float, int]:
-        connection.send(batch)
-        return connection.recv()
+        try:
+            connection.send_bytes(pickle.dumps(batch))
+            return connection.recv()
+        except (EOFError, OSError) as error:
+            process.join(timeout=5)
+            raise RuntimeError(
+                f"the SGD reference process ended (exit code {process.exitcode}); its "
+                "traceback, if any, is above"
+            ) from error
 
     try:
         yield step
     finally:
-        connection.send(None)
-        process.join()
+        try:
+            connection.send_bytes(b"")
+        except OSError:
+            pass  # the child has gone already
+        process.join(timeout=60)
+        if process.is_alive():
+            process.terminate()
+            process.join()
+        connection.close()
 
 
 def max_rss_mib() -> float:
@@ -442,7 +464,7 @@ def worker(
     train_steps: int = 0,
     threads: int = 2,
     clock: str = "wall",
-    reference: Literal["own-process", "same-process"] = "same-process",
+    reference: Literal["own-process", "same-process"] | None = None,
 ) -> Row:
     """Measure one method in this process (and its SGD reference, here or in a child).
 
@@ -465,7 +487,8 @@ def worker(
     clock
         A name of :data:`CLOCKS`.
     reference
-        Where the SGD reference steps run (:func:`sgd_reference`).
+        Where the SGD reference steps run (:func:`sgd_reference`); ``None``: as
+        :func:`reference_place` chooses for ``threads``.
 
     Returns
     -------
@@ -495,7 +518,8 @@ def worker(
     method_times: list[float] = []
     sgd_times: list[float] = []
     state = model.state_dict()
-    with sgd_reference(make_model, state, lr, threads, clock, reference) as sgd_step:
+    where = reference_place(reference, threads)
+    with sgd_reference(make_model, state, lr, threads, clock, where) as sgd_step:
         for _ in range(warmup):
             sgd_step(draw())
         for _ in range(steps):
@@ -513,7 +537,7 @@ def worker(
         "sgd_mean_ms": 1e3 * statistics.mean(sgd_times),
         "clock": clock,
         "threads": torch.get_num_threads(),
-        "reference": reference,
+        "reference": where,
     }
     row["ratio"] = row["ms"] / row["sgd_ms"]
     row["mean_ratio"] = row["mean_ms"] / row["sgd_mean_ms"]
@@ -581,7 +605,8 @@ def run_worker(
     clock: str = "wall",
     reference: str = "same-process",
 ) -> Row:
-    """Run :func:`worker` in a fresh Python process and return its row."""
+    """Run :func:`worker` in a fresh Python process and return its row (``reference``: as
+    :func:`reference_place` returned it)."""
     arguments = [
         "--worker", method, "--batch-sizes", str(batch_size), "--steps", str(steps),
         "--warmup", str(warmup), "--lr", str(lr), "--train-steps", str(train_steps),
