@@ -18,7 +18,8 @@ or ``thread``, as in ``benchmarks/step_time.py``), ``--batch-size``
 not of one at initialisation), ``--lr`` (default 1e-3), ``--steps`` (timed steps, default 40),
 ``--busy N`` (run ``N`` busy-looping processes while measuring, to see the cost of a core
 shared with another job), ``--reference`` (``own-process`` or ``same-process``: where the SGD
-reference runs, see "Time and memory") and ``--json PATH``. The script is a
+reference runs, see "Time and memory"), ``--keep-heap`` (see "Page faults") and ``--json
+PATH``. The script is a
 benchmark, not a test: it prints the table and checks nothing.
 
 Methods
@@ -55,7 +56,12 @@ process where the platform has no per-thread count) of each timed step of the me
 SGD step before it, and reports their medians: pages the kernel had to map (and zero) on first
 touch, because the allocator handed them back to the system after an earlier step. Each costs
 a few microseconds here; the counts move by tens of percent between identical runs (they depend
-on where large blocks land in the heap), so compare them over several runs.
+on where large blocks land in the heap), so compare them over several runs. With
+``--keep-heap`` every worker and its SGD child start with glibc told to keep freed memory
+(``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``; no effect with another C library):
+the faults then mostly vanish on both sides, and the ratio is that of the steps' work, as with
+an allocator that keeps memory (jemalloc, tcmalloc). It is a measurement setting, not what a
+default process does.
 """
 
 from __future__ import annotations
@@ -141,6 +147,11 @@ def random_batches(batch_size: int, seed: int = 1) -> Callable[[], Batch]:
 
     return draw
 
+
+KEEP_HEAP = {"MALLOC_TRIM_THRESHOLD_": str(2**40), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
+"""glibc settings for ``--keep-heap``: never hand the top of the heap back to the system, and
+serve blocks up to 32 MiB (the largest threshold glibc accepts on 64-bit systems) from the heap
+instead of fresh mappings."""
 
 KRONECKER_SCHEDULE = {"factor_period": 10, "inv_period": 100}
 PRECONDITIONERS: dict[str, Callable[[nn.Module], natgrad.Preconditioner]] = {
@@ -260,6 +271,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed steps per method")
     parser.add_argument("--busy", type=int, default=0, help="busy-looping processes meanwhile")
     parser.add_argument(
+        "--keep-heap", action="store_true",
+        help="glibc keeps freed memory in every worker process (module docstring)",
+    )  # fmt: skip
+    parser.add_argument(
         "--reference", choices=REFERENCES,
         help="where the SGD reference steps run (default: own-process at one thread, "
         "same-process at two; module docstring)",
@@ -277,6 +292,8 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args)))
         return
     methods = ["sgd", *(m for m in dict.fromkeys(args.methods) if m != "sgd")]
+    if args.keep_heap:  # read by glibc when each worker (and its reference child) starts
+        os.environ.update(KEEP_HEAP)
     load_before = os.getloadavg()
     busy = start_busy(args.busy)
     try:
@@ -293,7 +310,8 @@ def main() -> None:
         f"Small ResNet, batch {args.batch_size}, torch threads = {args.threads}, "
         f"{args.busy} busy processes; {args.train_steps} training steps at lr {args.lr:g}, "
         f"then {args.steps} timed steps (medians of {CLOCK_NAMES[args.clock]}), SGD timed "
-        f"alternately ({args.reference.replace('-', ' ')}). Load average (1, 5, 15 min) "
+        f"alternately ({args.reference.replace('-', ' ')})"
+        f"{'; glibc keeps freed memory' if args.keep_heap else ''}. Load average (1, 5, 15 min) "
         f"{' '.join(f'{x:.2f}' for x in load_before)} at the start, "
         f"{' '.join(f'{x:.2f}' for x in load_after)} at the end ({os.cpu_count()} CPUs).\n"
     )
