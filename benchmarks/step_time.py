@@ -356,12 +356,18 @@ def minor_faults() -> int:
     return resource.getrusage(FAULTS_WHO).ru_minflt
 
 
-def timed_sgd_step(
-    model: nn.Module, opt: torch.optim.Optimizer, batch: Batch, clock: Callable[[], float]
+def timed_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    pre: natgrad.Preconditioner | None,
+    fused: bool,
+    batch: Batch,
+    clock: Callable[[], float],
 ) -> tuple[float, int]:
-    """One plain SGD step on ``batch``: its time by ``clock`` and its minor page faults."""
+    """One step of :func:`run_steps` on ``batch`` (``pre=None``: plain SGD): its time by
+    ``clock`` and its minor page faults."""
     before = minor_faults()
-    (seconds,) = run_steps(model, opt, None, False, lambda: batch, 1, clock)
+    (seconds,) = run_steps(model, opt, pre, fused, lambda: batch, 1, clock)
     return seconds, minor_faults() - before
 
 
@@ -390,7 +396,7 @@ def reference_process(
     torch.set_num_threads(threads)
     model, opt = sgd_copy(build, pickle.loads(state), lr)
     while message := connection.recv_bytes():
-        connection.send(timed_sgd_step(model, opt, pickle.loads(message), CLOCKS[clock]))
+        connection.send(timed_step(model, opt, None, False, pickle.loads(message), CLOCKS[clock]))
 
 
 @contextmanager
@@ -413,7 +419,7 @@ def sgd_reference(
     """
     if where == "same-process":
         model, opt = sgd_copy(build, state, lr)
-        yield lambda batch: timed_sgd_step(model, opt, batch, CLOCKS[clock])
+        yield lambda batch: timed_step(model, opt, None, False, batch, CLOCKS[clock])
         return
     context = multiprocessing.get_context("spawn")
     connection, child_end = context.Pipe()
